@@ -1,0 +1,98 @@
+"""Chains of links: merged rank-r pieces that add up to a high-rank update.
+
+After a link of K rounds the averaged B is folded into the base (`merge`), recorded as a
+`Link(specs, B_bar)`, and training moves to the next A with B = 0. The links list is all
+a client needs, besides the public pretrained W0, to rebuild the current global base:
+`W = W0 + sum_j (alpha/r) B_j A_j`. Its digest (a sha256 hash chain over a canonical
+serialization) names that base on the wire and in caches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .layer import SeedLoRALayer, merge_delta
+from .spec import ASpec
+
+EMPTY_DIGEST = hashlib.sha256(b"seedlora-links-v1").hexdigest()
+
+
+@dataclass(frozen=True)
+class Link:
+    """One merged link: the A-spec of every adapted layer and its averaged B."""
+
+    alpha: float
+    specs: tuple[ASpec, ...]
+    factors: Mapping[str, torch.Tensor]  # layer name -> B_bar (n_out x r), float32 CPU
+
+    @property
+    def chain_index(self) -> int:
+        return self.specs[0].chain_index
+
+    def header(self) -> dict:
+        """JSON-able description of everything but the tensor values."""
+        return {"alpha": self.alpha, "specs": [asdict(s) for s in self.specs]}
+
+    def digest(self, previous: str) -> str:
+        """sha256(previous digest, header, B bytes in spec order): a hash chain."""
+        h = hashlib.sha256(previous.encode())
+        h.update(json.dumps(self.header(), sort_keys=True).encode())
+        for spec in self.specs:
+            b = self.factors[spec.layer].detach().to("cpu", torch.float32).contiguous()
+            h.update(b.numpy().tobytes())
+        return h.hexdigest()
+
+    @classmethod
+    def from_header(cls, header: Mapping, factors: Mapping[str, torch.Tensor]) -> Link:
+        specs = tuple(ASpec(**s) for s in header["specs"])
+        missing = [s.layer for s in specs if s.layer not in factors]
+        if missing:
+            raise KeyError(f"link {specs[0].chain_index}: missing factors for {missing[:5]}")
+        return cls(float(header["alpha"]), specs, dict(factors))
+
+
+def links_digest(links: Sequence[Link]) -> str:
+    """Digest of a whole links list; equal digests mean equal merged bases."""
+    digest = EMPTY_DIGEST
+    for link in links:
+        digest = link.digest(digest)
+    return digest
+
+
+def record_link(model: nn.Module, factors: Mapping[str, torch.Tensor] | None = None) -> Link:
+    """Describe the current link of an injected model (its specs and B, or `factors`)."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SeedLoRALayer)]
+    if not layers:
+        raise ValueError("model has no adapters")
+    alphas = {m.alpha for _, m in layers}
+    if len(alphas) != 1:
+        raise ValueError(f"adapters disagree on alpha: {sorted(alphas)}")
+    if factors is None:
+        factors = {m.spec.layer: m.lora_B.detach().float().cpu().clone() for _, m in layers}
+    return Link(alphas.pop(), tuple(m.spec for _, m in layers), dict(factors))
+
+
+def _base_layer(model: nn.Module, name: str) -> nn.Module:
+    module = model.get_submodule(name)
+    return module.base if isinstance(module, SeedLoRALayer) else module
+
+
+def apply_link(model: nn.Module, link: Link) -> None:
+    """Merge one link into `model`'s base weights (adapters, if injected, are untouched)."""
+    for spec in link.specs:
+        merge_delta(
+            _base_layer(model, spec.layer), spec, link.factors[spec.layer], link.alpha / spec.rank
+        )
+
+
+def rebuild(model: nn.Module, links: Sequence[Link]) -> nn.Module:
+    """W0 + all links, in order: bit-identical to the server's merges from the same W0."""
+    for link in links:
+        apply_link(model, link)
+    return model

@@ -1,0 +1,117 @@
+"""Export to the formats people already load: a PEFT LoRA adapter, or a merged HF model.
+
+A chain of k links is one LoRA adapter of rank k*r, because
+`sum_j s_j B_j A_j = [s_1 B_1 ... s_k B_k] @ [A_1; ...; A_k]`. The export folds each
+link's scale s_j = alpha/r into its B block and sets PEFT's lora_alpha = rank, so
+PEFT's own scale is 1 and `PeftModel.from_pretrained(W0, path)` gives the chained model.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .chain import Link
+from .inject import merge_adapters, unwrap
+
+
+def _atomic_dir(path: str | os.PathLike, write) -> Path:
+    """Write a directory under a temp name beside `path`, then rename it into place."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        write(tmp)
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _stack(links: Sequence[Link], layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B_cat * scale, A_cat) for one layer over all links, float32 on the CPU."""
+    bs, as_ = [], []
+    for link in links:
+        spec = next(s for s in link.specs if s.layer == layer)
+        bs.append(link.factors[layer].float().cpu() * (link.alpha / spec.rank))
+        as_.append(spec.dense())
+    return torch.cat(bs, dim=1), torch.cat(as_, dim=0)
+
+
+def export_peft(
+    base: nn.Module,
+    links: Sequence[Link],
+    path: str | os.PathLike,
+    *,
+    heads: Mapping[str, torch.Tensor] | None = None,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Save a PEFT LoRA adapter of rank sum(r_j) equal to W0 + all `links`.
+
+    `base` is the pristine pretrained model (W0; not modified). Pass the current unmerged
+    link as the last element of `links` to include it. `heads` are the fully trained
+    modules (`modules_to_save`) as name -> tensor, e.g. "score.weight".
+    """
+    from peft import LoraConfig, get_peft_model
+
+    links = [link for link in links if any(b.abs().sum() > 0 for b in link.factors.values())]
+    if not links:
+        raise ValueError("nothing to export: every link has B = 0")
+    layers = [s.layer for s in links[0].specs]
+    rank = sum(link.specs[0].rank for link in links)
+    model = copy.deepcopy(base)
+    head_modules = sorted({name.rsplit(".", 1)[0] for name in heads or {}})
+    if heads:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in heads.items():
+                params[name].copy_(value)
+    conv = any(isinstance(model.get_submodule(n), Conv1D) for n in layers)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=layers,
+        lora_dropout=0.0,
+        fan_in_fan_out=conv,
+        modules_to_save=head_modules or None,
+        base_model_name_or_path=base_model_name_or_path,
+        init_lora_weights=False,
+    )
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for layer in layers:
+            b_cat, a_cat = _stack(links, layer)
+            module = peft_model.base_model.model.get_submodule(layer)
+            module.lora_A["default"].weight.copy_(a_cat)
+            module.lora_B["default"].weight.copy_(b_cat)
+    return _atomic_dir(path, peft_model.save_pretrained)
+
+
+def export_merged(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path:
+    """Save a plain HF model with every adapter folded in (the input model is untouched)."""
+    merged = copy.deepcopy(model)
+    merge_adapters(merged)
+    unwrap(merged)
+
+    def write(tmp: Path) -> None:
+        merged.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    return _atomic_dir(path, write)

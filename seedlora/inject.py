@@ -1,0 +1,122 @@
+"""Put adapters into a model by module-name pattern, and move its trainable state around.
+
+Targets follow PEFT's `target_modules`: a list of names matches a module whose full
+name equals an entry or ends with "." + entry; a string is a regex that must match the
+full name. Heads listed in `modules_to_save` stay fully trainable and travel with B.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .layer import SeedLoRALayer, layer_shape
+from .spec import ASpec, Kind
+
+Targets = str | Sequence[str]
+
+
+def _matches(name: str, targets: Targets) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, SeedLoRALayer]]:
+    """(module name, layer) for every adapter, in model order."""
+    for name, module in model.named_modules():
+        if isinstance(module, SeedLoRALayer):
+            yield name, module
+
+
+def inject(
+    model: nn.Module,
+    targets: Targets,
+    *,
+    kind: Kind,
+    seed: int,
+    rank: int,
+    alpha: float,
+    chain_index: int = 0,
+    dropout: float = 0.0,
+    modules_to_save: Sequence[str] = (),
+) -> list[str]:
+    """Freeze `model`, wrap every matching Linear/Conv1D in a `SeedLoRALayer`.
+
+    Returns the adapted module names. Raises if nothing matches, so a typo in the target
+    list fails loudly instead of training nothing.
+    """
+    model.requires_grad_(False)
+    names = [
+        n
+        for n, m in model.named_modules()
+        if n and _matches(n, targets) and not isinstance(m, SeedLoRALayer)
+    ]
+    adapted = []
+    for name in names:
+        base = model.get_submodule(name)
+        try:
+            n_in, n_out = layer_shape(base)
+        except TypeError:
+            continue
+        spec = ASpec(kind, seed, chain_index, rank, name, n_in, n_out)
+        _set_submodule(model, name, SeedLoRALayer(base, spec, alpha, dropout))
+        adapted.append(name)
+    if not adapted:
+        raise ValueError(f"target-modules: {targets!r} matched no Linear/Conv1D layer")
+    for head in modules_to_save:
+        found = [m for n, m in model.named_modules() if n and _matches(n, [head])]
+        if not found:
+            raise ValueError(f"modules-to-save: {head!r} matched no module")
+        for module in found:
+            module.requires_grad_(True)
+    return adapted
+
+
+def set_chain_index(model: nn.Module, chain_index: int) -> None:
+    """Move every adapter to the A of link `chain_index`, with B reset to zero."""
+    for _, layer in adapter_layers(model):
+        s = layer.spec
+        layer.set_spec(ASpec(s.kind, s.seed, chain_index, s.rank, s.layer, s.n_in, s.n_out))
+
+
+def merge_adapters(model: nn.Module) -> None:
+    """Fold every adapter's current link into its base weight (B becomes zero)."""
+    for _, layer in adapter_layers(model):
+        layer.merge()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Replace each adapter by its base layer (call `merge_adapters` first to keep B A)."""
+    for name, layer in list(adapter_layers(model)):
+        _set_submodule(model, name, layer.base)
+    return model
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Ordered name -> tensor of what is trained and sent: every B and every head."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load B factors and heads; missing/extra keys or a wrong shape raise KeyError/ValueError."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(params) - set(state))
+    extra = sorted(set(state) - set(params))
+    if missing or extra:
+        raise KeyError(f"trainable state mismatch: missing {missing[:5]}, extra {extra[:5]}")
+    for name, param in params.items():
+        value = torch.as_tensor(state[name])
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(f"{name}: shape {tuple(value.shape)} != expected {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(value.to(param.dtype))

@@ -1,0 +1,109 @@
+"""The B-only adapter layer: `y = base(x) + (alpha/r) * B (A x)` with A frozen and seeded.
+
+Only `lora_B` (n_out x r, zero at the start of every link) is a parameter. For the
+gaussian kind A is a non-persistent buffer, so it is never in a saved or sent state; for
+the block kinds no A exists at all: `A x` is a slice of x.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .spec import ASpec
+
+
+def layer_shape(base: nn.Module) -> tuple[int, int]:
+    """(n_in, n_out) of an `nn.Linear` or a GPT-2 `Conv1D` (whose weight is n_in x n_out)."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    if isinstance(base, Conv1D):
+        return base.weight.shape[0], base.weight.shape[1]
+    raise TypeError(f"cannot adapt {type(base).__name__}: only nn.Linear and Conv1D")
+
+
+def project(x: torch.Tensor, spec: ASpec, a: torch.Tensor | None) -> torch.Tensor:
+    """`A x` over the last dimension: a slice/gather for block kinds, a matmul for gaussian."""
+    if a is not None:
+        return F.linear(x, a.to(x.dtype))
+    offset = spec.offset()
+    if spec.contiguous():
+        return x[..., offset : offset + spec.rank]
+    return x.index_select(-1, spec.columns().to(x.device))
+
+
+@torch.no_grad()
+def merge_delta(base: nn.Module, spec: ASpec, b: torch.Tensor, scaling: float) -> None:
+    """Fold `scaling * B @ A` into the base weight in place (the chain-link merge).
+
+    The same function serves the layer's `merge()` and `rebuild()` from a links list, so
+    a server and a client that start from the same W0 get bit-identical weights.
+    """
+    weight = base.weight
+    transposed = isinstance(base, Conv1D)
+    sb = (b.detach().to(torch.float32) * scaling).to(weight.device)
+    if spec.is_block:
+        cols = spec.columns().to(weight.device)
+        if transposed:
+            weight.index_add_(0, cols, sb.t().to(weight.dtype))
+        else:
+            weight.index_add_(1, cols, sb.to(weight.dtype))
+        return
+    delta = sb @ spec.dense().to(weight.device)
+    weight.add_((delta.t() if transposed else delta).to(weight.dtype))
+
+
+class SeedLoRALayer(nn.Module):
+    """Wraps a frozen `nn.Linear` / `Conv1D`; trains only `lora_B`.
+
+    forward:  y = base(x) + (alpha/r) * B (A dropout(x))
+    merge():  W0 <- W0 + (alpha/r) B A, then B <- 0
+    """
+
+    def __init__(self, base: nn.Module, spec: ASpec, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        n_in, n_out = layer_shape(base)
+        if (spec.n_in, spec.n_out) != (n_in, n_out):
+            raise ValueError(f"spec shape {(spec.n_in, spec.n_out)} != layer {(n_in, n_out)}")
+        self.base = base
+        self.base.requires_grad_(False)
+        self.alpha = float(alpha)
+        self.scaling = self.alpha / spec.rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # B stays float32 (a master copy) under a bf16/fp16 base; float64 bases keep float64.
+        weight = base.weight
+        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        self.lora_B = nn.Parameter(torch.zeros(n_out, spec.rank, device=weight.device, dtype=dtype))
+        self.register_buffer("lora_A", None, persistent=False)
+        self.set_spec(spec)
+
+    def set_spec(self, spec: ASpec) -> None:
+        """Switch to another link's A (cached once) and restart B from zero."""
+        self.spec = spec
+        a = None if spec.is_block else spec.dense().to(self.base.weight.device)
+        self.lora_A = a
+        with torch.no_grad():
+            self.lora_B.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        h = project(self.dropout(x), self.spec, self.lora_A) * self.scaling
+        return y + F.linear(h.to(self.lora_B.dtype), self.lora_B).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update `(alpha/r) B A` in nn.Linear orientation (n_out x n_in)."""
+        return (
+            self.scaling * self.lora_B.detach().float() @ self.spec.dense().to(self.lora_B.device)
+        )
+
+    def merge(self) -> None:
+        """Fold the current link into the base weight and reset B to zero."""
+        merge_delta(self.base, self.spec, self.lora_B, self.scaling)
+        with torch.no_grad():
+            self.lora_B.zero_()
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"kind={s.kind}, link={s.chain_index}, rank={s.rank}, alpha={self.alpha}"

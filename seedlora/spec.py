@@ -1,0 +1,112 @@
+"""The A-spec: the small public description from which every party derives a frozen A.
+
+A is never sent. Server and clients rebuild it from `(kind, seed, chain_index, rank,
+layer, shape)`, so it must be bit-identical everywhere: it is drawn on the CPU, in
+float32, from a `torch.Generator` seeded by a sha256 of the spec (never the global RNG,
+never Python's salted `hash`), and only then cast or moved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+
+Kind = Literal["gaussian", "circulant", "random-block"]
+KINDS: tuple[str, ...] = ("gaussian", "circulant", "random-block")
+BLOCK_KINDS: tuple[str, ...] = ("circulant", "random-block")
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit generator seed from a canonical string: stable across processes and OSes."""
+    text = "\x1f".join(str(p) for p in parts)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
+
+
+def seeded_generator(*parts: object) -> torch.Generator:
+    """A CPU generator seeded from `parts`; independent of `torch.manual_seed`."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(derive_seed(*parts))
+    return gen
+
+
+@dataclass(frozen=True)
+class ASpec:
+    """Everything needed to derive the frozen A (r x n_in) of one layer in one chain link.
+
+    gaussian:     A_ij ~ N(0, 1/r) from the seeded generator (std 1/sqrt(r), the choice of
+                  asymmetric LoRA and RAC-LoRA).
+    circulant:    A = [0 | I_r | 0] starting at column (chain_index * r) mod n_in (c3LA).
+    random-block: A = [0 | I_r | 0] at a seeded column offset, a multiple of r (r-c3LA).
+    Block columns wrap around modulo n_in, so every column is reachable.
+    """
+
+    kind: Kind
+    seed: int
+    chain_index: int
+    rank: int
+    layer: str
+    n_in: int
+    n_out: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"a-kind: unknown kind {self.kind!r}; expected one of {KINDS}")
+        if self.rank <= 0:
+            raise ValueError(f"rank: must be > 0, got {self.rank}")
+        if self.rank > min(self.n_in, self.n_out):
+            raise ValueError(
+                f"rank: {self.rank} exceeds layer {self.layer!r} ({self.n_out} x {self.n_in})"
+            )
+        if self.chain_index < 0:
+            raise ValueError(f"chain_index: must be >= 0, got {self.chain_index}")
+
+    @property
+    def is_block(self) -> bool:
+        return self.kind in BLOCK_KINDS
+
+    @property
+    def std(self) -> float:
+        """Gaussian entry std: 1/sqrt(r) (the asymmetric-LoRA / RAC-LoRA choice)."""
+        return 1.0 / math.sqrt(self.rank)
+
+    def next(self) -> ASpec:
+        """The spec of the same layer in the next chain link."""
+        return replace(self, chain_index=self.chain_index + 1)
+
+    def offset(self) -> int:
+        """First column of the identity block (block kinds only)."""
+        if self.kind == "circulant":
+            return (self.chain_index * self.rank) % self.n_in
+        if self.kind == "random-block":
+            num_blocks = math.ceil(self.n_in / self.rank)
+            gen = seeded_generator("random-block", self.seed, self.chain_index, self.layer)
+            return int(torch.randint(num_blocks, (1,), generator=gen).item()) * self.rank
+        raise ValueError(f"a-kind: {self.kind!r} has no block offset")
+
+    def columns(self) -> torch.Tensor:
+        """Input columns picked by a block A, as int64 indices (wrapping modulo n_in)."""
+        return (self.offset() + torch.arange(self.rank)) % self.n_in
+
+    def contiguous(self) -> bool:
+        """True when the block needs no wrap, so `A x` is a plain slice."""
+        return self.offset() + self.rank <= self.n_in
+
+    def dense(self) -> torch.Tensor:
+        """A as a dense float32 CPU tensor (r x n_in). Block kinds only build it for export."""
+        if self.kind == "gaussian":
+            gen = seeded_generator("gaussian", self.seed, self.chain_index, self.layer)
+            a = torch.randn((self.rank, self.n_in), generator=gen, dtype=torch.float32)
+            return a * self.std
+        a = torch.zeros((self.rank, self.n_in), dtype=torch.float32)
+        a[torch.arange(self.rank), self.columns()] = 1.0
+        return a
+
+    def digest(self) -> str:
+        """sha256 of the spec and of A itself: equal digests mean equal A, bit for bit."""
+        h = hashlib.sha256(repr(self).encode())
+        h.update(self.dense().numpy().tobytes())
+        return h.hexdigest()
