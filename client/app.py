@@ -1,0 +1,108 @@
+"""The ClientApp: rebuild the global base from the links, train or evaluate B, reply.
+
+The same app runs in Ray simulation and on a real `flower-supernode`: its data
+partition comes from the node config (`partition-id`, `num-partitions`), its device
+from the run config (`device`, default auto: the GPU Ray assigned, else the CPU).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from seedlora import inject, load_trainable_state
+from server.config import RunConfig
+from strategies import protocol as p
+from tasks import build_task
+
+from .links import BaseCache, LinkCache, default_cache_dir
+from .local import as_floats, cpu_state, pick_device, train
+
+app = ClientApp()
+_BASES = BaseCache()
+
+
+def _prepare(msg: Message, context: Context):
+    """(cfg, task, model on device, partition id, device) for this message."""
+    cfg = RunConfig.from_flower(context.run_config)
+    node = context.node_config
+    partition_id = int(node.get("partition-id", 0))
+    num_partitions = int(node.get("num-partitions", 1))
+    task = build_task(cfg.task_config(num_partitions))
+    config = msg.content[p.CONFIG]
+    cache = LinkCache(node.get("cache-dir", default_cache_dir()), cfg.model_name)
+    links = cache.resolve(msg.content.config_records.get(p.LINKS), str(config[p.LINKS_DIGEST]))
+    model = _BASES.get(cfg.model_name, links, task.load_model)
+    inject(
+        model,
+        cfg.targets(task.target_modules),
+        kind=str(config[p.A_KIND]),
+        seed=int(config[p.SEED]),
+        rank=int(config[p.RANK]),
+        alpha=float(config[p.ALPHA]),
+        chain_index=int(config[p.CHAIN_INDEX]),
+        dropout=cfg.adapter_dropout,
+        modules_to_save=cfg.heads(task.modules_to_save),
+    )
+    load_trainable_state(model, msg.content[p.ARRAYS].to_torch_state_dict())
+    device = pick_device(cfg.device)
+    return cfg, task, model.to(device), partition_id, device
+
+
+def _release(device: torch.device) -> None:
+    """Drop this round's model so GPU memory does not grow across rounds."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _reply(msg: Message, context: Context, partition_id: int, records: dict) -> Message:
+    config = msg.content[p.CONFIG]
+    echo = p.echo_record(config, context.run_id, partition_id)
+    return Message(RecordDict({**records, p.ECHO: echo}), reply_to=msg)
+
+
+@app.train()
+def train_b(msg: Message, context: Context) -> Message:
+    """Train this link's B (and heads) on the local partition; reply with them."""
+    t0 = time.perf_counter()
+    cfg, task, model, partition_id, device = _prepare(msg, context)
+    config = msg.content[p.CONFIG]
+    server_round = int(config[p.SERVER_ROUND])
+    result = train(
+        model,
+        task,
+        task.train_dataset(partition_id),
+        cfg,
+        device,
+        data_seed=cfg.seed * 1_000_003 + server_round * 1009 + partition_id,
+        proximal_mu=float(config.get(p.PROXIMAL_MU, 0.0)),
+    )
+    arrays = ArrayRecord(cpu_state(model))
+    del model
+    _release(device)
+    bytes_down = sum(r.count_bytes() for r in msg.content.array_records.values())
+    metrics = MetricRecord(
+        {
+            p.NUM_EXAMPLES: result.num_examples,
+            p.TRAIN_LOSS: result.loss,
+            p.TRAIN_TIME: time.perf_counter() - t0,
+            p.BYTES_UP: arrays.count_bytes(),
+            p.BYTES_DOWN: bytes_down,
+        }
+    )
+    return _reply(msg, context, partition_id, {p.ARRAYS: arrays, p.METRICS: metrics})
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global model (base + links + global B) on the local held-out files."""
+    cfg, task, model, partition_id, device = _prepare(msg, context)
+    metrics = task.evaluate(model, task.eval_dataset(partition_id), cfg.eval_batch_size, device)
+    del model
+    _release(device)
+    return _reply(msg, context, partition_id, {p.METRICS: MetricRecord(as_floats(metrics))})

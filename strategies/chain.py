@@ -1,0 +1,189 @@
+"""Run one chain link with any Flower strategy, without touching the strategy's math.
+
+`LinkStrategy` wraps a fresh inner strategy per link. On the way out it adds the link's
+A-spec, the links digest and, per node, the merged links that node lacks; on the way in
+it drops every reply that fails `validation.check_reply` (logged with node and reason)
+and refuses to aggregate a round with fewer than `min_replies` valid replies. It also
+keeps the per-round ledger (bytes, accepted/rejected, metrics) the server writes out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from logging import getLogger
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from seedlora.chain import Link, links_digest
+from seedlora.serialize import links_to_bytes
+
+from . import protocol as p
+from .validation import Expectation, Rejection, split_replies
+
+log = getLogger("seedlora.server")
+
+
+@dataclass
+class RoundLedger:
+    """What happened in one round, for metrics.json and the round log line."""
+
+    bytes_down: int = 0
+    bytes_up: int = 0
+    sent: int = 0
+    accepted: int = 0
+    rejected: list[Rejection] = field(default_factory=list)
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    eval_rejected: list[Rejection] = field(default_factory=list)
+    skipped: bool = False
+
+
+@dataclass
+class LinkContext:
+    """The chain state a link needs: identity, links so far, and what replies must match."""
+
+    run_id: int
+    chain_index: int
+    links: Sequence[Link]
+    link_config: dict  # A-spec fields and training keys sent to every client
+    round_offset: int  # global rounds completed before this link's round 1
+    min_replies: int
+    max_num_examples: int
+    node_links: dict[int, int]  # node id -> number of links it is known to hold
+
+
+class LinkStrategy(Strategy):
+    """One chain link of `inner` (a fresh Flower strategy), with checks and links added."""
+
+    def __init__(self, inner: Strategy, ctx: LinkContext):
+        self.inner = inner
+        self.ctx = ctx
+        self.digest = links_digest(ctx.links)
+        self.ledgers: dict[int, RoundLedger] = {}
+        self.expected_arrays: dict | None = None
+        self._link_blobs: dict[int, bytes] = {}
+
+    # --- helpers -------------------------------------------------------------------
+    def global_round(self, server_round: int) -> int:
+        return self.ctx.round_offset + server_round
+
+    def ledger(self, server_round: int) -> RoundLedger:
+        return self.ledgers.setdefault(self.global_round(server_round), RoundLedger())
+
+    def _expectation(self, arrays: dict | None) -> Expectation:
+        return Expectation(
+            run_id=self.ctx.run_id,
+            chain_index=self.ctx.chain_index,
+            links_digest=self.digest,
+            arrays=arrays,
+            max_num_examples=self.ctx.max_num_examples,
+        )
+
+    def _links_record(self, node_id: int) -> ConfigRecord:
+        """The links `node_id` lacks (all of them for a node never seen)."""
+        start = min(self.ctx.node_links.get(node_id, 0), len(self.ctx.links))
+        if start not in self._link_blobs:
+            self._link_blobs[start] = links_to_bytes(self.ctx.links[start:], start)
+        return ConfigRecord(
+            {
+                p.LINKS_START: start,
+                p.LINKS_PREFIX_DIGEST: links_digest(self.ctx.links[:start]),
+                p.LINKS_DATA: self._link_blobs[start],
+            }
+        )
+
+    def _decorate(self, messages: Iterable[Message], server_round: int) -> list[Message]:
+        """Copy each message with the link config and the node's missing links added."""
+        out = []
+        ledger = self.ledger(server_round)
+        for msg in messages:
+            content = msg.content
+            config = ConfigRecord(dict(content[p.CONFIG]))
+            config.update(self.ctx.link_config)
+            config[p.SERVER_ROUND] = self.global_round(server_round)
+            config[p.CHAIN_INDEX] = self.ctx.chain_index
+            config[p.LINKS_DIGEST] = self.digest
+            config[p.LINKS_COUNT] = len(self.ctx.links)
+            record = RecordDict(
+                {
+                    p.ARRAYS: content[p.ARRAYS],
+                    p.CONFIG: config,
+                    p.LINKS: self._links_record(msg.metadata.dst_node_id),
+                }
+            )
+            new = Message(
+                content=record,
+                dst_node_id=msg.metadata.dst_node_id,
+                message_type=msg.metadata.message_type,
+            )
+            ledger.bytes_down += p.record_bytes(new)
+            out.append(new)
+        return out
+
+    def _filter(self, replies: Iterable[Message], arrays: dict | None, ledger_list) -> list:
+        valid, rejected = split_replies(replies, self._expectation(arrays))
+        for r in rejected:
+            log.warning("rejected reply from node %s: %s", r.node_id, r.reason)
+            self.ctx.node_links[r.node_id] = 0  # resend every link: cheap, and always safe
+        ledger_list.extend(rejected)
+        for msg in valid:
+            self.ctx.node_links[msg.metadata.src_node_id] = len(self.ctx.links)
+        return valid
+
+    # --- Strategy interface --------------------------------------------------------
+    def summary(self) -> None:
+        log.info("link %d: %s", self.ctx.chain_index, type(self.inner).__name__)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.expected_arrays = p.arrays_signature(arrays)
+        messages = self.inner.configure_train(
+            self.global_round(server_round), arrays, config, grid
+        )
+        out = self._decorate(messages, server_round)
+        self.ledger(server_round).sent = len(out)
+        return out
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        ledger = self.ledger(server_round)
+        replies = list(replies)
+        valid = self._filter(replies, self.expected_arrays, ledger.rejected)
+        ledger.accepted = len(valid)
+        ledger.bytes_up = sum(p.record_bytes(m) for m in valid)
+        if len(valid) < self.ctx.min_replies:
+            log.warning(
+                "round %d skipped: %d valid replies < min-replies %d; global B unchanged",
+                self.global_round(server_round),
+                len(valid),
+                self.ctx.min_replies,
+            )
+            ledger.skipped = True
+            return None, None
+        arrays, metrics = self.inner.aggregate_train(self.global_round(server_round), valid)
+        ledger.train_metrics = dict(metrics or {})
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = self.inner.configure_evaluate(
+            self.global_round(server_round), arrays, config, grid
+        )
+        return self._decorate(messages, server_round)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        ledger = self.ledger(server_round)
+        valid = self._filter(list(replies), None, ledger.eval_rejected)
+        if not valid:
+            return None
+        metrics = self.inner.aggregate_evaluate(self.global_round(server_round), valid)
+        ledger.eval_metrics = dict(metrics or {})
+        return metrics

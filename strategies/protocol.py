@@ -1,0 +1,72 @@
+"""The wire contract between the ServerApp and the ClientApp (DESIGN.md section 4).
+
+Server -> client: `arrays` (global B + heads), `config` (round, chain link, A-spec
+fields, training keys, links digest), `links` (the merged links the node lacks).
+Client -> server: `arrays` (trained B + heads), `metrics` (num-examples, loss, time,
+bytes), `echo` (run id, link index, links digest, partition id), so the server can
+reject stale or foreign replies instead of averaging factors made for another A.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+
+# Record names in a message's RecordDict.
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+LINKS = "links"
+ECHO = "echo"
+
+# Keys of the `config` record.
+SERVER_ROUND = "server-round"
+CHAIN_INDEX = "chain-index"
+LINKS_DIGEST = "links-digest"
+LINKS_COUNT = "links-count"
+A_KIND = "a-kind"
+SEED = "seed"
+RANK = "rank"
+ALPHA = "alpha"
+RUN_ID = "run-id"
+PROXIMAL_MU = "proximal-mu"  # FedProx puts it there itself
+
+# Keys of the `links` record.
+LINKS_START = "start"
+LINKS_PREFIX_DIGEST = "prefix-digest"
+LINKS_DATA = "data"
+
+# Keys of the reply `metrics` and `echo` records.
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+TRAIN_TIME = "train-time"
+BYTES_UP = "bytes-up"
+BYTES_DOWN = "bytes-down"
+PARTITION_ID = "partition-id"
+
+
+def record_bytes(message: Message) -> int:
+    """Payload bytes of a message: its arrays plus any links blob."""
+    content = message.content
+    total = sum(r.count_bytes() for r in content.array_records.values())
+    if LINKS in content.config_records:
+        data = content.config_records[LINKS].get(LINKS_DATA, b"")
+        total += len(data) if isinstance(data, bytes) else 0
+    return total
+
+
+def echo_record(config: ConfigRecord, run_id: int, partition_id: int) -> ConfigRecord:
+    """What a client echoes back so the server can match the reply to its link."""
+    return ConfigRecord(
+        {
+            RUN_ID: run_id,
+            CHAIN_INDEX: config[CHAIN_INDEX],
+            LINKS_DIGEST: config[LINKS_DIGEST],
+            SERVER_ROUND: config[SERVER_ROUND],
+            PARTITION_ID: partition_id,
+        }
+    )
+
+
+def arrays_signature(arrays: ArrayRecord) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, dtype) of every array, the shape a valid reply must have."""
+    return {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
