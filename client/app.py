@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -22,13 +24,11 @@ from tasks import build_task
 from .links import BaseCache, LinkCache, default_cache_dir
 from .local import as_floats, cpu_state, pick_device, train
 
-app = ClientApp()
 _BASES = BaseCache()
 
 
-def _prepare(msg: Message, context: Context):
-    """(cfg, task, model on device, partition id, device) for this message."""
-    cfg = RunConfig.from_flower(context.run_config)
+def _prepare(msg: Message, context: Context, cfg: RunConfig):
+    """(task, model on device, partition id, device) for this message."""
     node = context.node_config
     partition_id = int(node.get("partition-id", 0))
     num_partitions = int(node.get("num-partitions", 1))
@@ -50,7 +50,7 @@ def _prepare(msg: Message, context: Context):
     )
     load_trainable_state(model, msg.content[p.ARRAYS].to_torch_state_dict())
     device = pick_device(cfg.device)
-    return cfg, task, model.to(device), partition_id, device
+    return task, model.to(device), partition_id, device
 
 
 def _release(device: torch.device) -> None:
@@ -66,11 +66,10 @@ def _reply(msg: Message, context: Context, partition_id: int, records: dict) -> 
     return Message(RecordDict({**records, p.ECHO: echo}), reply_to=msg)
 
 
-@app.train()
-def train_b(msg: Message, context: Context) -> Message:
+def train_b(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Train this link's B (and heads) on the local partition; reply with them."""
     t0 = time.perf_counter()
-    cfg, task, model, partition_id, device = _prepare(msg, context)
+    task, model, partition_id, device = _prepare(msg, context, cfg)
     config = msg.content[p.CONFIG]
     server_round = int(config[p.SERVER_ROUND])
     result = train(
@@ -98,11 +97,31 @@ def train_b(msg: Message, context: Context) -> Message:
     return _reply(msg, context, partition_id, {p.ARRAYS: arrays, p.METRICS: metrics})
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
+def evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Evaluate the global model (base + links + global B) on the local held-out files."""
-    cfg, task, model, partition_id, device = _prepare(msg, context)
+    task, model, partition_id, device = _prepare(msg, context, cfg)
     metrics = task.evaluate(model, task.eval_dataset(partition_id), cfg.eval_batch_size, device)
     del model
     _release(device)
     return _reply(msg, context, partition_id, {p.METRICS: MetricRecord(as_floats(metrics))})
+
+
+def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp; `overrides` (dash keys) win over the run config (see server.app)."""
+    client_app = ClientApp()
+
+    def config(context: Context) -> RunConfig:
+        return RunConfig.from_flower({**context.run_config, **(overrides or {})})
+
+    @client_app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return train_b(msg, context, config(context))
+
+    @client_app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return evaluate(msg, context, config(context))
+
+    return client_app
+
+
+app = build_client_app()

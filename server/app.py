@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from logging import INFO
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context
 from flwr.common.logger import log
@@ -13,8 +15,6 @@ from flwr.serverapp import Grid, ServerApp
 from .chain_server import ChainServer
 from .checkpoint import FILE
 from .config import RunConfig, RunConfigError
-
-app = ServerApp()
 
 
 def run_directory(cfg: RunConfig) -> Path:
@@ -30,10 +30,20 @@ def run_directory(cfg: RunConfig) -> Path:
     return root / time.strftime("%Y%m%d-%H%M%S")
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    cfg = RunConfig.from_flower(context.run_config)
-    out_dir = run_directory(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log(INFO, "seedlora run %s -> %s", context.run_id, out_dir)
-    ChainServer(cfg, context.run_id, out_dir).run(grid)
+def build_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp; `overrides` (dash keys) win over the run config, for in-process use
+    (`flwr.simulation.run_simulation` passes no run config of its own)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = RunConfig.from_flower({**context.run_config, **(overrides or {})})
+        out_dir = run_directory(cfg)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log(INFO, "seedlora run %s -> %s", context.run_id, out_dir)
+        ChainServer(cfg, context.run_id, out_dir).run(grid)
+
+    return server_app
+
+
+app = build_server_app()

@@ -86,9 +86,7 @@ class ChainServer:
     def _restore(self) -> None:
         ckpt = checkpoint.load(self.out_dir)
         ours, theirs = self.cfg.model_dump(), ckpt.config
-        changed = sorted(
-            k for k in ours if k not in RESUMABLE_CHANGES and ours[k] != theirs.get(k)
-        )
+        changed = sorted(k for k in ours if k not in RESUMABLE_CHANGES and ours[k] != theirs.get(k))
         if changed:
             raise RunConfigError(f"resume: run-config differs from the checkpoint in {changed}")
         for link in ckpt.links:
@@ -96,14 +94,22 @@ class ChainServer:
         set_chain_index(self.model, ckpt.chain_index)
         load_trainable_state(self.model, ckpt.arrays)
         self.state = ChainState(
-            list(ckpt.links), dict(ckpt.arrays), ckpt.chain_index, ckpt.round_in_link,
+            list(ckpt.links),
+            dict(ckpt.arrays),
+            ckpt.chain_index,
+            ckpt.round_in_link,
             ckpt.global_round,
         )
         self.history = ckpt.history
         self.strategy_state = ckpt.strategy_state
-        log(INFO, "resumed at link %d round %d (%d links merged, digest %s)",
-            ckpt.chain_index, ckpt.round_in_link, len(ckpt.links),
-            links_digest(ckpt.links)[:12])
+        log(
+            INFO,
+            "resumed at link %d round %d (%d links merged, digest %s)",
+            ckpt.chain_index,
+            ckpt.round_in_link,
+            len(ckpt.links),
+            links_digest(ckpt.links)[:12],
+        )
 
     def _checkpoint(self) -> None:
         s = self.state
@@ -205,8 +211,7 @@ class ChainServer:
         s.round_in_link = 0
         s.arrays = trainable_state(self.model)
         self.strategy_state = {}
-        log(INFO, "link %d merged | links digest %s", link.chain_index,
-            links_digest(s.links)[:12])
+        log(INFO, "link %d merged | links digest %s", link.chain_index, links_digest(s.links)[:12])
         self._write_outputs()
         self._checkpoint()
 
@@ -270,4 +275,3 @@ class ChainServer:
         tokenizer = getattr(self.task, "tokenizer", None)
         export_merged(self.model, self.out_dir / "merged-model", tokenizer=tokenizer)
         log(INFO, "exports written to %s", self.out_dir)
-

@@ -41,6 +41,7 @@ Strategy = Literal[
     "multikrum",
 ]
 
+
 class RunConfigError(ValueError):
     """A run-config value is invalid; the message names the run-config key."""
 

@@ -39,13 +39,21 @@ def plot_history(path: str | os.PathLike, history: list[dict], rounds_per_link: 
 
     fig, ax = plt.subplots(figsize=(7, 4))
     rounds = [h["round"] for h in history if h.get("train_loss") is not None]
-    ax.plot(rounds, [h["train_loss"] for h in history if h.get("train_loss") is not None],
-            "o-", label="train loss (clients)")
+    ax.plot(
+        rounds,
+        [h["train_loss"] for h in history if h.get("train_loss") is not None],
+        "o-",
+        label="train loss (clients)",
+    )
     central = [h for h in history if h.get("central")]
     keys = [k for k in ("loss", "accuracy") if central and k in central[0]["central"]]
     for key in keys:
-        ax.plot([h["round"] for h in central], [h["central"][key] for h in central], "s-",
-                label=f"central eval {key}")
+        ax.plot(
+            [h["round"] for h in central],
+            [h["central"][key] for h in central],
+            "s-",
+            label=f"central eval {key}",
+        )
     last = max((h["round"] for h in history), default=0)
     for boundary in range(rounds_per_link, last, rounds_per_link):
         ax.axvline(boundary + 0.5, color="grey", linestyle="--", linewidth=0.8)

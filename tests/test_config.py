@@ -1,0 +1,76 @@
+"""Run config: pyproject and RunConfig agree; every bad value fails naming its key."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from server.config import STRATEGIES, RunConfig, RunConfigError
+from strategies.registry import BUILDERS, build_strategy
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def pyproject_config() -> dict:
+    return tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def test_pyproject_config_is_exactly_the_defaults():
+    assert pyproject_config() == RunConfig().to_flower()
+    assert RunConfig.from_flower(pyproject_config()) == RunConfig()
+
+
+BAD = [
+    ("strategy", "fedfoo"),
+    ("a-kind", "dense"),
+    ("rank", 0),
+    ("rank", -3),
+    ("num-links", 0),
+    ("rounds-per-link", 0),
+    ("fraction-train", 0.0),
+    ("fraction-train", 1.5),
+    ("fraction-evaluate", -0.1),
+    ("alpha", 0),
+    ("lr", -1.0),
+    ("batch-size", 0),
+    ("dirichlet-alpha", 0.0),
+    ("trim-beta", 0.5),
+    ("server-momentum", 1.0),
+    ("min-replies", 0),
+    ("optimizer", "lion"),
+    ("task", "vision"),
+    ("partitioner", "shards"),
+    ("adapter-dropout", 1.0),
+]
+
+
+@pytest.mark.parametrize(("key", "value"), BAD)
+def test_bad_value_names_the_key(key, value):
+    with pytest.raises(RunConfigError, match=f"'{key}'"):
+        RunConfig.from_flower({**pyproject_config(), key: value})
+
+
+def test_unknown_key_and_bad_device():
+    with pytest.raises(RunConfigError, match="nosuchkey"):
+        RunConfig.from_flower({"nosuchkey": 1})
+    with pytest.raises(RunConfigError, match="device"):
+        RunConfig.from_flower({"device": "tpu"})
+
+
+def test_every_strategy_builds_with_its_keys():
+    assert set(BUILDERS) == set(STRATEGIES)
+    for name in STRATEGIES:
+        cfg = RunConfig(strategy=name, proximal_mu=0.1, trim_beta=0.1, num_malicious=1)
+        assert build_strategy(cfg) is not build_strategy(cfg)  # a fresh one per link
+    prox = build_strategy(RunConfig(strategy="fedprox", proximal_mu=0.25))
+    assert prox.proximal_mu == 0.25
+    adam = build_strategy(RunConfig(strategy="fedadam", eta=0.5, beta_1=0.7))
+    assert (adam.eta, adam.beta_1) == (0.5, 0.7)
+
+
+def test_targets_and_heads_parsing():
+    assert RunConfig().targets(("a", "b")) == ["a", "b"]
+    assert RunConfig(target_modules="re:.*q_proj").targets(()) == ".*q_proj"
+    assert RunConfig(target_modules="q_proj, v_proj").targets(()) == ["q_proj", "v_proj"]
+    assert RunConfig(modules_to_save="none").heads(("score",)) == []
+    assert RunConfig().heads(("score",)) == ["score"]
