@@ -1,0 +1,1 @@
+"""Running many clients on one workstation through Flower's Ray backend."""
