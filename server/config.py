@@ -61,7 +61,7 @@ class RunConfig(BaseModel):
     dataset: str = ""  # "" = the standard-library corpus
     text_column: str = "text"
     label_column: str = "label"
-    partitioner: Literal["natural", "iid", "dirichlet"] = "natural"
+    partitioner: Literal["auto", "natural", "iid", "dirichlet"] = "auto"  # auto: task default
     dirichlet_alpha: float = Field(0.5, gt=0)
     seq_len: int = Field(128, ge=8)
     num_classes: int = Field(8, ge=2)
@@ -155,12 +155,12 @@ class RunConfig(BaseModel):
             dataset=self.dataset or None,
             text_column=self.text_column,
             label_column=self.label_column,
-            partitioner=self.partitioner,
             dirichlet_alpha=self.dirichlet_alpha,
             num_partitions=num_partitions,
             seq_len=self.seq_len,
             num_classes=self.num_classes,
             seed=self.seed,
+            **({"partitioner": self.partitioner} if self.partitioner != "auto" else {}),
             **({"max_train_blocks": self.max_train_blocks} if self.max_train_blocks else {}),
             **({"max_eval_blocks": self.max_eval_blocks} if self.max_eval_blocks else {}),
         )

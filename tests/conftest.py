@@ -44,3 +44,33 @@ MODELS = {
 def arch(request):
     """(factory, targets, head) for each tiny architecture."""
     return MODELS[request.param]
+
+
+def save_tiny_lm(directory, seed: int = 0):
+    """A tiny GPT-2 with a small byte-level BPE tokenizer, saved like a hub model."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    text = [open(__file__).read(), open(torch.__file__).read()] * 4
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(text, vocab_size=300, special_tokens=["<|endoftext|>"])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    torch.manual_seed(seed)
+    eos = tok.eos_token_id
+    cfg = GPT2Config(
+        vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+        bos_token_id=eos, eos_token_id=eos,
+    )
+    GPT2LMHeadModel(cfg).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    return str(save_tiny_lm(tmp_path_factory.mktemp("tiny-lm")))
