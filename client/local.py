@@ -56,7 +56,18 @@ def train(
     data_seed: int,
     proximal_mu: float = 0.0,
 ) -> TrainResult:
-    """Train the model's trainable parameters in place; returns the mean training loss."""
+    """Train the model's trainable parameters in place; returns the mean training loss.
+
+    Dropout draws from the global RNG, so it is forked and seeded with `data_seed`:
+    the same round on the same partition gives the same B, in any process.
+    """
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(data_seed)
+        return _train(model, task, dataset, cfg, device, data_seed, proximal_mu)
+
+
+def _train(model, task, dataset, cfg, device, data_seed, proximal_mu) -> TrainResult:
     start = time.perf_counter()
     if len(dataset) == 0:
         raise ValueError("this client has no training examples")

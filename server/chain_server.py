@@ -228,6 +228,7 @@ class ChainServer:
                 links=list(s.links),
                 link_config=self.link_config(),
                 round_offset=s.global_round,
+                rounds_done=s.round_in_link,
                 min_replies=cfg.min_replies,
                 max_num_examples=cfg.max_num_examples,
                 node_links=self.node_links,

@@ -13,7 +13,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from logging import getLogger
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -24,6 +25,15 @@ from . import protocol as p
 from .validation import Expectation, Rejection, split_replies
 
 log = getLogger("seedlora.server")
+
+
+def as_float32(arrays: ArrayRecord) -> ArrayRecord:
+    """The global state stays float32: Flower's server optimizers return float64 arrays
+    (numpy promotes their float64 step size), which clients would then send back as
+    float32 and the checks would rightly reject as a dtype change."""
+    return ArrayRecord(
+        {k: Array(np.asarray(a.numpy(), dtype=np.float32)) for k, a in arrays.items()}
+    )
 
 
 @dataclass
@@ -49,7 +59,8 @@ class LinkContext:
     chain_index: int
     links: Sequence[Link]
     link_config: dict  # A-spec fields and training keys sent to every client
-    round_offset: int  # global rounds completed before this link's round 1
+    round_offset: int  # global rounds completed before this start() call's round 1
+    rounds_done: int  # rounds of this link already done before this start() (resume)
     min_replies: int
     max_num_examples: int
     node_links: dict[int, int]  # node id -> number of links it is known to hold
@@ -69,6 +80,11 @@ class LinkStrategy(Strategy):
     # --- helpers -------------------------------------------------------------------
     def global_round(self, server_round: int) -> int:
         return self.ctx.round_offset + server_round
+
+    def link_round(self, server_round: int) -> int:
+        """The round within this link (from 1): what the inner strategy sees, so that its
+        step-dependent terms (FedAdam's bias correction) restart with its state."""
+        return self.ctx.rounds_done + server_round
 
     def ledger(self, server_round: int) -> RoundLedger:
         return self.ledgers.setdefault(self.global_round(server_round), RoundLedger())
@@ -141,9 +157,7 @@ class LinkStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.expected_arrays = p.arrays_signature(arrays)
-        messages = self.inner.configure_train(
-            self.global_round(server_round), arrays, config, grid
-        )
+        messages = self.inner.configure_train(self.global_round(server_round), arrays, config, grid)
         out = self._decorate(messages, server_round)
         self.ledger(server_round).sent = len(out)
         return out
@@ -165,15 +179,15 @@ class LinkStrategy(Strategy):
             )
             ledger.skipped = True
             return None, None
-        arrays, metrics = self.inner.aggregate_train(self.global_round(server_round), valid)
+        arrays, metrics = self.inner.aggregate_train(self.link_round(server_round), valid)
         ledger.train_metrics = dict(metrics or {})
-        return arrays, metrics
+        return (as_float32(arrays) if arrays is not None else None), metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         messages = self.inner.configure_evaluate(
-            self.global_round(server_round), arrays, config, grid
+            self.link_round(server_round), arrays, config, grid
         )
         return self._decorate(messages, server_round)
 
@@ -184,6 +198,6 @@ class LinkStrategy(Strategy):
         valid = self._filter(list(replies), None, ledger.eval_rejected)
         if not valid:
             return None
-        metrics = self.inner.aggregate_evaluate(self.global_round(server_round), valid)
+        metrics = self.inner.aggregate_evaluate(self.link_round(server_round), valid)
         ledger.eval_metrics = dict(metrics or {})
         return metrics

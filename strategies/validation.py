@@ -74,10 +74,7 @@ def _check_arrays(content, exp: Expectation) -> str | None:
     for name, array in arrays.items():
         shape, dtype = exp.arrays[name]
         if tuple(array.shape) != shape or array.dtype != dtype:
-            return (
-                f"{name}: {array.dtype}{list(array.shape)} "
-                f"(expected {dtype}{list(shape)})"
-            )
+            return f"{name}: {array.dtype}{list(array.shape)} (expected {dtype}{list(shape)})"
         if not np.isfinite(array.numpy()).all():
             return f"{name}: contains NaN or Inf"
     return None
@@ -106,7 +103,5 @@ def split_replies(
             rejected.append(Rejection(message.metadata.src_node_id, reason))
         else:
             valid.append(message)
-    valid.sort(
-        key=lambda m: (m.content[p.ECHO].get(p.PARTITION_ID, 0), m.metadata.src_node_id)
-    )
+    valid.sort(key=lambda m: (m.content[p.ECHO].get(p.PARTITION_ID, 0), m.metadata.src_node_id))
     return valid, rejected

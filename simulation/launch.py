@@ -1,0 +1,373 @@
+"""Run a Flower App once on a private, throw-away simulation SuperLink.
+
+Usage::
+
+    python -m simulation.launch [--app-dir DIR] [--run-config 'k=v ...']
+                                [--num-supernodes N] [--num-cpus X] [--num-gpus Y]
+
+Why not plain ``flwr run .``: with the default ``local`` connection Flower 1.41 starts a
+*managed* SuperLink that outlives the run, lives in ``~/.flwr`` and ``uv sync``s the app's
+dependencies into a fresh environment on every run (a bare ``torch`` pulled GBs of CUDA
+wheels). This module instead starts its own ``flower-superlink --simulation
+--disable-runtime-dependency-installation --insecure`` on a free 127.0.0.1 port, with
+``FLWR_HOME`` in a temporary directory, so the run uses the installed packages and never
+touches ``~/.flwr`` or a managed SuperLink. It streams the run's logs, exits non-zero when the
+run did not complete, and always stops every process it started.
+
+Exit code: 0 run completed; 1 run failed or was stopped, or the launch failed; 2 bad
+arguments; 130 interrupted (Ctrl-C or SIGTERM), after the clean-up.
+
+Notes for app authors:
+- The ServerApp runs with this launcher's working directory as its cwd, but its
+  ``__file__`` lies in a copy of the app under the temporary ``FLWR_HOME``, which is deleted
+  at exit: write outputs to an absolute (or cwd-relative) path, never next to ``__file__``.
+- ``--run-config`` keys must exist in ``[tool.flwr.app.config]`` of the app's pyproject.
+- Only files ``flwr build`` packs (``*.py``, ``*.toml``, ``*.md``, ``*.json``, ``*.yaml``, ...,
+  10 MB max, ``.gitignore`` honoured) reach that copy; other assets must be read by absolute path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+CONNECTION = "launch"  # name of the SuperLink connection in the private FLWR_HOME
+STARTUP_TIMEOUT_S = 60.0
+STOP_GRACE_S = 10.0
+STATUS_POLL_S = 2.0
+COMPLETED = "finished:completed"
+
+# Flower and Ray phone home (telemetry, update check, usage stats) unless told not to.
+OFFLINE_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+class LaunchError(RuntimeError):
+    """The SuperLink could not be started or the run could not be submitted."""
+
+
+def _executable(name: str) -> str:
+    """Prefer the script next to this interpreter so the CLI matches the imported flwr."""
+    local = Path(sys.executable).parent / name
+    if local.is_file():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise LaunchError(f"`{name}` not found; is flwr[simulation] installed?")
+    return found
+
+
+def _free_port() -> int:
+    """Ask the OS for a free port so we never clash with a managed SuperLink (39091)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _write_flower_config(flwr_home: Path, port: int) -> None:
+    """Declare the only connection the CLI may use; also avoids the default `local` one."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        "[superlink]\n"
+        f'default = "{CONNECTION}"\n\n'
+        f"[superlink.{CONNECTION}]\n"
+        f'address = "127.0.0.1:{port}"\n'
+        "insecure = true\n",
+        encoding="utf-8",
+    )
+
+
+def _federation_config(args: argparse.Namespace) -> list[str]:
+    """Per-run simulation settings, sent with `flwr run --federation-config`."""
+    pairs = []
+    if args.num_supernodes is not None:
+        pairs.append(f"num-supernodes={args.num_supernodes}")
+    if args.num_cpus is not None:
+        pairs.append(f"client-resources-num-cpus={args.num_cpus}")
+    if args.num_gpus is not None:
+        pairs.append(f"client-resources-num-gpus={float(args.num_gpus)}")
+    return ["--federation-config", " ".join(pairs)] if pairs else []
+
+
+def _child_pids() -> dict[int, list[int]]:
+    """Map parent pid -> child pids from /proc (empty where /proc is absent)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Field 4 is the ppid; the command name (field 2) may contain spaces, so split after ")".
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def _descendants(pids: list[int]) -> list[int]:
+    """All live descendants of `pids` (Ray and the ServerApp run below the SuperLink)."""
+    tree = _child_pids()
+    found: list[int] = []
+    todo = list(pids)
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            if child not in found:
+                found.append(child)
+                todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs; zombies count as gone since they only await reaping."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # A zombie still answers signal 0 but is already dead.
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return True
+
+
+def _wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """Wait until `pids` exit; return those still alive after `timeout`."""
+    deadline = time.monotonic() + timeout
+    alive = [p for p in pids if _alive(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in alive if _alive(p)]
+    return alive
+
+
+def _signal_all(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def stop_process_tree(proc: subprocess.Popen[Any]) -> None:
+    """Stop `proc` and everything below it, by pid.
+
+    SIGTERM lets the SuperLink stop its SuperExec cleanly, but a ServerApp/Ray still running
+    is orphaned, and Ray's agents ignore SIGTERM, so survivors get SIGTERM, then SIGKILL.
+    """
+    if proc.poll() is not None:
+        return
+    tree = _descendants([proc.pid])
+    proc.terminate()
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    survivors = [p for p in tree if _alive(p)]
+    survivors += [p for p in _descendants(survivors) if p not in survivors]
+    _signal_all(survivors, signal.SIGTERM)
+    survivors = _wait_gone(survivors, 3.0)
+    _signal_all(survivors, signal.SIGKILL)
+    _wait_gone(survivors, 3.0)
+
+
+def _wait_until_ready(proc: subprocess.Popen[Any], port: int, log_file: Path) -> None:
+    """Poll the SuperLink's /health endpoint; fail fast if the process dies."""
+    url = f"http://127.0.0.1:{port}/health"
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise LaunchError(
+                f"flower-superlink exited with code {proc.returncode}:\n" + _tail(log_file)
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    raise LaunchError(
+        f"flower-superlink not ready after {STARTUP_TIMEOUT_S:.0f}s:\n" + _tail(log_file)
+    )
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _flwr_json(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """Run a `flwr ... --format json` command and parse its JSON answer."""
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    try:
+        payload: dict[str, Any] = json.loads(result.stdout)
+    except json.JSONDecodeError:
+        payload = {}
+    if result.returncode != 0 or not payload.get("success"):
+        raise LaunchError(
+            f"`{' '.join(cmd[1:3])}` failed (exit {result.returncode}):\n"
+            f"{result.stdout}{result.stderr}"
+        )
+    return payload
+
+
+def _run_status(flwr: str, run_id: str, env: dict[str, str]) -> tuple[str, str]:
+    """Return (status, status-details) of a run, e.g. ('finished:failed', '...')."""
+    payload = _flwr_json([flwr, "ls", CONNECTION, "--run-id", run_id, "--format", "json"], env)
+    run = payload["runs"][0]
+    return str(run["status"]), str(run.get("status-details", ""))
+
+
+def launch(args: argparse.Namespace) -> int:
+    """Start a private SuperLink, run the app, stream logs; return the process exit code."""
+    app_dir = Path(args.app_dir).expanduser().resolve()
+    if not (app_dir / "pyproject.toml").is_file():
+        print(f"error: no pyproject.toml in {app_dir}", file=sys.stderr)
+        return 2
+    flwr = _executable("flwr")
+    superlink_cmd = [
+        _executable("flower-superlink"),
+        "--simulation",
+        "--disable-runtime-dependency-installation",
+        "--insecure",
+        "--host",
+        "127.0.0.1",
+    ]
+
+    started = time.monotonic()
+    flwr_home = Path(tempfile.mkdtemp(prefix="flwr-launch-"))
+    env = {**os.environ, "FLWR_HOME": str(flwr_home)}
+    for key, value in OFFLINE_ENV.items():
+        env.setdefault(key, value)
+    log_file = flwr_home / "superlink.log"
+    superlink: subprocess.Popen[bytes] | None = None
+    streamer: subprocess.Popen[bytes] | None = None
+    try:
+        port = _free_port()
+        _write_flower_config(flwr_home, port)
+        with log_file.open("wb") as log_handle:
+            # Own session: a Ctrl-C reaches only us, and we stop the children in order.
+            superlink = subprocess.Popen(
+                superlink_cmd + ["--port", str(port)],
+                env=env,
+                stdout=log_handle,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        _wait_until_ready(superlink, port, log_file)
+        print(
+            f"[launch] SuperLink pid {superlink.pid} on 127.0.0.1:{port} ready after "
+            f"{time.monotonic() - started:.1f}s (FLWR_HOME={flwr_home})",
+            flush=True,
+        )
+
+        # `flwr run --stream` exits 0 even when the run fails and `--format json` swallows
+        # the stream, so: submit with JSON (to learn the run id), stream with `flwr log`,
+        # then read the final status with `flwr ls`.
+        submit = [flwr, "run", str(app_dir), CONNECTION, "--format", "json"]
+        for overrides in args.run_config or []:
+            submit += ["--run-config", overrides]
+        submit += _federation_config(args)
+        run_id = str(_flwr_json(submit, env)["run-id"])
+        print(f"[launch] started run {run_id}", flush=True)
+
+        streamer = subprocess.Popen(
+            [flwr, "log", run_id, CONNECTION, "--stream"], env=env, start_new_session=True
+        )
+        streamer.wait()
+        status, details = _run_status(flwr, run_id, env)
+        while not status.startswith("finished"):  # the log stream ended early
+            time.sleep(STATUS_POLL_S)
+            status, details = _run_status(flwr, run_id, env)
+        elapsed = time.monotonic() - started
+        print(f"[launch] run {run_id}: {status} ({details}) after {elapsed:.1f}s", flush=True)
+        return 0 if status == COMPLETED else 1
+    except LaunchError as err:
+        print(f"[launch] error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("[launch] interrupted; stopping", file=sys.stderr)
+        return 130
+    finally:
+        # A second Ctrl-C must not cut the clean-up short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for proc in (streamer, superlink):
+            if proc is not None:
+                stop_process_tree(proc)
+        shutil.rmtree(flwr_home, ignore_errors=True)
+
+
+def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
+    """Treat SIGTERM like Ctrl-C so the `finally` clean-up runs."""
+    raise KeyboardInterrupt
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m simulation.launch",
+        description="Run a Flower App on a private local simulation SuperLink.",
+    )
+    parser.add_argument(
+        "--app-dir", default=".", help="Flower App directory holding pyproject.toml (default: .)"
+    )
+    parser.add_argument(
+        "--run-config",
+        action="append",
+        metavar="'k=v ...'",
+        help="run config overrides (TOML values), may repeat",
+    )
+    parser.add_argument(
+        "--num-supernodes",
+        type=int,
+        metavar="N",
+        help="number of simulated SuperNodes (Flower default: 2)",
+    )
+    parser.add_argument(
+        "--num-cpus",
+        type=int,
+        metavar="X",
+        help="CPUs per ClientApp, an integer >= 1 (Flower default: 2)",
+    )
+    parser.add_argument(
+        "--num-gpus",
+        type=float,
+        metavar="Y",
+        help="GPU fraction per ClientApp (Flower default: 0.0)",
+    )
+    args = parser.parse_args(argv)
+    if args.num_supernodes is not None and args.num_supernodes < 1:
+        parser.error("--num-supernodes must be >= 1")
+    if args.num_cpus is not None and args.num_cpus < 1:
+        parser.error("--num-cpus must be >= 1 (Flower stores it as an integer)")
+    if args.num_gpus is not None and args.num_gpus < 0:
+        parser.error("--num-gpus must be >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    return launch(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
