@@ -1,0 +1,145 @@
+"""Where the base model comes from, and cheap repeated loading of it.
+
+`flwr run` executes a copy of the app holding only *.py/*.toml/*.md/*.json files, so the shipped
+weights are looked up in several places rather than only next to this file.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+from importlib import metadata
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+EMBEDDED = "embedded"
+ENV_VAR = "SEEDLORA_BASE_MODEL"
+DISTRIBUTION = "seedlora"
+_ASSET = Path("assets") / "base-model"
+_HERE = Path(__file__).resolve().parent
+_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+# Adapter target patterns by `config.model_type`; matched against module-name suffixes.
+_TARGETS: dict[str, tuple[str, ...]] = {
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+    "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+    "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    "bert": ("query", "key", "value", "dense"),
+    "roberta": ("query", "key", "value", "dense"),
+}
+_LLAMA_STYLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _has_weights(path: Path) -> bool:
+    return (path / "config.json").is_file() and any((path / w).is_file() for w in _WEIGHTS)
+
+
+def _editable_source() -> Path | None:
+    """Source tree of an editable/local install of the project, from PEP 610 direct_url.json."""
+    try:
+        raw = metadata.distribution(DISTRIBUTION).read_text("direct_url.json")
+    except metadata.PackageNotFoundError:
+        return None
+    url = json.loads(raw or "{}").get("url", "")
+    if not url.startswith("file://"):
+        return None
+    return Path(unquote(urlparse(url).path))
+
+
+def embedded_candidates() -> list[Path]:
+    """Places searched for the shipped base model, in order."""
+    found = [_HERE / _ASSET]
+    src = _editable_source()
+    if src is not None:
+        found.append(src / "tasks" / _ASSET)
+    if os.environ.get(ENV_VAR):
+        found.append(Path(os.environ[ENV_VAR]))
+    return found
+
+
+def resolve_model_path(name: str = EMBEDDED) -> str:
+    """`"embedded"` -> directory of the shipped model; anything else (hub id, dir) unchanged."""
+    if name != EMBEDDED:
+        return name
+    tried = embedded_candidates()
+    for path in tried:
+        if _has_weights(path):
+            return str(path)
+    listing = ", ".join(str(p) for p in tried)
+    raise FileNotFoundError(
+        f"embedded base model not found (need config.json + weights); tried: {listing}. "
+        f"Install the project (pip install -e .), set {ENV_VAR} to the base-model directory, "
+        "or rebuild it with `python -m tasks.pretrain`."
+    )
+
+
+def embedded_seen_packages() -> frozenset[str]:
+    """Packages the shipped model was pretrained/validated on (from its pretrain_stats.json)."""
+    stats = Path(resolve_model_path(EMBEDDED)) / "pretrain_stats.json"
+    if not stats.is_file():
+        return frozenset()
+    data = json.loads(stats.read_text())
+    return frozenset(data.get("pretrain_packages", []) + data.get("validation_packages", []))
+
+
+def target_modules_for(model_type: str) -> tuple[str, ...]:
+    """Default adapter target module-name patterns for a Hugging Face `model_type`."""
+    return _TARGETS.get(model_type, _LLAMA_STYLE)
+
+
+def model_type_of(name: str) -> str:
+    """`config.model_type` of a model name, without loading weights."""
+    return str(AutoConfig.from_pretrained(resolve_model_path(name)).model_type)
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(name: str = EMBEDDED) -> PreTrainedTokenizerBase:
+    """Cached tokenizer with a pad token (eos when the model has none); shared, do not modify."""
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+@functools.lru_cache(maxsize=4)
+def _cached(name: str, kind: str, num_labels: int, seed: int):
+    path = resolve_model_path(name)
+    tok = load_tokenizer(name)
+    with torch.random.fork_rng():  # a new head must be identical on every client
+        torch.manual_seed(seed)
+        if kind == "causal":
+            model = AutoModelForCausalLM.from_pretrained(path)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model.float().eval(), tok  # .float(): hub checkpoints may load as bf16/fp16
+
+
+def load_causal_lm(name: str = EMBEDDED) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Fresh float32 causal LM in eval mode (a deep copy: callers may edit weights in place).
+
+    The tokenizer is shared between calls; do not modify it.
+    """
+    model, tok = _cached(name, "causal", 0, 0)
+    return copy.deepcopy(model), tok
+
+
+def load_seq_cls(
+    name: str = EMBEDDED, num_labels: int = 2, seed: int = 0
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Pretrained body + new classification head (seeded init), fresh float32 copy, eval mode."""
+    model, tok = _cached(name, "seq-cls", num_labels, seed)
+    return copy.deepcopy(model), tok

@@ -1,0 +1,167 @@
+"""Client splits through flwr-datasets partitioners, plus the glue they need."""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Collection, Hashable, Mapping, Sequence
+
+import datasets
+import numpy as np
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    NaturalIdPartitioner,
+    Partitioner,
+)
+
+from tasks.corpus import SPLIT_SEED
+
+GROUP = "group"
+SPLIT = "_split"
+
+
+def assign_groups(
+    sizes: Mapping[Hashable, int], num_groups: int, first: Collection[Hashable] = ()
+) -> dict[Hashable, int]:
+    """Deterministic balanced grouping (largest first onto the lightest group).
+
+    Values in `first` are placed before the others so that, when there are enough of them, every
+    group gets one (used to give every client some packages that have evaluation files).
+    """
+    if num_groups > len(sizes):
+        raise ValueError(
+            f"num_partitions={num_groups} exceeds the {len(sizes)} natural ids available"
+        )
+    heap = [(0, g) for g in range(num_groups)]
+    out: dict[Hashable, int] = {}
+    for batch in ([v for v in sizes if v in first], [v for v in sizes if v not in first]):
+        for value in sorted(batch, key=lambda v: (-sizes[v], str(v))):
+            load, g = heapq.heappop(heap)
+            out[value] = g
+            heapq.heappush(heap, (load + sizes[value], g))
+    return out
+
+
+def make_partitioner(
+    kind: str,
+    num_partitions: int,
+    natural_by: str,
+    label_by: str,
+    alpha: float,
+    seed: int,
+    min_size: int,
+) -> Partitioner:
+    """The flwr-datasets partitioner for `kind` ("natural", "iid" or "dirichlet")."""
+    if kind == "natural":
+        return NaturalIdPartitioner(partition_by=natural_by)
+    if kind == "iid":
+        return IidPartitioner(num_partitions=num_partitions)
+    if kind == "dirichlet":
+        return DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by=label_by,
+            alpha=alpha,
+            min_partition_size=min_size,
+            seed=seed,
+        )
+    raise ValueError(f"partitioner must be natural, iid or dirichlet, got {kind!r}")
+
+
+class ClientSplit:
+    """One partitioner over the training and evaluation pools together.
+
+    Rows carry a train/eval flag through the partitioner, so a client's evaluation rows follow the
+    same natural ids, IID share or Dirichlet label proportions as its training rows.
+    """
+
+    def __init__(
+        self,
+        train_pool: datasets.Dataset,
+        eval_pool: datasets.Dataset,
+        kind: str,
+        num_partitions: int,
+        natural_by: str,
+        label_by: str,
+        alpha: float,
+        seed: int,
+    ) -> None:
+        self.num_partitions, self.eval_pool = num_partitions, eval_pool
+        client_eval = eval_pool
+        if kind == "natural":  # ids without training rows belong to no client (central set only)
+            ids = set(train_pool[natural_by])
+            client_eval = eval_pool.select(
+                [i for i, v in enumerate(eval_pool[natural_by]) if v in ids]
+            )
+        pool = datasets.concatenate_datasets(
+            [
+                train_pool.add_column(SPLIT, [0] * len(train_pool)),
+                client_eval.add_column(SPLIT, [1] * len(client_eval)),
+            ]
+        )
+        min_size = min(10, len(train_pool) // num_partitions)
+        self.partitioner = make_partitioner(
+            kind, num_partitions, natural_by, label_by, alpha, seed, min_size
+        )
+        # Shuffle first (as FederatedDataset does): IidPartitioner takes contiguous shards.
+        self.partitioner.dataset = pool.shuffle(seed=seed)
+        got = self.partitioner.num_partitions
+        if got != num_partitions:
+            raise ValueError(
+                f"num_partitions={num_partitions} but the {kind} partitioner produced {got}"
+            )
+
+    def rows(self, partition_id: int | None, which: str) -> datasets.Dataset:
+        """Rows of a client, or the whole evaluation pool (the central set) for None."""
+        if partition_id is not None:
+            return self.partition(partition_id, which)
+        if which != "eval":
+            raise ValueError("training data needs a partition_id")
+        return self.eval_pool
+
+    def partition(self, partition_id: int, which: str) -> datasets.Dataset:
+        """Client `partition_id`'s rows of `which` ("train" or "eval")."""
+        if not 0 <= partition_id < self.num_partitions:
+            raise ValueError(f"partition_id {partition_id} not in [0, {self.num_partitions})")
+        part = self.partitioner.load_partition(partition_id)
+        flag = {"train": 0, "eval": 1}[which]
+        keep = [i for i, f in enumerate(part[SPLIT]) if f == flag]
+        return part.select(keep).remove_columns(SPLIT)
+
+
+def cap_key(seed: int, partition_id: int | None, which: str) -> list[int]:
+    """RNG key of a capped subset; the central set ignores the experiment seed (same every run)."""
+    if partition_id is None:
+        return [SPLIT_SEED, 0, 0]
+    return [seed, partition_id + 1, int(which == "train")]
+
+
+def cap(
+    dataset: datasets.Dataset, limit: int | None, seed: int | Sequence[int]
+) -> datasets.Dataset:
+    """Seeded random subset of at most `limit` rows (original order kept)."""
+    if limit is None or len(dataset) <= limit:
+        return dataset
+    keep = np.random.default_rng(seed).choice(len(dataset), size=limit, replace=False)
+    return dataset.select(np.sort(keep))
+
+
+def stratified_cap(
+    dataset: datasets.Dataset, limit: int | None, column: str, seed: int | Sequence[int]
+) -> datasets.Dataset:
+    """Seeded subset of at most `limit` rows, as even over `column` values as the data allows.
+
+    Keeps small classes in a capped evaluation set (a plain random cap drops them).
+    """
+    if limit is None or len(dataset) <= limit:
+        return dataset
+    rng = np.random.default_rng(seed)
+    by_value: dict[Hashable, list[int]] = {}
+    for i, v in enumerate(dataset[column]):
+        by_value.setdefault(v, []).append(i)
+    pools = [list(rng.permutation(ix)) for _, ix in sorted(by_value.items())]
+    keep: list[int] = []
+    while len(keep) < limit:  # round-robin over the values that still have rows
+        for pool in pools:
+            if pool and len(keep) < limit:
+                keep.append(int(pool.pop()))
+    return dataset.select(np.sort(keep))

@@ -1,0 +1,17 @@
+"""Task name -> implementation, and the cached factory the client and server call."""
+
+from __future__ import annotations
+
+import functools
+
+from tasks.base import BaseTask, Task, TaskConfig
+from tasks.code_cls import CodeClsTask
+from tasks.code_lm import CodeLMTask
+
+TASKS: dict[str, type[BaseTask]] = {"code-lm": CodeLMTask, "code-cls": CodeClsTask}
+
+
+@functools.lru_cache(maxsize=8)
+def build_task(config: TaskConfig) -> Task:
+    """The task for `config`; cached so every round of a simulated client reuses its datasets."""
+    return TASKS[config.task](config)

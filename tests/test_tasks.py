@@ -1,0 +1,319 @@
+"""Tests of the tasks package: corpus split, partitioning, shipped model, local loading paths."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import datasets  # noqa: E402
+import pydantic  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
+
+from tasks import (  # noqa: E402
+    EMBEDDED,
+    TaskConfig,
+    build_task,
+    corpus_info,
+    load_corpus,
+    resolve_model_path,
+    split_corpus,
+)
+from tasks import models as models_mod  # noqa: E402
+from tasks.base import Task  # noqa: E402
+from tasks.code_lm import client_split, lm_dataset  # noqa: E402
+
+CPU = torch.device("cpu")
+torch.set_num_threads(2)
+
+
+def _packages(ds: datasets.Dataset) -> set[str]:
+    return set(ds.with_format(None)["package"])
+
+
+def _entropy(counts: Counter) -> float:
+    n = sum(counts.values())
+    return -sum(c / n * math.log(c / n) for c in counts.values() if c)
+
+
+# ---------------------------------------------------------------- corpus
+
+
+def test_split_is_deterministic_and_seeded() -> None:
+    fresh = split_corpus.__wrapped__  # bypass the cache: really recompute
+    assert fresh(0) == fresh(0)
+    assert fresh(0).federated != fresh(1).federated
+
+
+def test_split_is_disjoint_and_complete() -> None:
+    split = split_corpus(0)
+    pre, val, fed = set(split.pretrain), set(split.validation), set(split.federated)
+    assert not pre & val and not pre & fed and not val & fed
+    assert pre | val | fed == set(load_corpus())
+    assert 0.2 < len(fed) / len(load_corpus()) < 0.4
+    for pkg in split.federated:
+        train = {f.path for f in split.files(pkg, "train")}
+        evals = {f.path for f in split.files(pkg, "eval")}
+        assert not train & evals
+        assert train | evals == {f.path for f in split.files(pkg)}
+        assert len(evals) >= (1 if len(train | evals) >= 2 else 0)
+    assert set(split.eval_files) <= {f.path for p in fed for f in load_corpus()[p]}
+
+
+def test_corpus_excludes_tests_and_reports_counts() -> None:
+    paths = [f.path for fs in load_corpus().values() for f in fs]
+    assert not any(Path(p).name.startswith("test_") for p in paths)
+    assert not any(
+        {"test", "tests", "idle_test", "site-packages"} & set(Path(p).parts) for p in paths
+    )
+    info = corpus_info(0)
+    assert info["python_version"] == sys.version.split()[0]
+    assert info["total"]["files"] == len(paths)
+    parts = ("pretrain", "validation", "federated")
+    assert sum(info[k]["files"] for k in parts) == len(paths)
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_validation_names_the_field() -> None:
+    for field, bad in [("num_partitions", 0), ("dirichlet_alpha", 0.0), ("task", "nope")]:
+        with pytest.raises(pydantic.ValidationError, match=field):
+            TaskConfig(**{field: bad})
+    with pytest.raises(pydantic.ValidationError, match="unknown"):
+        TaskConfig(unknown=1)
+
+
+def test_config_defaults_and_run_config_spelling() -> None:
+    assert TaskConfig().partitioner == "natural"
+    assert TaskConfig(task="code-cls").partitioner == "dirichlet"
+    assert TaskConfig(task="code-cls", partitioner="iid").partitioner == "iid"
+    cfg = TaskConfig.from_mapping(
+        {"num-partitions": 3, "dataset": "", "max-eval-blocks": 0, "x": 1}
+    )
+    assert (cfg.num_partitions, cfg.dataset, cfg.max_eval_blocks) == (3, None, None)
+    assert hash(cfg) == hash(TaskConfig(num_partitions=3, max_eval_blocks=None))
+
+
+# ---------------------------------------------------------------- model location
+
+
+def test_resolve_model_path_fallbacks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    shipped = resolve_model_path(EMBEDDED)
+    assert Path(shipped, "model.safetensors").is_file()
+    assert not models_mod.embedded_seen_packages() & set(split_corpus().federated)  # unseen
+    assert resolve_model_path("gpt2") == "gpt2"  # other names pass through
+    monkeypatch.setattr(models_mod, "_HERE", tmp_path)  # as in a `flwr run` copy: no weights
+    monkeypatch.setattr(models_mod, "_editable_source", lambda: None)
+    monkeypatch.delenv(models_mod.ENV_VAR, raising=False)
+    with pytest.raises(FileNotFoundError, match="tried"):
+        resolve_model_path(EMBEDDED)
+    monkeypatch.setenv(models_mod.ENV_VAR, shipped)
+    assert resolve_model_path(EMBEDDED) == shipped
+    monkeypatch.delenv(models_mod.ENV_VAR)
+    repo = Path(shipped).parents[2]
+    monkeypatch.setattr(models_mod, "_editable_source", lambda: repo)
+    assert Path(resolve_model_path(EMBEDDED)) == repo / "tasks" / "assets" / "base-model"
+
+
+# ---------------------------------------------------------------- partitions (stdlib corpus)
+
+UNCAPPED = {"max_train_blocks": 0, "max_eval_blocks": 0}
+
+
+def _sizes(task: Task) -> tuple[list[int], list[int]]:
+    n = task.config.num_partitions
+    return [len(task.train_dataset(p)) for p in range(n)], [
+        len(task.eval_dataset(p)) for p in range(n)
+    ]
+
+
+def test_natural_partition_puts_each_package_in_one_client() -> None:
+    task = build_task(TaskConfig(**UNCAPPED))
+    seen: Counter = Counter()
+    for p in range(task.config.num_partitions):
+        train = _packages(task.train_dataset(p))
+        assert train, f"client {p} has no training data"
+        assert _packages(task.eval_dataset(p)) <= train  # eval files of its own packages
+        seen.update(train)
+    assert set(seen.values()) == {1}
+    pool = client_split(task.config).partitioner.dataset
+    with_blocks = {p for p, s in zip(pool["package"], pool["_split"], strict=True) if s == 0}
+    assert set(seen) == with_blocks and with_blocks <= set(split_corpus(0).federated)
+
+
+@pytest.mark.parametrize("kind", ["iid", "dirichlet"])
+def test_iid_and_dirichlet_cover_all_rows(kind: str) -> None:
+    natural = build_task(TaskConfig(**UNCAPPED))
+    task = build_task(TaskConfig(partitioner=kind, num_partitions=5, **UNCAPPED))
+    train, evals = _sizes(task)
+    assert len(train) == 5 and min(train) > 0
+    assert sum(train) == sum(_sizes(natural)[0])
+    assert sum(evals) == len(task.eval_dataset(None))
+
+
+def test_dirichlet_is_more_skewed_than_iid() -> None:
+    def mean_entropy(kind: str) -> float:
+        task = build_task(TaskConfig(partitioner=kind, dirichlet_alpha=0.1, **UNCAPPED))
+        n = task.config.num_partitions
+        counts = [Counter(task.train_dataset(p).with_format(None)["package"]) for p in range(n)]
+        return sum(map(_entropy, counts)) / n
+
+    iid, skewed = mean_entropy("iid"), mean_entropy("dirichlet")
+    print(f"mean package entropy per client: iid {iid:.2f}, dirichlet(0.1) {skewed:.2f}")
+    assert skewed < 0.8 * iid
+
+
+def test_caps_apply_and_are_deterministic() -> None:
+    task = build_task(TaskConfig(max_train_blocks=16, max_eval_blocks=8))
+    a = task.train_dataset(1)
+    assert len(a) == 16 and len(task.eval_dataset(None)) == 8
+    assert a[0]["input_ids"].shape == (128,) and torch.equal(a[0]["labels"], a[0]["input_ids"])
+    again = lm_dataset.__wrapped__(task.config, 1, "train")  # recomputed, not cached
+    assert torch.equal(a[:]["input_ids"], again[:]["input_ids"])
+    assert not torch.equal(a[:]["input_ids"], task.train_dataset(2)[:]["input_ids"])
+
+
+# ---------------------------------------------------------------- the shipped model
+
+
+def test_shipped_model_beats_random_init() -> None:
+    path = resolve_model_path(EMBEDDED)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    assert tok.eos_token == tok.pad_token == "<|endoftext|>"
+    task = build_task(TaskConfig())
+    assert isinstance(task, Task) and task.target_modules == ("c_attn", "c_proj", "c_fc")
+    central = task.eval_dataset(None)
+    base = task.evaluate(model, central, 32, CPU)
+    torch.manual_seed(0)
+    random_model = GPT2LMHeadModel(GPT2Config.from_pretrained(path))
+    rand = task.evaluate(random_model, central, 32, CPU)
+    print(f"held-out ppl: shipped {base['ppl']:.2f}, random init {rand['ppl']:.2f}")
+    assert base["num-examples"] == len(central) > 0
+    assert base["ppl"] < 0.5 * rand["ppl"]
+    fresh = task.load_model()
+    assert fresh is not task.load_model() and not fresh.training
+    batch = next(iter(torch.utils.data.DataLoader(task.train_dataset(0), batch_size=4)))
+    loss = task.loss(fresh, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and abs(loss.item() - base["loss"]) < 2.0
+
+
+def test_code_cls_labels_and_head() -> None:
+    task = build_task(TaskConfig(task="code-cls"))
+    k = task.config.num_classes
+    assert task.modules_to_save == ("score",)
+    model = task.load_model()
+    assert isinstance(model.score, torch.nn.Linear) and model.score.out_features == k
+    assert torch.equal(model.score.weight, task.load_model().score.weight)  # seeded head init
+    labels = [int(v) for p in range(4) for v in task.train_dataset(p)["labels"]]
+    assert labels and min(labels) >= 0 and max(labels) < k
+    central = task.eval_dataset(None)
+    assert set(central.with_format(None)["labels"]) == set(range(k))  # every class evaluated
+    metrics = task.evaluate(model, central, 32, CPU)
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and math.isfinite(metrics["loss"])
+    with pytest.raises(ValueError, match="num_classes"):
+        build_task(TaskConfig(task="code-cls", num_classes=50))
+
+
+# ---------------------------------------------------------------- local model + local dataset
+
+
+@pytest.fixture(scope="module")
+def local_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    from tasks.pretrain import train_tokenizer
+
+    root = tmp_path_factory.mktemp("local")
+    corpus = load_corpus()
+    pkgs = ["json", "email", "asyncio"]
+    texts = [f.text for p in pkgs for f in corpus[p]]
+    tok = train_tokenizer(texts, vocab_size=400, max_len=64)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tok),
+            n_positions=64,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            bos_token_id=tok.eos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    rows = {"text": [], "label": []}
+    for pkg in pkgs:
+        for f in corpus[pkg][:12]:
+            for i in range(0, min(len(f.text), 4000), 400):
+                rows["text"].append(f.text[i : i + 400])
+                rows["label"].append(pkg)
+    datasets.Dataset.from_dict(rows).save_to_disk(root / "data")
+    return str(root / "model"), str(root / "data")
+
+
+@pytest.mark.parametrize(
+    ("task_name", "partitioner"),
+    [
+        ("code-lm", "natural"),
+        ("code-lm", "iid"),
+        ("code-cls", "dirichlet"),
+        ("code-cls", "natural"),
+    ],
+)
+def test_local_model_and_dataset(
+    local_dirs: tuple[str, str], task_name: str, partitioner: str
+) -> None:
+    model_dir, data_dir = local_dirs
+    cfg = TaskConfig(
+        task=task_name,
+        model_name=model_dir,
+        dataset=data_dir,
+        partitioner=partitioner,
+        num_partitions=2,
+        seq_len=32,
+        max_train_blocks=64,
+        max_eval_blocks=32,
+    )
+    task = build_task(cfg)
+    model = task.load_model()
+    train = task.train_dataset(1)
+    assert len(train) > 0 and train[0]["input_ids"].shape == (32,)
+    batch = next(iter(torch.utils.data.DataLoader(train, batch_size=8)))
+    assert torch.isfinite(task.loss(model, batch))
+    for part in (0, None):
+        metrics = task.evaluate(model, task.eval_dataset(part), 16, CPU)
+        assert metrics["num-examples"] > 0
+        assert all(math.isfinite(v) for v in metrics.values())
+    if task_name == "code-cls":
+        assert task.modules_to_save == ("score",) and model.score.out_features == 3
+        assert {int(v) for v in train["labels"]} <= {0, 1, 2}
+
+
+def test_load_rows_uses_test_split_or_holds_out_ten_percent(tmp_path: Path) -> None:
+    from tasks.sources import load_rows
+
+    rows = datasets.Dataset.from_dict({"text": [f"x = {i}" for i in range(50)], "label": [0] * 50})
+    datasets.DatasetDict({"train": rows, "test": rows.select(range(5))}).save_to_disk(
+        tmp_path / "a"
+    )
+    rows.save_to_disk(tmp_path / "b")
+    train, evals = load_rows(str(tmp_path / "a"))
+    assert (len(train), len(evals)) == (50, 5)
+    train, evals = load_rows(str(tmp_path / "b"))
+    assert (len(train), len(evals)) == (45, 5)
+    assert not set(train["text"]) & set(evals["text"])
+    assert list(load_rows.__wrapped__(str(tmp_path / "b"))[1]["text"]) == list(evals["text"])
