@@ -50,6 +50,10 @@ STARTUP_TIMEOUT_S = 60.0
 STOP_GRACE_S = 10.0
 STATUS_POLL_S = 2.0
 COMPLETED = "finished:completed"
+# This project's default federation: 8 virtual clients, 1 CPU each (k run at once on k cores).
+DEFAULT_NUM_SUPERNODES = 8
+DEFAULT_NUM_CPUS = 1
+DEFAULT_NUM_GPUS = 0.0
 
 # Flower and Ray phone home (telemetry, update check, usage stats) unless told not to.
 OFFLINE_ENV = {
@@ -339,19 +343,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--num-supernodes",
         type=int,
         metavar="N",
-        help="number of simulated SuperNodes (Flower default: 2)",
+        default=DEFAULT_NUM_SUPERNODES,
+        help=f"number of simulated SuperNodes (default: {DEFAULT_NUM_SUPERNODES})",
     )
     parser.add_argument(
         "--num-cpus",
         type=int,
         metavar="X",
-        help="CPUs per ClientApp, an integer >= 1 (Flower default: 2)",
+        default=DEFAULT_NUM_CPUS,
+        help=f"CPUs per ClientApp, an integer >= 1 (default: {DEFAULT_NUM_CPUS})",
     )
     parser.add_argument(
         "--num-gpus",
         type=float,
         metavar="Y",
-        help="GPU fraction per ClientApp (Flower default: 0.0)",
+        default=DEFAULT_NUM_GPUS,
+        help=f"GPU fraction per ClientApp, 1/k packs k per GPU (default: {DEFAULT_NUM_GPUS})",
     )
     args = parser.parse_args(argv)
     if args.num_supernodes is not None and args.num_supernodes < 1:
