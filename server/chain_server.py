@@ -30,6 +30,7 @@ from seedlora import (
     set_chain_index,
     trainable_state,
 )
+from seedlora.serialize import atomic_write_bytes, state_to_bytes
 from strategies import protocol as p
 from strategies.chain import LinkContext, LinkStrategy
 from strategies.registry import EXACT_IN_WEIGHT_SPACE, STATE_ATTRIBUTES, build_strategy
@@ -191,6 +192,8 @@ class ChainServer:
         }
         self._round_start = time.perf_counter()
         self.history.append(entry)
+        if ledger.updates:
+            self._save_updates(s.global_round, ledger.updates)
         self.strategy_state = {
             a: getattr(inner, a) for a in STATE_ATTRIBUTES if getattr(inner, a, None) is not None
         }
@@ -198,6 +201,13 @@ class ChainServer:
         self._write_outputs()
         self._checkpoint()
         return MetricRecord({k: float(v) for k, v in central.items()})
+
+    def _save_updates(self, global_round: int, updates: list) -> None:
+        """The accepted client states of a round, so anyone can re-check the average."""
+        tensors = {f"{part}/{k}": v for part, _, state in updates for k, v in state.items()}
+        meta = {"weights": {str(part): n for part, n, _ in updates}, "round": global_round}
+        path = self.out_dir / "client-updates" / f"round-{global_round:04d}.safetensors"
+        atomic_write_bytes(path, state_to_bytes(tensors, meta))
 
     def _close_link(self) -> None:
         """Merge the link's averaged B into the base, record it, advance A, reset B."""
@@ -232,6 +242,7 @@ class ChainServer:
                 min_replies=cfg.min_replies,
                 max_num_examples=cfg.max_num_examples,
                 node_links=self.node_links,
+                keep_updates=cfg.save_client_updates,
             )
             link = LinkStrategy(inner, ctx)
             remaining = cfg.rounds_per_link - s.round_in_link

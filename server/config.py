@@ -118,6 +118,7 @@ class RunConfig(BaseModel):
     resume: bool = False
     central_eval: bool = True
     export: bool = True
+    save_client_updates: bool = False  # write accepted client B's per round (audits, tests)
 
     @model_validator(mode="after")
     def _check_device(self) -> RunConfig:

@@ -78,14 +78,14 @@ def _executable(name: str) -> str:
     return found
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """Ask the OS for a free port so we never clash with a managed SuperLink (39091)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def _write_flower_config(flwr_home: Path, port: int) -> None:
+def write_flower_config(flwr_home: Path, port: int) -> None:
     """Declare the only connection the CLI may use; also avoids the default `local` one."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text(
@@ -190,7 +190,7 @@ def stop_process_tree(proc: subprocess.Popen[Any]) -> None:
     _wait_gone(survivors, 3.0)
 
 
-def _wait_until_ready(proc: subprocess.Popen[Any], port: int, log_file: Path) -> None:
+def wait_until_ready(proc: subprocess.Popen[Any], port: int, log_file: Path) -> None:
     """Poll the SuperLink's /health endpoint; fail fast if the process dies."""
     url = f"http://127.0.0.1:{port}/health"
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -218,7 +218,7 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-def _flwr_json(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
+def flwr_json(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
     """Run a `flwr ... --format json` command and parse its JSON answer."""
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     try:
@@ -233,9 +233,9 @@ def _flwr_json(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
     return payload
 
 
-def _run_status(flwr: str, run_id: str, env: dict[str, str]) -> tuple[str, str]:
+def run_status(flwr: str, run_id: str, env: dict[str, str]) -> tuple[str, str]:
     """Return (status, status-details) of a run, e.g. ('finished:failed', '...')."""
-    payload = _flwr_json([flwr, "ls", CONNECTION, "--run-id", run_id, "--format", "json"], env)
+    payload = flwr_json([flwr, "ls", CONNECTION, "--run-id", run_id, "--format", "json"], env)
     run = payload["runs"][0]
     return str(run["status"]), str(run.get("status-details", ""))
 
@@ -265,8 +265,8 @@ def launch(args: argparse.Namespace) -> int:
     superlink: subprocess.Popen[bytes] | None = None
     streamer: subprocess.Popen[bytes] | None = None
     try:
-        port = _free_port()
-        _write_flower_config(flwr_home, port)
+        port = free_port()
+        write_flower_config(flwr_home, port)
         with log_file.open("wb") as log_handle:
             # Own session: a Ctrl-C reaches only us, and we stop the children in order.
             superlink = subprocess.Popen(
@@ -276,7 +276,7 @@ def launch(args: argparse.Namespace) -> int:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        _wait_until_ready(superlink, port, log_file)
+        wait_until_ready(superlink, port, log_file)
         print(
             f"[launch] SuperLink pid {superlink.pid} on 127.0.0.1:{port} ready after "
             f"{time.monotonic() - started:.1f}s (FLWR_HOME={flwr_home})",
@@ -290,17 +290,17 @@ def launch(args: argparse.Namespace) -> int:
         for overrides in args.run_config or []:
             submit += ["--run-config", overrides]
         submit += _federation_config(args)
-        run_id = str(_flwr_json(submit, env)["run-id"])
+        run_id = str(flwr_json(submit, env)["run-id"])
         print(f"[launch] started run {run_id}", flush=True)
 
         streamer = subprocess.Popen(
             [flwr, "log", run_id, CONNECTION, "--stream"], env=env, start_new_session=True
         )
         streamer.wait()
-        status, details = _run_status(flwr, run_id, env)
+        status, details = run_status(flwr, run_id, env)
         while not status.startswith("finished"):  # the log stream ended early
             time.sleep(STATUS_POLL_S)
-            status, details = _run_status(flwr, run_id, env)
+            status, details = run_status(flwr, run_id, env)
         elapsed = time.monotonic() - started
         print(f"[launch] run {run_id}: {status} ({details}) after {elapsed:.1f}s", flush=True)
         return 0 if status == COMPLETED else 1

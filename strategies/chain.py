@@ -49,6 +49,7 @@ class RoundLedger:
     eval_metrics: dict[str, float] = field(default_factory=dict)
     eval_rejected: list[Rejection] = field(default_factory=list)
     skipped: bool = False
+    updates: list[tuple[int, float, dict]] = field(default_factory=list)  # (partition, n, B)
 
 
 @dataclass
@@ -64,6 +65,7 @@ class LinkContext:
     min_replies: int
     max_num_examples: int
     node_links: dict[int, int]  # node id -> number of links it is known to hold
+    keep_updates: bool = False  # keep accepted client states per round (save-client-updates)
 
 
 class LinkStrategy(Strategy):
@@ -169,6 +171,15 @@ class LinkStrategy(Strategy):
         replies = list(replies)
         valid = self._filter(replies, self.expected_arrays, ledger.rejected)
         ledger.accepted = len(valid)
+        if self.ctx.keep_updates:
+            ledger.updates = [
+                (
+                    int(m.content[p.ECHO][p.PARTITION_ID]),
+                    float(m.content[p.METRICS][p.NUM_EXAMPLES]),
+                    m.content[p.ARRAYS].to_torch_state_dict(),
+                )
+                for m in valid
+            ]
         ledger.bytes_up = sum(p.record_bytes(m) for m in valid)
         if len(valid) < self.ctx.min_replies:
             log.warning(

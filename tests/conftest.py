@@ -63,8 +63,13 @@ def save_tiny_lm(directory, seed: int = 0):
     torch.manual_seed(seed)
     eos = tok.eos_token_id
     cfg = GPT2Config(
-        vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2,
-        bos_token_id=eos, eos_token_id=eos,
+        vocab_size=len(tok),
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=eos,
+        eos_token_id=eos,
     )
     GPT2LMHeadModel(cfg).save_pretrained(directory)
     tok.save_pretrained(directory)
@@ -74,3 +79,20 @@ def save_tiny_lm(directory, seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory):
     return str(save_tiny_lm(tmp_path_factory.mktemp("tiny-lm")))
+
+
+@pytest.fixture(scope="session")
+def tiny_text_dir(tmp_path_factory):
+    """A small `datasets` text dataset saved with save_to_disk (the local-dataset path)."""
+    import inspect
+    import json as json_module
+
+    import datasets
+
+    texts = []
+    for module in (json_module, inspect, os, pytest):
+        source = inspect.getsource(module)
+        texts += [source[i : i + 1500] for i in range(0, min(len(source), 30_000), 1500)]
+    directory = tmp_path_factory.mktemp("tiny-text")
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(directory))
+    return str(directory)

@@ -16,9 +16,11 @@ from tests.local_grid import RUN_ID, LocalGrid
 
 
 @pytest.fixture
-def overrides(tiny_lm_dir):
+def overrides(tiny_lm_dir, tiny_text_dir):
     return {
         "model-name": tiny_lm_dir,
+        "dataset": tiny_text_dir,
+        "partitioner": "iid",
         "num-links": 1,
         "rounds-per-link": 1,
         "local-steps": 2,
