@@ -8,6 +8,7 @@ client is contacted. Server and ClientApp parse the same run config with this mo
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -50,75 +51,84 @@ def _dash(name: str) -> str:
     return name.replace("_", "-")
 
 
+def F(default: Any, description: str, **constraints: Any) -> Any:  # noqa: N802
+    """A field with its README description (the run-config table is generated from it)."""
+    return Field(default, description=description, **constraints)
+
+
 class RunConfig(BaseModel):
     """Every run-config key (dash-case in pyproject, snake_case here), with its meaning."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # Task and data (see tasks.TaskConfig).
-    task: Literal["code-lm", "code-cls"] = "code-lm"
-    model_name: str = "embedded"
-    dataset: str = ""  # "" = the standard-library corpus
-    text_column: str = "text"
-    label_column: str = "label"
-    partitioner: Literal["auto", "natural", "iid", "dirichlet"] = "auto"  # auto: task default
-    dirichlet_alpha: float = Field(0.5, gt=0)
-    seq_len: int = Field(128, ge=8)
-    num_classes: int = Field(8, ge=2)
-    max_train_blocks: int = Field(0, ge=0)  # 0 = task default
-    max_eval_blocks: int = Field(0, ge=0)  # 0 = task default
+    task: Literal["code-lm", "code-cls"] = F("code-lm", "task: causal LM or package classification")
+    model_name: str = F("embedded", "`embedded` (shipped base), a hub model id or a local dir")
+    dataset: str = F("", '"" = stdlib corpus; else a hub dataset id or a save_to_disk dir')
+    text_column: str = F("text", "text column of a custom dataset")
+    label_column: str = F("label", "label column of a custom classification dataset")
+    partitioner: Literal["auto", "natural", "iid", "dirichlet"] = F(
+        "auto", "flwr-datasets partitioner; auto = natural (code-lm) / dirichlet (code-cls)"
+    )
+    dirichlet_alpha: float = F(0.5, "Dirichlet concentration (smaller = more skewed)", gt=0)
+    seq_len: int = F(128, "tokens per example", ge=8)
+    num_classes: int = F(8, "code-cls: number of packages to classify", ge=2)
+    max_train_blocks: int = F(0, "cap on training examples per client (0 = task default)", ge=0)
+    max_eval_blocks: int = F(0, "cap on evaluation examples (0 = task default)", ge=0)
 
     # Adapter.
-    a_kind: Kind = "circulant"
-    rank: int = Field(8, gt=0)
-    alpha: float = Field(16.0, gt=0)
-    adapter_dropout: float = Field(0.0, ge=0, lt=1)
-    seed: int = 0
-    target_modules: str = "auto"  # comma-separated names, "re:<regex>", or "auto"
-    modules_to_save: str = "auto"  # comma-separated names, "none", or "auto"
+    a_kind: Kind = F("circulant", "frozen A: gaussian | circulant | random-block")
+    rank: int = F(8, "adapter rank r", gt=0)
+    alpha: float = F(16.0, "adapter scale numerator: W = W0 + (alpha/r) B A", gt=0)
+    adapter_dropout: float = F(0.0, "dropout on the adapter input", ge=0, lt=1)
+    seed: int = F(0, "public seed of every A (and of data order)")
+    target_modules: str = F("auto", 'adapted layers: "auto", names "a,b" or "re:<regex>"')
+    modules_to_save: str = F("auto", 'fully trained heads: "auto", "none" or names "a,b"')
 
     # Chain.
-    num_links: int = Field(3, gt=0)
-    rounds_per_link: int = Field(3, gt=0)
+    num_links: int = F(3, "chain links (merges)", gt=0)
+    rounds_per_link: int = F(3, "federated rounds per link (K)", gt=0)
 
     # Strategy.
-    strategy: Strategy = "fedavg"
-    fraction_train: float = Field(1.0, gt=0, le=1)
-    fraction_evaluate: float = Field(0.5, ge=0, le=1)
-    min_available_nodes: int = Field(2, ge=1)
-    min_replies: int = Field(1, ge=1)
-    round_timeout: float = Field(600.0, gt=0)
-    proximal_mu: float = Field(0.0, ge=0)
-    server_lr: float = Field(1.0, gt=0)
-    server_momentum: float = Field(0.0, ge=0, lt=1)
-    eta: float = Field(1e-2, gt=0)
-    eta_l: float = Field(1e-2, gt=0)
-    beta_1: float = Field(0.9, ge=0, lt=1)
-    beta_2: float = Field(0.99, ge=0, lt=1)
-    tau: float = Field(1e-3, gt=0)
-    trim_beta: float = Field(0.2, ge=0, lt=0.5)
-    num_malicious: int = Field(0, ge=0)
-    krum_select: int = Field(2, ge=1)
-    max_num_examples: int = Field(10_000_000, gt=0)
+    strategy: Strategy = F("fedavg", "aggregation rule (see Strategies)")
+    fraction_train: float = F(1.0, "fraction of nodes sampled for training", gt=0, le=1)
+    fraction_evaluate: float = F(0.5, "fraction of nodes sampled for evaluation", ge=0, le=1)
+    min_available_nodes: int = F(2, "wait for this many connected nodes", ge=1)
+    min_replies: int = F(1, "fewer valid replies than this: the round is skipped", ge=1)
+    round_timeout: float = F(600.0, "seconds to wait for replies in a round", gt=0)
+    proximal_mu: float = F(0.0, "fedprox: proximal term weight (on B)", ge=0)
+    server_lr: float = F(1.0, "fedavgm: server learning rate", gt=0)
+    server_momentum: float = F(0.0, "fedavgm: server momentum", ge=0, lt=1)
+    eta: float = F(1e-2, "fedadam/fedyogi/fedadagrad: server learning rate", gt=0)
+    eta_l: float = F(
+        1e-2, "fedadam/fedyogi/fedadagrad: client learning rate (Flower's eta_l)", gt=0
+    )
+    beta_1: float = F(0.9, "fedadam/fedyogi: first-moment decay", ge=0, lt=1)
+    beta_2: float = F(0.99, "fedadam/fedyogi: second-moment decay", ge=0, lt=1)
+    tau: float = F(1e-3, "fedadam/fedyogi/fedadagrad: adaptivity", gt=0)
+    trim_beta: float = F(0.2, "fedtrimmedavg: fraction cut at each end", ge=0, lt=0.5)
+    num_malicious: int = F(0, "krum/multikrum: assumed malicious nodes", ge=0)
+    krum_select: int = F(2, "multikrum: replies averaged", ge=1)
+    max_num_examples: int = F(10_000_000, "replies claiming more examples are rejected", gt=0)
 
     # Local training on each client.
-    local_steps: int = Field(10, ge=0)  # 0 = use local-epochs
-    local_epochs: float = Field(1.0, gt=0)
-    batch_size: int = Field(8, gt=0)
-    eval_batch_size: int = Field(32, gt=0)
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, ge=0)  # 0 = no clipping
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    local_steps: int = F(10, "optimizer steps per round (0 = use local-epochs)", ge=0)
+    local_epochs: float = F(1.0, "epochs per round when local-steps = 0", gt=0)
+    batch_size: int = F(8, "training batch size", gt=0)
+    eval_batch_size: int = F(32, "evaluation batch size", gt=0)
+    lr: float = F(2e-3, "client learning rate", gt=0)
+    weight_decay: float = F(0.0, "client weight decay", ge=0)
+    max_grad_norm: float = F(1.0, "gradient clipping norm (0 = off)", ge=0)
+    optimizer: Literal["adamw", "adam", "sgd"] = F("adamw", "client optimizer")
+    device: str = F("auto", "auto (GPU if visible) | cpu | cuda | cuda:N")
 
     # Outputs.
-    output_dir: str = "outputs"
-    run_name: str = ""  # "" = a timestamp; resume picks the latest run with a checkpoint
-    resume: bool = False
-    central_eval: bool = True
-    export: bool = True
-    save_client_updates: bool = False  # write accepted client B's per round (audits, tests)
+    output_dir: str = F("outputs", "where run directories go (relative to the cwd)")
+    run_name: str = F("", '"" = a timestamp; with resume: the latest run')
+    resume: bool = F(False, "continue run-name from its last checkpoint")
+    central_eval: bool = F(True, "evaluate the global model on the server every round")
+    export: bool = F(True, "write the PEFT adapter and merged model at the end")
+    save_client_updates: bool = F(False, "keep every accepted client B per round (audits)")
 
     @model_validator(mode="after")
     def _check_device(self) -> RunConfig:
@@ -185,3 +195,16 @@ class RunConfig(BaseModel):
     @property
     def num_rounds(self) -> int:
         return self.num_links * self.rounds_per_link
+
+
+def markdown_table() -> str:
+    """The README's run-config table: key, default, meaning."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for name, field in RunConfig.model_fields.items():
+        default = json.dumps(field.default)
+        rows.append(f"| `{_dash(name)}` | `{default}` | {field.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -74,3 +74,18 @@ def test_targets_and_heads_parsing():
     assert RunConfig(target_modules="q_proj, v_proj").targets(()) == ["q_proj", "v_proj"]
     assert RunConfig(modules_to_save="none").heads(("score",)) == []
     assert RunConfig().heads(("score",)) == ["score"]
+
+
+def test_readme_documents_every_key_with_its_default():
+    from server.config import markdown_table
+
+    readme = (PYPROJECT.parent / "README.md").read_text()
+    assert markdown_table() in readme
+
+
+def test_readme_starts_with_the_two_commands_ci_uses():
+    readme = (PYPROJECT.parent / "README.md").read_text()
+    block = readme.split("```bash\n", 1)[1].split("```", 1)[0].strip().splitlines()
+    assert len(block) == 2 and "simulation.launch" in block[0]
+    ci = (PYPROJECT.parent / ".ci" / "run").read_text()
+    assert block[1] in ci
