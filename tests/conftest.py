@@ -48,10 +48,12 @@ def arch(request):
 
 def save_tiny_lm(directory, seed: int = 0):
     """A tiny GPT-2 with a small byte-level BPE tokenizer, saved like a hub model."""
+    from pathlib import Path
+
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
-    text = [open(__file__).read(), open(torch.__file__).read()] * 4
+    text = [Path(__file__).read_text(), Path(torch.__file__).read_text()] * 4
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(text, vocab_size=300, special_tokens=["<|endoftext|>"])
     tok = PreTrainedTokenizerFast(

@@ -61,7 +61,7 @@ def test_merged_base_is_the_weighted_mean_of_client_updates(overrides, tmp_path,
         a = spec.dense().double()
         mean = sum(
             w / total * 2.0 * r[p.ARRAYS][f"{name}.lora_B"].numpy()
-            for w, r in zip(weights, replies)
+            for w, r in zip(weights, replies, strict=True)
         )
         expected = torch.from_numpy(mean).double() @ a
         got = layer.base.weight.double() - pristine.get_submodule(name).weight.double()
