@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from logging import getLogger
+from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -24,8 +25,6 @@ from seedlora.serialize import links_to_bytes
 from . import protocol as p
 from .validation import Expectation, Rejection, split_replies
 
-log = getLogger("seedlora.server")
-
 
 def as_float32(arrays: ArrayRecord) -> ArrayRecord:
     """The global state stays float32: Flower's server optimizers return float64 arrays
@@ -34,6 +33,13 @@ def as_float32(arrays: ArrayRecord) -> ArrayRecord:
     return ArrayRecord(
         {k: Array(np.asarray(a.numpy(), dtype=np.float32)) for k, a in arrays.items()}
     )
+
+
+def _no_examples(message: Message) -> bool:
+    """An evaluate reply that honestly reports zero examples (nothing to weigh, no fault)."""
+    if message.has_error() or p.METRICS not in message.content.metric_records:
+        return False
+    return message.content[p.METRICS].get(p.NUM_EXAMPLES) == 0
 
 
 @dataclass
@@ -144,7 +150,7 @@ class LinkStrategy(Strategy):
     def _filter(self, replies: Iterable[Message], arrays: dict | None, ledger_list) -> list:
         valid, rejected = split_replies(replies, self._expectation(arrays))
         for r in rejected:
-            log.warning("rejected reply from node %s: %s", r.node_id, r.reason)
+            log(WARNING, "rejected reply from node %s: %s", r.node_id, r.reason)
             self.ctx.node_links[r.node_id] = 0  # resend every link: cheap, and always safe
         ledger_list.extend(rejected)
         for msg in valid:
@@ -153,7 +159,7 @@ class LinkStrategy(Strategy):
 
     # --- Strategy interface --------------------------------------------------------
     def summary(self) -> None:
-        log.info("link %d: %s", self.ctx.chain_index, type(self.inner).__name__)
+        log(INFO, "link %d: %s", self.ctx.chain_index, type(self.inner).__name__)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -182,7 +188,8 @@ class LinkStrategy(Strategy):
             ]
         ledger.bytes_up = sum(p.record_bytes(m) for m in valid)
         if len(valid) < self.ctx.min_replies:
-            log.warning(
+            log(
+                WARNING,
                 "round %d skipped: %d valid replies < min-replies %d; global B unchanged",
                 self.global_round(server_round),
                 len(valid),
@@ -206,7 +213,11 @@ class LinkStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         ledger = self.ledger(server_round)
-        valid = self._filter(list(replies), None, ledger.eval_rejected)
+        replies = list(replies)
+        empty = [m for m in replies if _no_examples(m)]
+        for m in empty:  # e.g. a client whose packages have no held-out files
+            log(INFO, "node %s has no evaluation data", m.metadata.src_node_id)
+        valid = self._filter([m for m in replies if m not in empty], None, ledger.eval_rejected)
         if not valid:
             return None
         metrics = self.inner.aggregate_evaluate(self.link_round(server_round), valid)
