@@ -10,25 +10,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from seedlora.spec import Kind
 from tasks import TaskConfig
 
-STRATEGIES = (
-    "fedavg",
-    "fedprox",
-    "fedavgm",
-    "fedadam",
-    "fedyogi",
-    "fedadagrad",
-    "fedmedian",
-    "fedtrimmedavg",
-    "krum",
-    "multikrum",
-)
 Strategy = Literal[
     "fedavg",
     "fedprox",
@@ -41,6 +29,7 @@ Strategy = Literal[
     "krum",
     "multikrum",
 ]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 
 class RunConfigError(ValueError):

@@ -26,6 +26,7 @@ from tasks.partitioning import (
     assign_groups,
     cap,
     cap_key,
+    split_for,
     stratified_cap,
 )
 from tasks.sources import custom_pools, label_ids, label_names, load_rows
@@ -107,18 +108,7 @@ def class_names(config: TaskConfig) -> tuple[str, ...]:
 def client_split(config: TaskConfig) -> ClientSplit:
     """Pools and partitioners of a config, built once per process."""
     pools = _stdlib_pools if config.dataset is None else custom_pools
-    train, evals, natural_by = pools(config)
-    label_by = "label" if config.dataset is None else config.label_column
-    return ClientSplit(
-        train,
-        evals,
-        config.partitioner,
-        config.num_partitions,
-        natural_by=natural_by,
-        label_by=label_by,
-        alpha=config.dirichlet_alpha,
-        seed=config.seed,
-    )
+    return split_for(config, pools, "label")
 
 
 @functools.lru_cache(maxsize=64)

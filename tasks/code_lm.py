@@ -20,7 +20,7 @@ from tasks.base import BaseTask, TaskConfig, empty_metrics
 from tasks.blocks import encode, pack
 from tasks.corpus import split_corpus
 from tasks.models import EMBEDDED, embedded_seen_packages, load_causal_lm, load_tokenizer
-from tasks.partitioning import GROUP, ClientSplit, assign_groups, cap, cap_key
+from tasks.partitioning import GROUP, ClientSplit, assign_groups, cap, cap_key, split_for
 from tasks.sources import custom_pools
 
 COLUMNS = ["input_ids", "attention_mask", "labels"]
@@ -82,18 +82,7 @@ def _stdlib_pools(config: TaskConfig) -> tuple[datasets.Dataset, datasets.Datase
 def client_split(config: TaskConfig) -> ClientSplit:
     """Pools and partitioners of a config, built once per process."""
     pools = _stdlib_pools if config.dataset is None else custom_pools
-    train, evals, natural_by = pools(config)
-    label_by = "package" if config.dataset is None else config.label_column
-    return ClientSplit(
-        train,
-        evals,
-        config.partitioner,
-        config.num_partitions,
-        natural_by=natural_by,
-        label_by=label_by,
-        alpha=config.dirichlet_alpha,
-        seed=config.seed,
-    )
+    return split_for(config, pools, "package")
 
 
 @functools.lru_cache(maxsize=64)

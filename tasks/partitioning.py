@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import heapq
-from collections.abc import Collection, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
@@ -15,6 +16,11 @@ from flwr_datasets.partitioner import (
 )
 
 from tasks.corpus import SPLIT_SEED
+
+if TYPE_CHECKING:
+    from tasks.base import TaskConfig
+
+Pools = Callable[["TaskConfig"], tuple[datasets.Dataset, datasets.Dataset, str]]
 
 GROUP = "group"
 SPLIT = "_split"
@@ -126,6 +132,25 @@ class ClientSplit:
         flag = {"train": 0, "eval": 1}[which]
         keep = [i for i, f in enumerate(part[SPLIT]) if f == flag]
         return part.select(keep).remove_columns(SPLIT)
+
+
+def split_for(config: TaskConfig, pools: Pools, stdlib_label: str) -> ClientSplit:
+    """The ClientSplit of a task config: its pools, partitioned by the configured rule.
+
+    `stdlib_label` is the label column of the stdlib corpus; a custom dataset uses the
+    config's `label_column`.
+    """
+    train, evals, natural_by = pools(config)
+    return ClientSplit(
+        train,
+        evals,
+        config.partitioner,
+        config.num_partitions,
+        natural_by=natural_by,
+        label_by=stdlib_label if config.dataset is None else config.label_column,
+        alpha=config.dirichlet_alpha,
+        seed=config.seed,
+    )
 
 
 def cap_key(seed: int, partition_id: int | None, which: str) -> list[int]:
