@@ -16,7 +16,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from seedlora import inject, load_trainable_state
+from seedlora import load_trainable_state, prepare
 from server.config import RunConfig
 from strategies import protocol as p
 from tasks import build_task
@@ -36,9 +36,9 @@ def _prepare(msg: Message, context: Context, cfg: RunConfig):
     config = msg.content[p.CONFIG]
     cache = LinkCache(node.get("cache-dir", default_cache_dir()), cfg.model_name)
     links = cache.resolve(msg.content.config_records.get(p.LINKS), str(config[p.LINKS_DIGEST]))
-    model = _BASES.get(cfg.model_name, links, task.load_model)
-    inject(
-        model,
+    model = prepare(
+        _BASES.get(cfg.model_name, links, task.load_model),
+        str(config[p.METHOD]),
         cfg.targets(task.target_modules),
         kind=str(config[p.A_KIND]),
         seed=int(config[p.SEED]),
@@ -46,7 +46,7 @@ def _prepare(msg: Message, context: Context, cfg: RunConfig):
         alpha=float(config[p.ALPHA]),
         chain_index=int(config[p.CHAIN_INDEX]),
         dropout=cfg.adapter_dropout,
-        modules_to_save=cfg.heads(task.modules_to_save),
+        heads=cfg.heads(task.modules_to_save),
     )
     load_trainable_state(model, msg.content[p.ARRAYS].to_torch_state_dict())
     device = pick_device(cfg.device)

@@ -5,7 +5,7 @@ The adapter core. It has no Flower import, so it can be used (and tested) on its
 
 from .aggregate import fedit_update, mean_update, relative_error, weighted_mean
 from .chain import EMPTY_DIGEST, Link, apply_link, links_digest, rebuild, record_link
-from .export import export_merged, export_peft
+from .export import atomic_dir, export_merged, export_peft
 from .inject import (
     adapter_layers,
     inject,
@@ -16,10 +16,14 @@ from .inject import (
     unwrap,
 )
 from .layer import SeedLoRALayer, merge_delta, project
+from .methods import B_ONLY, CHAINED, Method, prepare
 from .spec import BLOCK_KINDS, KINDS, ASpec, derive_seed
 
 __all__ = [
     "ASpec",
+    "B_ONLY",
+    "CHAINED",
+    "Method",
     "BLOCK_KINDS",
     "EMPTY_DIGEST",
     "KINDS",
@@ -27,6 +31,7 @@ __all__ = [
     "SeedLoRALayer",
     "adapter_layers",
     "apply_link",
+    "atomic_dir",
     "derive_seed",
     "export_merged",
     "export_peft",
@@ -37,6 +42,7 @@ __all__ = [
     "mean_update",
     "merge_adapters",
     "merge_delta",
+    "prepare",
     "project",
     "rebuild",
     "record_link",

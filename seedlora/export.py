@@ -23,7 +23,7 @@ from .chain import Link
 from .inject import merge_adapters, unwrap
 
 
-def _atomic_dir(path: str | os.PathLike, write) -> Path:
+def atomic_dir(path: str | os.PathLike, write) -> Path:
     """Write a directory under a temp name beside `path`, then rename it into place."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -100,7 +100,7 @@ def export_peft(
             module = peft_model.base_model.model.get_submodule(layer)
             module.lora_A["default"].weight.copy_(a_cat)
             module.lora_B["default"].weight.copy_(b_cat)
-    return _atomic_dir(path, peft_model.save_pretrained)
+    return atomic_dir(path, peft_model.save_pretrained)
 
 
 def export_merged(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path:
@@ -114,4 +114,4 @@ def export_merged(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> 
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    return _atomic_dir(path, write)
+    return atomic_dir(path, write)

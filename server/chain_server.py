@@ -9,6 +9,7 @@ base, records the link, moves to A_{c+1} and restarts B from zero.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from logging import INFO, WARNING
@@ -21,15 +22,17 @@ from flwr.serverapp import Grid
 
 from seedlora import (
     apply_link,
+    atomic_dir,
     export_merged,
     export_peft,
-    inject,
     links_digest,
     load_trainable_state,
+    prepare,
     record_link,
     set_chain_index,
     trainable_state,
 )
+from seedlora.methods import B_ONLY
 from seedlora.serialize import atomic_write_bytes, state_to_bytes
 from strategies import protocol as p
 from strategies.chain import LinkContext, LinkStrategy
@@ -60,17 +63,17 @@ class ChainServer:
         self.run_id = run_id
         self.out_dir = out_dir
         self.task = build_task(cfg.task_config())
-        self.model = self.task.load_model()
         self.heads = cfg.heads(self.task.modules_to_save)
         try:
-            inject(
-                self.model,
+            self.model = prepare(
+                self.task.load_model(),
+                cfg.method,
                 cfg.targets(self.task.target_modules),
                 kind=cfg.a_kind,
                 seed=cfg.seed,
                 rank=cfg.rank,
                 alpha=cfg.alpha,
-                modules_to_save=self.heads,
+                heads=self.heads,
             )
         except ValueError as err:
             raise RunConfigError(f"run-config: {err}") from None
@@ -151,6 +154,7 @@ class ChainServer:
     def link_config(self) -> dict:
         cfg = self.cfg
         return {
+            p.METHOD: cfg.method,
             p.A_KIND: cfg.a_kind,
             p.SEED: cfg.seed,
             p.RANK: cfg.rank,
@@ -210,9 +214,17 @@ class ChainServer:
         atomic_write_bytes(path, state_to_bytes(tensors, meta))
 
     def _close_link(self) -> None:
-        """Merge the link's averaged B into the base, record it, advance A, reset B."""
+        """Merge the link's averaged B into the base, record it, advance A, reset B.
+
+        fedit and full have no link to merge: their state stays in the arrays."""
         s = self.state
         load_trainable_state(self.model, s.arrays)
+        if self.cfg.method not in B_ONLY:
+            s.chain_index += 1
+            s.round_in_link = 0
+            self._write_outputs()
+            self._checkpoint()
+            return
         link = record_link(self.model)
         apply_link(self.model, link)
         set_chain_index(self.model, s.chain_index + 1)
@@ -228,7 +240,8 @@ class ChainServer:
     def run(self, grid: Grid) -> None:
         cfg, s = self.cfg, self.state
         self._round_start = time.perf_counter()
-        while s.chain_index < cfg.num_links:
+        num_links, rounds_per_link = cfg.schedule
+        while s.chain_index < num_links:
             inner = build_strategy(cfg)
             for attr, value in self.strategy_state.items():
                 setattr(inner, attr, value)
@@ -245,7 +258,7 @@ class ChainServer:
                 keep_updates=cfg.save_client_updates,
             )
             link = LinkStrategy(inner, ctx)
-            remaining = cfg.rounds_per_link - s.round_in_link
+            remaining = rounds_per_link - s.round_in_link
             if remaining > 0:
                 link.start(
                     grid,
@@ -268,11 +281,20 @@ class ChainServer:
             first, last = rounds[0]["central"], rounds[-1]["central"]
             log(INFO, "central eval: base %s -> final %s", first, last)
         self._write_outputs()
-        report.plot_history(self.out_dir / "metrics.png", self.history, self.cfg.rounds_per_link)
+        report.plot_history(self.out_dir / "metrics.png", self.history, self.cfg.schedule[1])
         if self.cfg.export:
             self._export()
 
     def _export(self) -> None:
+        tokenizer = getattr(self.task, "tokenizer", None)
+        if self.cfg.method == "fedit":  # already a PEFT model
+            atomic_dir(self.out_dir / "peft-adapter", self.model.save_pretrained)
+            merged = copy.deepcopy(self.model).merge_and_unload()
+            export_merged(merged, self.out_dir / "merged-model", tokenizer=tokenizer)
+            return
+        if self.cfg.method == "full":
+            export_merged(self.model, self.out_dir / "merged-model", tokenizer=tokenizer)
+            return
         heads = {k: v for k, v in self.state.arrays.items() if not k.endswith("lora_B")}
         try:
             export_peft(
@@ -284,6 +306,5 @@ class ChainServer:
             )
         except ValueError as err:
             log(WARNING, "PEFT export skipped: %s", err)
-        tokenizer = getattr(self.task, "tokenizer", None)
         export_merged(self.model, self.out_dir / "merged-model", tokenizer=tokenizer)
         log(INFO, "exports written to %s", self.out_dir)

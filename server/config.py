@@ -14,6 +14,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from seedlora.methods import CHAINED, Method
 from seedlora.spec import Kind
 from tasks import TaskConfig
 
@@ -66,6 +67,7 @@ class RunConfig(BaseModel):
     max_eval_blocks: int = F(0, "cap on evaluation examples (0 = task default)", ge=0)
 
     # Adapter.
+    method: Method = F("seedlora", "seedlora (chains) | ffa | fedit | full (baselines)")
     a_kind: Kind = F("circulant", "frozen A: gaussian | circulant | random-block")
     rank: int = F(8, "adapter rank r", gt=0)
     alpha: float = F(16.0, "adapter scale numerator: W = W0 + (alpha/r) B A", gt=0)
@@ -185,13 +187,21 @@ class RunConfig(BaseModel):
     def num_rounds(self) -> int:
         return self.num_links * self.rounds_per_link
 
+    @property
+    def schedule(self) -> tuple[int, int]:
+        """(links, rounds per link): baselines without chains run all rounds as one link."""
+        if self.method in CHAINED:
+            return self.num_links, self.rounds_per_link
+        return 1, self.num_rounds
+
 
 def markdown_table() -> str:
     """The README's run-config table: key, default, meaning."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for name, field in RunConfig.model_fields.items():
         default = json.dumps(field.default)
-        rows.append(f"| `{_dash(name)}` | `{default}` | {field.description} |")
+        meaning = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{_dash(name)}` | `{default}` | {meaning} |")
     return "\n".join(rows)
 
 

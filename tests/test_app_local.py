@@ -161,3 +161,24 @@ def test_resume_after_crash_gives_the_same_chain(overrides, tmp_path, strategy):
     assert grid.rounds_sent == 1  # only the lost round was redone
     assert links_digest(resumed.state.links) == links_digest(full.state.links)
     assert [r["round"] for r in metrics(tmp_path / "cut")["rounds"]] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("method", ["ffa", "fedit", "full"])
+def test_baseline_methods_run_through_the_same_pipeline(overrides, tmp_path, method):
+    extra = {"method": method, "num-links": 2, "rounds-per-link": 1, "export": True}
+    server, grid = run(overrides, tmp_path, **extra)
+    doc = metrics(tmp_path)
+    assert [r["round"] for r in doc["rounds"]] == [0, 1, 2]
+    assert all(r["accepted"] == 3 for r in doc["rounds"][1:])
+    keys = set(server.state.arrays)
+    up = doc["rounds"][1]["bytes_up_per_client"]
+    if method == "ffa":  # one fixed gaussian A: one link, merged at the end
+        assert len(server.state.links) == 1 and all(k.endswith("lora_B") for k in keys)
+        assert server.state.links[0].specs[0].kind == "gaussian"
+    elif method == "fedit":  # A and B both travel
+        assert any("lora_A" in k for k in keys) and any("lora_B" in k for k in keys)
+        assert not server.state.links
+    else:  # every parameter travels
+        n = sum(v.numel() for v in server.state.arrays.values())
+        assert n == sum(p.numel() for p in server.model.parameters()) and up > 4 * n
+    assert (tmp_path / "merged-model" / "config.json").exists()

@@ -1,0 +1,79 @@
+"""This project's method and the baselines people would otherwise pick, behind one call.
+
+The same Flower pipeline trains and ships whatever `prepare` marks trainable, so the
+benchmarks compare methods side by side:
+
+- `seedlora`: B-only adapters on a seeded A that changes every chain link (exact).
+- `ffa`:      B-only on one fixed gaussian A, no chain (FFA-LoRA; exact, rank r only).
+- `fedit`:    ordinary LoRA (PEFT), A and B both trained and averaged separately (FedIT;
+              not exact: mean(B_i) mean(A_i) != mean(B_i A_i)).
+- `full`:     every parameter trained and averaged (FedAvg; small models only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .inject import Targets, _matches, inject
+
+Method = Literal["seedlora", "ffa", "fedit", "full"]
+CHAINED: frozenset[str] = frozenset({"seedlora"})  # A moves on at every link
+B_ONLY: frozenset[str] = frozenset({"seedlora", "ffa"})  # links can be merged exactly
+
+
+def _any_conv1d(model: nn.Module, targets: Targets) -> bool:
+    return any(
+        isinstance(m, Conv1D) and _matches(n, targets) for n, m in model.named_modules() if n
+    )
+
+
+def prepare(
+    model: nn.Module,
+    method: Method,
+    targets: Targets,
+    *,
+    kind: str,
+    seed: int,
+    rank: int,
+    alpha: float,
+    chain_index: int = 0,
+    dropout: float = 0.0,
+    heads: Sequence[str] = (),
+) -> nn.Module:
+    """Make `model` trainable the way `method` does; returns the model to train."""
+    if method in B_ONLY:
+        chained = method in CHAINED
+        inject(
+            model,
+            targets,
+            kind="gaussian" if method == "ffa" else kind,
+            seed=seed,
+            rank=rank,
+            alpha=alpha,
+            chain_index=chain_index if chained else 0,
+            dropout=dropout,
+            modules_to_save=heads,
+        )
+        return model
+    if method == "fedit":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            target_modules=targets if isinstance(targets, str) else list(targets),
+            lora_dropout=dropout,
+            fan_in_fan_out=_any_conv1d(model, targets),
+            modules_to_save=list(heads) or None,
+        )
+        with torch.random.fork_rng():  # PEFT draws A from the global RNG
+            torch.manual_seed(seed)
+            return get_peft_model(model, config)
+    if method == "full":
+        return model.requires_grad_(True)
+    raise ValueError(f"method: unknown {method!r}; expected seedlora, ffa, fedit or full")
