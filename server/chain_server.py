@@ -189,6 +189,7 @@ class ChainServer:
             "accepted": ledger.accepted,
             "rejected": [{"node": r.node_id, "reason": r.reason} for r in ledger.rejected],
             "skipped": ledger.skipped,
+            "outliers": ledger.outliers,
             "bytes_up": ledger.bytes_up,
             "bytes_down": ledger.bytes_down,
             "bytes_up_per_client": ledger.bytes_up / max(ledger.accepted, 1),
@@ -256,6 +257,8 @@ class ChainServer:
                 max_num_examples=cfg.max_num_examples,
                 node_links=self.node_links,
                 keep_updates=cfg.save_client_updates,
+                outlier_mad=cfg.outlier_mad,
+                outlier_action=cfg.outlier_action,
             )
             link = LinkStrategy(inner, ctx)
             remaining = rounds_per_link - s.round_in_link

@@ -101,6 +101,10 @@ class RunConfig(BaseModel):
     num_malicious: int = F(0, "krum/multikrum: assumed malicious nodes", ge=0)
     krum_select: int = F(2, "multikrum: replies averaged", ge=1)
     max_num_examples: int = F(10_000_000, "replies claiming more examples are rejected", gt=0)
+    outlier_mad: float = F(0.0, "flag updates with norm > median + k*MAD (k; 0 = off)", ge=0)
+    outlier_action: Literal["flag", "drop", "clip"] = F(
+        "flag", "what to do with a flagged update: log it, drop it, or clip it to the bound"
+    )
 
     # Local training on each client.
     local_steps: int = F(10, "optimizer steps per round (0 = use local-epochs)", ge=0)

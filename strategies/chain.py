@@ -22,6 +22,7 @@ from flwr.serverapp.strategy import Strategy
 from seedlora.chain import Link, links_digest
 from seedlora.serialize import links_to_bytes
 
+from . import outliers
 from . import protocol as p
 from .validation import Expectation, Rejection, split_replies
 
@@ -56,6 +57,7 @@ class RoundLedger:
     eval_rejected: list[Rejection] = field(default_factory=list)
     skipped: bool = False
     updates: list[tuple[int, float, dict]] = field(default_factory=list)  # (partition, n, B)
+    outliers: list[dict] = field(default_factory=list)  # node, norm, bound, action
 
 
 @dataclass
@@ -72,6 +74,8 @@ class LinkContext:
     max_num_examples: int
     node_links: dict[int, int]  # node id -> number of links it is known to hold
     keep_updates: bool = False  # keep accepted client states per round (save-client-updates)
+    outlier_mad: float = 0.0  # k of the MAD norm rule; 0 = off
+    outlier_action: str = "flag"  # flag | drop | clip
 
 
 class LinkStrategy(Strategy):
@@ -83,6 +87,7 @@ class LinkStrategy(Strategy):
         self.digest = links_digest(ctx.links)
         self.ledgers: dict[int, RoundLedger] = {}
         self.expected_arrays: dict | None = None
+        self.sent_arrays: dict = {}
         self._link_blobs: dict[int, bytes] = {}
 
     # --- helpers -------------------------------------------------------------------
@@ -157,6 +162,32 @@ class LinkStrategy(Strategy):
             self.ctx.node_links[msg.metadata.src_node_id] = len(self.ctx.links)
         return valid
 
+    def _screen_outliers(self, valid: list[Message], ledger: RoundLedger) -> list[Message]:
+        """Apply the MAD norm rule (strategies/outliers.py): flag, drop or clip."""
+        if self.ctx.outlier_mad <= 0:
+            return valid
+        states = [{k: a.numpy() for k, a in m.content[p.ARRAYS].items()} for m in valid]
+        norms = [outliers.update_norm(s, self.sent_arrays) for s in states]
+        bound = outliers.threshold(norms, self.ctx.outlier_mad)
+        if bound is None:
+            return valid
+        kept = []
+        for msg, state, norm in zip(valid, states, norms, strict=True):
+            if norm > bound:
+                node = msg.metadata.src_node_id
+                action = self.ctx.outlier_action
+                log(WARNING, "node %s update norm %.3g > bound %.3g: %s", node, norm, bound, action)
+                ledger.outliers.append(
+                    {"node": node, "norm": norm, "bound": bound, "action": action}
+                )
+                if action == "drop":
+                    continue
+                if action == "clip":
+                    clip = outliers.clipped(state, self.sent_arrays, bound / norm)
+                    msg.content[p.ARRAYS] = ArrayRecord({k: Array(v) for k, v in clip.items()})
+            kept.append(msg)
+        return kept
+
     # --- Strategy interface --------------------------------------------------------
     def summary(self) -> None:
         log(INFO, "link %d: %s", self.ctx.chain_index, type(self.inner).__name__)
@@ -165,6 +196,7 @@ class LinkStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.expected_arrays = p.arrays_signature(arrays)
+        self.sent_arrays = {k: a.numpy() for k, a in arrays.items()}
         messages = self.inner.configure_train(self.global_round(server_round), arrays, config, grid)
         out = self._decorate(messages, server_round)
         self.ledger(server_round).sent = len(out)
@@ -176,6 +208,7 @@ class LinkStrategy(Strategy):
         ledger = self.ledger(server_round)
         replies = list(replies)
         valid = self._filter(replies, self.expected_arrays, ledger.rejected)
+        valid = self._screen_outliers(valid, ledger)
         ledger.accepted = len(valid)
         if self.ctx.keep_updates:
             ledger.updates = [

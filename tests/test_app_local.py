@@ -182,3 +182,38 @@ def test_baseline_methods_run_through_the_same_pipeline(overrides, tmp_path, met
         n = sum(v.numel() for v in server.state.arrays.values())
         assert n == sum(p.numel() for p in server.model.parameters()) and up > 4 * n
     assert (tmp_path / "merged-model" / "config.json").exists()
+
+
+def scaled(factor: float, overrides: dict):
+    """A ClientApp that trains honestly, then scales its update by `factor` (x10 attack)."""
+    honest = build_client_app(overrides)
+
+    def app(msg: Message, context) -> Message:
+        reply = honest(msg, context)
+        sent = msg.content[p.ARRAYS].to_torch_state_dict()
+        got = reply.content[p.ARRAYS].to_torch_state_dict()
+        reply.content[p.ARRAYS] = ArrayRecord(
+            {k: sent[k] + factor * (got[k] - sent[k]) for k in got}
+        )
+        return reply
+
+    return app
+
+
+@pytest.mark.parametrize("action", ["flag", "drop", "clip"])
+def test_outlier_norms_are_flagged_and_handled(overrides, tmp_path, action):
+    def attack(grid):
+        grid.apps[103] = scaled(50.0, overrides)
+        honest = build_client_app(overrides)
+        grid.apps = {**grid.apps, 101: honest, 102: honest, 104: honest}
+        grid.contexts[104] = grid.contexts[101].__class__(
+            run_id=RUN_ID, node_id=104, node_config={"partition-id": 0, "num-partitions": 3},
+            state=RecordDict(), run_config={},
+        )
+
+    extra = {"outlier-mad": 3.0, "outlier-action": action}
+    server, _ = run(overrides, tmp_path, prepare=attack, **extra)
+    entry = metrics(tmp_path)["rounds"][1]
+    assert [o["node"] for o in entry["outliers"]] == [103]
+    assert entry["outliers"][0]["norm"] > entry["outliers"][0]["bound"]
+    assert entry["accepted"] == (3 if action == "drop" else 4)

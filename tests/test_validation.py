@@ -86,3 +86,17 @@ def test_split_sorts_by_partition_and_reports_nodes():
     valid, rejected = split_replies(replies, EXP)
     assert [m.metadata.src_node_id for m in valid] == [7, 5]
     assert [(r.node_id, r.reason) for r in rejected] == [(6, "client error: x")]
+
+
+def test_mad_threshold_and_clip():
+    from strategies import outliers
+
+    assert outliers.threshold([1.0, 2.0], 3.0) is None  # too few to judge
+    bound = outliers.threshold([1.0, 1.1, 0.9, 1.05, 50.0], 3.0)
+    assert 1.1 < bound < 2.0
+    ref = {"b": np.zeros(4, np.float32)}
+    state = {"b": np.full(4, 2.0, np.float32)}
+    assert outliers.update_norm(state, ref) == pytest.approx(4.0)
+    clipped = outliers.clipped(state, ref, 0.25)
+    assert outliers.update_norm(clipped, ref) == pytest.approx(1.0)
+    assert clipped["b"].dtype == np.float32
