@@ -98,3 +98,9 @@ def tiny_text_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny-text")
     datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(directory))
     return str(directory)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_link_cache(tmp_path_factory):
+    """Keep the clients' link cache out of the user's home during tests."""
+    os.environ["SEEDLORA_CACHE"] = str(tmp_path_factory.mktemp("link-cache"))
