@@ -1,0 +1,126 @@
+"""The benchmark scripts end to end at the smallest size, so a broken bench fails here first.
+
+Tiny model and dataset fixtures, 2 clients, 1 round. The Ray half of bench.sim_overhead
+needs a Ray start-up (minutes on a loaded CPU) and runs only with SEEDLORA_BENCH_RAY=1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from bench import quality, sim_overhead
+
+
+def _quality_opts(model: str, data: str, methods: list[str]) -> quality.Options:
+    return quality.Options(
+        tasks=["code-lm"],
+        partitionings=["iid"],
+        seeds=[0],
+        methods=methods,
+        clients=2,
+        links=1,
+        rounds_per_link=1,
+        local_steps=1,
+        rank=4,
+        alpha=8.0,
+        seq_len=32,
+        max_train_blocks=8,
+        max_eval_blocks=8,
+        model_name=model,
+        dataset=data,
+    )
+
+
+def test_quality_grid_writes_runs_summary_goal_and_plot(tmp_path, tiny_lm_dir, tiny_text_dir):
+    opts = _quality_opts(tiny_lm_dir, tiny_text_dir, ["c3la", "c3la@r2", "fedit", "central"])
+    payload = quality.run_grid(opts, tmp_path, "q")
+    doc = json.loads((tmp_path / "q.json").read_text())
+    assert doc["completed_runs"] == doc["planned_runs"] == 4 and not doc["failed_runs"]
+    assert doc["not_run_of_plan"] == [] and "LocalGrid" in doc["harness"]
+    runs = {r["method"]: r for r in doc["runs"]}
+    for r in runs.values():
+        assert r["metric"] == "ppl" and r["rounds"] == 1 and r["skipped_rounds"] == 0
+        assert math.isfinite(r["final"]) and r["final"] > 1 and r["base"] > 1
+        assert r["wall_time_s"] > 0 and r["total_bytes_up"] > 0
+    # Upload: FedIT sends A and B, chains only B; half the rank halves the chain's bytes.
+    assert runs["fedit"]["total_bytes_up"] > runs["c3la"]["total_bytes_up"]
+    assert 1.5 < runs["c3la"]["total_bytes_up"] / runs["c3la@r2"]["total_bytes_up"] <= 2.0
+    # The ceiling: one node with the pooled data and the same optimizer-step budget.
+    assert runs["central"]["nodes"] == 1 and runs["central"]["partitioning"] == "pooled"
+    assert runs["central"]["total_optimizer_steps"] == runs["c3la"]["total_optimizer_steps"]
+    assert runs["central"]["total_bytes_up"] * 2 == runs["c3la"]["total_bytes_up"]  # 1 vs 2 nodes
+    checks = {c["method"]: c for c in payload["goal"]["checks"]}
+    assert set(checks) == {"c3la", "c3la@r2"}
+    assert 0.25 < checks["c3la"]["bytes_ratio_vs_fedit"] < 1.0
+    assert checks["c3la@r2"]["bytes_ratio_vs_fedit"] < checks["c3la"]["bytes_ratio_vs_fedit"]
+    assert (tmp_path / "q-code-lm.png").stat().st_size > 0
+
+
+def test_quality_resume_skips_finished_runs(tmp_path, tiny_lm_dir, tiny_text_dir):
+    opts = _quality_opts(tiny_lm_dir, tiny_text_dir, ["ffa"])
+    quality.run_grid(opts, tmp_path, "q", limit=0)
+    assert json.loads((tmp_path / "q.json").read_text())["completed_runs"] == 0
+    first = quality.run_grid(opts, tmp_path, "q")
+    again = quality.run_grid(opts, tmp_path, "q", resume=True)
+    assert first["runs"] == again["runs"] and again["completed_runs"] == 1
+
+
+def test_quality_options_parse_and_reduced_grid_records_what_was_not_run():
+    opts, _ = quality.parse(["--seeds", "3", "--task-seeds", "code-cls=1", "--set", "rank=4"])
+    assert opts.seeds == [0, 1, 2] and opts.extra == {"rank": 4}
+    plan, full = quality.planned_runs(opts), quality.planned_runs(opts, full=True)
+    assert {s for t, _, _, s in plan if t == "code-cls"} == {0}
+    assert len(full) - len(plan) == 2 * (len(opts.methods) * 2 - 1)
+    assert quality.split_variant("c3la@r4@lr0.001") == ("c3la", {"rank": 4, "lr": 0.001})
+    with pytest.raises(ValueError, match="unknown method"):
+        quality.split_variant("lora")
+    with pytest.raises(ValueError, match="suffix"):
+        quality.split_variant("c3la@x2")
+
+
+def test_sim_overhead_plain_run_and_json(tmp_path):
+    opts = sim_overhead.Options(
+        clients=2, rounds=2, local_steps=1, variants=["plain-1-thread"], skip_scale=True
+    )
+    payload = sim_overhead.run_benchmark(opts, tmp_path, "s")
+    doc = json.loads((tmp_path / "s.json").read_text())
+    run = doc["overhead"]["runs"]["plain-1-thread"]
+    assert run["completed"], run.get("log_tail")
+    assert len(run["round_times_s"]) == 2 and all(t > 0 for t in run["round_times_s"])
+    assert run["steady_round_s"] > 0 and run["startup_and_teardown_s"] >= 0
+    assert run["accepted_per_round"] == [2, 2] and run["torch_threads"] == 1
+    assert run["peak_rss_mb"] > 50 and run["rss_samples"] > 0
+    assert payload["overhead"]["best_plain_steady_round_s"] == run["steady_round_s"]
+    assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_sim_overhead_records_a_run_past_its_limit(tmp_path):
+    spec = {"mode": "local", "overrides": {"run-name": "never"}, "nodes": 2}
+    row = sim_overhead.launch(spec, tmp_path, timeout_s=0.5)
+    assert row["completed"] is False and "limit" in row["why"]
+
+
+def test_scale_dataset_has_rows_for_every_client(tmp_path):
+    import datasets
+
+    path = sim_overhead.make_text_dataset(tmp_path / "d", min_rows=3000)
+    rows = datasets.load_from_disk(str(path))
+    assert len(rows) == 3000 and min(len(t) for t in rows["text"]) == 500
+
+
+@pytest.mark.skipif(not os.environ.get("SEEDLORA_BENCH_RAY"), reason="set SEEDLORA_BENCH_RAY=1")
+def test_sim_overhead_ray_and_scale(tmp_path):
+    opts = sim_overhead.Options(
+        clients=2, rounds=2, local_steps=1, variants=["plain-1-thread", "ray-nice0"], sizes=[4]
+    )
+    payload = sim_overhead.run_benchmark(opts, tmp_path, "s")
+    ratio = payload["overhead"]["steady_round_ratio_over_best_plain"]["ray-nice0"]
+    assert ratio > 0
+    (row,) = payload["scale"]
+    assert row["completed"] and row["clients_trained_per_round"] == 4
+    assert row["peak_rss_mb"] > 0 and Path(tmp_path / "s.png").exists()
