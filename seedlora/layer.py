@@ -3,6 +3,10 @@
 Only `lora_B` (n_out x r, zero at the start of every link) is a parameter. For the
 gaussian kind A is a non-persistent buffer, so it is never in a saved or sent state; for
 the block kinds no A exists at all: `A x` is a slice of x.
+
+`forward` takes the fused path of `fused.BOnlyLinear` (one autograd node for base and
+adapter) unless adapter dropout is active or the base is trainable; `forward_reference`
+is the plain composition of torch ops that it must match.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .fused import BOnlyLinear
 from .spec import ASpec
 
 
@@ -60,7 +65,11 @@ class SeedLoRALayer(nn.Module):
 
     forward:  y = base(x) + (alpha/r) * B (A dropout(x))
     merge():  W0 <- W0 + (alpha/r) B A, then B <- 0
+
+    `fused = False` forces the reference path (for comparison and debugging).
     """
+
+    fused: bool = True
 
     def __init__(self, base: nn.Module, spec: ASpec, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -84,10 +93,47 @@ class SeedLoRALayer(nn.Module):
         self.spec = spec
         a = None if spec.is_block else spec.dense().to(self.base.weight.device)
         self.lora_A = a
+        self._offset = spec.offset() if spec.is_block else 0
+        self._cols = None if a is not None or spec.contiguous() else spec.columns()
+        self._cast: dict[tuple, torch.Tensor] = {}
         with torch.no_grad():
             self.lora_B.zero_()
 
+    def _frozen(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A frozen tensor (A, block columns) on x's device and dtype, cast once and kept."""
+        dtype = t.dtype if t.dtype == torch.int64 else like.dtype
+        key = (name, like.device, dtype)
+        if key not in self._cast:
+            self._cast[key] = t.to(like.device, dtype)
+        return self._cast[key]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.base.weight, self.base.bias
+        dropping = self.training and isinstance(self.dropout, nn.Dropout)
+        if not self.fused or dropping or weight.requires_grad:
+            return self.forward_reference(x)
+        if isinstance(self.base, Conv1D):
+            weight = weight.t()
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            # Do what autocast would do for a linear layer, then run the node outside it.
+            dtype = torch.get_autocast_dtype(device)
+            with torch.autocast(device, enabled=False):
+                return self._fused(x.to(dtype), weight.to(dtype), bias)
+        return self._fused(x, weight.to(x.dtype), bias)
+
+    def _fused(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        a = None if self.lora_A is None else self._frozen("A", self.lora_A, x)
+        cols = None if self._cols is None else self._frozen("cols", self._cols, x)
+        if bias is not None:
+            bias = bias.to(x.dtype)
+        s = self.spec
+        return BOnlyLinear.apply(
+            x, weight, bias, self.lora_B, a, cols, self._offset, s.rank, self.scaling
+        )
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The straightforward composition of torch ops (autograd records each one)."""
         y = self.base(x)
         h = project(self.dropout(x), self.spec, self.lora_A) * self.scaling
         return y + F.linear(h.to(self.lora_B.dtype), self.lora_B).to(y.dtype)

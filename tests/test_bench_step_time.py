@@ -65,7 +65,10 @@ def test_every_variant_timed_with_memory(result: tuple[dict, Path]) -> None:
         assert r["top_ops"], name
     assert rows["floor"]["time_x_floor"] == pytest.approx(1.0)
     assert rows["peft-lora"]["memory_x_peft"] == pytest.approx(1.0)
-    assert set(data["goals"]) == {f"seedlora-{k}" for k in ("gaussian", "circulant", "random-block")}
+    ours = {v for v in VARIANTS if v.startswith("seedlora-")}
+    assert set(data["goals"]) == ours and len(ours) == 6
+    assert "time_le_1.25_floor" in data["goals"]["seedlora-circulant"]
+    assert "time_le_1.25_floor" not in data["goals"]["seedlora-circulant-reference"]
     assert "environment" in data and data["config"]["preset"] == "tiny"
     assert (out / "tiny.png").stat().st_size > 1000
 
@@ -78,7 +81,7 @@ def test_trainable_counts_are_b_only(result: tuple[dict, Path]) -> None:
     assert rows["floor"]["trainable_params"] == 0
     assert rows["peft-lora"]["trainable_params"] == full
     assert rows["peft-lora-frozen-a"]["trainable_params"] == b_only
-    for kind in ("gaussian", "circulant", "random-block"):
+    for kind in ("gaussian", "circulant", "random-block", "circulant-reference"):
         ours = rows[f"seedlora-{kind}"]["trainable_params"]
         assert ours == b_only, kind
         assert ours / rows["peft-lora"]["trainable_params"] == pytest.approx(b_only / full)
