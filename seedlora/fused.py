@@ -1,19 +1,20 @@
 """The fast path: base layer and B-only adapter in one autograd node.
 
-    y = x W^T + bias + (s B) (A x)          s = alpha / r,  A frozen,  W frozen
+    y = x W^T + bias + B (s A x)          s = alpha / r,  A frozen,  W frozen
 
-Because A and W are frozen, backward needs no copy of x at all (autograd keeps none for a
-frozen linear either): only W and the r-dimensional `h = A x`, which is r/n_in of x:
+Because A and W are frozen, backward needs no copy of x (autograd keeps none for a frozen
+linear either): only W, B and the r-dimensional `h = s A x`, which is r/n_in of x:
 
-    dB = s * dy^T h          dx = dy W  +  (dy (s B)) A
+    dB = dy^T h          dx = dy W  +  s (dy B) A
 
-The straightforward path (`SeedLoRALayer.forward_reference`) lets autograd record each
-op: a cast of B's output to float32 and back, a separate add, and for block kinds a
-`slice_backward` that allocates a zero tensor the size of x per layer just to place r
-columns. Here the adapter's output is accumulated into the base output by one GEMM
-(`addmm_` with beta = 1) with the scale folded into B, and dx gets its r block columns
-added in place (`index_add_`) or one `addmm_` with A (gaussian). Results equal the
-reference path's up to float rounding (a test compares outputs and gradients).
+The straightforward path (`SeedLoRALayer.forward_reference`) lets autograd record each op:
+casts of the adapter output to float32 and back, a separate add, and for block kinds a
+`slice_backward` that allocates a zero tensor the size of x per layer to place r columns.
+Here the adapter output is accumulated into the base output by one GEMM (`addmm_`, beta 1),
+the scale is folded into the frozen A (gaussian) or into the one copy of h that backward
+keeps (block), and dx gets its r block columns added in place, or one `addmm_` with A.
+The step is short of host work too: on a GPU a small model's step is bound by how fast
+Python issues kernels, so every op this node does not issue is time saved.
 """
 
 from __future__ import annotations
@@ -21,47 +22,53 @@ from __future__ import annotations
 import torch
 
 
-def _project(x2: torch.Tensor, a: torch.Tensor | None, cols: torch.Tensor | None, off: int, r: int):
-    """`A x` for 2-D x: a matmul (gaussian), a strided view (block), a gather (wrapped block)."""
-    if a is not None:
-        return x2 @ a.t()
-    if cols is None:
-        return x2[:, off : off + r]
-    return x2.index_select(1, cols)
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """`t` as a 2-D (tokens x n) matrix, a view when it can be."""
+    return t.view(-1, n) if t.is_contiguous() else t.reshape(-1, n)
 
 
 class BOnlyLinear(torch.autograd.Function):
-    """`x W^T + bias + s B A x` with gradients for x and B only (W, bias, A frozen)."""
+    """`x W^T + bias + B h`, `h = s A x`, with gradients for x and B only.
+
+    `sa_t` is `(s A)^T` (n_in x r) in x's dtype for the gaussian kind, else None; block kinds
+    give `cols` (wrapping block) or the contiguous block's `offset`.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, b, a, cols, offset, rank, scaling):  # noqa: D102
+    def forward(ctx, x, weight, bias, b, sa_t, cols, offset, rank, scaling):  # noqa: D102
         n_out, n_in = weight.shape
-        x2 = x.reshape(-1, n_in)
-        h = _project(x2, a, cols, offset, rank)
-        sb = (b * scaling).to(x.dtype)  # n_out x r: the scale costs nothing here
-        y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
-        y.addmm_(h, sb.t())
-        # A block `h` is a view of x: keep a compact copy, never x's whole storage.
-        ctx.save_for_backward(weight, sb, a, cols, h if a is not None else h.contiguous())
+        x2 = _rows(x, n_in)
+        if sa_t is not None:
+            h = torch.mm(x2, sa_t)
+        elif cols is None:
+            h = torch.mul(x2[:, offset : offset + rank], scaling)
+        else:
+            h = torch.mul(x2.index_select(1, cols), scaling)
+        bc = b if b.dtype == x.dtype else b.to(x.dtype)
+        y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+        y.addmm_(h, bc.t())
+        ctx.save_for_backward(weight, bc, sa_t, cols, h)
         ctx.meta = (offset, rank, scaling, b.dtype)
         return y.view(*x.shape[:-1], n_out)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        weight, sb, a, cols, h = ctx.saved_tensors
+        weight, bc, sa_t, cols, h = ctx.saved_tensors
         offset, rank, scaling, b_dtype = ctx.meta
-        gy = grad.reshape(-1, weight.shape[0])
+        gy = _rows(grad, weight.shape[0])
         gx = gb = None
         if ctx.needs_input_grad[3]:
-            gb = (gy.t() @ h).to(b_dtype).mul_(scaling)
+            gb = torch.mm(gy.t(), h)
+            if gb.dtype != b_dtype:
+                gb = gb.to(b_dtype)
         if ctx.needs_input_grad[0]:
-            gh = gy @ sb  # T x r
-            gx = gy @ weight
-            if a is not None:
-                gx.addmm_(gh, a)
+            gh = torch.mm(gy, bc)  # tokens x r
+            gx = torch.mm(gy, weight)
+            if sa_t is not None:
+                gx.addmm_(gh, sa_t.t())
             elif cols is None:
-                gx[:, offset : offset + rank] += gh
+                gx[:, offset : offset + rank].add_(gh, alpha=scaling)
             else:
-                gx.index_add_(1, cols, gh)
+                gx.index_add_(1, cols, gh, alpha=scaling)
             gx = gx.view(*grad.shape[:-1], weight.shape[1])
         return gx, None, None, gb, None, None, None, None, None

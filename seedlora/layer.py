@@ -99,14 +99,6 @@ class SeedLoRALayer(nn.Module):
         with torch.no_grad():
             self.lora_B.zero_()
 
-    def _frozen(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """A frozen tensor (A, block columns) on x's device and dtype, cast once and kept."""
-        dtype = t.dtype if t.dtype == torch.int64 else like.dtype
-        key = (name, like.device, dtype)
-        if key not in self._cast:
-            self._cast[key] = t.to(like.device, dtype)
-        return self._cast[key]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.base.weight, self.base.bias
         dropping = self.training and isinstance(self.dropout, nn.Dropout)
@@ -120,16 +112,27 @@ class SeedLoRALayer(nn.Module):
             dtype = torch.get_autocast_dtype(device)
             with torch.autocast(device, enabled=False):
                 return self._fused(x.to(dtype), weight.to(dtype), bias)
-        return self._fused(x, weight.to(x.dtype), bias)
+        if weight.dtype != x.dtype:
+            weight = weight.to(x.dtype)
+        return self._fused(x, weight, bias)
 
     def _fused(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        a = None if self.lora_A is None else self._frozen("A", self.lora_A, x)
-        cols = None if self._cols is None else self._frozen("cols", self._cols, x)
-        if bias is not None:
+        sa_t = cols = None
+        if self.lora_A is not None:  # (s A)^T in x's dtype, made once per dtype and device
+            key = ("sa_t", x.device, x.dtype)
+            if key not in self._cast:
+                self._cast[key] = (self.lora_A * self.scaling).t().contiguous().to(x.dtype)
+            sa_t = self._cast[key]
+        elif self._cols is not None:
+            key = ("cols", x.device)
+            if key not in self._cast:
+                self._cast[key] = self._cols.to(x.device)
+            cols = self._cast[key]
+        if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
         s = self.spec
         return BOnlyLinear.apply(
-            x, weight, bias, self.lora_B, a, cols, self._offset, s.rank, self.scaling
+            x, weight, bias, self.lora_B, sa_t, cols, self._offset, s.rank, self.scaling
         )
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
