@@ -23,6 +23,7 @@ from tasks import build_task
 
 from .links import BaseCache, LinkCache, default_cache_dir
 from .local import as_floats, cpu_state, pick_device, train
+from .uploads import fit_rank
 
 _BASES = BaseCache()
 
@@ -70,6 +71,7 @@ def train_b(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Train this link's B (and heads) on the local partition; reply with them."""
     t0 = time.perf_counter()
     task, model, partition_id, device = _prepare(msg, context, cfg)
+    fit_rank(model, cfg, context.node_config, partition_id)
     config = msg.content[p.CONFIG]
     server_round = int(config[p.SERVER_ROUND])
     result = train(

@@ -259,6 +259,7 @@ class ChainServer:
                 keep_updates=cfg.save_client_updates,
                 outlier_mad=cfg.outlier_mad,
                 outlier_action=cfg.outlier_action,
+                client_ranks=bool(cfg.client_ranks),
             )
             link = LinkStrategy(inner, ctx)
             remaining = rounds_per_link - s.round_in_link

@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from seedlora.methods import CHAINED, Method
+from seedlora.methods import B_ONLY, CHAINED, Method
 from seedlora.spec import Kind
 from tasks import TaskConfig
 
@@ -31,6 +31,10 @@ Strategy = Literal[
     "multikrum",
 ]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
+
+
+NODE_RANKS = "node"  # client-ranks value: each node's rank from its node config
+NODE_MAX_RANK = "max-rank"  # node-config key: the most rank this node trains
 
 
 class RunConfigError(ValueError):
@@ -125,10 +129,33 @@ class RunConfig(BaseModel):
     export: bool = F(True, "write the PEFT adapter and merged model at the end")
     save_client_updates: bool = F(False, "keep every accepted client B per round (audits)")
 
+    # Beyond exact averaging (README section of that name).
+    client_ranks: str = F(
+        "",
+        '"" = all at rank; "node" = node-config max-rank; "8,4,2" = by partition id (cycled)',
+    )
+
     @model_validator(mode="after")
     def _check_device(self) -> RunConfig:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_client_ranks(self) -> RunConfig:
+        if self.client_ranks and self.method not in B_ONLY:
+            raise ValueError(f"client-ranks: needs a B-only method, not {self.method!r}")
+        if not self.client_ranks or self.client_ranks == NODE_RANKS:
+            return self
+        try:
+            ranks = [int(r) for r in self.client_ranks.split(",")]
+        except ValueError:
+            ranks = []
+        if not ranks or any(not 1 <= r <= self.rank for r in ranks):
+            raise ValueError(
+                f'client-ranks: expected "", "node" or ranks in 1..rank={self.rank} '
+                f"separated by commas, got {self.client_ranks!r}"
+            )
         return self
 
     @classmethod
@@ -186,6 +213,20 @@ class RunConfig(BaseModel):
         if self.modules_to_save == "none":
             return []
         return [t.strip() for t in self.modules_to_save.split(",") if t.strip()]
+
+    def client_rank(self, partition_id: int, node_max_rank: int | None = None) -> int:
+        """The rank this client trains: `rank`, or less by client-ranks / node max-rank."""
+        if not self.client_ranks:
+            return self.rank
+        rank = self.rank
+        if self.client_ranks != NODE_RANKS:
+            ranks = [int(r) for r in self.client_ranks.split(",")]
+            rank = ranks[partition_id % len(ranks)]
+        if node_max_rank is not None:
+            rank = min(rank, node_max_rank)
+        if rank < 1:
+            raise RunConfigError(f"node config {NODE_MAX_RANK}: must be >= 1, got {rank}")
+        return rank
 
     @property
     def num_rounds(self) -> int:

@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import Strategy
 from seedlora.chain import Link, links_digest
 from seedlora.serialize import links_to_bytes
 
-from . import outliers
+from . import outliers, uploads
 from . import protocol as p
 from .validation import Expectation, Rejection, split_replies
 
@@ -76,6 +76,7 @@ class LinkContext:
     keep_updates: bool = False  # keep accepted client states per round (save-client-updates)
     outlier_mad: float = 0.0  # k of the MAD norm rule; 0 = off
     outlier_action: str = "flag"  # flag | drop | clip
+    client_ranks: bool = False  # accept factors of rank r_i <= r_max (padded on arrival)
 
 
 class LinkStrategy(Strategy):
@@ -109,7 +110,12 @@ class LinkStrategy(Strategy):
             links_digest=self.digest,
             arrays=arrays,
             max_num_examples=self.ctx.max_num_examples,
+            unpack=self._unpack if self.ctx.client_ranks else None,
         )
+
+    def _unpack(self, content: RecordDict) -> str | None:
+        """Restore a reply's upload to the full float32 state (strategies/uploads.py)."""
+        return uploads.pad_reply(content, self.sent_arrays)
 
     def _links_record(self, node_id: int) -> ConfigRecord:
         """The links `node_id` lacks (all of them for a node never seen)."""
@@ -207,6 +213,7 @@ class LinkStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         ledger = self.ledger(server_round)
         replies = list(replies)
+        uploaded = {id(m): p.record_bytes(m) for m in replies}  # as sent, before unpacking
         valid = self._filter(replies, self.expected_arrays, ledger.rejected)
         valid = self._screen_outliers(valid, ledger)
         ledger.accepted = len(valid)
@@ -219,7 +226,7 @@ class LinkStrategy(Strategy):
                 )
                 for m in valid
             ]
-        ledger.bytes_up = sum(p.record_bytes(m) for m in valid)
+        ledger.bytes_up = sum(uploaded[id(m)] for m in valid)
         if len(valid) < self.ctx.min_replies:
             log(
                 WARNING,

@@ -8,11 +8,11 @@ rejected with the node id and the reason.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 
 from . import protocol as p
 
@@ -26,6 +26,9 @@ class Expectation:
     links_digest: str
     arrays: dict[str, tuple[tuple[int, ...], str]] | None  # None for evaluate replies
     max_num_examples: int
+    # Rewrites a train reply's arrays into the expected full state (reduced rank, codecs:
+    # strategies/uploads.py) before the array check; returns a reason to reject instead.
+    unpack: Callable[[RecordDict], str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,13 @@ def check_reply(message: Message, exp: Expectation) -> str | None:
         reason = check(content, exp)
         if reason:
             return reason
-    return _check_arrays(content, exp) if exp.arrays is not None else None
+    if exp.arrays is None:
+        return None
+    if exp.unpack is not None:
+        reason = exp.unpack(content)
+        if reason:
+            return reason
+    return _check_arrays(content, exp)
 
 
 def split_replies(

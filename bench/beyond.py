@@ -1,0 +1,127 @@
+"""Beyond exact averaging: quality and upload bytes of each extension on the embedded task.
+
+`python -m bench.beyond --items ranks,compress,swapped,dp` runs, per item, a few variants
+of the same small federated job (4 clients, 2 links x 2 rounds, code-lm on the embedded
+model, through `tests.local_grid.LocalGrid` like `bench.quality`) and writes
+`bench/results/beyond-<item>.json`:
+
+  ranks     all clients at r_max, all at r_min, and a mix (exact heterogeneous ranks)
+  compress  float32 uploads against float16, bfloat16, int8 and int8 with error feedback
+  swapped   B trained on a seeded A (default) against A trained on a seeded B
+  dp        client-level DP: quality against epsilon (one run per noise multiplier)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from bench.common import write_result
+from bench.quality import Options, run_one
+
+TASK, PARTITIONING, METHOD = "code-lm", "iid", "c3la"
+
+
+def options(extra: dict[str, Any], seed_note: str = "") -> Options:
+    """The small CPU-sized job every variant runs (a few tens of seconds each)."""
+    return Options(
+        tasks=[TASK],
+        partitionings=[PARTITIONING],
+        clients=4,
+        links=2,
+        rounds_per_link=2,
+        local_steps=5,
+        rank=8,
+        alpha=16.0,
+        max_train_blocks=32,
+        max_eval_blocks=32,
+        extra=extra,
+        note=seed_note,
+    )
+
+
+def run_variants(variants: Sequence[tuple[str, dict]], seeds: Sequence[int]) -> list[dict]:
+    """One record per (variant, seed), with the variant's label and overrides."""
+    records = []
+    for seed in seeds:
+        for label, extra in variants:
+            with tempfile.TemporaryDirectory(prefix="bench-beyond-cache-") as cache:
+                os.environ["SEEDLORA_CACHE"] = cache  # fresh link cache and residuals
+                record = run_one(options(extra), TASK, PARTITIONING, METHOD, seed)
+            record.pop("series", None)
+            records.append({"variant": label, "overrides": extra, **record})
+            print(
+                f"{label:>24} seed {seed}: ppl {record['final']:.2f}, "
+                f"{record['total_bytes_up'] / 1e6:.3f} MB up, {record['wall_time_s']:.0f} s"
+            )
+    return records
+
+
+def by_variant(records: Sequence[dict]) -> dict[str, dict]:
+    """Mean final perplexity and bytes per variant (over seeds)."""
+    out: dict[str, dict] = {}
+    for r in records:
+        row = out.setdefault(r["variant"], {"finals": [], "bytes": []})
+        row["finals"].append(r["final"])
+        row["bytes"].append(r["total_bytes_up"])
+    for row in out.values():
+        row["final_mean"] = sum(row["finals"]) / len(row["finals"])
+        row["total_bytes_up_mean"] = sum(row["bytes"]) / len(row["bytes"])
+    return out
+
+
+# --- items ----------------------------------------------------------------------------
+RANKS = [
+    ("all r_max=8", {}),
+    ("all r_min=2", {"client-ranks": "2"}),
+    ("mixed 8,4,2,2", {"client-ranks": "8,4,2,2"}),
+]
+
+
+def summarize_ranks(rows: dict[str, dict]) -> dict:
+    full, low, mixed = (rows[label]["final_mean"] for label, _ in RANKS)
+    return {
+        "ppl_all_r_max": full,
+        "ppl_all_r_min": low,
+        "ppl_mixed": mixed,
+        "mixed_between_r_min_and_r_max": min(full, low) <= mixed <= max(full, low),
+        "bytes_ratio_mixed_vs_r_max": rows[RANKS[2][0]]["total_bytes_up_mean"]
+        / rows[RANKS[0][0]]["total_bytes_up_mean"],
+    }
+
+
+ITEMS: dict[str, tuple[list[tuple[str, dict]], Callable[[dict], dict]]] = {
+    "ranks": (RANKS, summarize_ranks),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", default=",".join(ITEMS), help="comma list of items")
+    parser.add_argument("--seeds", default="0", help="comma list of seeds")
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for item in args.items.split(","):
+        variants, summarize = ITEMS[item]
+        records = run_variants(variants, seeds)
+        rows = by_variant(records)
+        payload = {
+            "benchmark": f"beyond-{item}",
+            "harness": "tests.local_grid.LocalGrid (real ServerApp/ClientApp, in-process)",
+            "options": vars(options({})),
+            "task": TASK,
+            "partitioning": PARTITIONING,
+            "method": METHOD,
+            "metric": "central held-out perplexity after 4 rounds (lower is better)",
+            "summary": summarize(rows),
+            "by_variant": rows,
+            "runs": records,
+        }
+        write_result(f"beyond-{item}", payload)
+
+
+if __name__ == "__main__":
+    main()
