@@ -22,7 +22,7 @@ from strategies import protocol as p
 from tasks import build_task
 
 from .links import BaseCache, LinkCache, default_cache_dir
-from .local import as_floats, cpu_state, pick_device, train
+from .local import as_floats, autocast, cpu_state, pick_device, place, train
 from .uploads import fit_rank
 
 _BASES = BaseCache()
@@ -51,11 +51,17 @@ def _prepare(msg: Message, context: Context, cfg: RunConfig):
     )
     load_trainable_state(model, msg.content[p.ARRAYS].to_torch_state_dict())
     device = pick_device(cfg.device)
-    return task, model.to(device), partition_id, device
+    return task, place(model, device, cfg.precision), partition_id, device
 
 
 def _release(device: torch.device) -> None:
-    """Drop this round's model so GPU memory does not grow across rounds."""
+    """Drop this round's model so GPU memory does not grow across rounds.
+
+    Nothing on the device outlives a round: the model, its optimizer state and activations
+    die with `train_b`/`evaluate`; the rebuilt base (client.links.BaseCache) and the loaded
+    pretrained weights are kept once per process, on the CPU. empty_cache hands the freed
+    blocks back, so clients packed on one GPU do not hold each other's peak.
+    """
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -102,7 +108,8 @@ def train_b(msg: Message, context: Context, cfg: RunConfig) -> Message:
 def evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Evaluate the global model (base + links + global B) on the local held-out files."""
     task, model, partition_id, device = _prepare(msg, context, cfg)
-    metrics = task.evaluate(model, task.eval_dataset(partition_id), cfg.eval_batch_size, device)
+    with autocast(device, cfg.precision):
+        metrics = task.evaluate(model, task.eval_dataset(partition_id), cfg.eval_batch_size, device)
     del model
     _release(device)
     return _reply(msg, context, partition_id, {p.METRICS: MetricRecord(as_floats(metrics))})

@@ -8,6 +8,7 @@ Data order is seeded by (seed, round, partition), so reruns and resumes are iden
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterator, Mapping
@@ -18,12 +19,45 @@ from torch.utils.data import DataLoader
 
 from server.config import RunConfig
 
+# run-config `precision` -> the dtype of the frozen base and of autocast (None: plain fp32).
+COMPUTE_DTYPES: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
 
 def pick_device(name: str) -> torch.device:
-    """'auto' takes the GPU Ray (or the user) made visible, else the CPU."""
+    """'auto' takes the first GPU this process sees, else the CPU.
+
+    Ray sets CUDA_VISIBLE_DEVICES of each client actor to the GPU it assigned, so that GPU
+    is `cuda:0` here; `cuda:N` also counts within the visible devices.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def place(model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
+    """Move the model to `device`; under bf16/fp16 store its frozen weights in that dtype.
+
+    Trainable parameters (B, heads) stay float32 master weights. Frozen parameters are cast
+    one by one on their way over, so no full float32 copy ever sits on the device.
+    """
+    dtype = COMPUTE_DTYPES[precision]
+    if dtype is not None:
+        for param in model.parameters():
+            if not param.requires_grad and param.is_floating_point():
+                param.data = param.data.to(device, dtype)
+    return model.to(device)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """torch.autocast in the run's compute dtype (a no-op context for fp32)."""
+    dtype = COMPUTE_DTYPES[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -82,19 +116,24 @@ def _train(model, task, dataset, cfg, device, data_seed, proximal_mu) -> TrainRe
     )
     steps = cfg.local_steps or max(1, math.ceil(cfg.local_epochs * len(loader)))
     opt = _optimizer(cfg, params)
+    # fp16 gradients of a small loss underflow: scale the loss (bf16 has fp32's range).
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     model.train()
     total = 0.0
     for _, batch in zip(range(steps), _batches(loader), strict=False):
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss = task.loss(model, batch)
+        with autocast(device, cfg.precision):
+            loss = task.loss(model, batch)
         if proximal_mu > 0:
             prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
             loss = loss + 0.5 * proximal_mu * prox
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if cfg.max_grad_norm > 0:
+            scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         total += float(loss.detach())
     model.eval()
     return TrainResult(total / steps, steps, len(dataset), time.perf_counter() - start)

@@ -120,6 +120,10 @@ class RunConfig(BaseModel):
     max_grad_norm: float = F(1.0, "gradient clipping norm (0 = off)", ge=0)
     optimizer: Literal["adamw", "adam", "sgd"] = F("adamw", "client optimizer")
     device: str = F("auto", "auto (GPU if visible) | cpu | cuda | cuda:N")
+    precision: Literal["fp32", "bf16", "fp16"] = F(
+        "fp32",
+        "bf16/fp16: frozen base in that dtype + autocast; B stays float32 (fp16: loss scaling)",
+    )
 
     # Outputs.
     output_dir: str = F("outputs", "where run directories go (relative to the cwd)")
