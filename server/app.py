@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -30,9 +30,13 @@ def run_directory(cfg: RunConfig) -> Path:
     return root / time.strftime("%Y%m%d-%H%M%S")
 
 
-def build_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
+def build_server_app(
+    overrides: Mapping[str, Any] | None = None,
+    wrap_grid: Callable[[Grid], Grid] | None = None,
+) -> ServerApp:
     """A ServerApp; `overrides` (dash keys) win over the run config, for in-process use
-    (`flwr.simulation.run_simulation` passes no run config of its own)."""
+    (`flwr.simulation.run_simulation` passes no run config of its own). `wrap_grid` lets a
+    benchmark time the grid (simulation.probe.TimedGrid)."""
     server_app = ServerApp()
 
     @server_app.main()
@@ -41,7 +45,7 @@ def build_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
         out_dir = run_directory(cfg)
         out_dir.mkdir(parents=True, exist_ok=True)
         log(INFO, "seedlora run %s -> %s", context.run_id, out_dir)
-        ChainServer(cfg, context.run_id, out_dir).run(grid)
+        ChainServer(cfg, context.run_id, out_dir).run(wrap_grid(grid) if wrap_grid else grid)
 
     return server_app
 

@@ -1,7 +1,9 @@
 """Run the app in this process with `flwr.simulation.run_simulation` (Ray backend).
 
-`flwr run .` is the normal way; this path is for sweeps and tests, which need many
-runs with different run-config overrides and want the results back as files.
+`flwr run .` is the normal way; this path is for sweeps, tests and benchmarks, which need
+many runs with different run-config overrides and want the results back as files.
+`ray_address` attaches the run to a running Ray cluster (`ray start --head` on one machine,
+`ray start --address` on the others) instead of starting a private local Ray.
 """
 
 from __future__ import annotations
@@ -11,13 +13,35 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
 from client.app import build_client_app
 from server.app import build_server_app
 
 
-def backend_config(num_cpus: float = 1.0, num_gpus: float = 0.0) -> dict:
-    """Ray resources per virtual client: k clients share a GPU at num_gpus = 1/k."""
-    return {"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus}}
+def backend_config(
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    ray_address: str | None = None,
+    init_args: Mapping[str, Any] | None = None,
+) -> dict:
+    """Ray resources per virtual client (k clients share a GPU at num_gpus = 1/k) and the
+    arguments of Flower's `ray.init`: `address` ("auto", "host:port") joins a running cluster,
+    which then owns the resources (`init_args` such as num_cpus must not be given with it)."""
+    if num_cpus <= 0:
+        raise ValueError(f"num-cpus: must be > 0, got {num_cpus}")
+    if num_gpus < 0 or (num_gpus > 1 and num_gpus != int(num_gpus)):
+        raise ValueError(f"num-gpus: a fraction in (0, 1] or a whole number, got {num_gpus}")
+    config: dict[str, Any] = {"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus}}
+    init = dict(init_args or {})
+    if ray_address:
+        if init.keys() & {"num_cpus", "num_gpus", "resources"}:
+            raise ValueError("ray-address: an existing cluster owns its resources; drop init_args")
+        init["address"] = ray_address
+    if init:
+        config["init_args"] = init
+    return config
 
 
 def simulate(
@@ -25,17 +49,25 @@ def simulate(
     num_supernodes: int = 8,
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
+    *,
+    ray_address: str | None = None,
+    init_args: Mapping[str, Any] | None = None,
+    server_app: ServerApp | None = None,
+    client_app: ClientApp | None = None,
 ) -> dict:
-    """Run one configuration; returns its metrics.json (needs `output-dir` and `run-name`)."""
+    """Run one configuration; returns its metrics.json (needs `output-dir` and `run-name`).
+
+    The apps default to this project's, built with `overrides`; a benchmark may pass
+    wrapped ones (simulation.probe)."""
     from flwr.simulation import run_simulation
 
     if not overrides.get("run-name"):
         raise ValueError("run-name: set it so the run's outputs can be found")
     run_simulation(
-        server_app=build_server_app(overrides),
-        client_app=build_client_app(overrides),
+        server_app=server_app or build_server_app(overrides),
+        client_app=client_app or build_client_app(overrides),
         num_supernodes=num_supernodes,
-        backend_config=backend_config(num_cpus, num_gpus),
+        backend_config=backend_config(num_cpus, num_gpus, ray_address, init_args),
     )
     out = Path(overrides.get("output-dir", "outputs")) / str(overrides["run-name"])
     metrics = out / "metrics.json"

@@ -4,6 +4,7 @@ Usage::
 
     python -m simulation.launch [--app-dir DIR] [--run-config 'k=v ...']
                                 [--num-supernodes N] [--num-cpus X] [--num-gpus Y]
+                                [--ray-address auto|HOST:PORT]
 
 Why not plain ``flwr run .``: with the default ``local`` connection Flower 1.41 starts a
 *managed* SuperLink that outlives the run, lives in ``~/.flwr`` and ``uv sync``s the app's
@@ -13,6 +14,11 @@ wheels). This module instead starts its own ``flower-superlink --simulation
 ``FLWR_HOME`` in a temporary directory, so the run uses the installed packages and never
 touches ``~/.flwr`` or a managed SuperLink. It streams the run's logs, exits non-zero when the
 run did not complete, and always stops every process it started.
+
+With ``--ray-address`` the simulation joins a running Ray cluster (``ray start --head`` on
+one machine, ``ray start --address=HEAD:PORT`` on the others) instead of starting a private
+Ray: Flower 1.41's federation config has no Ray address, but its ``ray.init()`` reads
+``RAY_ADDRESS``, which this launcher sets for the SuperLink and so for the simulation below it.
 
 Exit code: 0 run completed; 1 run failed or was stopped, or the launch failed; 2 bad
 arguments; 130 interrupted (Ctrl-C or SIGTERM), after the clean-up.
@@ -54,6 +60,7 @@ COMPLETED = "finished:completed"
 DEFAULT_NUM_SUPERNODES = 8
 DEFAULT_NUM_CPUS = 1
 DEFAULT_NUM_GPUS = 0.0
+RAY_ADDRESS = "RAY_ADDRESS"  # read by ray.init() when Flower gives it no address
 
 # Flower and Ray phone home (telemetry, update check, usage stats) unless told not to.
 OFFLINE_ENV = {
@@ -261,6 +268,8 @@ def launch(args: argparse.Namespace) -> int:
     env = {**os.environ, "FLWR_HOME": str(flwr_home)}
     for key, value in OFFLINE_ENV.items():
         env.setdefault(key, value)
+    if args.ray_address:
+        env[RAY_ADDRESS] = args.ray_address
     log_file = flwr_home / "superlink.log"
     superlink: subprocess.Popen[bytes] | None = None
     streamer: subprocess.Popen[bytes] | None = None
@@ -360,13 +369,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_NUM_GPUS,
         help=f"GPU fraction per ClientApp, 1/k packs k per GPU (default: {DEFAULT_NUM_GPUS})",
     )
+    parser.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="join this running Ray cluster (auto or HOST:PORT) instead of starting one",
+    )
     args = parser.parse_args(argv)
     if args.num_supernodes is not None and args.num_supernodes < 1:
         parser.error("--num-supernodes must be >= 1")
     if args.num_cpus is not None and args.num_cpus < 1:
         parser.error("--num-cpus must be >= 1 (Flower stores it as an integer)")
-    if args.num_gpus is not None and args.num_gpus < 0:
-        parser.error("--num-gpus must be >= 0")
+    if args.num_gpus is not None and (
+        args.num_gpus < 0 or (args.num_gpus > 1 and args.num_gpus != int(args.num_gpus))
+    ):
+        parser.error("--num-gpus must be a fraction in [0, 1] (1/k packs k) or a whole number")
     return args
 
 
