@@ -189,6 +189,7 @@ class ChainServer:
             "accepted": ledger.accepted,
             "rejected": [{"node": r.node_id, "reason": r.reason} for r in ledger.rejected],
             "skipped": ledger.skipped,
+            "lost": ledger.lost,
             "outliers": ledger.outliers,
             "bytes_up": ledger.bytes_up,
             "bytes_down": ledger.bytes_down,

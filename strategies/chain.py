@@ -58,6 +58,7 @@ class RoundLedger:
     skipped: bool = False
     updates: list[tuple[int, float, dict]] = field(default_factory=list)  # (partition, n, B)
     outliers: list[dict] = field(default_factory=list)  # node, norm, bound, action
+    lost: list[int] = field(default_factory=list)  # sampled nodes that sent no reply in time
 
 
 @dataclass
@@ -89,6 +90,7 @@ class LinkStrategy(Strategy):
         self.ledgers: dict[int, RoundLedger] = {}
         self.expected_arrays: dict | None = None
         self.sent_arrays: dict = {}
+        self.sent_nodes: set[int] = set()
         self._link_blobs: dict[int, bytes] = {}
 
     # --- helpers -------------------------------------------------------------------
@@ -206,7 +208,21 @@ class LinkStrategy(Strategy):
         messages = self.inner.configure_train(self.global_round(server_round), arrays, config, grid)
         out = self._decorate(messages, server_round)
         self.ledger(server_round).sent = len(out)
+        self.sent_nodes = {m.metadata.dst_node_id for m in out}
         return out
+
+    def _note_lost(self, server_round: int, replies: list[Message], ledger: RoundLedger) -> None:
+        """Name the sampled nodes that sent nothing before round-timeout (crashed, cut off):
+        the round goes on with the others, and a late reply is never counted later."""
+        lost = sorted(self.sent_nodes - {m.metadata.src_node_id for m in replies})
+        if lost:
+            log(
+                WARNING,
+                "round %d: no reply from node(s) %s within round-timeout; lost",
+                self.global_round(server_round),
+                ", ".join(map(str, lost)),
+            )
+            ledger.lost = lost
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -214,6 +230,7 @@ class LinkStrategy(Strategy):
         ledger = self.ledger(server_round)
         replies = list(replies)
         uploaded = {id(m): p.record_bytes(m) for m in replies}  # as sent, before unpacking
+        self._note_lost(server_round, replies, ledger)
         valid = self._filter(replies, self.expected_arrays, ledger.rejected)
         valid = self._screen_outliers(valid, ledger)
         ledger.accepted = len(valid)

@@ -43,10 +43,13 @@ TRAIN_TIME = "train-time"
 BYTES_UP = "bytes-up"
 BYTES_DOWN = "bytes-down"
 PARTITION_ID = "partition-id"
+DP_WEIGHT = "dp-weight"  # 1 from every client under DP: equal weights (strategies/privacy.py)
 
 
 def record_bytes(message: Message) -> int:
-    """Payload bytes of a message: its arrays plus any links blob."""
+    """Payload bytes of a message: its arrays plus any links blob (0 for an error reply)."""
+    if not message.has_content():
+        return 0
     content = message.content
     total = sum(r.count_bytes() for r in content.array_records.values())
     if LINKS in content.config_records:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
@@ -74,3 +74,23 @@ class LocalGrid(Grid):
                 if msg.metadata.message_type.startswith("train"):
                     self.replies.append(reply)
         return replies
+
+
+def scaled_update(honest: ClientApp, factor: float):
+    """A Byzantine client for tests and benchmarks only (no run-config key reaches it):
+    it trains honestly, then sends `sent + factor * (trained - sent)`. factor 10 is the
+    scaled attack, -1 the sign-flipped one."""
+    from strategies import protocol as p
+
+    def app(msg: Message, context: Context) -> Message:
+        reply = honest(msg, context)
+        if reply.has_error():
+            return reply
+        sent = msg.content[p.ARRAYS].to_torch_state_dict()
+        got = reply.content[p.ARRAYS].to_torch_state_dict()
+        reply.content[p.ARRAYS] = ArrayRecord(
+            {k: sent[k] + factor * (got[k] - sent[k]) for k in got}
+        )
+        return reply
+
+    return app

@@ -12,7 +12,7 @@ from seedlora import ASpec, adapter_layers, relative_error
 from server.chain_server import ChainServer
 from server.config import STRATEGIES, RunConfig
 from strategies import protocol as p
-from tests.local_grid import RUN_ID, LocalGrid
+from tests.local_grid import RUN_ID, LocalGrid, scaled_update
 
 
 @pytest.fixture
@@ -128,6 +128,19 @@ def test_bad_reply_is_rejected_and_changes_nothing(overrides, tmp_path, kind):
     assert dirty.state.links[0].factors  # a real chain was built
 
 
+def test_client_error_reply_is_rejected_and_named(overrides, tmp_path):
+    """An error reply (a crashed ClientApp, or Flower's reply for a node gone offline)."""
+
+    def crash(msg, context):
+        raise RuntimeError("client fell over")
+
+    run(overrides, tmp_path, prepare=lambda g: g.apps.update({103: crash}))
+    entry = metrics(tmp_path)["rounds"][1]
+    assert entry["accepted"] == 2 and entry["lost"] == []
+    assert [r["node"] for r in entry["rejected"]] == [103]
+    assert "client fell over" in entry["rejected"][0]["reason"]
+
+
 def test_too_few_replies_skips_the_round(overrides, tmp_path):
     def poison(grid):
         grid.apps[102] = faulty("nan")
@@ -184,31 +197,18 @@ def test_baseline_methods_run_through_the_same_pipeline(overrides, tmp_path, met
     assert (tmp_path / "merged-model" / "config.json").exists()
 
 
-def scaled(factor: float, overrides: dict):
-    """A ClientApp that trains honestly, then scales its update by `factor` (x10 attack)."""
-    honest = build_client_app(overrides)
-
-    def app(msg: Message, context) -> Message:
-        reply = honest(msg, context)
-        sent = msg.content[p.ARRAYS].to_torch_state_dict()
-        got = reply.content[p.ARRAYS].to_torch_state_dict()
-        reply.content[p.ARRAYS] = ArrayRecord(
-            {k: sent[k] + factor * (got[k] - sent[k]) for k in got}
-        )
-        return reply
-
-    return app
-
-
 @pytest.mark.parametrize("action", ["flag", "drop", "clip"])
 def test_outlier_norms_are_flagged_and_handled(overrides, tmp_path, action):
     def attack(grid):
-        grid.apps[103] = scaled(50.0, overrides)
+        grid.apps[103] = scaled_update(build_client_app(overrides), 50.0)
         honest = build_client_app(overrides)
         grid.apps = {**grid.apps, 101: honest, 102: honest, 104: honest}
         grid.contexts[104] = grid.contexts[101].__class__(
-            run_id=RUN_ID, node_id=104, node_config={"partition-id": 0, "num-partitions": 3},
-            state=RecordDict(), run_config={},
+            run_id=RUN_ID,
+            node_id=104,
+            node_config={"partition-id": 0, "num-partitions": 3},
+            state=RecordDict(),
+            run_config={},
         )
 
     extra = {"outlier-mad": 3.0, "outlier-action": action}
