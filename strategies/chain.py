@@ -212,13 +212,14 @@ class LinkStrategy(Strategy):
         return out
 
     def _note_lost(self, server_round: int, replies: list[Message], ledger: RoundLedger) -> None:
-        """Name the sampled nodes that sent nothing before round-timeout (crashed, cut off):
-        the round goes on with the others, and a late reply is never counted later."""
+        """Name the sampled nodes that sent nothing of their own (crashed, cut off, or past
+        round-timeout; Flower's 'node unavailable' error comes from the SuperLink's id): the
+        round goes on with the others, and a late reply is never counted in a later round."""
         lost = sorted(self.sent_nodes - {m.metadata.src_node_id for m in replies})
         if lost:
             log(
                 WARNING,
-                "round %d: no reply from node(s) %s within round-timeout; lost",
+                "round %d: no reply from node(s) %s (crashed, offline or past round-timeout)",
                 self.global_round(server_round),
                 ", ".join(map(str, lost)),
             )
