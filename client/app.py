@@ -23,7 +23,7 @@ from tasks import build_task
 
 from .links import BaseCache, LinkCache, default_cache_dir
 from .local import as_floats, autocast, cpu_state, pick_device, place, train
-from .uploads import fit_rank
+from .uploads import fit_rank, pack, residuals
 
 _BASES = BaseCache()
 
@@ -48,6 +48,7 @@ def _prepare(msg: Message, context: Context, cfg: RunConfig):
         chain_index=int(config[p.CHAIN_INDEX]),
         dropout=cfg.adapter_dropout,
         heads=cfg.heads(task.modules_to_save),
+        frozen=cfg.frozen_factor,
     )
     load_trainable_state(model, msg.content[p.ARRAYS].to_torch_state_dict())
     device = pick_device(cfg.device)
@@ -78,6 +79,7 @@ def train_b(msg: Message, context: Context, cfg: RunConfig) -> Message:
     t0 = time.perf_counter()
     task, model, partition_id, device = _prepare(msg, context, cfg)
     fit_rank(model, cfg, context.node_config, partition_id)
+    received = {k: v.clone() for k, v in cpu_state(model).items()}  # cpu_state may alias
     config = msg.content[p.CONFIG]
     server_round = int(config[p.SERVER_ROUND])
     result = train(
@@ -89,7 +91,8 @@ def train_b(msg: Message, context: Context, cfg: RunConfig) -> Message:
         data_seed=cfg.seed * 1_000_003 + server_round * 1009 + partition_id,
         proximal_mu=float(config.get(p.PROXIMAL_MU, 0.0)),
     )
-    arrays = ArrayRecord(cpu_state(model))
+    link = (int(config[p.CHAIN_INDEX]), str(config[p.LINKS_DIGEST]), server_round)
+    arrays = ArrayRecord(pack(cpu_state(model), received, cfg, residuals(context), link))
     del model
     _release(device)
     bytes_down = sum(r.count_bytes() for r in msg.content.array_records.values())
@@ -100,6 +103,7 @@ def train_b(msg: Message, context: Context, cfg: RunConfig) -> Message:
             p.TRAIN_TIME: time.perf_counter() - t0,
             p.BYTES_UP: arrays.count_bytes(),
             p.BYTES_DOWN: bytes_down,
+            **({p.DP_WEIGHT: 1.0} if cfg.dp_clip > 0 else {}),
         }
     )
     return _reply(msg, context, partition_id, {p.ARRAYS: arrays, p.METRICS: metrics})

@@ -17,19 +17,25 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .layer import SeedLoRALayer, merge_delta
+from .inject import adapter_layers
+from .layer import merge_delta
 from .spec import ASpec
+from .swapped import ADAPTERS, TRAINED_A, frozen_of, merge_swapped, trained_factor
 
 EMPTY_DIGEST = hashlib.sha256(b"seedlora-links-v1").hexdigest()
 
 
 @dataclass(frozen=True)
 class Link:
-    """One merged link: the A-spec of every adapted layer and its averaged B."""
+    """One merged link: the A-spec of every adapted layer and its averaged B.
+
+    With swapped roles (`frozen == "B"`) the specs describe the frozen B^T and the factors
+    are the averaged A's (r x n_in)."""
 
     alpha: float
     specs: tuple[ASpec, ...]
     factors: Mapping[str, torch.Tensor]  # layer name -> B_bar (n_out x r), float32 CPU
+    frozen: str = "A"
 
     @property
     def chain_index(self) -> int:
@@ -37,7 +43,8 @@ class Link:
 
     def header(self) -> dict:
         """JSON-able description of everything but the tensor values."""
-        return {"alpha": self.alpha, "specs": [asdict(s) for s in self.specs]}
+        header = {"alpha": self.alpha, "specs": [asdict(s) for s in self.specs]}
+        return {**header, "frozen": self.frozen} if self.frozen != "A" else header
 
     def digest(self, previous: str) -> str:
         """sha256(previous digest, header, B bytes in spec order): a hash chain."""
@@ -54,7 +61,7 @@ class Link:
         missing = [s.layer for s in specs if s.layer not in factors]
         if missing:
             raise KeyError(f"link {specs[0].chain_index}: missing factors for {missing[:5]}")
-        return cls(float(header["alpha"]), specs, dict(factors))
+        return cls(float(header["alpha"]), specs, dict(factors), header.get("frozen", "A"))
 
 
 def links_digest(links: Sequence[Link]) -> str:
@@ -67,28 +74,33 @@ def links_digest(links: Sequence[Link]) -> str:
 
 def record_link(model: nn.Module, factors: Mapping[str, torch.Tensor] | None = None) -> Link:
     """Describe the current link of an injected model (its specs and B, or `factors`)."""
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SeedLoRALayer)]
+    layers = list(adapter_layers(model))
     if not layers:
         raise ValueError("model has no adapters")
     alphas = {m.alpha for _, m in layers}
     if len(alphas) != 1:
         raise ValueError(f"adapters disagree on alpha: {sorted(alphas)}")
+    roles = {frozen_of(m) for _, m in layers}
+    if len(roles) != 1:
+        raise ValueError("adapters disagree on which factor is frozen")
     if factors is None:
-        factors = {m.spec.layer: m.lora_B.detach().float().cpu().clone() for _, m in layers}
-    return Link(alphas.pop(), tuple(m.spec for _, m in layers), dict(factors))
+        factors = {
+            m.spec.layer: trained_factor(m).detach().float().cpu().clone() for _, m in layers
+        }
+    return Link(alphas.pop(), tuple(m.spec for _, m in layers), dict(factors), roles.pop())
 
 
 def _base_layer(model: nn.Module, name: str) -> nn.Module:
     module = model.get_submodule(name)
-    return module.base if isinstance(module, SeedLoRALayer) else module
+    return module.base if isinstance(module, ADAPTERS) else module
 
 
 def apply_link(model: nn.Module, link: Link) -> None:
     """Merge one link into `model`'s base weights (adapters, if injected, are untouched)."""
+    merge = merge_swapped if link.frozen == TRAINED_A else merge_delta
     for spec in link.specs:
-        merge_delta(
-            _base_layer(model, spec.layer), spec, link.factors[spec.layer], link.alpha / spec.rank
-        )
+        base, factor = _base_layer(model, spec.layer), link.factors[spec.layer]
+        merge(base, spec, factor, link.alpha / spec.rank)
 
 
 def rebuild(model: nn.Module, links: Sequence[Link]) -> nn.Module:

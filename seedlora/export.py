@@ -21,6 +21,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .chain import Link
 from .inject import merge_adapters, unwrap
+from .swapped import TRAINED_A
 
 
 def atomic_dir(path: str | os.PathLike, write) -> Path:
@@ -49,8 +50,11 @@ def _stack(links: Sequence[Link], layer: str) -> tuple[torch.Tensor, torch.Tenso
     bs, as_ = [], []
     for link in links:
         spec = next(s for s in link.specs if s.layer == layer)
-        bs.append(link.factors[layer].float().cpu() * (link.alpha / spec.rank))
-        as_.append(spec.dense())
+        trained = link.factors[layer].float().cpu()
+        frozen = spec.dense()  # A, or B^T when the roles are swapped
+        b, a = (frozen.t(), trained) if link.frozen == TRAINED_A else (trained, frozen)
+        bs.append(b * (link.alpha / spec.rank))
+        as_.append(a)
     return torch.cat(bs, dim=1), torch.cat(as_, dim=0)
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from .layer import SeedLoRALayer, layer_shape
 from .spec import ASpec, Kind
+from .swapped import ADAPTERS, TRAINED_A, SwappedLoRALayer, frozen_spec
 
 Targets = str | Sequence[str]
 
@@ -32,9 +33,9 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, SeedLoRALayer]]:
-    """(module name, layer) for every adapter, in model order."""
+    """(module name, layer) for every adapter (either role), in model order."""
     for name, module in model.named_modules():
-        if isinstance(module, SeedLoRALayer):
+        if isinstance(module, ADAPTERS):
             yield name, module
 
 
@@ -49,17 +50,21 @@ def inject(
     chain_index: int = 0,
     dropout: float = 0.0,
     modules_to_save: Sequence[str] = (),
+    frozen: str = "A",
 ) -> list[str]:
-    """Freeze `model`, wrap every matching Linear/Conv1D in a `SeedLoRALayer`.
+    """Freeze `model`, wrap every matching Linear/Conv1D in a `SeedLoRALayer` (or, with
+    `frozen="B"`, a `SwappedLoRALayer`: seeded B, trained A).
 
     Returns the adapted module names. Raises if nothing matches, so a typo in the target
     list fails loudly instead of training nothing.
     """
+    if frozen not in ("A", TRAINED_A):
+        raise ValueError(f"frozen-factor: expected 'A' or 'B', got {frozen!r}")
     model.requires_grad_(False)
     names = [
         n
         for n, m in model.named_modules()
-        if n and _matches(n, targets) and not isinstance(m, SeedLoRALayer)
+        if n and _matches(n, targets) and not isinstance(m, ADAPTERS)
     ]
     adapted = []
     for name in names:
@@ -68,8 +73,12 @@ def inject(
             n_in, n_out = layer_shape(base)
         except TypeError:
             continue
-        spec = ASpec(kind, seed, chain_index, rank, name, n_in, n_out)
-        _set_submodule(model, name, SeedLoRALayer(base, spec, alpha, dropout))
+        if frozen == TRAINED_A:
+            spec = frozen_spec(kind, seed, chain_index, rank, name, base)
+            _set_submodule(model, name, SwappedLoRALayer(base, spec, alpha, dropout))
+        else:
+            spec = ASpec(kind, seed, chain_index, rank, name, n_in, n_out)
+            _set_submodule(model, name, SeedLoRALayer(base, spec, alpha, dropout))
         adapted.append(name)
     if not adapted:
         raise ValueError(f"target-modules: {targets!r} matched no Linear/Conv1D layer")

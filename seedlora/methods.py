@@ -44,6 +44,7 @@ def prepare(
     chain_index: int = 0,
     dropout: float = 0.0,
     heads: Sequence[str] = (),
+    frozen: str = "A",
 ) -> nn.Module:
     """Make `model` trainable the way `method` does; returns the model to train."""
     if method in B_ONLY:
@@ -58,6 +59,7 @@ def prepare(
             chain_index=chain_index if chained else 0,
             dropout=dropout,
             modules_to_save=heads,
+            frozen=frozen,
         )
         return model
     if method == "fedit":

@@ -34,8 +34,10 @@ from seedlora import (
 )
 from seedlora.methods import B_ONLY
 from seedlora.serialize import atomic_write_bytes, state_to_bytes
+from strategies import privacy
 from strategies import protocol as p
 from strategies.chain import LinkContext, LinkStrategy
+from strategies.privacy import PrivacyLedger
 from strategies.registry import EXACT_IN_WEIGHT_SPACE, STATE_ATTRIBUTES, build_strategy
 from tasks import build_task
 
@@ -74,6 +76,7 @@ class ChainServer:
                 rank=cfg.rank,
                 alpha=cfg.alpha,
                 heads=self.heads,
+                frozen=cfg.frozen_factor,
             )
         except ValueError as err:
             raise RunConfigError(f"run-config: {err}") from None
@@ -85,6 +88,8 @@ class ChainServer:
         self.eval_set = self.task.eval_dataset(None) if cfg.central_eval else None
         if cfg.resume:
             self._restore()
+        done = [h for h in self.history if h.get("round", 0) > 0 and not h.get("skipped")]
+        self.privacy = PrivacyLedger(releases=len(done) if cfg.dp_clip > 0 else 0)
 
     # --- checkpoints -----------------------------------------------------------------
     def _restore(self) -> None:
@@ -244,7 +249,9 @@ class ChainServer:
         self._round_start = time.perf_counter()
         num_links, rounds_per_link = cfg.schedule
         while s.chain_index < num_links:
-            inner = build_strategy(cfg)
+            inner = privacy.wrap(
+                build_strategy(cfg), cfg, len(list(grid.get_node_ids())), self.privacy
+            )
             for attr, value in self.strategy_state.items():
                 setattr(inner, attr, value)
             ctx = LinkContext(
@@ -261,6 +268,7 @@ class ChainServer:
                 outlier_mad=cfg.outlier_mad,
                 outlier_action=cfg.outlier_action,
                 client_ranks=bool(cfg.client_ranks),
+                upload_codec=cfg.upload_codec,
             )
             link = LinkStrategy(inner, ctx)
             remaining = rounds_per_link - s.round_in_link
@@ -300,7 +308,8 @@ class ChainServer:
         if self.cfg.method == "full":
             export_merged(self.model, self.out_dir / "merged-model", tokenizer=tokenizer)
             return
-        heads = {k: v for k, v in self.state.arrays.items() if not k.endswith("lora_B")}
+        factors = ("lora_B", "lora_A")  # the trained factor of either role
+        heads = {k: v for k, v in self.state.arrays.items() if not k.endswith(factors)}
         try:
             export_peft(
                 self.task.load_model(),

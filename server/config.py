@@ -14,6 +14,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from seedlora.compress import Codec
 from seedlora.methods import B_ONLY, CHAINED, Method
 from seedlora.spec import Kind
 from tasks import TaskConfig
@@ -138,6 +139,20 @@ class RunConfig(BaseModel):
         "",
         '"" = all at rank; "node" = node-config max-rank; "8,4,2" = by partition id (cycled)',
     )
+    upload_codec: Codec = F(
+        "float32", "client update on the wire: float32 | float16 | bfloat16 | int8"
+    )
+    error_feedback: bool = F(True, "compressed uploads: carry each client's rounding residual")
+    frozen_factor: Literal["A", "B"] = F(
+        "A", "seeded and frozen factor: A (train B) | B (swapped roles: train A)"
+    )
+    dp_clip: float = F(
+        0.0, "client-level DP: clip each client's update to this L2 norm (0 = off)", ge=0
+    )
+    dp_noise_multiplier: float = F(
+        1.0, "client-level DP: noise std on the mean = this * dp-clip / n", ge=0
+    )
+    dp_delta: float = F(1e-5, "client-level DP: delta at which epsilon is reported", gt=0, lt=1)
 
     @model_validator(mode="after")
     def _check_device(self) -> RunConfig:
@@ -149,6 +164,12 @@ class RunConfig(BaseModel):
     def _check_client_ranks(self) -> RunConfig:
         if self.client_ranks and self.method not in B_ONLY:
             raise ValueError(f"client-ranks: needs a B-only method, not {self.method!r}")
+        if self.frozen_factor != "A" and self.method not in B_ONLY:
+            raise ValueError(f"frozen-factor: needs a seeded method, not {self.method!r}")
+        if self.dp_clip > 0 and self.strategy not in ("fedavg", "fedprox"):
+            raise ValueError(f"dp-clip: DP needs strategy fedavg or fedprox, not {self.strategy!r}")
+        if self.client_ranks and self.frozen_factor != "A":
+            raise ValueError("client-ranks: needs frozen-factor 'A' (nested A rows)")
         if not self.client_ranks or self.client_ranks == NODE_RANKS:
             return self
         try:

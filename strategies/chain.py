@@ -78,6 +78,7 @@ class LinkContext:
     outlier_mad: float = 0.0  # k of the MAD norm rule; 0 = off
     outlier_action: str = "flag"  # flag | drop | clip
     client_ranks: bool = False  # accept factors of rank r_i <= r_max (padded on arrival)
+    upload_codec: str = "float32"  # replies carry the update in this codec (seedlora.compress)
 
 
 class LinkStrategy(Strategy):
@@ -112,12 +113,15 @@ class LinkStrategy(Strategy):
             links_digest=self.digest,
             arrays=arrays,
             max_num_examples=self.ctx.max_num_examples,
-            unpack=self._unpack if self.ctx.client_ranks else None,
+            unpack=self._unpack,
         )
 
     def _unpack(self, content: RecordDict) -> str | None:
         """Restore a reply's upload to the full float32 state (strategies/uploads.py)."""
-        return uploads.pad_reply(content, self.sent_arrays)
+        ctx = self.ctx
+        if ctx.upload_codec == "float32" and not ctx.client_ranks:
+            return None  # the upload is the state
+        return uploads.unpack_reply(content, self.sent_arrays, ctx.upload_codec, ctx.client_ranks)
 
     def _links_record(self, node_id: int) -> ConfigRecord:
         """The links `node_id` lacks (all of them for a node never seen)."""

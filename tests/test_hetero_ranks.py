@@ -149,3 +149,13 @@ def test_mixed_ranks_chain_runs_on_every_kind(overrides, tmp_path):
     doc = metrics(tmp_path)
     assert all(r["accepted"] == 3 for r in doc["rounds"][1:])
     assert len(server.state.links) == 2
+
+
+@pytest.mark.parametrize("value", ["9", "0", "4,x", "node,2"])
+def test_bad_client_ranks_name_the_key(value):
+    from server.config import RunConfig, RunConfigError
+
+    with pytest.raises(RunConfigError, match="client-ranks"):
+        RunConfig.from_flower({"client-ranks": value})
+    with pytest.raises(RunConfigError, match="client-ranks"):
+        RunConfig.from_flower({"client-ranks": "2", "method": "fedit"})

@@ -1,0 +1,110 @@
+"""Swapped roles: B (n_out x r) frozen and seeded, A (r x n_in) trained from zero.
+
+    y = base(x) + (alpha/r) * B (A dropout(x))
+
+The frozen factor is described by the same A-spec machinery, read transposed: the spec's
+`n_in` is the layer's n_out and `spec.dense()` (r x n_out) is B^T. For the block kinds B
+is `[0; I_r; 0]`, so `B h` scatters h into r output rows and no dense B exists. Exactness
+is the mirror image of the default: sum_i w_i (alpha/r) B A_i = (alpha/r) B (sum_i w_i A_i),
+the variant analysed in arXiv 2506.14530.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .layer import SeedLoRALayer, layer_shape
+from .spec import ASpec
+
+TRAINED_A = "B"  # value of `frozen` (run-config frozen-factor) that selects this layer
+
+
+def frozen_spec(kind, seed: int, chain_index: int, rank: int, layer: str, base: nn.Module):
+    """The spec of a layer's frozen B^T (its `n_in` is the layer's n_out)."""
+    n_in, n_out = layer_shape(base)
+    return ASpec(kind, seed, chain_index, rank, layer, n_out, n_in)
+
+
+@torch.no_grad()
+def merge_swapped(base: nn.Module, spec: ASpec, a: torch.Tensor, scaling: float) -> None:
+    """Fold `scaling * B @ A` (B from `spec`, read transposed) into the base weight."""
+    weight = base.weight
+    transposed = isinstance(base, Conv1D)  # its weight is n_in x n_out
+    sa = (a.detach().to(torch.float32) * scaling).to(weight.device)
+    if spec.is_block:
+        rows = spec.columns().to(weight.device)
+        if transposed:
+            weight.index_add_(1, rows, sa.t().to(weight.dtype))
+        else:
+            weight.index_add_(0, rows, sa.to(weight.dtype))
+        return
+    delta = spec.dense().to(weight.device).t() @ sa
+    weight.add_((delta.t() if transposed else delta).to(weight.dtype))
+
+
+class SwappedLoRALayer(nn.Module):
+    """Wraps a frozen `nn.Linear` / `Conv1D`; trains only `lora_A` against a seeded B."""
+
+    def __init__(self, base: nn.Module, spec: ASpec, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        n_in, n_out = layer_shape(base)
+        if (spec.n_in, spec.n_out) != (n_out, n_in):
+            raise ValueError(f"frozen-B spec shape {(spec.n_out, spec.n_in)} != {(n_in, n_out)}")
+        self.base = base
+        self.base.requires_grad_(False)
+        self.alpha = float(alpha)
+        self.scaling = self.alpha / spec.rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        weight = base.weight
+        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        self.lora_A = nn.Parameter(torch.zeros(spec.rank, n_in, device=weight.device, dtype=dtype))
+        self.register_buffer("frozen_B", None, persistent=False)
+        self.set_spec(spec)
+
+    def set_spec(self, spec: ASpec) -> None:
+        """Switch to another link's B and restart A from zero."""
+        self.spec = spec
+        device = self.base.weight.device
+        self.frozen_B = None if spec.is_block else spec.dense().t().contiguous().to(device)
+        self._rows = spec.columns().to(device) if spec.is_block else None
+        with torch.no_grad():
+            self.lora_A.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        a = self.lora_A
+        h = F.linear(self.dropout(x).to(a.dtype), a) * self.scaling
+        if self.frozen_B is not None:
+            return y + F.linear(h, self.frozen_B.to(h.dtype)).to(y.dtype)
+        return y.index_add(-1, self._rows, h.to(y.dtype))
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update `(alpha/r) B A` in nn.Linear orientation (n_out x n_in)."""
+        b = self.spec.dense().t().to(self.lora_A.device)
+        return self.scaling * b @ self.lora_A.detach().float()
+
+    def merge(self) -> None:
+        """Fold the current link into the base weight and reset A to zero."""
+        merge_swapped(self.base, self.spec, self.lora_A, self.scaling)
+        with torch.no_grad():
+            self.lora_A.zero_()
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"frozen B, kind={s.kind}, link={s.chain_index}, rank={s.rank}, alpha={self.alpha}"
+
+
+ADAPTERS = (SeedLoRALayer, SwappedLoRALayer)
+
+
+def trained_factor(layer: nn.Module) -> torch.Tensor:
+    """The factor an adapter trains and sends: B, or A when the roles are swapped."""
+    return layer.lora_A if isinstance(layer, SwappedLoRALayer) else layer.lora_B
+
+
+def frozen_of(layer: nn.Module) -> str:
+    """Which factor an adapter keeps frozen: "A" (default) or "B" (swapped roles)."""
+    return TRAINED_A if isinstance(layer, SwappedLoRALayer) else "A"
