@@ -217,3 +217,20 @@ def test_outlier_norms_are_flagged_and_handled(overrides, tmp_path, action):
     assert [o["node"] for o in entry["outliers"]] == [103]
     assert entry["outliers"][0]["norm"] > entry["outliers"][0]["bound"]
     assert entry["accepted"] == (3 if action == "drop" else 4)
+
+
+def test_corrupt_export_is_a_clear_error_and_resume_rewrites_it(overrides, tmp_path):
+    """A damaged adapter file fails loudly; the checkpoint re-exports it with no training."""
+    from peft import PeftModel
+    from safetensors import SafetensorError
+
+    extra = {"num-links": 2, "export": True, "run-name": "x"}
+    server, _ = run(overrides, tmp_path, **extra)
+    adapter = tmp_path / "peft-adapter" / "adapter_model.safetensors"
+    good = adapter.read_bytes()
+    adapter.write_bytes(good[: len(good) // 2])
+    with pytest.raises(SafetensorError, match="deserializing header"):
+        PeftModel.from_pretrained(server.task.load_model(), adapter.parent)
+    _, grid = run(overrides, tmp_path, **extra, resume=True)
+    assert grid.rounds_sent == 0 and adapter.read_bytes() == good
+    PeftModel.from_pretrained(server.task.load_model(), adapter.parent)

@@ -41,6 +41,23 @@ BAD = [
     ("task", "vision"),
     ("partitioner", "shards"),
     ("adapter-dropout", 1.0),
+    ("round-timeout", 0),
+    ("round-timeout", -5.0),
+    ("max-num-examples", 0),
+    ("outlier-mad", -1.0),
+    ("outlier-action", "ban"),
+    ("min-available-nodes", 0),
+    ("local-steps", -1),
+    ("local-epochs", 0.0),
+    ("seq-len", 4),
+    ("krum-select", 0),
+    ("num-malicious", -1),
+    ("eval-batch-size", 0),
+    ("max-grad-norm", -1.0),
+    ("weight-decay", -0.1),
+    ("rank", "eight"),
+    ("num-links", 2.5),
+    ("method", "lora"),
 ]
 
 
@@ -89,3 +106,20 @@ def test_readme_starts_with_the_two_commands_ci_uses():
     assert len(block) == 2 and "simulation.launch" in block[0]
     ci = (PYPROJECT.parent / ".ci" / "run").read_text()
     assert block[1] in ci
+
+
+def test_bad_config_fails_before_any_node_is_contacted():
+    """The ServerApp validates the run config first: the grid is never touched."""
+    from flwr.app import Context, RecordDict
+
+    from server.app import build_server_app
+
+    class Untouchable:
+        def __getattr__(self, name):
+            raise AssertionError(f"grid.{name} used before the config was validated")
+
+    context = Context(
+        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=pyproject_config()
+    )
+    with pytest.raises(RunConfigError, match="'round-timeout'"):
+        build_server_app({"round-timeout": -1})(grid=Untouchable(), context=context)

@@ -100,3 +100,37 @@ def test_mad_threshold_and_clip():
     clipped = outliers.clipped(state, ref, 0.25)
     assert outliers.update_norm(clipped, ref) == pytest.approx(1.0)
     assert clipped["b"].dtype == np.float32
+
+
+def test_every_bad_reply_is_logged_with_node_and_reason_and_never_averaged(caplog):
+    """Through LinkStrategy, the path a real round takes: one log line per bad reply."""
+    import logging
+
+    from flwr.serverapp.strategy import FedAvg
+
+    from strategies.chain import LinkContext, LinkStrategy
+
+    ctx = LinkContext(
+        run_id=11,
+        chain_index=1,
+        links=[],
+        link_config={},
+        round_offset=0,
+        rounds_done=0,
+        min_replies=1,
+        max_num_examples=1000,
+        node_links={},
+    )
+    link = LinkStrategy(FedAvg(), ctx)
+    link.digest = "d" * 64
+    link.expected_arrays = EXP.arrays
+    link.sent_arrays = {"l.lora_B": np.zeros(SHAPE, np.float32)}
+    bad = {name: reply(node=100 + i, **BAD[name]) for i, name in enumerate(sorted(BAD))}
+    good = reply(node=99, arrays={"l.lora_B": np.full(SHAPE, 2.0, np.float32)})
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        arrays, _ = link.aggregate_train(1, [good, *bad.values()])
+    for i, name in enumerate(sorted(BAD)):
+        line = next(r.getMessage() for r in caplog.records if f"node {100 + i}:" in r.getMessage())
+        assert "rejected" in line and name in line, line
+    assert link.ledgers[1].accepted == 1 and len(link.ledgers[1].rejected) == len(BAD)
+    assert np.array_equal(arrays["l.lora_B"].numpy(), np.full(SHAPE, 2.0, np.float32))
