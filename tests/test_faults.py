@@ -3,6 +3,7 @@ SIGKILLed mid-run and resumed, a node that restarts with an empty cache and catc
 and a checkpoint writer killed between its temp write and its rename. Every process
 started here is stopped by pid, also on failure."""
 
+import contextlib
 import os
 import re
 import signal
@@ -15,9 +16,10 @@ import torch
 from seedlora import links_digest
 from seedlora.serialize import state_from_bytes
 from server import checkpoint
+from simulation.launch import LaunchError
 from tests.processes import Federation, read_json, wait_for
 
-ROUND_TIMEOUT = 40  # seconds; long enough for a live node's round on a loaded 2-core CPU
+ROUND_TIMEOUT = 60  # seconds; a live node's round took 15-22 s on a loaded 2-core CPU
 
 
 def updates(run_dir, rnd: int) -> tuple[dict, dict]:
@@ -65,7 +67,8 @@ def test_lost_node_server_kill_resume_and_late_joiner(tmp_path, tiny_lm_dir, tin
         before = checkpoint.load(run_dir)
         os.kill(wait_for(fed.serverapp_pid, 30, "the ServerApp process"), signal.SIGKILL)
         first_log = fed.run_log(first)
-        fed.flwr("stop", first, "launch")
+        with contextlib.suppress(LaunchError):  # Flower may have marked it failed already
+            fed.flwr("stop", first, "launch")
 
         # 3. node-2 comes back with an empty link cache; the run resumes from the checkpoint.
         fed.start_supernode("node-2b", 2, 3, cache=tmp_path / "cache-2-new")
