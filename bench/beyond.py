@@ -14,14 +14,17 @@ model, through `tests.local_grid.LocalGrid` like `bench.quality`) and writes
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import tempfile
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from bench.common import RESULTS, write_result
-from bench.quality import Options, run_one
+from bench.quality import Options, run_one, run_overrides
 
 TASK, PARTITIONING, METHOD = "code-lm", "iid", "c3la"
 
@@ -44,6 +47,53 @@ def options(extra: dict[str, Any], seed_note: str = "") -> Options:
     )
 
 
+def run_one_plain(extra: dict, seed: int) -> dict:
+    return run_one(options(extra), TASK, PARTITIONING, METHOD, seed)
+
+
+def _reply_bytes(message) -> int:
+    """Payload of a reply: arrays, plus config values (bytes as is, 8 per number)."""
+    total = sum(r.count_bytes() for r in message.content.array_records.values())
+    for record in message.content.config_records.values():
+        for value in record.values():
+            values = value if isinstance(value, list) else [value]
+            total += sum(len(v) if isinstance(v, bytes | str) else 8 for v in values)
+    return total
+
+
+def run_secure_one(extra: dict, seed: int) -> dict:
+    """One SecAgg+ run (server/secure.py) over the copying in-process grid."""
+    import torch
+    from flwr.app import Context, RecordDict
+
+    from client.app import build_client_app
+    from server.chain_server import ChainServer
+    from server.config import RunConfig
+    from server.secure import run_secure
+    from tests.copying_grid import CopyingGrid
+    from tests.local_grid import RUN_ID
+
+    opts = options(extra)
+    torch.set_num_threads(opts.threads)
+    overrides, nodes = run_overrides(opts, TASK, PARTITIONING, METHOD, seed)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-beyond-secure-") as tmp:
+        grid = CopyingGrid(build_client_app(overrides), nodes)
+        server = ChainServer(RunConfig.from_flower(overrides), RUN_ID, Path(tmp))
+        run_secure(server, grid, Context(RUN_ID, 0, {}, RecordDict(), {}))
+        doc = json.loads((Path(tmp) / "metrics.json").read_text())
+    rounds = doc["rounds"]
+    return {
+        "task": TASK,
+        "seed": seed,
+        "nodes": nodes,
+        "base": rounds[0]["central"]["ppl"],
+        "final": rounds[-1]["central"]["ppl"],
+        "total_bytes_up": sum(_reply_bytes(m) for m in grid.replies),
+        "wall_time_s": time.perf_counter() - start,
+    }
+
+
 def run_variants(variants: Sequence[tuple[str, dict]], seeds: Sequence[int]) -> list[dict]:
     """One record per (variant, seed), with the variant's label and overrides."""
     records = []
@@ -51,7 +101,8 @@ def run_variants(variants: Sequence[tuple[str, dict]], seeds: Sequence[int]) -> 
         for label, extra in variants:
             with tempfile.TemporaryDirectory(prefix="bench-beyond-cache-") as cache:
                 os.environ["SEEDLORA_CACHE"] = cache  # fresh link cache and residuals
-                record = run_one(options(extra), TASK, PARTITIONING, METHOD, seed)
+                run = run_secure_one if extra.get("secure-aggregation") else run_one_plain
+                record = run(extra, seed)
             record.pop("series", None)
             records.append({"variant": label, "overrides": extra, **record})
             print(
@@ -182,8 +233,10 @@ def _plot_dp(points: list[dict], path) -> None:
     for q in points:
         if q["epsilon"] is None:
             ax.axhline(q["ppl"], ls="--", lw=0.8, color="gray")
-            ax.annotate(q["variant"], (noised[-1]["epsilon"], q["ppl"]), fontsize=7)
+            left = min(r["epsilon"] for r in noised)
+            ax.annotate(q["variant"], (left, q["ppl"]), fontsize=7, va="bottom")
     ax.set_xscale("log")
+    ax.set_yscale("log")
     ax.set_xlabel("epsilon (delta 1e-5, 4 rounds, 4 clients, no amplification)")
     ax.set_ylabel("central held-out perplexity")
     ax.set_title("Client-level DP on the embedded task")
@@ -192,11 +245,30 @@ def _plot_dp(points: list[dict], path) -> None:
     plt.close(fig)
 
 
+SECAGG = [
+    ("plain FedAvg", {}),
+    ("SecAgg+", {"secure-aggregation": True, "secagg-max-weight": 32.0}),
+]
+
+
+def summarize_secagg(rows: dict[str, dict]) -> dict:
+    plain, secure = rows["plain FedAvg"], rows["SecAgg+"]
+    return {
+        "ppl_plain": plain["final_mean"],
+        "ppl_secagg": secure["final_mean"],
+        "ppl_change": secure["final_mean"] / plain["final_mean"] - 1,
+        "bytes_ratio_secagg_vs_plain": secure["total_bytes_up_mean"] / plain["total_bytes_up_mean"],
+        "bytes_note": "SecAgg+ bytes: every reply of its 4 stages (keys, shares, masked "
+        "vectors, unmask shares), arrays plus config values (8 bytes per number)",
+    }
+
+
 ITEMS: dict[str, tuple[list[tuple[str, dict]], Callable[[dict], dict]]] = {
     "ranks": (RANKS, summarize_ranks),
     "compress": (COMPRESS, summarize_compress),
     "swapped": (SWAPPED, summarize_swapped),
     "dp": (DP, summarize_dp),
+    "secagg": (SECAGG, summarize_secagg),
 }
 
 

@@ -23,6 +23,7 @@ from tasks import build_task
 
 from .links import BaseCache, LinkCache, default_cache_dir
 from .local import as_floats, autocast, cpu_state, pick_device, place, train
+from .secure import secure_mod
 from .uploads import fit_rank, pack, residuals
 
 _BASES = BaseCache()
@@ -126,7 +127,7 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     def config(context: Context) -> RunConfig:
         return RunConfig.from_flower({**context.run_config, **(overrides or {})})
 
-    @client_app.train()
+    @client_app.train(mods=[secure_mod(config)])
     def _train(msg: Message, context: Context) -> Message:
         return train_b(msg, context, config(context))
 

@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from .chain_server import ChainServer
 from .checkpoint import FILE
 from .config import RunConfig, RunConfigError
+from .secure import run_secure
 
 
 def run_directory(cfg: RunConfig) -> Path:
@@ -45,7 +46,12 @@ def build_server_app(
         out_dir = run_directory(cfg)
         out_dir.mkdir(parents=True, exist_ok=True)
         log(INFO, "seedlora run %s -> %s", context.run_id, out_dir)
-        ChainServer(cfg, context.run_id, out_dir).run(wrap_grid(grid) if wrap_grid else grid)
+        server = ChainServer(cfg, context.run_id, out_dir)
+        grid = wrap_grid(grid) if wrap_grid else grid
+        if cfg.secure_aggregation:
+            run_secure(server, grid, context)
+        else:
+            server.run(grid)
 
     return server_app
 

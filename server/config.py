@@ -153,6 +153,11 @@ class RunConfig(BaseModel):
         1.0, "client-level DP: noise std on the mean = this * dp-clip / n", ge=0
     )
     dp_delta: float = F(1e-5, "client-level DP: delta at which epsilon is reported", gt=0, lt=1)
+    secure_aggregation: bool = F(False, "SecAgg+ (legacy-API workflow): the server sees only sums")
+    secagg_num_shares: int = F(3, "SecAgg+: shares of each client's secrets", ge=2)
+    secagg_threshold: int = F(2, "SecAgg+: shares needed to reconstruct", ge=1)
+    secagg_clipping_range: float = F(1.0, "SecAgg+: values clipped to +-this, then 22-bit", gt=0)
+    secagg_max_weight: float = F(1000.0, "SecAgg+: largest num-examples (scales the weights)", gt=0)
 
     @model_validator(mode="after")
     def _check_device(self) -> RunConfig:
@@ -168,6 +173,13 @@ class RunConfig(BaseModel):
             raise ValueError(f"frozen-factor: needs a seeded method, not {self.method!r}")
         if self.dp_clip > 0 and self.strategy not in ("fedavg", "fedprox"):
             raise ValueError(f"dp-clip: DP needs strategy fedavg or fedprox, not {self.strategy!r}")
+        if self.secure_aggregation:
+            plain = self.strategy == "fedavg" and self.method in B_ONLY and not self.client_ranks
+            if not plain or self.upload_codec != "float32" or self.dp_clip > 0:
+                raise ValueError(
+                    "secure-aggregation: needs strategy fedavg, a B-only method, float32 "
+                    "uploads, no client-ranks and no dp-clip (SecAgg+ runs its own rounds)"
+                )
         if self.client_ranks and self.frozen_factor != "A":
             raise ValueError("client-ranks: needs frozen-factor 'A' (nested A rows)")
         if not self.client_ranks or self.client_ranks == NODE_RANKS:

@@ -43,6 +43,7 @@ TRAIN_TIME = "train-time"
 BYTES_UP = "bytes-up"
 BYTES_DOWN = "bytes-down"
 PARTITION_ID = "partition-id"
+SECURE_LINKS = "links-data"  # SecAgg+ fit config: every merged link (server/secure.py)
 DP_WEIGHT = "dp-weight"  # 1 from every client under DP: equal weights (strategies/privacy.py)
 
 

@@ -1,0 +1,86 @@
+"""The client's side of SecAgg+ (server/secure.py says why it is the legacy API).
+
+`secure_mod` is a train mod: a message that carries SecAgg+ protocol configs goes through
+Flower's `secaggplus_mod` around `secure_train`, which reads the legacy FitIns (global B
+and heads as a list, link and links in the fit config), trains like `train_b`, and
+answers with a legacy FitRes; every other message goes to the normal train handler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flwr.app import Context, Message
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
+
+from seedlora import links_digest, load_trainable_state, prepare, trainable_state
+from seedlora.serialize import links_from_bytes
+from server.config import RunConfig
+from strategies import protocol as p
+from tasks import build_task
+
+from .local import cpu_state, pick_device, train
+
+
+def secure_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """Train on the legacy FitIns of a SecAgg+ round; reply with a legacy FitRes."""
+    from .app import _BASES  # the process-wide rebuilt-base cache
+
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    config = fitins.config
+    node = context.node_config
+    partition_id = int(node.get("partition-id", 0))
+    task = build_task(cfg.task_config(int(node.get("num-partitions", 1))))
+    _, links = links_from_bytes(bytes(config[p.SECURE_LINKS]))
+    if links_digest(links) != config[p.LINKS_DIGEST]:
+        raise ValueError("secure round: the sent links do not hash to the links digest")
+    model = prepare(
+        _BASES.get(cfg.model_name, links, task.load_model),
+        cfg.method,
+        cfg.targets(task.target_modules),
+        kind=cfg.a_kind,
+        seed=cfg.seed,
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        chain_index=int(config[p.CHAIN_INDEX]),
+        dropout=cfg.adapter_dropout,
+        heads=cfg.heads(task.modules_to_save),
+        frozen=cfg.frozen_factor,
+    )
+    names = list(trainable_state(model))
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    load_trainable_state(model, dict(zip(names, arrays, strict=True)))
+    device = pick_device(cfg.device)
+    model.to(device)
+    server_round = int(config[p.SERVER_ROUND])
+    result = train(
+        model,
+        task,
+        task.train_dataset(partition_id),
+        cfg,
+        device,
+        data_seed=cfg.seed * 1_000_003 + server_round * 1009 + partition_id,
+    )
+    state = [v.numpy() for v in cpu_state(model).values()]
+    fitres = FitRes(
+        status=Status(Code.OK, ""),
+        parameters=ndarrays_to_parameters(state),
+        num_examples=result.num_examples,
+        metrics={p.TRAIN_LOSS: result.loss},
+    )
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+def secure_mod(config: Callable[[Context], RunConfig]):
+    """A train mod: SecAgg+ messages to `secure_train`, the rest to the normal handler."""
+
+    def mod(msg: Message, context: Context, call_next) -> Message:
+        if RECORD_KEY_CONFIGS not in msg.content.config_records:
+            return call_next(msg, context)
+        inner = lambda m, c: secure_train(m, c, config(c))  # noqa: E731
+        return secaggplus_mod(msg, context, inner)
+
+    return mod
