@@ -87,7 +87,8 @@ def run_link(server: ChainServer, grid: Grid, context: Context) -> None:
 def run_secure(server: ChainServer, grid: Grid, context: Context) -> None:
     """The whole chain with SecAgg+ rounds; central evaluation after every link."""
     num_links, _ = server.cfg.schedule
-    server.history.append({"round": 0, "link": 0, "central": server.central_eval()})
+    if not server.history:
+        server.history.append({"round": 0, "link": 0, "central": server.central_eval()})
     while server.state.chain_index < num_links:
         link = server.state.chain_index
         run_link(server, grid, context)
