@@ -192,3 +192,19 @@ def test_launcher_runs_on_the_cluster(ray_cluster, tiny_lm_dir, tiny_text_dir, t
     assert result.returncode == 0, output
     doc = json.loads((tmp_path / "out" / "launch" / "metrics.json").read_text())
     assert [r["accepted"] for r in doc["rounds"] if r["round"] == 1] == [2]
+
+
+def test_client_resources_and_address_reach_flower():
+    from simulation.inprocess import backend_config
+    from simulation.launch import parse_args
+
+    assert backend_config(2, 0.25) == {"client_resources": {"num_cpus": 2, "num_gpus": 0.25}}
+    joined = backend_config(1, 0.5, ray_address="auto", init_args={"log_to_driver": False})
+    assert joined["init_args"] == {"address": "auto", "log_to_driver": False}
+    with pytest.raises(ValueError, match="ray-address"):
+        backend_config(1, 0.5, ray_address="auto", init_args={"num_gpus": 1})
+    with pytest.raises(ValueError, match="num-gpus"):
+        backend_config(1, 1.5)
+    assert parse_args(["--num-gpus", "0.25", "--ray-address", "h:6379"]).ray_address == "h:6379"
+    with pytest.raises(SystemExit):
+        parse_args(["--num-gpus", "1.5"])
