@@ -108,7 +108,7 @@ class Options:
     clients: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     gpus: list[int] = field(default_factory=lambda: [1])  # GPU counts of the Ray series
     model: str = "qwen2.5-0.5b-shape"
-    rounds: int = 2  # round 1 is the warm-up (actor start, model load, tokenizing)
+    rounds: int = 3  # round 1 is the warm-up (actor start, model load, tokenizing)
     local_steps: int = 10
     batch_size: int = 4
     seq_len: int = 512
