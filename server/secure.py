@@ -56,6 +56,7 @@ def _fit_config(server: ChainServer, server_round: int) -> dict:
 def run_link(server: ChainServer, grid: Grid, context: Context) -> None:
     """One chain link of `rounds-per-link` SecAgg+ rounds; leaves the average in state."""
     cfg, s = server.cfg, server.state
+    _, rounds = cfg.schedule  # ffa runs all rounds as one link
     names = list(s.arrays)
     initial = [s.arrays[k].numpy() for k in names]
     strategy = FedAvg(
@@ -66,7 +67,7 @@ def run_link(server: ChainServer, grid: Grid, context: Context) -> None:
         initial_parameters=ndarrays_to_parameters(initial),
         on_fit_config_fn=lambda rnd: _fit_config(server, rnd),
     )
-    legacy = LegacyContext(context, ServerConfig(num_rounds=cfg.rounds_per_link), strategy)
+    legacy = LegacyContext(context, ServerConfig(num_rounds=rounds), strategy)
     workflow = SecAggPlusWorkflow(
         num_shares=cfg.secagg_num_shares,
         reconstruction_threshold=cfg.secagg_threshold,
@@ -80,8 +81,8 @@ def run_link(server: ChainServer, grid: Grid, context: Context) -> None:
         k: server.state.arrays[k].new_tensor(np.asarray(v, dtype=np.float32))
         for k, v in zip(names, final, strict=True)
     }
-    s.global_round += cfg.rounds_per_link
-    s.round_in_link = cfg.rounds_per_link
+    s.global_round += rounds
+    s.round_in_link = rounds
 
 
 def run_secure(server: ChainServer, grid: Grid, context: Context) -> None:

@@ -43,6 +43,20 @@ PORT_FLAGS = (
 )
 
 
+def _cluster_ports(worker_span: int = 200) -> tuple[int, int, list[int]]:
+    """(GCS port, lowest worker port, one port per PORT_FLAGS): all distinct.
+
+    Ray refuses to start when a component port falls inside the worker range, and free
+    ports from the OS can land anywhere, so draw until none of them does.
+    """
+    while True:
+        singles = [free_port() for _ in range(len(PORT_FLAGS) + 1)]
+        low = free_port()
+        clash = any(low <= p <= low + worker_span for p in singles)
+        if len(set(singles)) == len(singles) and not clash:
+            return singles[0], low, singles[1:]
+
+
 def _cluster_pids(temp_dir: str) -> list[int]:
     """Processes whose command line names this cluster's temp dir (its daemons)."""
     found = []
@@ -58,8 +72,7 @@ def ray_cluster():
     """(address, env) of a private one-node Ray cluster: 2 CPUs, 1 logical GPU."""
     # Unix socket paths must stay under ~107 bytes, so the temp dir is short, not tmp_path.
     temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")
-    port = free_port()
-    low = free_port()
+    port, low, flag_ports = _cluster_ports()
     env = {**os.environ, **OFFLINE_ENV, **LOOPBACK_ENV}
     cmd = [
         sys.executable,
@@ -77,7 +90,7 @@ def ray_cluster():
         "--disable-usage-stats",
         f"--min-worker-port={low}",
         f"--max-worker-port={low + 200}",
-        *(f"{flag}={free_port()}" for flag in PORT_FLAGS),
+        *(f"{flag}={p}" for flag, p in zip(PORT_FLAGS, flag_ports, strict=True)),
     ]
     log = Path(temp_dir) / "ray-start.log"
     with log.open("wb") as handle:
