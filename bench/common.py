@@ -69,3 +69,26 @@ def write_result(name: str, payload: dict[str, Any], directory: Path = RESULTS) 
     os.replace(tmp, path)
     print(f"wrote {path}")
     return path
+
+
+def one_link_overrides(
+    model: str, data: str, out: Path, name: str, rounds: int, local_steps: int, **keys: Any
+) -> dict[str, Any]:
+    """Run config of a throughput run: one link of `rounds` rounds on an IID split, nothing
+    evaluated or exported (so the rounds time training and aggregation only); `keys`
+    (run-config names) add to or override it."""
+    return {
+        "model-name": model,
+        "dataset": data,
+        "partitioner": "iid",
+        "output-dir": str(out),
+        "run-name": name,
+        "num-links": 1,
+        "rounds-per-link": rounds,
+        "local-steps": local_steps,
+        "max-eval-blocks": 8,
+        "fraction-evaluate": 0.0,
+        "central-eval": False,
+        "export": False,
+        **keys,
+    }

@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS, environment, write_result
+from bench.common import RESULTS, environment, one_link_overrides, write_result
 
 NAME = "gpu_clients"
 DIGEST_REFERENCE = RESULTS / "a_digests_cpu.json"
@@ -185,28 +185,17 @@ def make_text(directory: Path, chars: int, row_chars: int = 2000) -> Path:
 
 def overrides(opts: Options, model: str, data: str, out: Path, name: str) -> dict[str, Any]:
     """The run config of one run: one link of `rounds` rounds, no evaluation or export."""
-    return {
-        "model-name": model,
-        "dataset": data,
-        "partitioner": "iid",
-        "output-dir": str(out),
-        "run-name": name,
-        "num-links": 1,
-        "rounds-per-link": opts.rounds,
-        "local-steps": opts.local_steps,
+    keys = {
         "batch-size": opts.batch_size,
         "seq-len": opts.seq_len,
         "max-train-blocks": opts.local_steps * opts.batch_size,
-        "max-eval-blocks": 8,
         "rank": opts.rank,
         "precision": opts.precision,
         "min-available-nodes": 1,  # with N = 1 the default 2 would wait for ever
-        "fraction-evaluate": 0.0,
-        "central-eval": False,
-        "export": False,
         "device": "auto",
         "round-timeout": opts.timeout_s,
     }
+    return one_link_overrides(model, data, out, name, opts.rounds, opts.local_steps, **keys)
 
 
 # --- one run, in a child process ------------------------------------------------------

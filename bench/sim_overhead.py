@@ -44,7 +44,7 @@ from typing import Any
 
 import psutil
 
-from bench.common import RESULTS, write_result
+from bench.common import RESULTS, one_link_overrides, write_result
 
 NAME = "sim_overhead"
 REPO = Path(__file__).resolve().parents[1]
@@ -116,26 +116,15 @@ def overrides_for(
     model: str, data: str, out: Path, name: str, *, rounds: int, local_steps: int, **extra: Any
 ) -> dict[str, Any]:
     """The run config of one benchmark run: tiny model, IID split, no evaluation, no export."""
-    return {
-        "model-name": model,
-        "dataset": data,
-        "partitioner": "iid",
-        "output-dir": str(out),
-        "run-name": name,
-        "num-links": 1,
-        "rounds-per-link": rounds,
-        "local-steps": local_steps,
+    keys = {
         "seq-len": extra.pop("seq_len", 32),
         "max-train-blocks": extra.pop("max_train_blocks", 16),
-        "max-eval-blocks": 8,
         "rank": extra.pop("rank", 4),
         "alpha": 8.0,
-        "fraction-evaluate": 0.0,
-        "central-eval": False,
-        "export": False,
         "device": "cpu",
         **extra,
     }
+    return one_link_overrides(model, data, out, name, rounds, local_steps, **keys)
 
 
 class PeakRSS:

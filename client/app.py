@@ -22,7 +22,7 @@ from strategies import protocol as p
 from tasks import build_task
 
 from .links import BaseCache, LinkCache, default_cache_dir
-from .local import as_floats, autocast, cpu_state, pick_device, place, train
+from .local import as_floats, autocast, cpu_state, pick_device, place, train_partition
 from .secure import secure_mod
 from .uploads import fit_rank, pack, residuals
 
@@ -83,15 +83,8 @@ def train_b(msg: Message, context: Context, cfg: RunConfig) -> Message:
     received = {k: v.clone() for k, v in cpu_state(model).items()}  # cpu_state may alias
     config = msg.content[p.CONFIG]
     server_round = int(config[p.SERVER_ROUND])
-    result = train(
-        model,
-        task,
-        task.train_dataset(partition_id),
-        cfg,
-        device,
-        data_seed=cfg.seed * 1_000_003 + server_round * 1009 + partition_id,
-        proximal_mu=float(config.get(p.PROXIMAL_MU, 0.0)),
-    )
+    mu = float(config.get(p.PROXIMAL_MU, 0.0))
+    result = train_partition(model, task, partition_id, server_round, cfg, device, mu)
     link = (int(config[p.CHAIN_INDEX]), str(config[p.LINKS_DIGEST]), server_round)
     arrays = ArrayRecord(pack(cpu_state(model), received, cfg, residuals(context), link))
     del model

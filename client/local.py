@@ -101,6 +101,25 @@ def train(
         return _train(model, task, dataset, cfg, device, data_seed, proximal_mu)
 
 
+def train_partition(
+    model: torch.nn.Module,
+    task,
+    partition_id: int,
+    server_round: int,
+    cfg: RunConfig,
+    device: torch.device,
+    proximal_mu: float = 0.0,
+) -> TrainResult:
+    """One round of `train` on this node's partition, with the round's data seed.
+
+    The seed depends on (run seed, round, partition) only, so a node that restarts, or the
+    SecAgg+ path, replays the same batches as the plain path would.
+    """
+    data_seed = cfg.seed * 1_000_003 + server_round * 1009 + partition_id
+    dataset = task.train_dataset(partition_id)
+    return train(model, task, dataset, cfg, device, data_seed=data_seed, proximal_mu=proximal_mu)
+
+
 def _train(model, task, dataset, cfg, device, data_seed, proximal_mu) -> TrainResult:
     start = time.perf_counter()
     if len(dataset) == 0:

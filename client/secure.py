@@ -22,7 +22,7 @@ from server.config import RunConfig
 from strategies import protocol as p
 from tasks import build_task
 
-from .local import cpu_state, pick_device, train
+from .local import cpu_state, pick_device, train_partition
 
 
 def secure_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
@@ -56,14 +56,7 @@ def secure_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     device = pick_device(cfg.device)
     model.to(device)
     server_round = int(config[p.SERVER_ROUND])
-    result = train(
-        model,
-        task,
-        task.train_dataset(partition_id),
-        cfg,
-        device,
-        data_seed=cfg.seed * 1_000_003 + server_round * 1009 + partition_id,
-    )
+    result = train_partition(model, task, partition_id, server_round, cfg, device)
     state = [v.numpy() for v in cpu_state(model).values()]
     fitres = FitRes(
         status=Status(Code.OK, ""),

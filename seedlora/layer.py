@@ -39,6 +39,22 @@ def project(x: torch.Tensor, spec: ASpec, a: torch.Tensor | None) -> torch.Tenso
     return x.index_select(-1, spec.columns().to(x.device))
 
 
+def wrap_frozen_base(
+    adapter: nn.Module, base: nn.Module, scaling: float, alpha: float, dropout: float
+) -> torch.dtype:
+    """Attach a frozen base and the adapter's scale and dropout; the trained factor's dtype.
+
+    The trained factor stays float32 (a master copy) under a bf16/fp16 base, so the wire
+    and the average do not depend on the client's precision; float64 bases keep float64.
+    """
+    adapter.base = base
+    base.requires_grad_(False)
+    adapter.alpha = float(alpha)
+    adapter.scaling = float(scaling)
+    adapter.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+    return torch.float64 if base.weight.dtype == torch.float64 else torch.float32
+
+
 @torch.no_grad()
 def merge_delta(base: nn.Module, spec: ASpec, b: torch.Tensor, scaling: float) -> None:
     """Fold `scaling * B @ A` into the base weight in place (the chain-link merge).
@@ -76,15 +92,9 @@ class SeedLoRALayer(nn.Module):
         n_in, n_out = layer_shape(base)
         if (spec.n_in, spec.n_out) != (n_in, n_out):
             raise ValueError(f"spec shape {(spec.n_in, spec.n_out)} != layer {(n_in, n_out)}")
-        self.base = base
-        self.base.requires_grad_(False)
-        self.alpha = float(alpha)
-        self.scaling = self.alpha / spec.rank
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # B stays float32 (a master copy) under a bf16/fp16 base; float64 bases keep float64.
-        weight = base.weight
-        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        self.lora_B = nn.Parameter(torch.zeros(n_out, spec.rank, device=weight.device, dtype=dtype))
+        dtype = wrap_frozen_base(self, base, alpha / spec.rank, alpha, dropout)
+        device = base.weight.device
+        self.lora_B = nn.Parameter(torch.zeros(n_out, spec.rank, device=device, dtype=dtype))
         self.register_buffer("lora_A", None, persistent=False)
         self.set_spec(spec)
 

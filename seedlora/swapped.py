@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .layer import SeedLoRALayer, layer_shape
+from .layer import SeedLoRALayer, layer_shape, wrap_frozen_base
 from .spec import ASpec
 
 TRAINED_A = "B"  # value of `frozen` (run-config frozen-factor) that selects this layer
@@ -53,14 +53,9 @@ class SwappedLoRALayer(nn.Module):
         n_in, n_out = layer_shape(base)
         if (spec.n_in, spec.n_out) != (n_out, n_in):
             raise ValueError(f"frozen-B spec shape {(spec.n_out, spec.n_in)} != {(n_in, n_out)}")
-        self.base = base
-        self.base.requires_grad_(False)
-        self.alpha = float(alpha)
-        self.scaling = self.alpha / spec.rank
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        weight = base.weight
-        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        self.lora_A = nn.Parameter(torch.zeros(spec.rank, n_in, device=weight.device, dtype=dtype))
+        dtype = wrap_frozen_base(self, base, alpha / spec.rank, alpha, dropout)
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.zeros(spec.rank, n_in, device=device, dtype=dtype))
         self.register_buffer("frozen_B", None, persistent=False)
         self.set_spec(spec)
 
