@@ -53,3 +53,16 @@ def test_secure_aggregation_refuses_what_it_cannot_run():
     for extra in ({"strategy": "fedadam"}, {"dp-clip": 1.0}, {"upload-codec": "int8"}):
         with pytest.raises(RunConfigError, match="secure-aggregation"):
             RunConfig.from_flower({"secure-aggregation": True, **extra})
+
+
+def test_secagg_plus_runs_ffa_as_one_link_of_all_rounds(overrides, tmp_path):
+    """ffa has no chain: its SecAgg+ workflow runs num-links x rounds-per-link rounds, once."""
+    ov = {**overrides, "secure-aggregation": True, "method": "ffa", "min-available-nodes": 3}
+    ov.update({"num-links": 2, "rounds-per-link": 1, "secagg-max-weight": 16.0})
+    grid = CopyingGrid(build_client_app(ov), 3)
+    server = ChainServer(RunConfig.from_flower(ov), RUN_ID, tmp_path)
+    run_secure(server, grid, Context(RUN_ID, 0, {}, RecordDict(), {}))
+    assert server.state.global_round == 2
+    assert len(server.state.links) == 1
+    assert [h["link"] for h in server.history] == [0, 0]
+    assert server.history[-1]["central"]["loss"] < server.history[0]["central"]["loss"]
