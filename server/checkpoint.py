@@ -79,6 +79,16 @@ def _unpack_strategy(tensors: dict[str, torch.Tensor], tags: dict) -> dict[str, 
     return state
 
 
+def _remove_stale_temps(directory: Path) -> None:
+    """Delete temp files of writes that a SIGKILL interrupted (loading never reads them).
+
+    The ServerApp is the only writer of its run directory, so any temp file present
+    before a write is an orphan."""
+    for stale in directory.glob(f".{FILE}.*"):
+        log.warning("removing %s, left by an interrupted checkpoint write", stale.name)
+        stale.unlink(missing_ok=True)
+
+
 def save(directory: str | os.PathLike, ckpt: Checkpoint) -> Path:
     """Write `ckpt` atomically, keeping the last good one as the `.prev` fallback."""
     directory = Path(directory)
@@ -94,6 +104,7 @@ def save(directory: str | os.PathLike, ckpt: Checkpoint) -> Path:
         "history": ckpt.history,
     }
     data = state_to_bytes(tensors, meta)
+    _remove_stale_temps(directory)
     current = directory / FILE
     if current.exists():
         os.replace(current, directory / PREVIOUS)  # a crash from here on leaves .prev

@@ -15,6 +15,7 @@ from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -167,6 +168,9 @@ class LinkStrategy(Strategy):
     def _filter(self, replies: Iterable[Message], arrays: dict | None, ledger_list) -> list:
         valid, rejected = split_replies(replies, self._expectation(arrays))
         for r in rejected:
+            if r.node_id == SUPERLINK_NODE_ID:  # Flower's error for a node it could not reach
+                log(WARNING, "rejected the SuperLink's error for a lost node: %s", r.reason)
+                continue  # the lost node is named by _note_lost
             log(WARNING, "rejected reply from node %s: %s", r.node_id, r.reason)
             self.ctx.node_links[r.node_id] = 0  # resend every link: cheap, and always safe
         ledger_list.extend(rejected)

@@ -71,3 +71,13 @@ def test_a_crash_while_writing_leaves_a_good_checkpoint(tmp_path, monkeypatch):
         checkpoint.save(tmp_path, make(2))
     assert checkpoint.load(tmp_path).round_in_link == 1
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".checkpoint")]
+
+
+def test_a_temp_file_left_by_a_sigkill_is_removed_by_the_next_write(tmp_path):
+    checkpoint.save(tmp_path, make(1))
+    orphan = tmp_path / f".{checkpoint.FILE}.abc123"  # what mkstemp leaves after a SIGKILL
+    orphan.write_bytes(b"half a checkpoint")
+    assert checkpoint.load(tmp_path).round_in_link == 1  # loading ignores it
+    checkpoint.save(tmp_path, make(2))
+    assert not orphan.exists()
+    assert checkpoint.load(tmp_path).round_in_link == 2

@@ -102,10 +102,8 @@ def test_mad_threshold_and_clip():
     assert clipped["b"].dtype == np.float32
 
 
-def test_every_bad_reply_is_logged_with_node_and_reason_and_never_averaged(caplog):
-    """Through LinkStrategy, the path a real round takes: one log line per bad reply."""
-    import logging
-
+def link_strategy():
+    """A LinkStrategy on link 1 that sent zeros: what a real round's checks run in."""
     from flwr.serverapp.strategy import FedAvg
 
     from strategies.chain import LinkContext, LinkStrategy
@@ -125,6 +123,14 @@ def test_every_bad_reply_is_logged_with_node_and_reason_and_never_averaged(caplo
     link.digest = "d" * 64
     link.expected_arrays = EXP.arrays
     link.sent_arrays = {"l.lora_B": np.zeros(SHAPE, np.float32)}
+    return link
+
+
+def test_every_bad_reply_is_logged_with_node_and_reason_and_never_averaged(caplog):
+    """Through LinkStrategy, the path a real round takes: one log line per bad reply."""
+    import logging
+
+    link = link_strategy()
     bad = {name: reply(node=100 + i, **BAD[name]) for i, name in enumerate(sorted(BAD))}
     good = reply(node=99, arrays={"l.lora_B": np.full(SHAPE, 2.0, np.float32)})
     with caplog.at_level(logging.WARNING, logger="flwr"):
@@ -134,3 +140,20 @@ def test_every_bad_reply_is_logged_with_node_and_reason_and_never_averaged(caplo
         assert "rejected" in line and name in line, line
     assert link.ledgers[1].accepted == 1 and len(link.ledgers[1].rejected) == len(BAD)
     assert np.array_equal(arrays["l.lora_B"].numpy(), np.full(SHAPE, 2.0, np.float32))
+
+
+def test_a_superlink_error_for_a_lost_node_names_the_node_not_the_superlink(caplog):
+    """Flower answers for an unreachable node with an error from node 1 (the SuperLink)."""
+    import logging
+
+    link = link_strategy()
+    link.sent_nodes = {42, 99}
+    good = reply(node=99)
+    unavailable = reply(node=1, error="Node Unavailable")
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        link.aggregate_train(1, [good, unavailable])
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("SuperLink's error for a lost node: client error: Node Unavailable" in x for x in lines), lines
+    assert any("no reply from node(s) 42" in x for x in lines), lines
+    assert not any("reply from node 1:" in x for x in lines), lines
+    assert link.ledgers[1].lost == [42] and link.ledgers[1].accepted == 1
