@@ -79,3 +79,16 @@ def test_sweep_runs_configurations_through_ray(tmp_path, tiny_lm_dir, tiny_text_
     assert [row["name"] for row in table] == ["fedavg-gaussian-s0", "fedmedian-gaussian-s0"]
     assert all(row["final"]["ppl"] > 0 for row in table)
     assert (out / "sweep.png").stat().st_size > 0
+
+
+def test_launcher_env_runs_ray_workers_at_normal_priority_unless_told(tmp_path, monkeypatch):
+    from simulation.launch import launch_env
+
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    env = launch_env(tmp_path, None)
+    assert env["RAY_worker_niceness"] == "0" and env["FLWR_TELEMETRY_ENABLED"] == "0"
+    assert "RAY_ADDRESS" not in env and env["FLWR_HOME"] == str(tmp_path)
+    monkeypatch.setenv("RAY_worker_niceness", "10")
+    env = launch_env(tmp_path, "127.0.0.1:6379")
+    assert env["RAY_worker_niceness"] == "10" and env["RAY_ADDRESS"] == "127.0.0.1:6379"

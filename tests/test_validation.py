@@ -153,7 +153,8 @@ def test_a_superlink_error_for_a_lost_node_names_the_node_not_the_superlink(capl
     with caplog.at_level(logging.WARNING, logger="flwr"):
         link.aggregate_train(1, [good, unavailable])
     lines = [r.getMessage() for r in caplog.records]
-    assert any("SuperLink's error for a lost node: client error: Node Unavailable" in x for x in lines), lines
+    expected = "SuperLink's error for a lost node: client error: Node Unavailable"
+    assert any(expected in x for x in lines), lines
     assert any("no reply from node(s) 42" in x for x in lines), lines
     assert not any("reply from node 1:" in x for x in lines), lines
     assert link.ledgers[1].lost == [42] and link.ledgers[1].accepted == 1
