@@ -40,9 +40,9 @@ def project(x: torch.Tensor, spec: ASpec, a: torch.Tensor | None) -> torch.Tenso
 
 
 def wrap_frozen_base(
-    adapter: nn.Module, base: nn.Module, scaling: float, alpha: float, dropout: float
+    adapter: nn.Module, base: nn.Module, alpha: float, rank: int, dropout: float
 ) -> torch.dtype:
-    """Attach a frozen base and the adapter's scale and dropout; the trained factor's dtype.
+    """Attach a frozen base, the scale alpha/rank and dropout; the trained factor's dtype.
 
     The trained factor stays float32 (a master copy) under a bf16/fp16 base, so the wire
     and the average do not depend on the client's precision; float64 bases keep float64.
@@ -50,30 +50,39 @@ def wrap_frozen_base(
     adapter.base = base
     base.requires_grad_(False)
     adapter.alpha = float(alpha)
-    adapter.scaling = float(scaling)
+    adapter.scaling = adapter.alpha / rank
     adapter.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
     return torch.float64 if base.weight.dtype == torch.float64 else torch.float32
 
 
 @torch.no_grad()
+def add_low_rank(
+    weight: torch.Tensor, spec: ASpec, left: torch.Tensor, scaling: float, transposed: bool
+) -> None:
+    """`weight += scaling * left @ A` in place, A from `spec` (a column scatter for blocks).
+
+    `transposed`: `weight` is stored the other way round (n_in x n_out, as GPT-2's Conv1D),
+    so the product is added transposed. Both merges (B-only and swapped roles) are this.
+    """
+    sl = (left.detach().to(torch.float32) * scaling).to(weight.device)
+    if spec.is_block:
+        cols = spec.columns().to(weight.device)
+        if transposed:
+            weight.index_add_(0, cols, sl.t().to(weight.dtype))
+        else:
+            weight.index_add_(1, cols, sl.to(weight.dtype))
+        return
+    delta = sl @ spec.dense().to(weight.device)
+    weight.add_((delta.t() if transposed else delta).to(weight.dtype))
+
+
 def merge_delta(base: nn.Module, spec: ASpec, b: torch.Tensor, scaling: float) -> None:
     """Fold `scaling * B @ A` into the base weight in place (the chain-link merge).
 
     The same function serves the layer's `merge()` and `rebuild()` from a links list, so
     a server and a client that start from the same W0 get bit-identical weights.
     """
-    weight = base.weight
-    transposed = isinstance(base, Conv1D)
-    sb = (b.detach().to(torch.float32) * scaling).to(weight.device)
-    if spec.is_block:
-        cols = spec.columns().to(weight.device)
-        if transposed:
-            weight.index_add_(0, cols, sb.t().to(weight.dtype))
-        else:
-            weight.index_add_(1, cols, sb.to(weight.dtype))
-        return
-    delta = sb @ spec.dense().to(weight.device)
-    weight.add_((delta.t() if transposed else delta).to(weight.dtype))
+    add_low_rank(base.weight, spec, b, scaling, transposed=isinstance(base, Conv1D))
 
 
 class SeedLoRALayer(nn.Module):
@@ -92,7 +101,7 @@ class SeedLoRALayer(nn.Module):
         n_in, n_out = layer_shape(base)
         if (spec.n_in, spec.n_out) != (n_in, n_out):
             raise ValueError(f"spec shape {(spec.n_in, spec.n_out)} != layer {(n_in, n_out)}")
-        dtype = wrap_frozen_base(self, base, alpha / spec.rank, alpha, dropout)
+        dtype = wrap_frozen_base(self, base, alpha, spec.rank, dropout)
         device = base.weight.device
         self.lora_B = nn.Parameter(torch.zeros(n_out, spec.rank, device=device, dtype=dtype))
         self.register_buffer("lora_A", None, persistent=False)

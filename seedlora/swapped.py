@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .layer import SeedLoRALayer, layer_shape, wrap_frozen_base
+from .layer import SeedLoRALayer, add_low_rank, layer_shape, wrap_frozen_base
 from .spec import ASpec
 
 TRAINED_A = "B"  # value of `frozen` (run-config frozen-factor) that selects this layer
@@ -28,21 +28,13 @@ def frozen_spec(kind, seed: int, chain_index: int, rank: int, layer: str, base: 
     return ASpec(kind, seed, chain_index, rank, layer, n_out, n_in)
 
 
-@torch.no_grad()
 def merge_swapped(base: nn.Module, spec: ASpec, a: torch.Tensor, scaling: float) -> None:
-    """Fold `scaling * B @ A` (B from `spec`, read transposed) into the base weight."""
-    weight = base.weight
-    transposed = isinstance(base, Conv1D)  # its weight is n_in x n_out
-    sa = (a.detach().to(torch.float32) * scaling).to(weight.device)
-    if spec.is_block:
-        rows = spec.columns().to(weight.device)
-        if transposed:
-            weight.index_add_(1, rows, sa.t().to(weight.dtype))
-        else:
-            weight.index_add_(0, rows, sa.to(weight.dtype))
-        return
-    delta = spec.dense().to(weight.device).t() @ sa
-    weight.add_((delta.t() if transposed else delta).to(weight.dtype))
+    """Fold `scaling * B @ A` (B from `spec`, read transposed) into the base weight.
+
+    `W += s B A` is `W^T += s A^T B^T` with `B^T = spec.dense()`: the B-only merge of A^T
+    into the weight seen the other way round.
+    """
+    add_low_rank(base.weight, spec, a.t(), scaling, transposed=not isinstance(base, Conv1D))
 
 
 class SwappedLoRALayer(nn.Module):
@@ -53,7 +45,7 @@ class SwappedLoRALayer(nn.Module):
         n_in, n_out = layer_shape(base)
         if (spec.n_in, spec.n_out) != (n_out, n_in):
             raise ValueError(f"frozen-B spec shape {(spec.n_out, spec.n_in)} != {(n_in, n_out)}")
-        dtype = wrap_frozen_base(self, base, alpha / spec.rank, alpha, dropout)
+        dtype = wrap_frozen_base(self, base, alpha, spec.rank, dropout)
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.zeros(spec.rank, n_in, device=device, dtype=dtype))
         self.register_buffer("frozen_B", None, persistent=False)
