@@ -29,16 +29,17 @@ from .uploads import fit_rank, pack, residuals
 _BASES = BaseCache()
 
 
-def _prepare(msg: Message, context: Context, cfg: RunConfig):
-    """(task, model on device, partition id, device) for this message."""
+def node_task(context: Context, cfg: RunConfig):
+    """(task, partition id) of this node, from its node config."""
     node = context.node_config
-    partition_id = int(node.get("partition-id", 0))
     num_partitions = int(node.get("num-partitions", 1))
-    task = build_task(cfg.task_config(num_partitions))
-    config = msg.content[p.CONFIG]
-    cache = LinkCache(node.get("cache-dir", default_cache_dir()), cfg.model_name)
-    links = cache.resolve(msg.content.config_records.get(p.LINKS), str(config[p.LINKS_DIGEST]))
-    model = prepare(
+    return build_task(cfg.task_config(num_partitions)), int(node.get("partition-id", 0))
+
+
+def link_model(cfg: RunConfig, task, links, config: Mapping[str, Any]) -> torch.nn.Module:
+    """The base rebuilt from `links`, adapted as the server's link `config` says (its method,
+    A kind, seed, rank, alpha and chain index); trainable state still the fresh one."""
+    return prepare(
         _BASES.get(cfg.model_name, links, task.load_model),
         str(config[p.METHOD]),
         cfg.targets(task.target_modules),
@@ -51,6 +52,15 @@ def _prepare(msg: Message, context: Context, cfg: RunConfig):
         heads=cfg.heads(task.modules_to_save),
         frozen=cfg.frozen_factor,
     )
+
+
+def _prepare(msg: Message, context: Context, cfg: RunConfig):
+    """(task, model on device, partition id, device) for this message."""
+    task, partition_id = node_task(context, cfg)
+    config = msg.content[p.CONFIG]
+    cache = LinkCache(context.node_config.get("cache-dir", default_cache_dir()), cfg.model_name)
+    links = cache.resolve(msg.content.config_records.get(p.LINKS), str(config[p.LINKS_DIGEST]))
+    model = link_model(cfg, task, links, config)
     load_trainable_state(model, msg.content[p.ARRAYS].to_torch_state_dict())
     device = pick_device(cfg.device)
     return task, place(model, device, cfg.precision), partition_id, device

@@ -16,45 +16,30 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-from seedlora import links_digest, load_trainable_state, prepare, trainable_state
+from seedlora import links_digest, load_trainable_state, trainable_state
 from seedlora.serialize import links_from_bytes
 from server.config import RunConfig
 from strategies import protocol as p
-from tasks import build_task
 
-from .local import cpu_state, pick_device, train_partition
+from .local import cpu_state, pick_device, place, train_partition
 
 
 def secure_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Train on the legacy FitIns of a SecAgg+ round; reply with a legacy FitRes."""
-    from .app import _BASES  # the process-wide rebuilt-base cache
+    from .app import link_model, node_task  # app imports this module
 
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     config = fitins.config
-    node = context.node_config
-    partition_id = int(node.get("partition-id", 0))
-    task = build_task(cfg.task_config(int(node.get("num-partitions", 1))))
+    task, partition_id = node_task(context, cfg)
     _, links = links_from_bytes(bytes(config[p.SECURE_LINKS]))
     if links_digest(links) != config[p.LINKS_DIGEST]:
         raise ValueError("secure round: the sent links do not hash to the links digest")
-    model = prepare(
-        _BASES.get(cfg.model_name, links, task.load_model),
-        cfg.method,
-        cfg.targets(task.target_modules),
-        kind=cfg.a_kind,
-        seed=cfg.seed,
-        rank=cfg.rank,
-        alpha=cfg.alpha,
-        chain_index=int(config[p.CHAIN_INDEX]),
-        dropout=cfg.adapter_dropout,
-        heads=cfg.heads(task.modules_to_save),
-        frozen=cfg.frozen_factor,
-    )
+    model = link_model(cfg, task, links, config)
     names = list(trainable_state(model))
     arrays = parameters_to_ndarrays(fitins.parameters)
     load_trainable_state(model, dict(zip(names, arrays, strict=True)))
     device = pick_device(cfg.device)
-    model.to(device)
+    model = place(model, device, cfg.precision)
     server_round = int(config[p.SERVER_ROUND])
     result = train_partition(model, task, partition_id, server_round, cfg, device)
     state = [v.numpy() for v in cpu_state(model).values()]
