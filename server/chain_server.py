@@ -220,7 +220,7 @@ class ChainServer:
         path = self.out_dir / "client-updates" / f"round-{global_round:04d}.safetensors"
         atomic_write_bytes(path, state_to_bytes(tensors, meta))
 
-    def _close_link(self) -> None:
+    def close_link(self) -> None:
         """Merge the link's averaged B into the base, record it, advance A, reset B.
 
         fedit and full have no link to merge: their state stays in the arrays."""
@@ -284,7 +284,7 @@ class ChainServer:
                         _l, _i, rnd, arr
                     ),
                 )
-            self._close_link()
+            self.close_link()
         self.finish()
 
     def finish(self) -> None:

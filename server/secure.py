@@ -96,5 +96,5 @@ def run_secure(server: ChainServer, grid: Grid, context: Context) -> None:
         entry = {"round": server.state.global_round, "link": link, "secure": True}
         server.history.append({**entry, "central": server.central_eval()})
         log(INFO, "secure link %d | central %s", link, server.history[-1]["central"])
-        server._close_link()
+        server.close_link()
     server.finish()

@@ -18,6 +18,7 @@ from flwr.serverapp import ServerApp
 
 from client.app import build_client_app
 from server.app import build_server_app
+from simulation.launch import gpu_share_problem
 
 
 def backend_config(
@@ -31,8 +32,9 @@ def backend_config(
     which then owns the resources (`init_args` such as num_cpus must not be given with it)."""
     if num_cpus <= 0:
         raise ValueError(f"num-cpus: must be > 0, got {num_cpus}")
-    if num_gpus < 0 or (num_gpus > 1 and num_gpus != int(num_gpus)):
-        raise ValueError(f"num-gpus: a fraction in (0, 1] or a whole number, got {num_gpus}")
+    gpu_problem = gpu_share_problem(num_gpus)
+    if gpu_problem:
+        raise ValueError(gpu_problem)
     config: dict[str, Any] = {"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus}}
     init = dict(init_args or {})
     if ray_address:

@@ -86,6 +86,14 @@ def launch_env(flwr_home: Path, ray_address: str | None) -> dict[str, str]:
     return env
 
 
+def gpu_share_problem(num_gpus: float) -> str | None:
+    """Why Ray cannot give each client `num_gpus` GPUs, or None: a share is a fraction in
+    [0, 1] (1/k packs k clients per GPU) or a whole number of GPUs."""
+    if num_gpus < 0 or (num_gpus > 1 and num_gpus != int(num_gpus)):
+        return f"num-gpus: a fraction in [0, 1] (1/k packs k) or a whole number, got {num_gpus}"
+    return None
+
+
 class LaunchError(RuntimeError):
     """The SuperLink could not be started or the run could not be submitted."""
 
@@ -391,10 +399,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--num-supernodes must be >= 1")
     if args.num_cpus is not None and args.num_cpus < 1:
         parser.error("--num-cpus must be >= 1 (Flower stores it as an integer)")
-    if args.num_gpus is not None and (
-        args.num_gpus < 0 or (args.num_gpus > 1 and args.num_gpus != int(args.num_gpus))
-    ):
-        parser.error("--num-gpus must be a fraction in [0, 1] (1/k packs k) or a whole number")
+    gpu_problem = None if args.num_gpus is None else gpu_share_problem(args.num_gpus)
+    if gpu_problem:
+        parser.error(f"--{gpu_problem}")
     return args
 
 

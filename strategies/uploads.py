@@ -99,8 +99,3 @@ def unpack_reply(
             return arrays
     content[p.ARRAYS] = ArrayRecord({k: Array(v.numpy()) for k, v in arrays.items()})
     return None
-
-
-def pad_reply(content: RecordDict, sent: Mapping[str, np.ndarray]) -> str | None:
-    """`unpack_reply` for float32 uploads of reduced rank."""
-    return unpack_reply(content, sent, "float32", ranks=True)

@@ -11,7 +11,7 @@ from seedlora import KINDS, ASpec, adapter_layers, inject, mean_update, relative
 from seedlora.aggregate import weighted_mean
 from seedlora.nested import nested, pad_rank, shrink
 from strategies import protocol as p
-from strategies.uploads import pad_reply
+from strategies.uploads import unpack_reply
 from tests import test_app_local as app_tests
 from tests.test_app_local import metrics, run
 
@@ -69,6 +69,11 @@ def test_shrunk_client_computes_the_padded_full_model(arch, kind):
     assert [n for n, p in small.named_parameters() if p.requires_grad] == [
         n for n, p in full.named_parameters() if p.requires_grad
     ]
+
+
+def pad_reply(content, sent):
+    """The server's unpacking of a float32 reply of reduced rank."""
+    return unpack_reply(content, sent, "float32", ranks=True)
 
 
 def test_pad_reply_pads_and_rejects():
