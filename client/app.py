@@ -90,7 +90,9 @@ def train_b(msg: Message, context: Context, cfg: RunConfig) -> Message:
     t0 = time.perf_counter()
     task, model, partition_id, device = _prepare(msg, context, cfg)
     fit_rank(model, cfg, context.node_config, partition_id)
-    received = {k: v.clone() for k, v in cpu_state(model).items()}  # cpu_state may alias
+    received = {}  # compressed uploads send trained - received; float32 sends the state
+    if cfg.upload_codec != "float32":
+        received = {k: v.clone() for k, v in cpu_state(model).items()}  # cpu_state may alias
     config = msg.content[p.CONFIG]
     server_round = int(config[p.SERVER_ROUND])
     mu = float(config.get(p.PROXIMAL_MU, 0.0))
