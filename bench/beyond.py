@@ -67,8 +67,8 @@ def run_secure_one(extra: dict, seed: int) -> dict:
     from flwr.app import Context, RecordDict
 
     from client.app import build_client_app
+    from contract.config import RunConfig
     from server.chain_server import ChainServer
-    from server.config import RunConfig
     from server.secure import run_secure
     from tests.copying_grid import CopyingGrid
     from tests.local_grid import RUN_ID

@@ -87,8 +87,8 @@ def run_one(opts: Options, rule: str, attack: str) -> dict:
     import torch
 
     from client.app import build_client_app
+    from contract.config import RunConfig
     from server.chain_server import ChainServer
-    from server.config import RunConfig
     from tests.local_grid import RUN_ID, LocalGrid, scaled_update
 
     torch.set_num_threads(opts.threads)

@@ -203,9 +203,9 @@ def worker(spec_path: str) -> None:
     """The child side: one run through Ray or the in-process floor, probed."""
     spec = json.loads(Path(spec_path).read_text())
     from client.app import build_client_app
+    from contract.config import RunConfig
     from server.app import build_server_app
     from server.chain_server import ChainServer
-    from server.config import RunConfig
     from simulation.inprocess import simulate
     from simulation.probe import TimedGrid, probed_client_app
     from tests.local_grid import RUN_ID, LocalGrid

@@ -216,8 +216,8 @@ def worker(spec_path: str) -> None:
     import torch
 
     from client.app import build_client_app
+    from contract.config import RunConfig
     from server.chain_server import ChainServer
-    from server.config import RunConfig
     from simulation.inprocess import simulate
     from tests.local_grid import RUN_ID, LocalGrid
 

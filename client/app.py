@@ -16,9 +16,9 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from contract import protocol as p
+from contract.config import RunConfig
 from seedlora import load_trainable_state, prepare
-from server.config import RunConfig
-from strategies import protocol as p
 from tasks import build_task
 
 from .links import BaseCache, LinkCache, default_cache_dir

@@ -17,6 +17,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord
 from torch import nn
 
+from contract import protocol as p
 from seedlora.chain import EMPTY_DIGEST, Link, links_digest, rebuild
 from seedlora.serialize import (
     CorruptFileError,
@@ -24,7 +25,6 @@ from seedlora.serialize import (
     links_from_bytes,
     links_to_bytes,
 )
-from strategies import protocol as p
 
 
 def default_cache_dir() -> Path:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
-from server.config import RunConfig
+from contract.config import RunConfig
 
 # run-config `precision` -> the dtype of the frozen base and of autocast (None: plain fp32).
 COMPUTE_DTYPES: dict[str, torch.dtype | None] = {

@@ -16,10 +16,10 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
+from contract import protocol as p
+from contract.config import RunConfig
 from seedlora import links_digest, load_trainable_state, trainable_state
 from seedlora.serialize import links_from_bytes
-from server.config import RunConfig
-from strategies import protocol as p
 
 from .local import cpu_state, pick_device, place, train_partition
 

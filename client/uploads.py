@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from contract.config import NODE_MAX_RANK, RunConfig, RunConfigError
 from seedlora.compress import compress
 from seedlora.nested import shrink
 from seedlora.serialize import (
@@ -28,7 +29,6 @@ from seedlora.serialize import (
     state_from_bytes,
     state_to_bytes,
 )
-from server.config import NODE_MAX_RANK, RunConfig, RunConfigError
 
 from .links import default_cache_dir
 

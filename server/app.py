@@ -12,9 +12,10 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from contract.config import RunConfig, RunConfigError
+
 from .chain_server import ChainServer
 from .checkpoint import FILE
-from .config import RunConfig, RunConfigError
 from .secure import run_secure
 
 

@@ -20,6 +20,8 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from contract import protocol as p
+from contract.config import RunConfig, RunConfigError
 from seedlora import (
     apply_link,
     atomic_dir,
@@ -35,14 +37,12 @@ from seedlora import (
 from seedlora.methods import B_ONLY
 from seedlora.serialize import atomic_write_bytes, state_to_bytes
 from strategies import privacy
-from strategies import protocol as p
 from strategies.chain import LinkContext, LinkStrategy
 from strategies.privacy import PrivacyLedger
 from strategies.registry import EXACT_IN_WEIGHT_SPACE, STATE_ATTRIBUTES, build_strategy
 from tasks import build_task
 
 from . import checkpoint, report
-from .config import RunConfig, RunConfigError
 
 # Config keys that may change when a run is resumed; all others must match the checkpoint.
 RESUMABLE_CHANGES = {"resume", "run_name", "output_dir", "round_timeout", "device", "export"}

@@ -33,9 +33,9 @@ from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
+from contract import protocol as p
 from seedlora import links_digest
 from seedlora.serialize import links_to_bytes
-from strategies import protocol as p
 
 from .chain_server import ChainServer
 

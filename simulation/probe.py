@@ -23,7 +23,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
-from strategies import protocol as p
+from contract import protocol as p
 
 CLIENT = "client"
 GRID = "grid"

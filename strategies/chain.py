@@ -20,11 +20,11 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from contract import protocol as p
 from seedlora.chain import Link, links_digest
 from seedlora.serialize import links_to_bytes
 
 from . import outliers, uploads
-from . import protocol as p
 from .validation import Expectation, Rejection, split_replies
 
 

@@ -34,9 +34,8 @@ from flwr.supercore.privacy_accounting import (
 )
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-from server.config import RunConfig
-
-from .protocol import DP_WEIGHT
+from contract.config import RunConfig
+from contract.protocol import DP_WEIGHT
 
 EPSILON = "dp-epsilon"  # train metric: cumulative epsilon at dp-delta after this round
 DP_STRATEGIES = ("fedavg", "fedprox")

@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from server.config import RunConfig
+from contract.config import RunConfig
 
 EXACT_IN_WEIGHT_SPACE = frozenset(
     {"fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"}

@@ -17,10 +17,9 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
+from contract import protocol as p
 from seedlora.compress import decode
 from seedlora.nested import pad_rank, rank_axis
-
-from . import protocol as p
 
 State = dict[str, torch.Tensor]
 

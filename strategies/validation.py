@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Message, RecordDict
 
-from . import protocol as p
+from contract import protocol as p
 
 
 @dataclass(frozen=True)

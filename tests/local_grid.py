@@ -80,7 +80,7 @@ def scaled_update(honest: ClientApp, factor: float):
     """A Byzantine client for tests and benchmarks only (no run-config key reaches it):
     it trains honestly, then sends `sent + factor * (trained - sent)`. factor 10 is the
     scaled attack, -1 the sign-flipped one."""
-    from strategies import protocol as p
+    from contract import protocol as p
 
     def app(msg: Message, context: Context) -> Message:
         reply = honest(msg, context)

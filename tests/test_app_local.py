@@ -8,10 +8,10 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from client.app import build_client_app
+from contract import protocol as p
+from contract.config import STRATEGIES, RunConfig
 from seedlora import ASpec, adapter_layers, relative_error
 from server.chain_server import ChainServer
-from server.config import STRATEGIES, RunConfig
-from strategies import protocol as p
 from tests.local_grid import RUN_ID, LocalGrid, scaled_update
 
 

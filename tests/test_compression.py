@@ -115,7 +115,7 @@ def test_int8_with_feedback_runs_a_chain_at_a_fraction_of_the_bytes(overrides, t
 
 
 def test_bad_codec_names_the_key():
-    from server.config import RunConfig, RunConfigError
+    from contract.config import RunConfig, RunConfigError
 
     with pytest.raises(RunConfigError, match="'upload-codec'"):
         RunConfig.from_flower({"upload-codec": "int4"})

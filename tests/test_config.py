@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import STRATEGIES, RunConfig, RunConfigError
+from contract.config import STRATEGIES, RunConfig, RunConfigError
 from strategies.registry import BUILDERS, build_strategy
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
@@ -94,7 +94,7 @@ def test_targets_and_heads_parsing():
 
 
 def test_readme_documents_every_key_with_its_default():
-    from server.config import markdown_table
+    from contract.config import markdown_table
 
     readme = (PYPROJECT.parent / "README.md").read_text()
     assert markdown_table() in readme

@@ -4,8 +4,8 @@ held-out perplexity (code-lm), and code-cls learns its new head (in-process grid
 import pytest
 
 from client.app import build_client_app
+from contract.config import RunConfig, RunConfigError
 from server.chain_server import ChainServer
-from server.config import RunConfig, RunConfigError
 from tests.local_grid import RUN_ID, LocalGrid
 
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
+from contract import protocol as p
 from seedlora import KINDS, ASpec, adapter_layers, inject, mean_update, relative_error
 from seedlora.aggregate import weighted_mean
 from seedlora.nested import nested, pad_rank, shrink
-from strategies import protocol as p
 from strategies.uploads import unpack_reply
 from tests import test_app_local as app_tests
 from tests.test_app_local import metrics, run
@@ -158,7 +158,7 @@ def test_mixed_ranks_chain_runs_on_every_kind(overrides, tmp_path):
 
 @pytest.mark.parametrize("value", ["9", "0", "4,x", "node,2"])
 def test_bad_client_ranks_name_the_key(value):
-    from server.config import RunConfig, RunConfigError
+    from contract.config import RunConfig, RunConfigError
 
     with pytest.raises(RunConfigError, match="client-ranks"):
         RunConfig.from_flower({"client-ranks": value})

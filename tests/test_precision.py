@@ -12,10 +12,10 @@ import torch
 
 from client.app import build_client_app
 from client.local import place
+from contract import protocol as p
+from contract.config import RunConfig, RunConfigError
 from seedlora import adapter_layers, prepare
 from server.chain_server import ChainServer
-from server.config import RunConfig, RunConfigError
-from strategies import protocol as p
 from tests.conftest import LLAMA_TARGETS, tiny_llama
 from tests.local_grid import RUN_ID, LocalGrid
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
+from contract import protocol as p
 from seedlora import KINDS, ASpec, adapter_layers, mean_update, relative_error, weighted_mean
-from strategies import protocol as p
 from strategies.privacy import EPSILON, epsilon
 from tests import test_app_local as app_tests
 from tests.test_app_local import metrics, run
@@ -65,7 +65,7 @@ def test_epsilon_accumulates_over_links(overrides, tmp_path):
 
 
 def test_dp_needs_a_linear_strategy():
-    from server.config import RunConfig, RunConfigError
+    from contract.config import RunConfig, RunConfigError
 
     with pytest.raises(RunConfigError, match="dp-clip"):
         RunConfig.from_flower({"dp-clip": 1.0, "strategy": "fedmedian"})

@@ -6,9 +6,9 @@ from flwr.app import Context, RecordDict
 
 import client.secure
 from client.app import build_client_app
+from contract.config import RunConfig, RunConfigError
 from seedlora import relative_error
 from server.chain_server import ChainServer
-from server.config import RunConfig, RunConfigError
 from server.secure import run_secure
 from tests import test_app_local as app_tests
 from tests.copying_grid import CopyingGrid

@@ -124,7 +124,7 @@ def test_a_pickled_array_in_a_reply_is_rejected_without_running(tmp_path):
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from strategies import protocol as p
+    from contract import protocol as p
     from strategies.validation import Expectation, check_reply
 
     proof = tmp_path / "proof"

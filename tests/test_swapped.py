@@ -122,7 +122,7 @@ def test_swapped_end_to_end_is_exact(overrides, tmp_path, kind):
 
 
 def test_bad_frozen_factor_names_the_key():
-    from server.config import RunConfig, RunConfigError
+    from contract.config import RunConfig, RunConfigError
 
     with pytest.raises(RunConfigError, match="'frozen-factor'"):
         RunConfig.from_flower({"frozen-factor": "C"})

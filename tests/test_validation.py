@@ -5,7 +5,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from strategies import protocol as p
+from contract import protocol as p
 from strategies.validation import Expectation, check_reply, split_replies
 
 SHAPE = (6, 2)
