@@ -2,53 +2,41 @@
 
 `python -m bench.beyond --items ranks,compress,swapped,dp` runs, per item, a few variants
 of the same small federated job (4 clients, 2 links x 2 rounds, code-lm on the embedded
-model, through `tests.local_grid.LocalGrid` like `bench.quality`) and writes
-`bench/results/beyond-<item>.json`:
+model, through `simulation.local.run_local` like `bench.quality`) and writes
+`bench/results/beyond-<item>.json` (`--set KEY=VALUE` changes every run's run config):
 
   ranks     all clients at r_max, all at r_min, and a mix (exact heterogeneous ranks)
   compress  float32 uploads against float16, bfloat16, int8 and int8 with error feedback
   swapped   B trained on a seeded A (default) against A trained on a seeded B
   dp        client-level DP: quality against epsilon (one run per noise multiplier)
+  secagg    SecAgg+ against plain FedAvg
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS, write_result
-from bench.quality import Options, run_one, run_overrides
+from bench import quality
+from bench.common import figure, parser, with_sets, write_result
+from simulation.sweep import Point, run_grid
 
-TASK, PARTITIONING, METHOD = "code-lm", "iid", "c3la"
-
-
-def options(extra: dict[str, Any], seed_note: str = "") -> Options:
-    """The small CPU-sized job every variant runs (a few tens of seconds each)."""
-    return Options(
-        tasks=[TASK],
-        partitionings=[PARTITIONING],
-        clients=4,
-        links=2,
-        rounds_per_link=2,
-        local_steps=5,
-        rank=8,
-        alpha=16.0,
-        max_train_blocks=32,
-        max_eval_blocks=32,
-        extra=extra,
-        note=seed_note,
-    )
-
-
-def run_one_plain(extra: dict, seed: int) -> dict:
-    return run_one(options(extra), TASK, PARTITIONING, METHOD, seed)
+TASK, PARTITIONING, METHOD, CLIENTS = "code-lm", "iid", "c3la", 4
+# The small CPU-sized job every variant runs (a few tens of seconds each).
+BASE: dict[str, Any] = {
+    **quality.BASE,
+    **quality.VARIANTS[METHOD],
+    "task": TASK,
+    "partitioner": PARTITIONING,
+    "min-available-nodes": 2,
+    "num-links": 2,
+    "rounds-per-link": 2,
+    "local-steps": 5,
+    "max-train-blocks": 32,
+    "max-eval-blocks": 32,
+}
 
 
 def _reply_bytes(message) -> int:
@@ -61,55 +49,47 @@ def _reply_bytes(message) -> int:
     return total
 
 
-def run_secure_one(extra: dict, seed: int) -> dict:
-    """One SecAgg+ run (server/secure.py) over the copying in-process grid."""
-    import torch
-    from flwr.app import Context, RecordDict
+def run_point(point: Point) -> dict:
+    """One variant and seed, with a fresh link cache (and upload residuals). A SecAgg+ run's
+    bytes are every reply of its 4 stages; a plain run's the metrics' bytes_up."""
+    from simulation.local import run_local
 
-    from client.app import build_client_app
-    from contract.config import RunConfig
-    from server.chain_server import ChainServer
-    from server.secure import run_secure
-    from tests.copying_grid import CopyingGrid
-    from tests.local_grid import RUN_ID
-
-    opts = options(extra)
-    torch.set_num_threads(opts.threads)
-    overrides, nodes = run_overrides(opts, TASK, PARTITIONING, METHOD, seed)
+    if not point.overrides.get("secure-aggregation"):
+        row = quality.run_point(point, fresh_cache=True)
+        row.pop("series")
+        return row
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench-beyond-secure-") as tmp:
-        grid = CopyingGrid(build_client_app(overrides), nodes)
-        server = ChainServer(RunConfig.from_flower(overrides), RUN_ID, Path(tmp))
-        run_secure(server, grid, Context(RUN_ID, 0, {}, RecordDict(), {}))
-        doc = json.loads((Path(tmp) / "metrics.json").read_text())
-    rounds = doc["rounds"]
+    result = run_local(point.overrides, point.nodes, fresh_cache=True)
+    rounds = result.metrics["rounds"]
     return {
-        "task": TASK,
-        "seed": seed,
-        "nodes": nodes,
+        "nodes": point.nodes,
         "base": rounds[0]["central"]["ppl"],
         "final": rounds[-1]["central"]["ppl"],
-        "total_bytes_up": sum(_reply_bytes(m) for m in grid.replies),
+        "total_bytes_up": sum(_reply_bytes(m) for m in result.grid.replies),
         "wall_time_s": time.perf_counter() - start,
     }
 
 
-def run_variants(variants: Sequence[tuple[str, dict]], seeds: Sequence[int]) -> list[dict]:
-    """One record per (variant, seed), with the variant's label and overrides."""
-    records = []
-    for seed in seeds:
-        for label, extra in variants:
-            with tempfile.TemporaryDirectory(prefix="bench-beyond-cache-") as cache:
-                os.environ["SEEDLORA_CACHE"] = cache  # fresh link cache and residuals
-                run = run_secure_one if extra.get("secure-aggregation") else run_one_plain
-                record = run(extra, seed)
-            record.pop("series", None)
-            records.append({"variant": label, "overrides": extra, **record})
-            print(
-                f"{label:>24} seed {seed}: ppl {record['final']:.2f}, "
-                f"{record['total_bytes_up'] / 1e6:.3f} MB up, {record['wall_time_s']:.0f} s"
-            )
-    return records
+def run_variants(args, item: str, variants: Sequence[tuple[str, dict]]) -> list[dict]:
+    """One row per (variant, seed), with the variant's label and overrides."""
+    tags = {"task": TASK, "partitioning": PARTITIONING, "panel": PARTITIONING, "method": METHOD}
+    plan = [
+        Point(
+            {**args.base, **extra, "seed": seed},
+            CLIENTS,
+            {"variant": label, "overrides": extra, **tags, "seed": seed},
+        )
+        for seed in args.seeds
+        for label, extra in variants
+    ]
+    results = args.out / f"beyond-{item}.runs.jsonl"
+    rows = run_grid(plan, run_point, results, resume=args.resume).rows
+    for r in rows:
+        print(
+            f"{r['variant']:>24} seed {r['seed']}: ppl {r['final']:.2f}, "
+            f"{r['total_bytes_up'] / 1e6:.3f} MB up, {r['wall_time_s']:.0f} s"
+        )
+    return rows
 
 
 def by_variant(records: Sequence[dict]) -> dict[str, dict]:
@@ -199,7 +179,7 @@ DP = [("no DP", {})] + [
 
 
 def summarize_dp(rows: dict[str, dict]) -> dict:
-    """Perplexity against epsilon (delta 1e-5, 4 releases of 4 clients out of 4), and a plot."""
+    """Perplexity against epsilon (delta 1e-5, 4 releases of 4 clients out of 4)."""
     from strategies.privacy import epsilon
 
     rounds, clients, delta = 4, 4, 1e-5
@@ -215,34 +195,27 @@ def summarize_dp(rows: dict[str, dict]) -> dict:
                 "ppl": row["final_mean"],
             }
         )
-    _plot_dp(points, RESULTS / "beyond-dp.png")
     return {"delta": delta, "releases": rounds, "clip": DP_CLIP, "points": points}
 
 
 def _plot_dp(points: list[dict], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    noised = [q for q in points if q["epsilon"] is not None]
-    ax.plot([q["epsilon"] for q in noised], [q["ppl"] for q in noised], "o-", label="clip + noise")
-    for q in noised:
-        ax.annotate(f"z={q['noise_multiplier']}", (q["epsilon"], q["ppl"]), fontsize=7)
-    for q in points:
-        if q["epsilon"] is None:
-            ax.axhline(q["ppl"], ls="--", lw=0.8, color="gray")
-            left = min(r["epsilon"] for r in noised)
-            ax.annotate(q["variant"], (left, q["ppl"]), fontsize=7, va="bottom")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("epsilon (delta 1e-5, 4 rounds, 4 clients, no amplification)")
-    ax.set_ylabel("central held-out perplexity")
-    ax.set_title("Client-level DP on the embedded task")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(5.5, 3.6)) as (_, ax):
+        noised = [q for q in points if q["epsilon"] is not None]
+        ax.plot(
+            [q["epsilon"] for q in noised], [q["ppl"] for q in noised], "o-", label="clip + noise"
+        )
+        for q in noised:
+            ax.annotate(f"z={q['noise_multiplier']}", (q["epsilon"], q["ppl"]), fontsize=7)
+        for q in points:
+            if q["epsilon"] is None:
+                ax.axhline(q["ppl"], ls="--", lw=0.8, color="gray")
+                left = min(r["epsilon"] for r in noised)
+                ax.annotate(q["variant"], (left, q["ppl"]), fontsize=7, va="bottom")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("epsilon (delta 1e-5, 4 rounds, 4 clients, no amplification)")
+        ax.set_ylabel("central held-out perplexity")
+        ax.set_title("Client-level DP on the embedded task")
 
 
 SECAGG = [
@@ -273,19 +246,21 @@ ITEMS: dict[str, tuple[list[tuple[str, dict]], Callable[[dict], dict]]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--items", default=",".join(ITEMS), help="comma list of items")
-    parser.add_argument("--seeds", default="0", help="comma list of seeds")
-    args = parser.parse_args(argv)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    ap = parser(__doc__, "beyond")
+    ap.add_argument("--items", default=",".join(ITEMS), help="comma list of items")
+    ap.add_argument("--seeds", default="0", help="comma list of seeds")
+    ap.add_argument("--resume", action="store_true", help="skip runs in beyond-<item>.runs.jsonl")
+    args = ap.parse_args(argv)
+    args.seeds, args.base = [int(s) for s in args.seeds.split(",")], with_sets(BASE, args)
     for item in args.items.split(","):
         variants, summarize = ITEMS[item]
-        records = run_variants(variants, seeds)
+        records = run_variants(args, item, variants)
         rows = by_variant(records)
         payload = {
             "benchmark": f"beyond-{item}",
-            "harness": "tests.local_grid.LocalGrid (real ServerApp/ClientApp, in-process)",
-            "options": vars(options({})),
+            "harness": "simulation.local.run_local (real ServerApp/ClientApp, in-process)",
+            "run_config": args.base,
+            "clients": CLIENTS,
             "task": TASK,
             "partitioning": PARTITIONING,
             "method": METHOD,
@@ -294,7 +269,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             "by_variant": rows,
             "runs": records,
         }
-        write_result(f"beyond-{item}", payload)
+        write_result(f"beyond-{item}", payload, args.out)
+        if item == "dp":
+            _plot_dp(payload["summary"]["points"], args.out / "beyond-dp.png")
 
 
 if __name__ == "__main__":

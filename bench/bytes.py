@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from bench.common import RESULTS, write_result
+from bench.common import QWEN25_05B, RESULTS, figure, write_result
 from seedlora import KINDS, adapter_layers, inject
 from tasks.models import EMBEDDED, resolve_model_path, target_modules_for
 
@@ -34,16 +34,7 @@ SHIPPED = "shipped"
 # Public configs written out, so nothing is fetched: (hidden, intermediate, heads, kv heads,
 # layers, vocab) as in each model's config.json on the hub.
 CONFIGS: dict[str, dict[str, Any]] = {
-    "qwen2.5-0.5b": dict(
-        model_type="qwen2",
-        hidden_size=896,
-        intermediate_size=4864,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        num_hidden_layers=24,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-    ),
+    "qwen2.5-0.5b": dict(model_type="qwen2", **QWEN25_05B),
     "llama2-7b": dict(
         model_type="llama",
         hidden_size=4096,
@@ -249,31 +240,23 @@ def print_tables(rows: Sequence[dict[str, Any]], reply: dict[str, Any]) -> None:
 
 def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     """Grouped bars: upload bytes per method per model, one panel per rank, log y."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ranks = sorted({r["rank"] for r in rows})
-    fig, axes = plt.subplots(1, len(ranks), figsize=(6 * len(ranks), 4.5), squeeze=False)
-    for ax, rank in zip(axes[0], ranks, strict=True):
-        sub = [r for r in rows if r["rank"] == rank]
-        width = 0.8 / len(METHODS)
-        for j, method in enumerate(METHODS):
-            xs = [i + (j - (len(METHODS) - 1) / 2) * width for i in range(len(sub))]
-            ax.bar(xs, [r["bytes"][method]["up"] for r in sub], width, label=method)
-        ax.set_xticks(range(len(sub)), [r["model"] for r in sub])
-        ax.set_yscale("log")
-        ax.set_ylabel("upload bytes per client-round (float32)")
-        ax.set_title(
-            f"rank {rank}: ours/fedit " + ", ".join(f"{r['ratio_up_ours_fedit']:.3f}" for r in sub)
-        )
-        ax.grid(axis="y", which="both", alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    with figure(path, 1, len(ranks), figsize=(6 * len(ranks), 4.5), squeeze=False) as (_, axes):
+        for ax, rank in zip(axes[0], ranks, strict=True):
+            sub = [r for r in rows if r["rank"] == rank]
+            width = 0.8 / len(METHODS)
+            for j, method in enumerate(METHODS):
+                xs = [i + (j - (len(METHODS) - 1) / 2) * width for i in range(len(sub))]
+                ax.bar(xs, [r["bytes"][method]["up"] for r in sub], width, label=method)
+            ax.set_xticks(range(len(sub)), [r["model"] for r in sub])
+            ax.set_yscale("log")
+            ax.set_ylabel("upload bytes per client-round (float32)")
+            ax.set_title(
+                f"rank {rank}: ours/fedit "
+                + ", ".join(f"{r['ratio_up_ours_fedit']:.3f}" for r in sub)
+            )
+            ax.grid(axis="y", which="both", alpha=0.3)
+            ax.legend()
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.common import RESULTS, write_result
+from bench.common import RESULTS, figure, write_result
 from seedlora import KINDS, ASpec, merge_delta
 from seedlora.aggregate import mean_update, normalized, relative_error
 
@@ -205,48 +205,39 @@ def print_table(summary: Sequence[dict], clients: Sequence[int]) -> dict[str, An
 
 def plot(summary: Sequence[dict], path: Path) -> None:
     """Error vs number of clients, log y, one line per method/dtype, the goal dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 5))
-    lines = sorted({(s["method"], s["dtype"]) for s in summary})
-    families = sorted({m.removesuffix("+flower") for m, _ in lines})
-    for i, (method, dtype) in enumerate(lines):
-        pts = sorted(
-            (s["clients"], s["max_error"])
-            for s in summary
-            if (s["method"], s["dtype"]) == (method, dtype)
+    with figure(path, figsize=(9, 5)) as (_, ax):
+        lines = sorted({(s["method"], s["dtype"]) for s in summary})
+        families = sorted({m.removesuffix("+flower") for m, _ in lines})
+        for i, (method, dtype) in enumerate(lines):
+            pts = sorted(
+                (s["clients"], s["max_error"])
+                for s in summary
+                if (s["method"], s["dtype"]) == (method, dtype)
+            )
+            # Many lines coincide (same numbers); a small x shift per line keeps each visible.
+            shift = 2 ** (0.03 * (i - (len(lines) - 1) / 2))
+            flower = method.endswith("+flower")
+            ax.plot(
+                [p[0] * shift for p in pts],
+                [max(p[1], 1e-18) for p in pts],
+                "-" if dtype == "float32" else "--",
+                marker="x" if flower else "o",
+                markersize=8 if flower else 5,
+                color=f"C{families.index(method.removesuffix('+flower'))}",  # tab10
+                label=f"{method} ({dtype})",
+            )
+        ax.axhline(GOAL, color="k", linestyle=":", label=f"goal {GOAL:.0e} (float32)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("number of clients")
+        ax.set_ylabel("relative Frobenius error (max over layers, seeds)")
+        ax.set_title(
+            "aggregated update vs exact weighted mean of client updates\n"
+            "(color: method, solid: float32, dashed: bfloat16, x: through Flower)",
+            fontsize=10,
         )
-        # Many lines coincide (same numbers); a small x shift per line keeps each visible.
-        shift = 2 ** (0.03 * (i - (len(lines) - 1) / 2))
-        flower = method.endswith("+flower")
-        ax.plot(
-            [p[0] * shift for p in pts],
-            [max(p[1], 1e-18) for p in pts],
-            "-" if dtype == "float32" else "--",
-            marker="x" if flower else "o",
-            markersize=8 if flower else 5,
-            color=plt.get_cmap("tab10")(families.index(method.removesuffix("+flower"))),
-            label=f"{method} ({dtype})",
-        )
-    ax.axhline(GOAL, color="k", linestyle=":", label=f"goal {GOAL:.0e} (float32)")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("number of clients")
-    ax.set_ylabel("relative Frobenius error (max over layers, seeds)")
-    ax.set_title(
-        "aggregated update vs exact weighted mean of client updates\n"
-        "(color: method, solid: float32, dashed: bfloat16, x: through Flower)",
-        fontsize=10,
-    )
-    ax.grid(which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+        ax.grid(which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -3,18 +3,20 @@
     PYTHONPATH=/tmp/site:$PWD python -m bench.gpu_clients --out bench/results
     python -m bench.gpu_clients --tiny --out /tmp/x      # CPU check of the whole pipeline
 
-For N = 1, 2, 4, 8 clients it runs the real app twice, each in its own child process:
+For N = 1, 2, 4, 8 clients it runs the real app twice, each in its own child process
+(bench.common.run_child):
   ray:   flwr `run_simulation` (simulation.inprocess.simulate) with client resources
          num_gpus = G/N, so the N clients share G GPUs and train at the same time;
-  floor: tests.local_grid.LocalGrid, the same ServerApp/ClientApp code with the N clients
+  floor: simulation.local.run_local, the same ServerApp/ClientApp code with the N clients
          trained one after another in one process on one GPU.
 Model: a Qwen2.5-0.5B-shaped config (hidden 896, intermediate 4864, 24 layers, 14 heads,
 2 KV heads; vocabulary of the embedded model's 4096-token tokenizer, so 0.36B parameters,
 all of Qwen2.5-0.5B's non-embedding ones), random init, saved in bf16 as a local HF
 directory and loaded through the project's own path (`model-name` = that directory);
 `precision = bf16`; text: the running interpreter's stdlib sources, saved with
-`save_to_disk` and split IID. Every client trains `local-steps` x `batch-size` blocks of
-`seq-len` tokens per round.
+`save_to_disk` and split IID (simulation.tiny). Every client trains `local-steps` x
+`batch-size` blocks of `seq-len` tokens per round; the run config is RUN below, and
+`--set KEY=VALUE` changes it (`--set rounds-per-link=4`, `--set seq-len=256`).
 
 What is recorded, per run and round (simulation.probe: a ClientApp wrapper and a timed grid):
 throughput = trained tokens of all clients / round wall time; each client's peak GPU memory
@@ -33,49 +35,42 @@ the clients train on the CPU.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS, environment, one_link_overrides, write_result
+from bench.common import (
+    QWEN25_05B,
+    REPO,
+    RESULTS,
+    THROUGHPUT_RUN,
+    environment,
+    parser,
+    run_child,
+    with_sets,
+    write_result,
+)
 
 NAME = "gpu_clients"
 DIGEST_REFERENCE = RESULTS / "a_digests_cpu.json"
-REPO = Path(__file__).resolve().parents[1]
 TRAIN = "train"
 MIB = 2**20
 MIN_TEXT_CHARS = 400_000  # ~200 rows: every client of the IID split gets text
 GROWTH_TOLERANCE = 16 * MIB  # allocator rounding; a kept model would be hundreds of MiB
-OFFLINE = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_worker_niceness": "0",  # Ray's default 15 would let any other job slow the clients
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-}
 
-# Qwen2.5-0.5B's shape (its config.json), and a toy one for the CPU check.
+# Qwen2.5-0.5B's shape with the embedded tokenizer's vocabulary, and a toy one for the CPU.
 MODELS: dict[str, dict[str, Any]] = {
     "qwen2.5-0.5b-shape": {
-        "hidden_size": 896,
-        "intermediate_size": 4864,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 14,
-        "num_key_value_heads": 2,
+        **{k: v for k, v in QWEN25_05B.items() if k != "vocab_size"},
         "rope_theta": 1_000_000.0,
         "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": True,
     },
     "tiny": {
         "hidden_size": 64,
@@ -86,6 +81,20 @@ MODELS: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": True,
     },
 }
+# The run config of every run (the H100 run, aimed at under 8 minutes in all): one link of
+# 3 rounds, round 1 being the warm-up (actor start, model load, tokenizing).
+RUN: dict[str, Any] = {
+    **THROUGHPUT_RUN,
+    "rounds-per-link": 3,
+    "local-steps": 10,
+    "batch-size": 4,
+    "seq-len": 512,
+    "rank": 16,
+    "precision": "bf16",
+    "min-available-nodes": 1,  # with N = 1 the default 2 would wait for ever
+    "device": "auto",
+}
+TINY_RUN = {"rounds-per-link": 2, "local-steps": 2, "batch-size": 2, "seq-len": 64, "rank": 4}
 
 # A for these specs is derived on every machine; equal digests mean bit-identical A.
 DIGEST_SPECS: tuple[tuple[str, int, int, int, str, int, int], ...] = tuple(
@@ -101,135 +110,7 @@ DIGEST_SPECS: tuple[tuple[str, int, int, int, str, int, int], ...] = tuple(
 )
 
 
-@dataclass
-class Options:
-    """Sizes of the runs; the defaults are the H100 run (aimed at under 8 minutes in all)."""
-
-    clients: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    gpus: list[int] = field(default_factory=lambda: [1])  # GPU counts of the Ray series
-    model: str = "qwen2.5-0.5b-shape"
-    rounds: int = 3  # round 1 is the warm-up (actor start, model load, tokenizing)
-    local_steps: int = 10
-    batch_size: int = 4
-    seq_len: int = 512
-    rank: int = 16
-    precision: str = "bf16"
-    skip_floor: bool = False
-    timeout_s: float = 420.0  # per run; a run past it is stopped and recorded as such
-    workdir: str = ""  # keep the model and data here (default: a temporary directory)
-
-
-TINY = {
-    "clients": [1, 2],
-    "model": "tiny",
-    "rounds": 2,
-    "local_steps": 2,
-    "batch_size": 2,
-    "seq_len": 64,
-    "rank": 4,
-    "timeout_s": 240.0,
-}
-
-
-# --- inputs ---------------------------------------------------------------------------
-def make_model(directory: Path, model: str, seq_len: int) -> dict[str, Any]:
-    """A randomly initialised Qwen2 of the given shape, in bf16, with the embedded tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    from tasks.models import resolve_model_path
-
-    tok = AutoTokenizer.from_pretrained(resolve_model_path("embedded"))
-    cfg = Qwen2Config(
-        vocab_size=len(tok),
-        max_position_embeddings=max(seq_len, 512),
-        bos_token_id=tok.eos_token_id,
-        eos_token_id=tok.eos_token_id,
-        **MODELS[model],
-    )
-    if not (directory / "config.json").exists():
-        torch.manual_seed(0)
-        net = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
-        net.save_pretrained(directory)
-        tok.save_pretrained(directory)
-        del net
-    params = _count_params(cfg)
-    return {"shape": model, "config": MODELS[model], "vocab_size": len(tok), "params": params}
-
-
-def _count_params(cfg) -> int:
-    import torch
-    from transformers import Qwen2ForCausalLM
-
-    with torch.device("meta"):
-        return sum(p.numel() for p in Qwen2ForCausalLM(cfg).parameters())
-
-
-def make_text(directory: Path, chars: int, row_chars: int = 2000) -> Path:
-    """A save_to_disk text dataset of at least `chars` characters of stdlib source."""
-    import datasets
-
-    if (directory / "dataset_info.json").exists():
-        return directory
-    rows: list[str] = []
-    total = 0
-    for path in sorted(Path(os.__file__).parent.glob("*.py")):
-        text = path.read_text(errors="replace")
-        rows += [text[i : i + row_chars] for i in range(0, len(text), row_chars)]
-        total += len(text)
-        if total >= chars:
-            break
-    datasets.Dataset.from_dict({"text": rows}).save_to_disk(str(directory))
-    return directory
-
-
-def overrides(opts: Options, model: str, data: str, out: Path, name: str) -> dict[str, Any]:
-    """The run config of one run: one link of `rounds` rounds, no evaluation or export."""
-    keys = {
-        "batch-size": opts.batch_size,
-        "seq-len": opts.seq_len,
-        "max-train-blocks": opts.local_steps * opts.batch_size,
-        "rank": opts.rank,
-        "precision": opts.precision,
-        "min-available-nodes": 1,  # with N = 1 the default 2 would wait for ever
-        "device": "auto",
-        "round-timeout": opts.timeout_s,
-    }
-    return one_link_overrides(model, data, out, name, opts.rounds, opts.local_steps, **keys)
-
-
 # --- one run, in a child process ------------------------------------------------------
-def worker(spec_path: str) -> None:
-    """The child side: one run through Ray or the in-process floor, probed."""
-    spec = json.loads(Path(spec_path).read_text())
-    from client.app import build_client_app
-    from contract.config import RunConfig
-    from server.app import build_server_app
-    from server.chain_server import ChainServer
-    from simulation.inprocess import simulate
-    from simulation.probe import TimedGrid, probed_client_app
-    from tests.local_grid import RUN_ID, LocalGrid
-
-    ov, log, nodes = spec["overrides"], spec["log"], spec["nodes"]
-    client_app = probed_client_app(build_client_app(ov), log)
-    start = time.time()
-    if spec["mode"] == "ray":
-        simulate(
-            ov,
-            num_supernodes=nodes,
-            num_cpus=spec["num_cpus"],
-            num_gpus=spec["num_gpus"],
-            init_args=spec.get("init_args"),
-            server_app=build_server_app(ov, wrap_grid=lambda grid: TimedGrid(grid, log)),
-            client_app=client_app,
-        )
-    else:
-        out = Path(ov["output-dir"]) / ov["run-name"]
-        grid = TimedGrid(LocalGrid(client_app, nodes), log)
-        ChainServer(RunConfig.from_flower(ov), RUN_ID, out).run(grid)
-    Path(spec["result"]).write_text(json.dumps({"start": start, "end": time.time()}))
-
-
 def _visible_gpus() -> list[str]:
     import torch
 
@@ -240,50 +121,32 @@ def _visible_gpus() -> list[str]:
     return ids or [str(i) for i in range(torch.cuda.device_count())]
 
 
-def launch(spec: dict[str, Any], workdir: Path, timeout_s: float) -> dict[str, Any]:
-    """Run one `--worker` child; return its probe analysis, or why it did not finish."""
-    tag = spec["overrides"]["run-name"]
-    paths = {k: workdir / f"{tag}.{k}" for k in ("spec.json", "result.json", "log", "probe")}
-    spec = {**spec, "result": str(paths["result.json"]), "log": str(paths["probe"])}
-    paths["spec.json"].write_text(json.dumps(spec))
-    env = {**os.environ, **OFFLINE, "SEEDLORA_CACHE": str(workdir / "link-cache")}
+def launch(args, spec: dict[str, Any], workdir: Path, tag: str) -> dict[str, Any]:
+    """One probed run in a child process; its analysis, or why it did not finish."""
+    from simulation.launch import OFFLINE_ENV, SIMULATION_ENV
+    from simulation.probe import read
+
+    ov = {**args.base, "model-name": str(args.model_dir), "dataset": str(args.data)}
+    ov["max-train-blocks"] = ov["local-steps"] * ov["batch-size"]
+    ov |= {"round-timeout": args.timeout_s, "output-dir": str(workdir), "run-name": tag}
+    spec = {**spec, "overrides": ov, "probe": str(workdir / f"{tag}.probe")}
+    env = {**OFFLINE_ENV, **SIMULATION_ENV, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env["SEEDLORA_CACHE"] = str(workdir / "link-cache")
     if spec.get("cuda_visible_devices") is not None:
         env["CUDA_VISIBLE_DEVICES"] = spec["cuda_visible_devices"]
-    cmd = [sys.executable, "-m", "bench.gpu_clients", "--worker", str(paths["spec.json"])]
-    began = time.perf_counter()
-    with paths["log"].open("w") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            code: int | None = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            code = None
-        finally:
-            _stop(proc)
+    run = run_child(spec, workdir, args.timeout_s, env)
     row: dict[str, Any] = {
         "mode": spec["mode"],
         "clients": spec["nodes"],
         "gpus": spec.get("gpus"),
         "client_resources": {"num_cpus": spec.get("num_cpus"), "num_gpus": spec.get("num_gpus")},
         "logical_gpus": bool(spec.get("init_args", {}).get("num_gpus")),
-        "process_wall_s": time.perf_counter() - began,
+        "process_wall_s": run["process_wall_s"],
+        "completed": run["completed"],
     }
-    if code != 0 or not paths["result.json"].exists():
-        why = f"stopped after the {timeout_s:.0f}s limit" if code is None else f"exit code {code}"
-        tail = paths["log"].read_text(errors="replace")[-3000:]
-        return {**row, "completed": False, "why": why, "log_tail": tail}
-    from simulation.probe import read
-
-    doc = json.loads((Path(spec["overrides"]["output-dir"]) / tag / "metrics.json").read_text())
-    return {**row, "completed": True, **analyse(read(paths["probe"]), doc, spec)}
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop a worker and everything it started (its session: Ray's local processes too)."""
-    from simulation.launch import stop_process_tree
-
-    stop_process_tree(proc)
+    if not run["completed"]:
+        return {**row, "why": run["why"], "log_tail": run["log_tail"]}
+    return {**row, **analyse(read(Path(spec["probe"])), run["metrics"], spec)}
 
 
 # --- analysis -------------------------------------------------------------------------
@@ -410,7 +273,7 @@ def digest_section(device: str) -> dict[str, Any]:
 
 
 # --- the benchmark --------------------------------------------------------------------
-def _ray_spec(opts: Options, n: int, g: int, gpu_ids: list[str], cpus: int) -> dict[str, Any]:
+def _ray_spec(n: int, g: int, gpu_ids: list[str], cpus: int) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "mode": "ray",
         "nodes": n,
@@ -425,68 +288,69 @@ def _ray_spec(opts: Options, n: int, g: int, gpu_ids: list[str], cpus: int) -> d
     return spec
 
 
-def run_benchmark(opts: Options, directory: Path = RESULTS, name: str = NAME) -> dict:
-    """Every run, written to `<directory>/<name>.json` after each one."""
+def run_benchmark(args) -> dict:
+    """Every run, written to `<out>/<name>.json` after each one."""
+    from simulation.tiny import save_random_lm, save_text_dataset
+
     gpu_ids = _visible_gpus()
-    if gpu_ids and max(opts.gpus) > len(gpu_ids):
-        raise SystemExit(f"--gpus {max(opts.gpus)}: only {len(gpu_ids)} GPU(s) visible")
+    if gpu_ids and max(args.gpus) > len(gpu_ids):
+        raise SystemExit(f"--gpus {max(args.gpus)}: only {len(gpu_ids)} GPU(s) visible")
     cpus = os.cpu_count() or 1
-    payload: dict[str, Any] = {"benchmark": NAME, "options": asdict(opts), "gpu_ids": gpu_ids}
-    own = not opts.workdir
-    workdir = Path(tempfile.mkdtemp(prefix="bench-gpu-") if own else opts.workdir)
+    options = ("clients", "gpus", "model", "skip_floor", "timeout_s", "workdir")
+    payload: dict[str, Any] = {"benchmark": NAME, "options": {k: vars(args)[k] for k in options}}
+    payload |= {"run_config": args.base, "gpu_ids": gpu_ids}
+    own = not args.workdir
+    workdir = Path(tempfile.mkdtemp(prefix="bench-gpu-") if own else args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
+    ov = args.base
     try:
-        model_dir = workdir / f"model-{opts.model}"
-        payload["model"] = make_model(model_dir, opts.model, opts.seq_len)
-        blocks = max(opts.clients) * opts.local_steps * opts.batch_size
-        chars = max(blocks * opts.seq_len * 8, MIN_TEXT_CHARS)
-        data = make_text(workdir / f"text-{chars}", chars)
-        payload["floor"], payload["ray"] = {}, {str(g): {} for g in opts.gpus}
-        for n in opts.clients:
-            tag = f"n{n}"
-            if not opts.skip_floor:
-                spec = {"mode": "floor", "nodes": n, "gpus": 1}
-                if gpu_ids:
-                    spec["cuda_visible_devices"] = gpu_ids[0]
-                spec["overrides"] = overrides(
-                    opts, str(model_dir), str(data), workdir, f"floor-{tag}"
-                )
-                payload["floor"][str(n)] = launch(spec, workdir, opts.timeout_s)
-                _say(payload["floor"][str(n)])
-                write_result(name, payload, directory)
-            for g in opts.gpus:
-                spec = _ray_spec(opts, n, g, gpu_ids, cpus)
-                spec["overrides"] = overrides(
-                    opts, str(model_dir), str(data), workdir, f"ray-g{g}-{tag}"
-                )
-                payload["ray"][str(g)][str(n)] = launch(spec, workdir, opts.timeout_s)
-                _say(payload["ray"][str(g)][str(n)])
-                write_result(name, payload, directory)
+        args.model_dir = workdir / f"model-{args.model}"
+        positions = max(ov["seq-len"], 512)
+        info = save_random_lm(args.model_dir, MODELS[args.model], positions)
+        payload["model"] = {"shape": args.model, "config": MODELS[args.model], **info}
+        blocks = max(args.clients) * ov["local-steps"] * ov["batch-size"]
+        chars = max(blocks * ov["seq-len"] * 8, MIN_TEXT_CHARS)
+        args.data = save_text_dataset(workdir / f"text-{chars}", min_chars=chars, chunk=2000)
+        payload["floor"], payload["ray"] = {}, {str(g): {} for g in args.gpus}
+        for n in args.clients:
+            runs = [] if args.skip_floor else [(payload["floor"], "floor", 1)]
+            runs += [(payload["ray"][str(g)], "ray", g) for g in args.gpus]
+            for into, mode, g in runs:
+                if mode == "floor":
+                    spec = {"mode": "floor", "nodes": n, "gpus": 1}
+                    if gpu_ids:
+                        spec["cuda_visible_devices"] = gpu_ids[0]
+                else:
+                    spec = _ray_spec(n, g, gpu_ids, cpus)
+                tag = f"floor-n{n}" if mode == "floor" else f"ray-g{g}-n{n}"
+                into[str(n)] = launch(args, spec, workdir, tag)
+                _say(into[str(n)])
+                write_result(args.name, payload, args.out)
         payload["a_digests"] = digest_section("cuda:0" if gpu_ids else "cpu")
-        payload["comparison"] = compare(payload, opts)
+        payload["comparison"] = compare(payload, args)
         payload["total_wall_s"] = time.perf_counter() - began
-        write_result(name, payload, directory)
+        write_result(args.name, payload, args.out)
     finally:
         if own:
             shutil.rmtree(workdir, ignore_errors=True)
     return payload
 
 
-def compare(payload: dict, opts: Options) -> list[dict[str, Any]]:
+def compare(payload: dict, args) -> list[dict[str, Any]]:
     """Per N: Ray throughput per GPU over the floor's, and G GPUs over one."""
     rows = []
-    for n in opts.clients:
+    for n in args.clients:
         floor = payload["floor"].get(str(n), {})
         row: dict[str, Any] = {"clients": n, "floor_tokens_per_s": floor.get("tokens_per_s")}
-        for g in opts.gpus:
+        for g in args.gpus:
             ray = payload["ray"][str(g)].get(str(n), {})
             tps = ray.get("tokens_per_s")
             row[f"ray_{g}gpu_tokens_per_s"] = tps
             if tps and row["floor_tokens_per_s"]:
                 row[f"ray_{g}gpu_per_gpu_over_floor"] = tps / g / row["floor_tokens_per_s"]
         one = row.get("ray_1gpu_tokens_per_s")
-        for g in opts.gpus:
+        for g in args.gpus:
             if g > 1 and one and row.get(f"ray_{g}gpu_tokens_per_s"):
                 row[f"ray_{g}gpu_over_1gpu"] = row[f"ray_{g}gpu_tokens_per_s"] / one
         rows.append(row)
@@ -516,48 +380,31 @@ def _ints(text: str) -> list[int]:
     return [int(s) for s in text.split(",") if s]
 
 
-def parse(argv: Sequence[str] | None = None) -> tuple[Options, argparse.Namespace]:
-    d = Options()
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse(argv: Sequence[str] | None = None):
+    ap = parser(__doc__, NAME)
     ap.add_argument("--tiny", action="store_true", help="toy model and sizes (CPU check)")
-    ap.add_argument("--clients", help="client counts, e.g. 1,2,4,8")
-    ap.add_argument("--gpus", help="GPU counts of the Ray series, e.g. 1,2")
-    for key in ("rounds", "local_steps", "batch_size", "seq_len", "rank"):
-        ap.add_argument(f"--{key.replace('_', '-')}", type=int)
+    ap.add_argument("--clients", help="client counts (default 1,2,4,8; --tiny 1,2)")
+    ap.add_argument("--gpus", default="1", help="GPU counts of the Ray series, e.g. 1,2")
     ap.add_argument("--model", choices=sorted(MODELS))
-    ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
-    ap.add_argument("--timeout-s", type=float)
-    ap.add_argument("--workdir")
+    ap.add_argument("--timeout-s", type=float, help="per run (default 420; --tiny 240)")
+    ap.add_argument("--workdir", default="", help="keep the model and data here")
     ap.add_argument("--skip-floor", action="store_true")
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--name", default=NAME)
     ap.add_argument("--write-digest-reference", action="store_true")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    values = asdict(d) | (TINY if a.tiny else {})
-    for key in ("rounds", "local_steps", "batch_size", "seq_len", "rank", "model", "precision"):
-        if getattr(a, key) is not None:
-            values[key] = getattr(a, key)
-    for key in ("timeout_s", "workdir"):
-        if getattr(a, key) is not None:
-            values[key] = getattr(a, key)
-    if a.clients:
-        values["clients"] = _ints(a.clients)
-    if a.gpus:
-        values["gpus"] = _ints(a.gpus)
-    values["skip_floor"] = a.skip_floor
-    return Options(**values), a
+    a.clients = _ints(a.clients or ("1,2" if a.tiny else "1,2,4,8"))
+    a.gpus = _ints(a.gpus)
+    a.model = a.model or ("tiny" if a.tiny else "qwen2.5-0.5b-shape")
+    a.timeout_s = a.timeout_s or (240.0 if a.tiny else 420.0)
+    a.base = with_sets({**RUN, **(TINY_RUN if a.tiny else {})}, a)
+    return a
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    opts, a = parse(argv)
-    if a.worker:
-        worker(a.worker)
-        return 0
-    if a.write_digest_reference:
+    args = parse(argv)
+    if args.write_digest_reference:
         print(f"wrote {write_digest_reference()}")
         return 0
-    payload = run_benchmark(opts, a.out, a.name)
+    payload = run_benchmark(args)
     for row in payload["comparison"]:
         print(row)
     done = all(r.get("completed") for r in [*payload["floor"].values()])

@@ -2,9 +2,11 @@
 
 `python -m bench.quality` trains every method on the same clients, rounds and local steps and
 records the final central metric (perplexity for code-lm, accuracy for code-cls) against the
-total bytes the clients uploaded. Runs go through `tests.local_grid.LocalGrid`: the real
+total bytes the clients uploaded. Runs go through `simulation.local.run_local`: the real
 ServerApp/ClientApp code with an in-process transport, so a run costs its training and not a
-Ray start-up (transport overhead is measured separately by `bench.sim_overhead`).
+Ray start-up (transport overhead is measured separately by `bench.sim_overhead`). Every run
+takes the run config BASE below, `--set KEY=VALUE` over it, then the method's own keys;
+finished runs are appended to `<name>.runs.jsonl`, and `--resume` skips them.
 
 Methods (suffixes @r<rank> and @lr<lr> change one variant's rank or lr, e.g. `c3la@r4`):
   c3la      seedlora chains, circulant identity-block A
@@ -26,15 +28,13 @@ import json
 import math
 import statistics
 import sys
-import tempfile
 import time
-import tomllib
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS, write_result
+from bench.common import figure, parser, with_sets, write_result
+from simulation.sweep import GridResult, Point, run_grid
 
 NAME = "quality"
 CHAINS = ("c3la", "r-c3la", "rac-lora")
@@ -46,38 +46,27 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fedit": {"method": "fedit"},
     "central": {"method": "seedlora", "a-kind": "circulant"},
 }
+METHODS = (*CHAINS, "c3la@r4", "ffa", "fedit", "central")
 METRIC = {"code-lm": "ppl", "code-cls": "accuracy"}
 HIGHER_IS_BETTER = {"ppl": False, "accuracy": True}
-
-
-@dataclass
-class Options:
-    """Every knob of the grid; the defaults are the small CPU-sized runs the report uses."""
-
-    tasks: list[str] = field(default_factory=lambda: ["code-lm", "code-cls"])
-    partitionings: list[str] = field(default_factory=lambda: ["iid", "dirichlet"])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    methods: list[str] = field(
-        default_factory=lambda: [*CHAINS, "c3la@r4", "ffa", "fedit", "central"]
-    )
-    clients: int = 4
-    links: int = 3
-    rounds_per_link: int = 2
-    local_steps: int = 8
-    lr: float = 5e-3
-    rank: int = 8
-    alpha: float = 16.0
-    batch_size: int = 8
-    seq_len: int = 128
-    max_train_blocks: int = 64
-    max_eval_blocks: int = 64
-    dirichlet_alpha: float = 0.5
-    model_name: str = "embedded"
-    dataset: str = ""
-    threads: int = 1  # torch threads; 1 is several times faster on a loaded shared CPU
-    task_seeds: dict[str, int] = field(default_factory=dict)  # fewer seeds for a task
-    extra: dict[str, Any] = field(default_factory=dict)  # more run-config overrides
-    note: str = ""  # why this grid was run (stored in the JSON)
+# The run config of every run (the small CPU-sized runs the report uses); `--set` changes it.
+BASE: dict[str, Any] = {
+    "num-links": 3,
+    "rounds-per-link": 2,
+    "local-steps": 8,
+    "lr": 5e-3,
+    "rank": 8,
+    "alpha": 16.0,
+    "batch-size": 8,
+    "seq-len": 128,
+    "max-train-blocks": 64,
+    "max-eval-blocks": 64,
+    "fraction-train": 1.0,
+    "fraction-evaluate": 0.0,
+    "central-eval": True,
+    "export": False,
+    "device": "cpu",
+}
 
 
 def split_variant(name: str) -> tuple[str, dict[str, Any]]:
@@ -96,113 +85,72 @@ def split_variant(name: str) -> tuple[str, dict[str, Any]]:
     return base, changes
 
 
-def run_overrides(
-    opts: Options, task: str, partitioning: str, method: str, seed: int
-) -> tuple[dict[str, Any], int]:
-    """(dash-case run config, number of nodes) of one run."""
+def point(args: argparse.Namespace, task: str, part: str, method: str, seed: int) -> Point:
+    """One run: `central` is one node holding all clients' training blocks (IID) and taking
+    all their local steps, so its optimizer-step budget equals a federated run's."""
     base, changes = split_variant(method)
-    central = base == "central"
-    overrides: dict[str, Any] = {
-        "task": task,
-        "model-name": opts.model_name,
-        "dataset": opts.dataset,
-        "partitioner": "iid" if central else partitioning,
-        "dirichlet-alpha": opts.dirichlet_alpha,
-        "seed": seed,
-        "num-links": opts.links,
-        "rounds-per-link": opts.rounds_per_link,
-        "local-steps": opts.local_steps * (opts.clients if central else 1),
-        "lr": changes.get("lr", opts.lr),
-        "rank": changes.get("rank", opts.rank),
-        "alpha": opts.alpha,
-        "batch-size": opts.batch_size,
-        "seq-len": opts.seq_len,
-        "max-train-blocks": opts.max_train_blocks * (opts.clients if central else 1),
-        "max-eval-blocks": opts.max_eval_blocks,
-        "fraction-train": 1.0,
-        "fraction-evaluate": 0.0,
-        "min-available-nodes": 1 if central else min(2, opts.clients),
-        "central-eval": True,
-        "export": False,
-        "device": "cpu",
-        **VARIANTS[base],
-        **opts.extra,
-    }
-    return overrides, 1 if central else opts.clients
+    central, clients = base == "central", args.clients
+    ov = {**args.base, "task": task, "partitioner": "iid" if central else part, "seed": seed}
+    ov |= {"min-available-nodes": 1 if central else min(2, clients), **VARIANTS[base], **changes}
+    if central:
+        ov["local-steps"] *= clients
+        ov["max-train-blocks"] *= clients
+    tags = {"task": task, "partitioning": "pooled" if central else part, "panel": part}
+    return Point(ov, 1 if central else clients, {**tags, "method": method, "seed": seed})
 
 
-def run_one(opts: Options, task: str, partitioning: str, method: str, seed: int) -> dict:
-    """Train one configuration over LocalGrid; the record that goes into the JSON."""
-    import torch
+def plan(args: argparse.Namespace, full: bool = False) -> list[Point]:
+    """Every run, seed by seed (so a cut-short grid still has whole seeds); central is run
+    once per task and seed (its data is pooled, so the partitioning does not apply) and shown
+    in every panel. `full` ignores `--task-seeds`."""
+    points = []
+    for seed in args.seeds:
+        for task in args.tasks:
+            if not full and seed not in args.seeds[: args.task_seeds.get(task, len(args.seeds))]:
+                continue
+            for method in args.methods:
+                central = split_variant(method)[0] == "central"
+                for part in args.partitionings[:1] if central else args.partitionings:
+                    points.append(point(args, task, part, method, seed))
+    return points
 
-    from client.app import build_client_app
-    from contract.config import RunConfig
-    from server.chain_server import ChainServer
-    from tests.local_grid import RUN_ID, LocalGrid
 
-    torch.set_num_threads(opts.threads)
-    overrides, nodes = run_overrides(opts, task, partitioning, method, seed)
-    metric = METRIC[task]
+def run_point(point: Point, fresh_cache: bool = False) -> dict:
+    """Train one configuration in this process; its row of the JSON."""
+    from simulation.local import run_local
+
+    ov, metric = point.overrides, METRIC[point.overrides["task"]]
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
-        grid = LocalGrid(build_client_app(overrides), nodes)
-        ChainServer(RunConfig.from_flower(overrides), RUN_ID, Path(tmp)).run(grid)
-        doc = json.loads((Path(tmp) / "metrics.json").read_text())
+    doc = run_local(ov, point.nodes, fresh_cache=fresh_cache).metrics
     wall = time.perf_counter() - start
     rounds = [r for r in doc["rounds"] if r["round"] > 0]
     series = [
-        {
-            "round": r["round"],
-            metric: r["central"].get(metric),
-            "bytes_up": r["bytes_up"],
-            "accepted": r["accepted"],
-        }
+        {"round": r["round"], metric: r["central"].get(metric)}
+        | {"bytes_up": r["bytes_up"], "accepted": r["accepted"]}
         for r in rounds
     ]
-    errors = [x["reason"] for r in rounds for x in r.get("rejected", [])]
-    return {
-        "task": task,
-        "partitioning": "pooled" if method.startswith("central") else partitioning,
-        "panel": partitioning,
-        "method": method,
-        "seed": seed,
-        "nodes": nodes,
-        "rank": overrides["rank"],
-        "lr": overrides["lr"],
+    row = {
+        "nodes": point.nodes,
+        "rank": ov["rank"],
+        "lr": ov["lr"],
         "metric": metric,
         "base": doc["rounds"][0]["central"].get(metric),
         "final": rounds[-1]["central"].get(metric) if rounds else None,
         "total_bytes_up": sum(r["bytes_up"] for r in rounds),
         "bytes_up_per_client_round": rounds[0]["bytes_up_per_client"] if rounds else 0,
-        "total_optimizer_steps": overrides["local-steps"] * nodes * len(rounds),
+        "total_optimizer_steps": ov["local-steps"] * point.nodes * len(rounds),
         "rounds": len(rounds),
         "skipped_rounds": sum(bool(r["skipped"]) for r in rounds),
-        "rejected": errors[:5],
+        "rejected": [x["reason"] for r in rounds for x in r.get("rejected", [])][:5],
         "wall_time_s": wall,
         "series": series,
     }
-
-
-def planned_runs(opts: Options, full: bool = False) -> list[tuple[str, str, str, int]]:
-    """(task, partitioning, method, seed) of every run, seed by seed (so a cut-short grid
-    still has whole seeds); central is run once per task and seed (its data is pooled, so
-    the partitioning does not apply) and shown in every panel. `full` ignores task_seeds."""
-    plan = []
-    for seed in opts.seeds:
-        for task in opts.tasks:
-            if not full and seed not in opts.seeds[: opts.task_seeds.get(task, len(opts.seeds))]:
-                continue
-            for method in opts.methods:
-                base, _ = split_variant(method)
-                if base == "central":
-                    plan.append((task, opts.partitionings[0], method, seed))
-                    continue
-                plan.extend((task, part, method, seed) for part in opts.partitionings)
-    return plan
-
-
-def _key(task: str, part: str, method: str, seed: int) -> str:
-    return f"{task}|{'pooled' if method.startswith('central') else part}|{method}|{seed}"
+    print(
+        f"    {metric} {row['base']:.4g} -> {row['final']:.4g} | "
+        f"{row['total_bytes_up'] / 1e6:.3f} MB up | {wall:.1f}s",
+        flush=True,
+    )
+    return row
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -301,207 +249,138 @@ def plot(records: Sequence[dict], task: str, path: Path) -> Path | None:
     """Final metric vs total uploaded MB (log x): one panel per partitioning, mean and
     min-max over seeds per method; the pooled (central) ceiling and the base as lines.
     Methods with equal bytes are spread by a few percent in x so none hides another."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [r for r in aggregate(records) if r["task"] == task]
     panels = sorted({r["partitioning"] for r in rows} - {"pooled"})
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     methods = sorted({r["method"] for r in rows if r["partitioning"] != "pooled"})
     colors = {m: f"C{i}" for i, m in enumerate(methods)}
-    for ax, part in zip(axes[0], panels, strict=True):
-        for r in rows:
-            if r["partitioning"] == part:
-                yerr = [[r["final_mean"] - r["final_min"]], [r["final_max"] - r["final_mean"]]]
-                jitter = 1 + 0.025 * (methods.index(r["method"]) - len(methods) / 2)
-                ax.errorbar(
-                    r["total_mb_up_mean"] * jitter,
-                    r["final_mean"],
-                    yerr=yerr,
-                    fmt="o",
-                    capsize=4,
-                    color=colors[r["method"]],
-                    label=f"{r['method']} (n={len(r['seeds'])})",
-                )
-            elif r["partitioning"] == "pooled":
-                ax.axhline(r["final_mean"], color="k", linestyle="--", linewidth=1)
-                ax.axhspan(r["final_min"], r["final_max"], color="k", alpha=0.08)
-                ax.plot([], [], "k--", label=f"{r['method']}: pooled data (ceiling)")
-        base = next((r["base"] for r in rows if r["base"] is not None), None)
-        if base is not None:
-            ax.axhline(base, color="grey", linestyle=":", linewidth=1, label="base model")
-        ax.set_xscale("log")
-        ax.set_xlabel("total uploaded MB, all clients and rounds (equal bytes: offset a little)")
-        ax.set_ylabel(f"final central {rows[0]['metric']}")
-        ax.set_title(f"{task}, {part}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    size = (6 * len(panels), 4.5)
+    with figure(path, 1, len(panels), figsize=size, squeeze=False) as (_, axes):
+        for ax, part in zip(axes[0], panels, strict=True):
+            _panel(ax, rows, part, methods, colors)
+            ax.set_title(f"{task}, {part}")
     return path
 
 
-def run_grid(
-    opts: Options,
-    directory: Path = RESULTS,
-    name: str = NAME,
-    resume: bool = False,
-    limit: int | None = None,
-) -> dict:
-    """Run the plan, rewriting `<name>.json` after every run so partial results survive.
+def _panel(ax, rows: list[dict], part: str, methods: list[str], colors: dict) -> None:
+    for r in rows:
+        if r["partitioning"] == part:
+            yerr = [[r["final_mean"] - r["final_min"]], [r["final_max"] - r["final_mean"]]]
+            jitter = 1 + 0.025 * (methods.index(r["method"]) - len(methods) / 2)
+            ax.errorbar(
+                r["total_mb_up_mean"] * jitter,
+                r["final_mean"],
+                yerr=yerr,
+                fmt="o",
+                capsize=4,
+                color=colors[r["method"]],
+                label=f"{r['method']} (n={len(r['seeds'])})",
+            )
+        elif r["partitioning"] == "pooled":
+            ax.axhline(r["final_mean"], color="k", linestyle="--", linewidth=1)
+            ax.axhspan(r["final_min"], r["final_max"], color="k", alpha=0.08)
+            ax.plot([], [], "k--", label=f"{r['method']}: pooled data (ceiling)")
+    base = next((r["base"] for r in rows if r["base"] is not None), None)
+    if base is not None:
+        ax.axhline(base, color="grey", linestyle=":", linewidth=1, label="base model")
+    ax.set_xscale("log")
+    ax.set_xlabel("total uploaded MB, all clients and rounds (equal bytes: offset a little)")
+    ax.set_ylabel(f"final central {rows[0]['metric']}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
 
-    `resume` keeps the records of an earlier JSON of the same name and skips those runs;
-    `limit` stops after that many new runs (the timing probe)."""
-    path = directory / f"{name}.json"
-    records: list[dict] = []
-    if resume and path.exists():
-        records = json.loads(path.read_text()).get("runs", [])
-    done = {_key(r["task"], r["partitioning"], r["method"], r["seed"]) for r in records}
-    plan = planned_runs(opts)
-    todo = [p for p in plan if _key(*p) not in done]
-    if limit is not None:
-        todo = todo[:limit]
-    started = time.perf_counter()
-    payload: dict = {}
-    failures: list[dict] = []
-    for i, (task, part, method, seed) in enumerate(todo):
-        print(f"[{i + 1}/{len(todo)}] {task} {part} {method} seed {seed}", flush=True)
-        try:
-            records.append(run_one(opts, task, part, method, seed))
-        except Exception as err:  # noqa: BLE001 - one failed run must not lose the others
-            run = {"task": task, "partitioning": part, "method": method, "seed": seed}
-            failures.append({**run, "error": repr(err)})
-            print(f"    FAILED: {err!r}", flush=True)
-            continue
-        r = records[-1]
-        print(
-            f"    {r['metric']} {r['base']:.4g} -> {r['final']:.4g} | "
-            f"{r['total_bytes_up'] / 1e6:.3f} MB up | {r['wall_time_s']:.1f}s",
-            flush=True,
-        )
-        payload = _payload(opts, plan, records, failures, time.perf_counter() - started)
-        write_result(name, payload, directory)
-    if not todo:
-        payload = _payload(opts, plan, records, failures, time.perf_counter() - started)
-        write_result(name, payload, directory)
-    for task in opts.tasks:
-        plot(records, task, directory / f"{name}-{task}.png")
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the plan (appending each run to `<name>.runs.jsonl`), then write `<name>.json`
+    and a plot per task. `--resume` keeps the runs of an earlier call with the same
+    options; `--limit` stops after that many new runs (the timing probe)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    points, started = plan(args), time.perf_counter()
+    results = args.out / f"{args.name}.runs.jsonl"
+    grid = run_grid(points, run_point, results, resume=args.resume, limit=args.limit)
+    payload = _payload(args, points, grid, time.perf_counter() - started)
+    write_result(args.name, payload, args.out)
+    for task in args.tasks:
+        plot(grid.rows, task, args.out / f"{args.name}-{task}.png")
     return payload
 
 
-def _payload(
-    opts: Options, plan: list, records: list[dict], failures: list[dict], seconds: float
-) -> dict:
-    rows = aggregate(records)
-    done = {_key(r["task"], r["partitioning"], r["method"], r["seed"]) for r in records}
+def _payload(args: argparse.Namespace, points: list[Point], grid: GridResult, seconds: float):
+    rows = aggregate(grid.rows)
+    labels = ("task", "partitioning", "method", "seed")
+    done = {tuple(r[k] for k in labels) for r in grid.rows}
 
-    def missing(runs: list) -> list[dict]:
+    def missing(runs: list[Point]) -> list[dict]:
         return [
-            {"task": t, "partitioning": p, "method": m, "seed": s}
-            for t, p, m, s in runs
-            if _key(t, p, m, s) not in done
+            {k: p.tags[k] for k in labels}
+            for p in runs
+            if tuple(p.tags[k] for k in labels) not in done
         ]
 
-    full = planned_runs(opts, full=True)
+    full = plan(args, full=True)
+    options = ("tasks", "partitionings", "seeds", "methods", "clients", "task_seeds", "threads")
     return {
         "benchmark": NAME,
         "harness": (
-            "tests.local_grid.LocalGrid: the real ServerApp (server.chain_server.ChainServer) "
-            "and ClientApp (client.app.build_client_app) in one process, clients trained "
-            "in sequence; no Ray (see bench.sim_overhead for the transport's cost)"
+            "simulation.local.run_local (LocalGrid): the real ServerApp and ClientApp in one "
+            "process, clients trained in sequence; no Ray (see bench.sim_overhead for the "
+            "transport's cost)"
         ),
-        "options": asdict(opts),
+        "options": {k: getattr(args, k) for k in options},
+        "run_config": args.base,
+        "note": args.note,
         "central_ceiling": (
             "method 'central': 1 node holding clients x max-train-blocks IID examples of the "
             "pooled training data, c3la adapters (seedlora, circulant), clients x local-steps "
             "steps per round over the same links x rounds: the same total optimizer steps "
             "(and batch size) as one federated run"
         ),
-        "quality_metric": {t: METRIC[t] for t in opts.tasks},
+        "quality_metric": {t: METRIC[t] for t in args.tasks},
         "bytes": "sum over rounds of bytes_up (all accepted client replies) from metrics.json",
         "full_grid_runs": len(full),
-        "planned_runs": len(plan),
-        "completed_runs": len(records),
-        "not_run_of_plan": missing(plan),
+        "planned_runs": len(points),
+        "completed_runs": len(grid.rows),
+        "not_run_of_plan": missing(points),
         "not_run_of_full_grid": missing(full),
-        "failed_runs": failures,
+        "failed_runs": grid.failed,
         "grid_seconds_this_call": seconds,
         "summary": rows,
-        "goal": goal(records, rows),
-        "runs": records,
+        "goal": goal(grid.rows, rows),
+        "runs": grid.rows,
     }
 
 
-def parse(argv: Sequence[str] | None = None) -> tuple[Options, argparse.Namespace]:
-    """Options from the command line (comma lists; `--seeds 3` means seeds 0, 1, 2)."""
-    d = Options()
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", default=",".join(d.tasks))
-    ap.add_argument("--partitionings", default=",".join(d.partitionings))
-    ap.add_argument("--seeds", default=str(len(d.seeds)), help="N (0..N-1) or a list a,b")
-    ap.add_argument("--methods", default=",".join(d.methods))
-    for name in (
-        "clients", "links", "rounds_per_link", "local_steps", "rank", "batch_size",
-        "seq_len", "max_train_blocks", "max_eval_blocks",
-    ):  # fmt: skip
-        ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
-    for name in ("lr", "alpha", "dirichlet_alpha"):
-        ap.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
-    ap.add_argument("--threads", type=int, default=d.threads)
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The grid from the command line (comma lists; `--seeds 3` means seeds 0, 1, 2) and the
+    run config of every run (`base`: BASE with `--set` over it)."""
+    ap = parser(__doc__, NAME)
+    ap.add_argument("--tasks", default="code-lm,code-cls")
+    ap.add_argument("--partitionings", default="iid,dirichlet")
+    ap.add_argument("--seeds", default="3", help="N (0..N-1) or a list a,b")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--task-seeds", default="", help="fewer seeds for some tasks, e.g. code-cls=1")
-    ap.add_argument("--model-name", default=d.model_name)
-    ap.add_argument("--dataset", default=d.dataset)
-    ap.add_argument("--set", action="append", default=[], help="run-config key=TOML value")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest when shared)")
     ap.add_argument("--note", default="", help="stored in the JSON (e.g. why a reduced grid)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--name", default=NAME)
-    ap.add_argument("--resume", action="store_true", help="keep finished runs of <name>.json")
+    ap.add_argument("--resume", action="store_true", help="skip runs in <name>.runs.jsonl")
     ap.add_argument("--limit", type=int, default=None, help="stop after this many new runs")
     a = ap.parse_args(argv)
-    seeds = [int(s) for s in a.seeds.split(",")] if "," in a.seeds else list(range(int(a.seeds)))
-    extra = {}
-    for item in a.set:
-        key, _, value = item.partition("=")
-        extra[key] = tomllib.loads(f"v = {value}")["v"]
-    opts = Options(
-        tasks=a.tasks.split(","),
-        partitionings=a.partitionings.split(","),
-        seeds=seeds,
-        methods=a.methods.split(","),
-        clients=a.clients,
-        links=a.links,
-        rounds_per_link=a.rounds_per_link,
-        local_steps=a.local_steps,
-        lr=a.lr,
-        rank=a.rank,
-        alpha=a.alpha,
-        batch_size=a.batch_size,
-        seq_len=a.seq_len,
-        max_train_blocks=a.max_train_blocks,
-        max_eval_blocks=a.max_eval_blocks,
-        dirichlet_alpha=a.dirichlet_alpha,
-        model_name=a.model_name,
-        dataset=a.dataset,
-        threads=a.threads,
-        task_seeds={
-            t: int(n) for t, _, n in (x.partition("=") for x in a.task_seeds.split(",") if x)
-        },
-        extra=extra,
-        note=a.note,
-    )
-    for m in opts.methods:
+    a.tasks, a.partitionings = a.tasks.split(","), a.partitionings.split(",")
+    a.methods = a.methods.split(",")
+    a.seeds = [int(s) for s in a.seeds.split(",")] if "," in a.seeds else list(range(int(a.seeds)))
+    pairs = (x.partition("=") for x in a.task_seeds.split(",") if x)
+    a.task_seeds = {t: int(n) for t, _, n in pairs}
+    a.base = with_sets(BASE, a)
+    for m in a.methods:
         split_variant(m)
-    return opts, a
+    return a
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    opts, a = parse(argv)
-    payload = run_grid(opts, a.out, a.name, resume=a.resume, limit=a.limit)
+    payload = run(parse(argv))
     print(json.dumps(payload["goal"]["summary"]))
     for row in payload["summary"]:
         print(

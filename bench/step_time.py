@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.common import RESULTS, write_result
+from bench.common import RESULTS, figure, write_result
 
 PROJECTIONS: tuple[str, ...] = (
     "q_proj",
@@ -527,10 +527,7 @@ def table(rows: list[dict[str, Any]], goals: dict[str, Any]) -> str:
 def plot(result: dict[str, Any], path: Path) -> Path | None:
     """Bar charts of median step time and peak memory, PEFT LoRA's level dashed."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         print("matplotlib is missing: no PNG (rerun with --plot-from on the JSON)")
         return None
@@ -538,40 +535,36 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
     names = [r["variant"] for r in rows]
     palette = {FLOOR: "0.6", PEFT: "tab:orange", PEFT_FROZEN_A: "tab:orange"}
     colors = [palette.get(n, "tab:blue") for n in names]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(rows) + 1.8))
-    panels = (
-        ("median step time (ms)", [r["median_ms"] for r in rows], "time_x_peft"),
-        ("peak memory (MiB)", [r["peak_bytes"] / MIB for r in rows], "memory_x_peft"),
-    )
-    for ax, (title, values, ratio_key) in zip(axes, panels, strict=True):
-        bars = ax.barh(names, values, color=colors)
-        ax.invert_yaxis()
-        ax.set_title(title)
-        for bar, r in zip(bars, rows, strict=True):
-            if r.get(ratio_key) is not None:
-                ax.text(
-                    bar.get_width(),
-                    bar.get_y() + bar.get_height() / 2,
-                    f" {r[ratio_key]:.2f}x PEFT",
-                    va="center",
-                    fontsize=8,
-                )
-        peft = [v for n, v in zip(names, values, strict=True) if n == PEFT]
-        if peft:
-            ax.axvline(peft[0], color="tab:orange", linestyle="--", linewidth=1)
-        ax.set_xlim(0, max(values) * 1.3)
-    cfg = result["config"]
-    env = result.get("environment", {})
-    where = env.get("gpu") or env.get("cpu") or cfg["device"]
-    fig.suptitle(
-        f"client step (fwd+bwd+AdamW), {cfg['preset']} {cfg['dtype']}, batch {cfg['batch']} x "
-        f"seq {cfg['seq']}, rank {cfg['rank']}, 7 projections - {where}",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    with figure(path, 1, 2, figsize=(12, 0.5 * len(rows) + 1.8), dpi=110) as (fig, axes):
+        panels = (
+            ("median step time (ms)", [r["median_ms"] for r in rows], "time_x_peft"),
+            ("peak memory (MiB)", [r["peak_bytes"] / MIB for r in rows], "memory_x_peft"),
+        )
+        for ax, (title, values, ratio_key) in zip(axes, panels, strict=True):
+            bars = ax.barh(names, values, color=colors)
+            ax.invert_yaxis()
+            ax.set_title(title)
+            for bar, r in zip(bars, rows, strict=True):
+                if r.get(ratio_key) is not None:
+                    ax.text(
+                        bar.get_width(),
+                        bar.get_y() + bar.get_height() / 2,
+                        f" {r[ratio_key]:.2f}x PEFT",
+                        va="center",
+                        fontsize=8,
+                    )
+            peft = [v for n, v in zip(names, values, strict=True) if n == PEFT]
+            if peft:
+                ax.axvline(peft[0], color="tab:orange", linestyle="--", linewidth=1)
+            ax.set_xlim(0, max(values) * 1.3)
+        cfg = result["config"]
+        env = result.get("environment", {})
+        where = env.get("gpu") or env.get("cpu") or cfg["device"]
+        fig.suptitle(
+            f"client step (fwd+bwd+AdamW), {cfg['preset']} {cfg['dtype']}, batch {cfg['batch']} x "
+            f"seq {cfg['seq']}, rank {cfg['rank']}, 7 projections - {where}",
+            fontsize=10,
+        )
     return path
 
 
@@ -579,13 +572,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--preset", choices=sorted(PRESETS), help="default: qwen on cuda, small on cpu")
-    for field in ("hidden", "intermediate", "layers", "heads", "kv-heads", "vocab"):
-        p.add_argument(f"--{field}", type=int, help="override the preset's model shape")
-    p.add_argument("--batch", type=int, help="override the preset's batch size")
-    p.add_argument("--seq", type=int, help="override the preset's sequence length")
-    p.add_argument("--rank", type=int, help="adapter rank (all variants)")
-    p.add_argument("--alpha", type=float, help="adapter alpha (all variants)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="model dtype")
+    p.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help=f"change a field of the preset: {', '.join(Shape.__dataclass_fields__)}",
+    )
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant (median)")
     p.add_argument(
@@ -619,20 +612,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def resolve_shape(args: argparse.Namespace) -> tuple[str, Shape]:
     preset = args.preset or ("qwen2.5-0.5b" if args.device.startswith("cuda") else "small")
-    overrides = {
-        "hidden": args.hidden,
-        "intermediate": args.intermediate,
-        "layers": args.layers,
-        "heads": args.heads,
-        "kv_heads": args.kv_heads,
-        "vocab": args.vocab,
-        "batch": args.batch,
-        "seq": args.seq,
-        "rank": args.rank,
-        "alpha": args.alpha,
-        "dtype": args.dtype,
-    }
-    return preset, replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v})
+    shape = PRESETS[preset]
+    fields = dict(item.split("=", 1) for item in args.shape)
+    return preset, replace(shape, **{k: type(getattr(shape, k))(v) for k, v in fields.items()})
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

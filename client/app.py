@@ -18,52 +18,27 @@ from flwr.clientapp import ClientApp
 
 from contract import protocol as p
 from contract.config import RunConfig
-from seedlora import load_trainable_state, prepare
-from tasks import build_task
+from seedlora import load_trainable_state
 
-from .links import BaseCache, LinkCache, default_cache_dir
+from .links import LinkCache, default_cache_dir
 from .local import as_floats, autocast, cpu_state, pick_device, place, train_partition
+from .model import link_model, node_task
 from .secure import secure_mod
 from .uploads import fit_rank, pack, residuals
-
-_BASES = BaseCache()
-
-
-def node_task(context: Context, cfg: RunConfig):
-    """(task, partition id) of this node, from its node config."""
-    node = context.node_config
-    num_partitions = int(node.get("num-partitions", 1))
-    return build_task(cfg.task_config(num_partitions)), int(node.get("partition-id", 0))
-
-
-def link_model(cfg: RunConfig, task, links, config: Mapping[str, Any]) -> torch.nn.Module:
-    """The base rebuilt from `links`, adapted as the server's link `config` says (its method,
-    A kind, seed, rank, alpha and chain index); trainable state still the fresh one."""
-    return prepare(
-        _BASES.get(cfg.model_name, links, task.load_model),
-        str(config[p.METHOD]),
-        cfg.targets(task.target_modules),
-        kind=str(config[p.A_KIND]),
-        seed=int(config[p.SEED]),
-        rank=int(config[p.RANK]),
-        alpha=float(config[p.ALPHA]),
-        chain_index=int(config[p.CHAIN_INDEX]),
-        dropout=cfg.adapter_dropout,
-        heads=cfg.heads(task.modules_to_save),
-        frozen=cfg.frozen_factor,
-    )
 
 
 def _prepare(msg: Message, context: Context, cfg: RunConfig):
     """(task, model on device, partition id, device) for this message."""
     task, partition_id = node_task(context, cfg)
     config = msg.content[p.CONFIG]
-    cache = LinkCache(context.node_config.get("cache-dir", default_cache_dir()), cfg.model_name)
+    cache = LinkCache(
+        context.node_config.get("cache-dir", default_cache_dir()), cfg.task.model_name
+    )
     links = cache.resolve(msg.content.config_records.get(p.LINKS), str(config[p.LINKS_DIGEST]))
     model = link_model(cfg, task, links, config)
     load_trainable_state(model, msg.content[p.ARRAYS].to_torch_state_dict())
-    device = pick_device(cfg.device)
-    return task, place(model, device, cfg.precision), partition_id, device
+    device = pick_device(cfg.train.device)
+    return task, place(model, device, cfg.train.precision), partition_id, device
 
 
 def _release(device: torch.device) -> None:
@@ -91,7 +66,7 @@ def train_b(msg: Message, context: Context, cfg: RunConfig) -> Message:
     task, model, partition_id, device = _prepare(msg, context, cfg)
     fit_rank(model, cfg, context.node_config, partition_id)
     received = {}  # compressed uploads send trained - received; float32 sends the state
-    if cfg.upload_codec != "float32":
+    if cfg.upload.upload_codec != "float32":
         received = {k: v.clone() for k, v in cpu_state(model).items()}  # cpu_state may alias
     config = msg.content[p.CONFIG]
     server_round = int(config[p.SERVER_ROUND])
@@ -109,7 +84,7 @@ def train_b(msg: Message, context: Context, cfg: RunConfig) -> Message:
             p.TRAIN_TIME: time.perf_counter() - t0,
             p.BYTES_UP: arrays.count_bytes(),
             p.BYTES_DOWN: bytes_down,
-            **({p.DP_WEIGHT: 1.0} if cfg.dp_clip > 0 else {}),
+            **({p.DP_WEIGHT: 1.0} if cfg.privacy.dp_clip > 0 else {}),
         }
     )
     return _reply(msg, context, partition_id, {p.ARRAYS: arrays, p.METRICS: metrics})
@@ -118,8 +93,10 @@ def train_b(msg: Message, context: Context, cfg: RunConfig) -> Message:
 def evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Evaluate the global model (base + links + global B) on the local held-out files."""
     task, model, partition_id, device = _prepare(msg, context, cfg)
-    with autocast(device, cfg.precision):
-        metrics = task.evaluate(model, task.eval_dataset(partition_id), cfg.eval_batch_size, device)
+    with autocast(device, cfg.train.precision):
+        metrics = task.evaluate(
+            model, task.eval_dataset(partition_id), cfg.train.eval_batch_size, device
+        )
     del model
     _release(device)
     return _reply(msg, context, partition_id, {p.METRICS: MetricRecord(as_floats(metrics))})

@@ -74,10 +74,10 @@ def _batches(loader: DataLoader) -> Iterator[dict]:
 
 
 def _optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
 def train(
@@ -115,7 +115,7 @@ def train_partition(
     The seed depends on (run seed, round, partition) only, so a node that restarts, or the
     SecAgg+ path, replays the same batches as the plain path would.
     """
-    data_seed = cfg.seed * 1_000_003 + server_round * 1009 + partition_id
+    data_seed = cfg.adapter.seed * 1_000_003 + server_round * 1009 + partition_id
     dataset = task.train_dataset(partition_id)
     return train(model, task, dataset, cfg, device, data_seed=data_seed, proximal_mu=proximal_mu)
 
@@ -129,28 +129,28 @@ def _train(model, task, dataset, cfg, device, data_seed, proximal_mu) -> TrainRe
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     loader = DataLoader(
         dataset,
-        batch_size=cfg.batch_size,
+        batch_size=cfg.train.batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(data_seed),
     )
-    steps = cfg.local_steps or max(1, math.ceil(cfg.local_epochs * len(loader)))
+    steps = cfg.train.local_steps or max(1, math.ceil(cfg.train.local_epochs * len(loader)))
     opt = _optimizer(cfg, params)
     # fp16 gradients of a small loss underflow: scale the loss (bf16 has fp32's range).
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
     model.train()
     total = 0.0
     for _, batch in zip(range(steps), _batches(loader), strict=False):
         batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast(device, cfg.precision):
+        with autocast(device, cfg.train.precision):
             loss = task.loss(model, batch)
         if proximal_mu > 0:
             prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
             loss = loss + 0.5 * proximal_mu * prox
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        if cfg.max_grad_norm > 0:
+        if cfg.train.max_grad_norm > 0:
             scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
         scaler.step(opt)
         scaler.update()
         total += float(loss.detach())

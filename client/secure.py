@@ -22,12 +22,11 @@ from seedlora import links_digest, load_trainable_state, trainable_state
 from seedlora.serialize import links_from_bytes
 
 from .local import cpu_state, pick_device, place, train_partition
+from .model import link_model, node_task
 
 
 def secure_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Train on the legacy FitIns of a SecAgg+ round; reply with a legacy FitRes."""
-    from .app import link_model, node_task  # app imports this module
-
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     config = fitins.config
     task, partition_id = node_task(context, cfg)
@@ -38,8 +37,8 @@ def secure_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     names = list(trainable_state(model))
     arrays = parameters_to_ndarrays(fitins.parameters)
     load_trainable_state(model, dict(zip(names, arrays, strict=True)))
-    device = pick_device(cfg.device)
-    model = place(model, device, cfg.precision)
+    device = pick_device(cfg.train.device)
+    model = place(model, device, cfg.train.precision)
     server_round = int(config[p.SERVER_ROUND])
     result = train_partition(model, task, partition_id, server_round, cfg, device)
     state = [v.numpy() for v in cpu_state(model).values()]

@@ -48,7 +48,7 @@ def node_rank(cfg: RunConfig, node_config: Mapping[str, Any], partition_id: int)
 def fit_rank(model: nn.Module, cfg: RunConfig, node_config, partition_id: int) -> int:
     """Shrink the model's adapters to this node's rank; returns that rank."""
     rank = node_rank(cfg, node_config, partition_id)
-    if rank < cfg.rank:
+    if rank < cfg.adapter.rank:
         shrink(model, rank)
     return rank
 
@@ -92,11 +92,11 @@ def pack(
 
     `link` is (chain index, links digest, server round): where the residual belongs.
     """
-    if cfg.upload_codec == "float32":
+    if cfg.upload.upload_codec == "float32":
         return trained
     update = {k: trained[k] - received[k] for k in trained}
-    residual = store.load(*link) if cfg.error_feedback else None
-    wire, residual = compress(update, residual, cfg.upload_codec)
-    if cfg.error_feedback:
+    residual = store.load(*link) if cfg.upload.error_feedback else None
+    wire, residual = compress(update, residual, cfg.upload.upload_codec)
+    if cfg.upload.error_feedback:
         store.save(residual, *link)
     return wire

@@ -1,15 +1,29 @@
-"""The one validated configuration of a run, built from Flower's flat run config.
+"""The one validated configuration of a run, in sections, built from Flower's flat run config.
 
 Flower hands apps a flat `{"dash-key": value}` dict (pyproject `[tool.flwr.app.config]`
 plus `--run-config` overrides). `RunConfig.from_flower` turns it into typed values once,
 at the edge; a bad value fails here with an error that names the dash key, before any
-client is contacted. Server and ClientApp parse the same run config with this model.
+client is contacted. The keys stay flat for users (`rank=4`); inside, each layer takes
+only its section:
+
+    task      tasks.TaskConfig    model, data, split        (tasks/)
+    adapter   AdapterConfig       method, A kind, r, alpha   (seedlora/ via the apps)
+    chain     ChainConfig         links x rounds per link    (server/)
+    strategy  StrategyConfig      aggregation rule, checks   (strategies/)
+    train     TrainConfig         each client's local work   (client/)
+    upload    UploadConfig        what goes on the wire      (client/, strategies/)
+    privacy   PrivacyConfig       client-level DP            (strategies/)
+    secagg    SecAggConfig        SecAgg+                    (server/, client/)
+    output    OutputConfig        run folder, exports        (server/)
+
+The section models are the one source of truth: validation comes from their fields, and
+`python -m contract.tables --write` writes pyproject's defaults and the README table from
+them (tests keep them in sync). A new key is one field in one section, then that command.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -42,51 +56,52 @@ class RunConfigError(ValueError):
     """A run-config value is invalid; the message names the run-config key."""
 
 
-def _dash(name: str) -> str:
-    return name.replace("_", "-")
+def F(default: Any, description: str, *, key: str | None = None, **constraints: Any) -> Any:  # noqa: N802
+    """A run-config field: its README description and, when it differs from the field name
+    in dash case, its key."""
+    extra = {"key": key} if key else None
+    return Field(default, description=description, json_schema_extra=extra, **constraints)
 
 
-def F(default: Any, description: str, **constraints: Any) -> Any:  # noqa: N802
-    """A field with its README description (the run-config table is generated from it)."""
-    return Field(default, description=description, **constraints)
-
-
-class RunConfig(BaseModel):
-    """Every run-config key (dash-case in pyproject, snake_case here), with its meaning."""
-
+class Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    # Task and data (see tasks.TaskConfig).
-    task: Literal["code-lm", "code-cls"] = F("code-lm", "task: causal LM or package classification")
-    model_name: str = F("embedded", "`embedded` (shipped base), a hub model id or a local dir")
-    dataset: str = F("", '"" = stdlib corpus; else a hub dataset id or a save_to_disk dir')
-    text_column: str = F("text", "text column of a custom dataset")
-    label_column: str = F("label", "label column of a custom classification dataset")
-    partitioner: Literal["auto", "natural", "iid", "dirichlet"] = F(
-        "auto", "flwr-datasets partitioner; auto = natural (code-lm) / dirichlet (code-cls)"
-    )
-    dirichlet_alpha: float = F(0.5, "Dirichlet concentration (smaller = more skewed)", gt=0)
-    seq_len: int = F(128, "tokens per example", ge=8)
-    num_classes: int = F(8, "code-cls: number of packages to classify", ge=2)
-    max_train_blocks: int = F(0, "cap on training examples per client (0 = task default)", ge=0)
-    max_eval_blocks: int = F(0, "cap on evaluation examples (0 = task default)", ge=0)
 
-    # Adapter.
+class AdapterConfig(Section):
     method: Method = F("seedlora", "seedlora (chains) | ffa | fedit | full (baselines)")
     a_kind: Kind = F("circulant", "frozen A: gaussian | circulant | random-block")
     rank: int = F(8, "adapter rank r", gt=0)
     alpha: float = F(16.0, "adapter scale numerator: W = W0 + (alpha/r) B A", gt=0)
     adapter_dropout: float = F(0.0, "dropout on the adapter input", ge=0, lt=1)
-    seed: int = F(0, "public seed of every A (and of data order)")
+    seed: int = F(0, "public seed of every A (and of data order and partitioning)", ge=0)
     target_modules: str = F("auto", 'adapted layers: "auto", names "a,b" or "re:<regex>"')
     modules_to_save: str = F("auto", 'fully trained heads: "auto", "none" or names "a,b"')
+    frozen_factor: Literal["A", "B"] = F(
+        "A", "seeded and frozen factor: A (train B) | B (swapped roles: train A)"
+    )
 
-    # Chain.
+    def targets(self, default: Sequence[str]) -> str | list[str]:
+        """Adapter target patterns: the task's default, a regex ("re:..."), or a name list."""
+        if self.target_modules == "auto":
+            return list(default)
+        if self.target_modules.startswith("re:"):
+            return self.target_modules[3:]
+        return _names(self.target_modules)
+
+    def heads(self, default: Sequence[str]) -> list[str]:
+        """Fully trained modules (PEFT's modules_to_save): the task's default or a list."""
+        if self.modules_to_save == "auto":
+            return list(default)
+        return [] if self.modules_to_save == "none" else _names(self.modules_to_save)
+
+
+class ChainConfig(Section):
     num_links: int = F(3, "chain links (merges)", gt=0)
     rounds_per_link: int = F(3, "federated rounds per link (K)", gt=0)
 
-    # Strategy.
-    strategy: Strategy = F("fedavg", "aggregation rule (see Strategies)")
+
+class StrategyConfig(Section):
+    name: Strategy = F("fedavg", "aggregation rule (see Strategies)", key="strategy")
     fraction_train: float = F(1.0, "fraction of nodes sampled for training", gt=0, le=1)
     fraction_evaluate: float = F(0.5, "fraction of nodes sampled for evaluation", ge=0, le=1)
     min_available_nodes: int = F(2, "wait for this many connected nodes", ge=1)
@@ -111,7 +126,8 @@ class RunConfig(BaseModel):
         "flag", "what to do with a flagged update: log it, drop it, or clip it to the bound"
     )
 
-    # Local training on each client.
+
+class TrainConfig(Section):
     local_steps: int = F(10, "optimizer steps per round (0 = use local-epochs)", ge=0)
     local_epochs: float = F(1.0, "epochs per round when local-steps = 0", gt=0)
     batch_size: int = F(8, "training batch size", gt=0)
@@ -126,15 +142,14 @@ class RunConfig(BaseModel):
         "bf16/fp16: frozen base in that dtype + autocast; B stays float32 (fp16: loss scaling)",
     )
 
-    # Outputs.
-    output_dir: str = F("outputs", "where run directories go (relative to the cwd)")
-    run_name: str = F("", '"" = a timestamp; with resume: the latest run')
-    resume: bool = F(False, "continue run-name from its last checkpoint")
-    central_eval: bool = F(True, "evaluate the global model on the server every round")
-    export: bool = F(True, "write the PEFT adapter and merged model at the end")
-    save_client_updates: bool = F(False, "keep every accepted client B per round (audits)")
+    @model_validator(mode="after")
+    def _check_device(self) -> TrainConfig:
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+        return self
 
-    # Beyond exact averaging (README section of that name).
+
+class UploadConfig(Section):
     client_ranks: str = F(
         "",
         '"" = all at rank; "node" = node-config max-rank; "8,4,2" = by partition id (cycled)',
@@ -143,119 +158,11 @@ class RunConfig(BaseModel):
         "float32", "client update on the wire: float32 | float16 | bfloat16 | int8"
     )
     error_feedback: bool = F(True, "compressed uploads: carry each client's rounding residual")
-    frozen_factor: Literal["A", "B"] = F(
-        "A", "seeded and frozen factor: A (train B) | B (swapped roles: train A)"
-    )
-    dp_clip: float = F(
-        0.0, "client-level DP: clip each client's update to this L2 norm (0 = off)", ge=0
-    )
-    dp_noise_multiplier: float = F(
-        1.0, "client-level DP: noise std on the mean = this * dp-clip / n", ge=0
-    )
-    dp_delta: float = F(1e-5, "client-level DP: delta at which epsilon is reported", gt=0, lt=1)
-    secure_aggregation: bool = F(False, "SecAgg+ (legacy-API workflow): the server sees only sums")
-    secagg_num_shares: int = F(3, "SecAgg+: shares of each client's secrets", ge=2)
-    secagg_threshold: int = F(2, "SecAgg+: shares needed to reconstruct", ge=1)
-    secagg_clipping_range: float = F(1.0, "SecAgg+: values clipped to +-this, then 22-bit", gt=0)
-    secagg_max_weight: float = F(1000.0, "SecAgg+: largest num-examples (scales the weights)", gt=0)
 
-    @model_validator(mode="after")
-    def _check_device(self) -> RunConfig:
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
-        return self
-
-    @model_validator(mode="after")
-    def _check_client_ranks(self) -> RunConfig:
-        if self.client_ranks and self.method not in B_ONLY:
-            raise ValueError(f"client-ranks: needs a B-only method, not {self.method!r}")
-        if self.frozen_factor != "A" and self.method not in B_ONLY:
-            raise ValueError(f"frozen-factor: needs a seeded method, not {self.method!r}")
-        if self.dp_clip > 0 and self.strategy not in ("fedavg", "fedprox"):
-            raise ValueError(f"dp-clip: DP needs strategy fedavg or fedprox, not {self.strategy!r}")
-        if self.secure_aggregation:
-            plain = self.strategy == "fedavg" and self.method in B_ONLY and not self.client_ranks
-            if not plain or self.upload_codec != "float32" or self.dp_clip > 0:
-                raise ValueError(
-                    "secure-aggregation: needs strategy fedavg, a B-only method, float32 "
-                    "uploads, no client-ranks and no dp-clip (SecAgg+ runs its own rounds)"
-                )
-        if self.client_ranks and self.frozen_factor != "A":
-            raise ValueError("client-ranks: needs frozen-factor 'A' (nested A rows)")
-        if not self.client_ranks or self.client_ranks == NODE_RANKS:
-            return self
-        try:
-            ranks = [int(r) for r in self.client_ranks.split(",")]
-        except ValueError:
-            ranks = []
-        if not ranks or any(not 1 <= r <= self.rank for r in ranks):
-            raise ValueError(
-                f'client-ranks: expected "", "node" or ranks in 1..rank={self.rank} '
-                f"separated by commas, got {self.client_ranks!r}"
-            )
-        return self
-
-    @classmethod
-    def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
-        """Build from Flower's dash-case run config; errors name the offending key."""
-        fields = {_dash(n): n for n in cls.model_fields}
-        unknown = sorted(k for k in run_config if k not in fields)
-        if unknown:
-            raise RunConfigError(f"unknown run-config key(s): {', '.join(unknown)}")
-        try:
-            return cls(**{fields[k]: v for k, v in run_config.items()})
-        except ValidationError as err:
-            lines = [
-                f"run-config key '{_dash(str(e['loc'][0]))}': {e['msg']} (got {e['input']!r})"
-                if e["loc"]
-                else e["msg"].removeprefix("Value error, ")
-                for e in err.errors()
-            ]
-            raise RunConfigError("; ".join(lines)) from None
-
-    def to_flower(self) -> dict[str, Any]:
-        """The dash-case run config (what pyproject's [tool.flwr.app.config] holds)."""
-        return {_dash(k): v for k, v in self.model_dump().items()}
-
-    def task_config(self, num_partitions: int = 1) -> TaskConfig:
-        """The task/data part, for `tasks.build_task`."""
-        return TaskConfig(
-            task=self.task,
-            model_name=self.model_name,
-            dataset=self.dataset or None,
-            text_column=self.text_column,
-            label_column=self.label_column,
-            dirichlet_alpha=self.dirichlet_alpha,
-            num_partitions=num_partitions,
-            seq_len=self.seq_len,
-            num_classes=self.num_classes,
-            seed=self.seed,
-            **({"partitioner": self.partitioner} if self.partitioner != "auto" else {}),
-            **({"max_train_blocks": self.max_train_blocks} if self.max_train_blocks else {}),
-            **({"max_eval_blocks": self.max_eval_blocks} if self.max_eval_blocks else {}),
-        )
-
-    def targets(self, default: Sequence[str]) -> str | list[str]:
-        """Adapter target patterns: the task's default, a regex ("re:..."), or a name list."""
-        if self.target_modules == "auto":
-            return list(default)
-        if self.target_modules.startswith("re:"):
-            return self.target_modules[3:]
-        return [t.strip() for t in self.target_modules.split(",") if t.strip()]
-
-    def heads(self, default: Sequence[str]) -> list[str]:
-        """Fully trained modules (PEFT's modules_to_save): the task's default or a list."""
-        if self.modules_to_save == "auto":
-            return list(default)
-        if self.modules_to_save == "none":
-            return []
-        return [t.strip() for t in self.modules_to_save.split(",") if t.strip()]
-
-    def client_rank(self, partition_id: int, node_max_rank: int | None = None) -> int:
+    def client_rank(self, rank: int, partition_id: int, node_max_rank: int | None = None) -> int:
         """The rank this client trains: `rank`, or less by client-ranks / node max-rank."""
         if not self.client_ranks:
-            return self.rank
-        rank = self.rank
+            return rank
         if self.client_ranks != NODE_RANKS:
             ranks = [int(r) for r in self.client_ranks.split(",")]
             rank = ranks[partition_id % len(ranks)]
@@ -265,27 +172,190 @@ class RunConfig(BaseModel):
             raise RunConfigError(f"node config {NODE_MAX_RANK}: must be >= 1, got {rank}")
         return rank
 
+
+class PrivacyConfig(Section):
+    dp_clip: float = F(
+        0.0, "client-level DP: clip each client's update to this L2 norm (0 = off)", ge=0
+    )
+    dp_noise_multiplier: float = F(
+        1.0, "client-level DP: noise std on the mean = this * dp-clip / n", ge=0
+    )
+    dp_delta: float = F(1e-5, "client-level DP: delta at which epsilon is reported", gt=0, lt=1)
+
+
+class SecAggConfig(Section):
+    secure_aggregation: bool = F(False, "SecAgg+ (legacy-API workflow): the server sees only sums")
+    secagg_num_shares: int = F(3, "SecAgg+: shares of each client's secrets", ge=2)
+    secagg_threshold: int = F(2, "SecAgg+: shares needed to reconstruct", ge=1)
+    secagg_clipping_range: float = F(1.0, "SecAgg+: values clipped to +-this, then 22-bit", gt=0)
+    secagg_max_weight: float = F(1000.0, "SecAgg+: largest num-examples (scales the weights)", gt=0)
+
+
+class OutputConfig(Section):
+    output_dir: str = F("outputs", "where run directories go (relative to the cwd)")
+    run_name: str = F("", '"" = a timestamp; with resume: the latest run')
+    resume: bool = F(False, "continue run-name from its last checkpoint")
+    central_eval: bool = F(True, "evaluate the global model on the server every round")
+    export: bool = F(True, "write the PEFT adapter and merged model at the end")
+    save_client_updates: bool = F(False, "keep every accepted client B per round (audits)")
+
+
+# tasks.TaskConfig fields that are not run-config keys: a node's partition count comes from
+# its node config, and the seed from the adapter section.
+TASK_NOT_KEYS = frozenset({"num_partitions", "seed"})
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _key(name: str, info: Any) -> str:
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    return str(extra.get("key") or name.replace("_", "-"))
+
+
+class RunConfig(BaseModel):
+    """Every run-config key, in sections; flat keys (dash or snake case) are accepted too."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    chain: ChainConfig = Field(default_factory=ChainConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    upload: UploadConfig = Field(default_factory=UploadConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = Field(default_factory=SecAggConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _route_flat_keys(cls, data: Any) -> Any:
+        """`RunConfig(rank=4)` / `{"rank": 4}`: put each flat key into its section."""
+        if not isinstance(data, Mapping):
+            return data
+        sections: dict[str, Any] = {}
+        flat = {}
+        for name, value in data.items():
+            if name in cls.model_fields and isinstance(value, Mapping | BaseModel):
+                sections[name] = value
+            else:
+                flat[name] = value
+        index = key_index()
+        for name, value in flat.items():
+            pos = index.get(name) or index.get(name.replace("_", "-"))
+            if pos is None:
+                raise ValueError(f"unknown run-config key {name!r}")
+            section = sections.setdefault(pos[0], {})
+            if isinstance(section, BaseModel):
+                section = sections[pos[0]] = section.model_dump()
+            section[pos[1]] = value
+        return sections
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> RunConfig:
+        a, up, st = self.adapter, self.upload, self.strategy
+        if up.client_ranks and a.method not in B_ONLY:
+            raise ValueError(f"client-ranks: needs a B-only method, not {a.method!r}")
+        if a.frozen_factor != "A" and a.method not in B_ONLY:
+            raise ValueError(f"frozen-factor: needs a seeded method, not {a.method!r}")
+        if self.privacy.dp_clip > 0 and st.name not in ("fedavg", "fedprox"):
+            raise ValueError(f"dp-clip: DP needs strategy fedavg or fedprox, not {st.name!r}")
+        if self.secagg.secure_aggregation:
+            plain = st.name == "fedavg" and a.method in B_ONLY and not up.client_ranks
+            if not plain or up.upload_codec != "float32" or self.privacy.dp_clip > 0:
+                raise ValueError(
+                    "secure-aggregation: needs strategy fedavg, a B-only method, float32 "
+                    "uploads, no client-ranks and no dp-clip (SecAgg+ runs its own rounds)"
+                )
+        if up.client_ranks and a.frozen_factor != "A":
+            raise ValueError("client-ranks: needs frozen-factor 'A' (nested A rows)")
+        if up.client_ranks in ("", NODE_RANKS):
+            return self
+        try:
+            ranks = [int(r) for r in up.client_ranks.split(",")]
+        except ValueError:
+            ranks = []
+        if not ranks or any(not 1 <= r <= a.rank for r in ranks):
+            raise ValueError(
+                f'client-ranks: expected "", "node" or ranks in 1..rank={a.rank} '
+                f"separated by commas, got {up.client_ranks!r}"
+            )
+        return self
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Build from Flower's dash-case run config; errors name the offending key."""
+        index = key_index()
+        unknown = sorted(k for k in run_config if k not in index)
+        if unknown:
+            raise RunConfigError(f"unknown run-config key(s): {', '.join(unknown)}")
+        try:
+            return cls.model_validate(dict(run_config))
+        except ValidationError as err:
+            raise RunConfigError("; ".join(_error_line(e) for e in err.errors())) from None
+
+    def to_flower(self) -> dict[str, Any]:
+        """The flat dash-case run config (what pyproject's [tool.flwr.app.config] holds)."""
+        return {
+            key: _toml_value(getattr(getattr(self, section), field))
+            for key, (section, field) in key_index().items()
+        }
+
+    def task_config(self, num_partitions: int = 1) -> TaskConfig:
+        """The task section for a node holding one of `num_partitions` partitions."""
+        return self.task.model_copy(
+            update={"num_partitions": num_partitions, "seed": self.adapter.seed}
+        )
+
+    def client_rank(self, partition_id: int, node_max_rank: int | None = None) -> int:
+        """The rank this client trains (see UploadConfig.client_rank)."""
+        return self.upload.client_rank(self.adapter.rank, partition_id, node_max_rank)
+
     @property
     def num_rounds(self) -> int:
-        return self.num_links * self.rounds_per_link
+        return self.chain.num_links * self.chain.rounds_per_link
 
     @property
     def schedule(self) -> tuple[int, int]:
         """(links, rounds per link): baselines without chains run all rounds as one link."""
-        if self.method in CHAINED:
-            return self.num_links, self.rounds_per_link
+        if self.adapter.method in CHAINED:
+            return self.chain.num_links, self.chain.rounds_per_link
         return 1, self.num_rounds
 
 
-def markdown_table() -> str:
-    """The README's run-config table: key, default, meaning."""
-    rows = ["| key | default | meaning |", "|---|---|---|"]
-    for name, field in RunConfig.model_fields.items():
-        default = json.dumps(field.default)
-        meaning = (field.description or "").replace("|", "\\|")
-        rows.append(f"| `{_dash(name)}` | `{default}` | {meaning} |")
-    return "\n".join(rows)
+def _sections() -> Iterator[tuple[str, type[BaseModel]]]:
+    for name, info in RunConfig.model_fields.items():
+        yield name, info.annotation  # type: ignore[misc]
 
 
-if __name__ == "__main__":
-    print(markdown_table())
+def key_index() -> dict[str, tuple[str, str]]:
+    """Run-config key -> (section, field), in README order."""
+    index: dict[str, tuple[str, str]] = {}
+    for section, model in _sections():
+        for name, info in model.model_fields.items():
+            if model is TaskConfig and name in TASK_NOT_KEYS:
+                continue
+            key = _key(name, info)
+            if key in index:
+                raise AssertionError(f"run-config key {key!r} is in two sections")
+            index[key] = (section, name)
+    return index
+
+
+def _toml_value(value: Any) -> Any:
+    return "" if value is None else value
+
+
+def section_field(section: str, name: str) -> Any:
+    """The pydantic FieldInfo of `name` in `section`."""
+    return dict(_sections())[section].model_fields[name]
+
+
+def _error_line(error: Mapping[str, Any]) -> str:
+    loc = error["loc"]
+    if len(loc) >= 2:
+        key = _key(str(loc[1]), section_field(str(loc[0]), str(loc[1])))
+        return f"run-config key '{key}': {error['msg']} (got {error['input']!r})"
+    return str(error["msg"]).removeprefix("Value error, ")

@@ -16,7 +16,15 @@ import torch
 
 
 def normalized(weights: Sequence[float]) -> list[float]:
-    """Weights divided by their sum; rejects empty, negative or all-zero weights."""
+    """Weights divided by their sum, so that a weighted mean is a convex combination.
+
+    Args:
+        weights: one weight per client (e.g. its example count), each >= 0, positive sum.
+
+    Returns:
+        The weights as floats summing to 1. Raises ValueError on empty, negative or
+        all-zero weights.
+    """
     if not weights:
         raise ValueError("no weights to aggregate")
     if any(w < 0 for w in weights) or sum(weights) <= 0:
@@ -28,7 +36,22 @@ def normalized(weights: Sequence[float]) -> list[float]:
 def weighted_mean(
     states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
 ) -> dict[str, torch.Tensor]:
-    """Key-wise weighted mean, accumulated in float64 and returned in each input's dtype."""
+    """Key-wise weighted mean: FedAvg of B factors (and heads), exact in weight space.
+
+    Because every client shares the same A, the mean of the B's is the mean of the weight
+    updates (module docstring). Accumulating in float64 keeps the rounding at the level
+    of one final cast.
+
+    Args:
+        states: one dict per client, name -> tensor, all with the same keys in the same
+            order; a key's tensors share one shape, e.g. B: (n_out, r), any float dtype,
+            all on one device.
+        weights: one weight per state (>= 0, positive sum; normalised here).
+
+    Returns:
+        name -> weighted mean, same shape as the inputs, in state 0's dtype and on its
+        device. Raises ValueError if the counts differ, KeyError if the keys do.
+    """
     if len(states) != len(weights):
         raise ValueError(f"{len(states)} states but {len(weights)} weights")
     factors = normalized(weights)
@@ -49,7 +72,20 @@ def fedit_update(
     weights: Sequence[float],
     scaling: float,
 ) -> torch.Tensor:
-    """FedIT's aggregated update: (alpha/r) mean(B_i) @ mean(A_i). For comparison only."""
+    """FedIT's aggregated update `(alpha/r) mean(B_i) @ mean(A_i)`. For comparison only.
+
+    This is what ordinary federated LoRA applies; it differs from `mean_update` by an
+    error of the order of the update itself, which the tests show numerically.
+
+    Args:
+        a_list: the clients' A_i, each (r, n_in).
+        b_list: the clients' B_i, each (n_out, r), same order as `a_list`.
+        weights: one weight per client (>= 0, positive sum; normalised here).
+        scaling: alpha / r.
+
+    Returns:
+        The update, (n_out, n_in), float64, on the factors' device.
+    """
     factors = normalized(weights)
     a = sum(f * x.double() for f, x in zip(factors, a_list, strict=True))
     b = sum(f * x.double() for f, x in zip(factors, b_list, strict=True))
@@ -62,13 +98,32 @@ def mean_update(
     weights: Sequence[float],
     scaling: float,
 ) -> torch.Tensor:
-    """The target every rule should hit: the weighted mean of (alpha/r) B_i A_i, in float64."""
+    """The target every rule should hit: the weighted mean of `(alpha/r) B_i @ A_i`.
+
+    Args:
+        a_list: the clients' A_i, each (r, n_in) (the same A for every client in B-only
+            training; per-client A's for FedIT).
+        b_list: the clients' B_i, each (n_out, r), same order as `a_list`.
+        weights: one weight per client (>= 0, positive sum; normalised here).
+        scaling: alpha / r.
+
+    Returns:
+        The mean weight update, (n_out, n_in), float64, on the factors' device.
+    """
     factors = normalized(weights)
     pairs = zip(factors, a_list, b_list, strict=True)
     return sum(f * scaling * b.double() @ a.double() for f, a, b in pairs)
 
 
 def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
-    """||approx - exact||_F / ||exact||_F, computed in float64."""
+    """`||approx - exact||_F / ||exact||_F` in float64: the exactness measure of the tests.
+
+    Args:
+        approx: an aggregated update, any shape and float dtype.
+        exact: the reference (e.g. `mean_update`), same shape and device as `approx`.
+
+    Returns:
+        The relative error as a Python float (~1e-7 for float32 rounding).
+    """
     exact = exact.double()
     return float(torch.linalg.norm(approx.double() - exact) / torch.linalg.norm(exact))

@@ -1,10 +1,10 @@
 """Chains of links: merged rank-r pieces that add up to a high-rank update.
 
-After a link of K rounds the averaged B is folded into the base (`merge`), recorded as a
-`Link(specs, B_bar)`, and training moves to the next A with B = 0. The links list is all
-a client needs, besides the public pretrained W0, to rebuild the current global base:
-`W = W0 + sum_j (alpha/r) B_j A_j`. Its digest (a sha256 hash chain over a canonical
-serialization) names that base on the wire and in caches.
+After K rounds at chain index c the averaged B is folded into the base (`merge`), recorded
+as the link `Link(specs_c, B_bar_c)`, and training moves to chain index c + 1: the next A,
+with B = 0. The links list is all a client needs, besides the public pretrained W0, to
+rebuild the current global base: `W = W0 + sum_j (alpha/r) B_j A_j`. Its digest (a sha256
+hash chain over a canonical serialization) names that base on the wire and in caches.
 """
 
 from __future__ import annotations
@@ -27,10 +27,19 @@ EMPTY_DIGEST = hashlib.sha256(b"seedlora-links-v1").hexdigest()
 
 @dataclass(frozen=True)
 class Link:
-    """One merged link: the A-spec of every adapted layer and its averaged B.
+    """One merged link `(A-spec_c, B_bar_c)`: what chain index c added to the base.
 
-    With swapped roles (`frozen == "B"`) the specs describe the frozen B^T and the factors
-    are the averaged A's (r x n_in)."""
+    Merging it is `W0 <- W0 + (alpha/r) B_bar @ A_c` for every adapted layer; a links list
+    plus the pretrained W0 rebuilds the global base (`rebuild`).
+
+    Attributes:
+        alpha: the LoRA alpha; each layer's scale is `alpha / spec.rank`.
+        specs: the A-spec of every adapted layer, in model order, all at one chain index.
+        factors: layer name -> B_bar: (n_out, r), float32 on the CPU as `record_link`
+            makes it. With swapped roles (`frozen == "B"`) the specs describe the frozen
+            B^T and the factors are the averaged A_bar: (r, n_in).
+        frozen: "A" (default) or "B" (swapped roles).
+    """
 
     alpha: float
     specs: tuple[ASpec, ...]
@@ -39,6 +48,7 @@ class Link:
 
     @property
     def chain_index(self) -> int:
+        """The position c of this link in the chain (shared by all its specs)."""
         return self.specs[0].chain_index
 
     def header(self) -> dict:
@@ -57,6 +67,16 @@ class Link:
 
     @classmethod
     def from_header(cls, header: Mapping, factors: Mapping[str, torch.Tensor]) -> Link:
+        """Inverse of `header()`, given the tensors.
+
+        Args:
+            header: the dict `header()` made.
+            factors: layer name -> B_bar: (n_out, r) (A_bar: (r, n_in) with swapped roles),
+                one per spec; stored as given (no cast or move).
+
+        Returns:
+            The link. Raises KeyError if a spec's layer has no factor.
+        """
         specs = tuple(ASpec(**s) for s in header["specs"])
         missing = [s.layer for s in specs if s.layer not in factors]
         if missing:
@@ -73,7 +93,21 @@ def links_digest(links: Sequence[Link]) -> str:
 
 
 def record_link(model: nn.Module, factors: Mapping[str, torch.Tensor] | None = None) -> Link:
-    """Describe the current link of an injected model (its specs and B, or `factors`)."""
+    """The link that merging the model's current chain index would record.
+
+    The server calls it at the end of each chain index and merges the result with
+    `apply_link`, so the merge and the recorded link use the same B.
+
+    Args:
+        model: a model with adapters (`inject`), all with one alpha and one frozen role.
+        factors: layer name -> B_bar: (n_out, r) (A_bar: (r, n_in) with swapped roles),
+            stored as given. None: copy each adapter's own trained factor (detached,
+            float32, CPU).
+
+    Returns:
+        A `Link` with the adapters' current specs. Raises ValueError if the model has no
+        adapters or they disagree on alpha or on the frozen factor.
+    """
     layers = list(adapter_layers(model))
     if not layers:
         raise ValueError("model has no adapters")
@@ -96,7 +130,17 @@ def _base_layer(model: nn.Module, name: str) -> nn.Module:
 
 
 def apply_link(model: nn.Module, link: Link) -> None:
-    """Merge one link into `model`'s base weights (adapters, if injected, are untouched)."""
+    """Merge one link into `model`'s base weights, in place.
+
+    Each layer gets `W += (alpha/r) B_bar @ A_c`, computed in float32 on the weight's device
+    and added in the weight's dtype (`merge_delta`, or `merge_swapped` for swapped roles).
+    Adapters, if injected, are untouched: only their `base` layers change.
+
+    Args:
+        model: the model holding every layer named in `link.specs`, with or without
+            adapters.
+        link: the link to merge; its factors may be on any device and float dtype.
+    """
     merge = merge_swapped if link.frozen == TRAINED_A else merge_delta
     for spec in link.specs:
         base, factor = _base_layer(model, spec.layer), link.factors[spec.layer]
@@ -104,7 +148,15 @@ def apply_link(model: nn.Module, link: Link) -> None:
 
 
 def rebuild(model: nn.Module, links: Sequence[Link]) -> nn.Module:
-    """W0 + all links, in order: bit-identical to the server's merges from the same W0."""
+    """W0 + all links, in order: bit-identical to the server's merges from the same W0.
+
+    Args:
+        model: the pretrained model (W0), changed in place.
+        links: the merged links, chain index 0 first.
+
+    Returns:
+        `model`, whose base weights are now `W0 + sum_j (alpha/r) B_j @ A_j`.
+    """
     for link in links:
         apply_link(model, link)
     return model

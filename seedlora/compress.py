@@ -35,6 +35,7 @@ def _scale_axis(t: torch.Tensor) -> int | None:
 
 
 def _int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values, float32 scales: (k,)) of a float32 tensor, k as in `_scale_axis`."""
     axis = _scale_axis(t)
     mag = t.abs().amax() if axis is None else t.abs().amax(dim=1 - axis, keepdim=True)
     scale = (mag / INT8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
@@ -43,7 +44,18 @@ def _int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def encode(update: Mapping[str, torch.Tensor], codec: str) -> dict[str, torch.Tensor]:
-    """The wire tensors of a float32 update."""
+    """The wire tensors of an update under `codec` (see the module docstring).
+
+    Args:
+        update: name -> tensor, any shape, e.g. a B update: (n_out, r); cast to float32
+            and moved to the CPU first.
+        codec: one of `CODECS`.
+
+    Returns:
+        name -> CPU tensor of the same shape in the codec's wire dtype (`WIRE_DTYPE`); for
+        int8 also `name#scale`: float32 (k,), k = the shorter axis of a 2-D tensor (r for
+        B: (n_out, r)), else k = 1. Raises ValueError on an unknown codec.
+    """
     out: dict[str, torch.Tensor] = {}
     for name, t in update.items():
         t = t.detach().to("cpu", torch.float32).contiguous()
@@ -69,7 +81,17 @@ WIRE_DTYPE = {
 
 
 def decode(wire: Mapping[str, torch.Tensor], codec: str) -> dict[str, torch.Tensor]:
-    """The float32 update from its wire tensors; ValueError says what does not fit."""
+    """The float32 update from its wire tensors (inverse of `encode`, up to rounding).
+
+    Args:
+        wire: name -> tensor as `encode` made it, in `WIRE_DTYPE[codec]`, plus
+            `name#scale`: float32 (k,) per array for int8.
+        codec: the codec the sender used.
+
+    Returns:
+        name -> float32 tensor of the wire tensor's shape and device. Raises ValueError
+        (saying what does not fit) on unexpected arrays, dtypes or scale shapes.
+    """
     names = [k for k in wire if not k.endswith(SCALE)]
     extra = sorted(set(wire) - set(names) - {n + SCALE for n in names})
     if extra:
@@ -89,6 +111,7 @@ def decode(wire: Mapping[str, torch.Tensor], codec: str) -> dict[str, torch.Tens
 
 
 def _dequantize(name: str, q: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """`q * scale` as float32, after checking the scales: float32 (k,) as `_int8` makes."""
     axis = _scale_axis(q)
     n = 1 if axis is None else q.shape[axis]
     if scale is None or scale.dtype != torch.float32 or tuple(scale.shape) != (n,):
@@ -106,7 +129,20 @@ def compress(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(wire tensors, new residual) for `update` plus the carried `residual` (error feedback).
 
-    A residual whose keys or shapes do not match (a new link, another rank) is dropped.
+    Sending Q(u + e) and keeping the rounding loss as the next e means that loss is sent in
+    a later round instead of dropped (within one chain index).
+
+    Args:
+        update: name -> the client's update (trained state minus received state), any
+            float dtype, on the CPU; e.g. B: (n_out, r).
+        residual: the new residual this function returned last round (same keys and
+            shapes), or None. One whose keys or shapes do not match (a new chain index,
+            another rank) is dropped.
+        codec: one of `CODECS`.
+
+    Returns:
+        (wire, residual): the `encode` output for `update + residual`, and name -> float32
+        tensor of the update's shape, `(update + residual) - decode(wire)`.
     """
     carried = {k: v.float() for k, v in update.items()}
     if residual is not None and all(

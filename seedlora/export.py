@@ -12,8 +12,9 @@ import copy
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,8 +25,12 @@ from .inject import merge_adapters, unwrap
 from .swapped import TRAINED_A
 
 
-def atomic_dir(path: str | os.PathLike, write) -> Path:
-    """Write a directory under a temp name beside `path`, then rename it into place."""
+def atomic_dir(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Write a directory under a temp name beside `path`, then rename it into place.
+
+    `write(tmp)` fills the temp directory; an existing `path` is replaced only once it
+    succeeded, so a crash leaves the old directory or the new one, never half of one.
+    """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
@@ -46,7 +51,10 @@ def atomic_dir(path: str | os.PathLike, write) -> Path:
 
 
 def _stack(links: Sequence[Link], layer: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B_cat * scale, A_cat) for one layer over all links, float32 on the CPU."""
+    """(B_cat * scale: (n_out, k r), A_cat: (k r, n_in)) for one layer over k links.
+
+    Float32 on the CPU; each link's B block is scaled by its alpha/r.
+    """
     bs, as_ = [], []
     for link in links:
         spec = next(s for s in link.specs if s.layer == layer)
@@ -68,9 +76,22 @@ def export_peft(
 ) -> Path:
     """Save a PEFT LoRA adapter of rank sum(r_j) equal to W0 + all `links`.
 
-    `base` is the pristine pretrained model (W0; not modified). Pass the current unmerged
-    link as the last element of `links` to include it. `heads` are the fully trained
-    modules (`modules_to_save`) as name -> tensor, e.g. "score.weight".
+    Lets anyone load the chained model with `PeftModel.from_pretrained(W0, path)`, without
+    this package (module docstring: each layer's B_j blocks, scaled, and A_j stacked).
+
+    Args:
+        base: the pristine pretrained model (W0; not modified, a copy is adapted).
+        links: the links to export, chain index 0 first, all over the same layers; each
+            factor B_bar: (n_out, r) (A_bar: (r, n_in) with swapped roles). Links whose
+            factors are all zero are skipped. To include the current, unmerged chain
+            index, append `record_link(model)` as the last element.
+        path: the output directory (written atomically).
+        heads: the fully trained modules (`modules_to_save`) as parameter name -> tensor of
+            that parameter's shape, e.g. "score.weight": (num_labels, hidden).
+        base_model_name_or_path: recorded in the adapter config.
+
+    Returns:
+        The output directory. Raises ValueError if every link has B = 0.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -107,8 +128,18 @@ def export_peft(
     return atomic_dir(path, peft_model.save_pretrained)
 
 
-def export_merged(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path:
-    """Save a plain HF model with every adapter folded in (the input model is untouched)."""
+def export_merged(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """Save a plain HF model with every adapter folded in (the input model is untouched).
+
+    Args:
+        model: an HF model, with or without adapters (`save_pretrained` is called on a
+            merged, unwrapped copy).
+        path: the output directory (written atomically).
+        tokenizer: saved beside the model when given (anything with `save_pretrained`).
+
+    Returns:
+        The output directory.
+    """
     merged = copy.deepcopy(model)
     merge_adapters(merged)
     unwrap(merged)

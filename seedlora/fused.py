@@ -19,23 +19,54 @@ Python issues kernels, so every op this node does not issue is time saved.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    """`t` as a 2-D (tokens x n) matrix, a view when it can be."""
+    """`t`: (..., n) as a 2-D (tokens, n) matrix, a view when it can be."""
     return t.view(-1, n) if t.is_contiguous() else t.reshape(-1, n)
 
 
 class BOnlyLinear(torch.autograd.Function):
     """`x W^T + bias + B h`, `h = s A x`, with gradients for x and B only.
 
-    `sa_t` is `(s A)^T` (n_in x r) in x's dtype for the gaussian kind, else None; block kinds
-    give `cols` (wrapping block) or the contiguous block's `offset`.
+    Called by `SeedLoRALayer.forward` as `BOnlyLinear.apply(x, weight, bias, b, sa_t, cols,
+    offset, rank, scaling)`; the caller casts the frozen tensors to x's dtype once.
+
+    Args:
+        x: (..., n_in), the compute dtype (bf16/fp16/fp32).
+        weight: W: (n_out, n_in), nn.Linear orientation (a Conv1D weight transposed), in
+            x's dtype, on x's device, frozen.
+        bias: (n_out,) in x's dtype, or None.
+        b: B: (n_out, r), the trained parameter, any float dtype (float32 master copy);
+            cast to x's dtype for the GEMMs, its gradient returned in its own dtype.
+        sa_t: `(s A)^T`: (n_in, r) in x's dtype for the gaussian kind, else None.
+        cols: the block's input columns, int64 (r,) on x's device, for a block that wraps
+            around n_in; else None.
+        offset: the first column of a contiguous block (used when `sa_t` and `cols` are
+            None).
+        rank: r.
+        scaling: s = alpha / r.
+
+    Returns:
+        y: (..., n_out) in x's dtype. Backward gives dx: (..., n_in) and dB: (n_out, r).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, b, sa_t, cols, offset, rank, scaling):  # noqa: D102
+    def forward(  # noqa: D102
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        b: torch.Tensor,
+        sa_t: torch.Tensor | None,
+        cols: torch.Tensor | None,
+        offset: int,
+        rank: int,
+        scaling: float,
+    ) -> torch.Tensor:
         n_out, n_in = weight.shape
         x2 = _rows(x, n_in)
         if sa_t is not None:
@@ -52,7 +83,7 @@ class BOnlyLinear(torch.autograd.Function):
         return y.view(*x.shape[:-1], n_out)
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: D102
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: D102
         weight, bc, sa_t, cols, h = ctx.saved_tensors
         offset, rank, scaling, b_dtype = ctx.meta
         gy = _rows(grad, weight.shape[0])

@@ -21,6 +21,7 @@ Targets = str | Sequence[str]
 
 
 def _matches(name: str, targets: Targets) -> bool:
+    """Whether module `name` is targeted (PEFT's rules, module docstring)."""
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
@@ -32,7 +33,9 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def adapter_layers(model: nn.Module) -> Iterator[tuple[str, SeedLoRALayer]]:
+def adapter_layers(
+    model: nn.Module,
+) -> Iterator[tuple[str, SeedLoRALayer | SwappedLoRALayer]]:
     """(module name, layer) for every adapter (either role), in model order."""
     for name, module in model.named_modules():
         if isinstance(module, ADAPTERS):
@@ -54,6 +57,9 @@ def inject(
 ) -> list[str]:
     """Freeze `model`, wrap every matching Linear/Conv1D in a `SeedLoRALayer` (or, with
     `frozen="B"`, a `SwappedLoRALayer`: seeded B, trained A).
+
+    Each adapter gets the spec `(kind, seed, chain_index, rank, module name, shape)` and a
+    zero trained factor, float32 on the layer's device (float64 under a float64 base).
 
     Returns the adapted module names. Raises if nothing matches, so a typo in the target
     list fails loudly instead of training nothing.
@@ -92,14 +98,14 @@ def inject(
 
 
 def set_chain_index(model: nn.Module, chain_index: int) -> None:
-    """Move every adapter to the A of link `chain_index`, with B reset to zero."""
+    """Move every adapter to the A of chain index `chain_index`, with B reset to zero."""
     for _, layer in adapter_layers(model):
         s = layer.spec
         layer.set_spec(ASpec(s.kind, s.seed, chain_index, s.rank, s.layer, s.n_in, s.n_out))
 
 
 def merge_adapters(model: nn.Module) -> None:
-    """Fold every adapter's current link into its base weight (B becomes zero)."""
+    """Fold every adapter's current `(alpha/r) B A` into its base weight (B becomes zero)."""
     for _, layer in adapter_layers(model):
         layer.merge()
 
@@ -112,12 +118,28 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Ordered name -> tensor of what is trained and sent: every B and every head."""
+    """Ordered name -> tensor of what is trained and sent: every B and every head.
+
+    Returns:
+        Parameter name -> detached copy, in `named_parameters` order, in the parameter's
+        dtype and on its device: "<layer>.lora_B": (n_out, r), float32 (the master copy;
+        "<layer>.lora_A": (r, n_in) with swapped roles), and each head parameter in its
+        own shape and dtype.
+    """
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Load B factors and heads; missing/extra keys or a wrong shape raise KeyError/ValueError."""
+    """Load B factors and heads, in place (e.g. the global state a client receives).
+
+    Args:
+        model: the injected model.
+        state: name -> tensor (or array) with exactly the keys and shapes of
+            `trainable_state(model)`, e.g. "<layer>.lora_B": (n_out, r); any device and
+            dtype, copied in the parameter's dtype onto its device.
+
+    Raises KeyError on missing/extra keys and ValueError on a wrong shape.
+    """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(set(params) - set(state))
     extra = sorted(set(state) - set(params))

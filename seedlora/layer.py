@@ -1,6 +1,6 @@
 """The B-only adapter layer: `y = base(x) + (alpha/r) * B (A x)` with A frozen and seeded.
 
-Only `lora_B` (n_out x r, zero at the start of every link) is a parameter. For the
+Only `lora_B` (n_out x r, zero whenever the chain index moves on) is a parameter. For the
 gaussian kind A is a non-persistent buffer, so it is never in a saved or sent state; for
 the block kinds no A exists at all: `A x` is a slice of x.
 
@@ -30,7 +30,20 @@ def layer_shape(base: nn.Module) -> tuple[int, int]:
 
 
 def project(x: torch.Tensor, spec: ASpec, a: torch.Tensor | None) -> torch.Tensor:
-    """`A x` over the last dimension: a slice/gather for block kinds, a matmul for gaussian."""
+    """`A x` over the last dimension: a slice/gather for block kinds, a matmul for gaussian.
+
+    Block kinds never materialise A: a block A picks r input columns, so `A x` is a slice
+    (a view of x) or, when the block wraps around n_in, an index_select.
+
+    Args:
+        x: (..., n_in), any float dtype and device.
+        spec: the A-spec (block offset and columns for block kinds).
+        a: dense A: (r, n_in) for the gaussian kind (cast to x's dtype here), None for
+            block kinds.
+
+    Returns:
+        (..., r) in x's dtype, on x's device.
+    """
     if a is not None:
         return F.linear(x, a.to(x.dtype))
     offset = spec.offset()
@@ -61,8 +74,17 @@ def add_low_rank(
 ) -> None:
     """`weight += scaling * left @ A` in place, A from `spec` (a column scatter for blocks).
 
-    `transposed`: `weight` is stored the other way round (n_in x n_out, as GPT-2's Conv1D),
-    so the product is added transposed. Both merges (B-only and swapped roles) are this.
+    Both merges (B-only and swapped roles) are this. The product is formed in float32 on
+    the weight's device with A from `spec.dense()` (float32 CPU, then moved), and added in
+    the weight's dtype, so every party that merges the same factors gets the same bits.
+
+    Args:
+        weight: (m, spec.n_in), or (spec.n_in, m) when `transposed`; any float dtype.
+        spec: describes A: (r, spec.n_in).
+        left: (m, r), any float dtype and device (B for the B-only merge).
+        scaling: alpha / r.
+        transposed: `weight` is stored the other way round (n_in x n_out, as GPT-2's
+            Conv1D), so the product is added transposed.
     """
     sl = (left.detach().to(torch.float32) * scaling).to(weight.device)
     if spec.is_block:
@@ -77,10 +99,17 @@ def add_low_rank(
 
 
 def merge_delta(base: nn.Module, spec: ASpec, b: torch.Tensor, scaling: float) -> None:
-    """Fold `scaling * B @ A` into the base weight in place (the chain-link merge).
+    """Fold `scaling * B @ A` into the base weight in place (how a link enters the base).
 
     The same function serves the layer's `merge()` and `rebuild()` from a links list, so
     a server and a client that start from the same W0 get bit-identical weights.
+
+    Args:
+        base: the frozen `nn.Linear` (weight (n_out, n_in)) or `Conv1D` (weight
+            (n_in, n_out)); its weight changes in place, dtype kept.
+        spec: describes A: (r, n_in).
+        b: B: (n_out, r), any float dtype and device.
+        scaling: alpha / r.
     """
     add_low_rank(base.weight, spec, b, scaling, transposed=isinstance(base, Conv1D))
 
@@ -91,7 +120,23 @@ class SeedLoRALayer(nn.Module):
     forward:  y = base(x) + (alpha/r) * B (A dropout(x))
     merge():  W0 <- W0 + (alpha/r) B A, then B <- 0
 
-    `fused = False` forces the reference path (for comparison and debugging).
+    Because A is the same on every client, averaging B alone averages the weight updates
+    exactly. `fused = False` forces the reference path (for comparison and debugging).
+
+    Args:
+        base: the `nn.Linear` or GPT-2 `Conv1D` to adapt; frozen here.
+        spec: the A-spec; `(spec.n_in, spec.n_out)` must be the layer's shape.
+        alpha: the LoRA alpha; the scale is `alpha / spec.rank`.
+        dropout: adapter dropout probability on x; above 0, training takes the reference
+            path.
+
+    Attributes:
+        lora_B: B: (n_out, r) parameter, zero at the start, on the base's device; float32
+            (a master copy, also under a bf16/fp16 base), float64 under a float64 base.
+        lora_A: A: (r, n_in) float32 non-persistent buffer on the base's device, drawn on
+            the CPU from the seeded generator then moved (gaussian kind); None for block
+            kinds.
+        scaling: alpha / r.
     """
 
     fused: bool = True
@@ -108,7 +153,7 @@ class SeedLoRALayer(nn.Module):
         self.set_spec(spec)
 
     def set_spec(self, spec: ASpec) -> None:
-        """Switch to another link's A (cached once) and restart B from zero."""
+        """Switch to another A-spec (a new chain index: its A, cached once) and zero B."""
         self.spec = spec
         a = None if spec.is_block else spec.dense().to(self.base.weight.device)
         self.lora_A = a
@@ -119,6 +164,14 @@ class SeedLoRALayer(nn.Module):
             self.lora_B.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`base(x) + (alpha/r) B (A x)`, through the fused node when it can.
+
+        Args:
+            x: (..., n_in) in the base's dtype (or any dtype under autocast), on its device.
+
+        Returns:
+            (..., n_out) in x's dtype (the autocast dtype under autocast).
+        """
         weight, bias = self.base.weight, self.base.bias
         dropping = self.training and isinstance(self.dropout, nn.Dropout)
         if not self.fused or dropping or weight.requires_grad:
@@ -135,7 +188,10 @@ class SeedLoRALayer(nn.Module):
             weight = weight.to(x.dtype)
         return self._fused(x, weight, bias)
 
-    def _fused(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    def _fused(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`BOnlyLinear` on x: (..., n_in), weight: (n_out, n_in) in x's dtype, bias: (n_out,)."""
         sa_t = cols = None
         if self.lora_A is not None:  # (s A)^T in x's dtype, made once per dtype and device
             key = ("sa_t", x.device, x.dtype)
@@ -155,19 +211,30 @@ class SeedLoRALayer(nn.Module):
         )
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The straightforward composition of torch ops (autograd records each one)."""
+        """The straightforward composition of torch ops (autograd records each one).
+
+        Args:
+            x: (..., n_in) in the base's dtype, on its device.
+
+        Returns:
+            (..., n_out) in the base output's dtype.
+        """
         y = self.base(x)
         h = project(self.dropout(x), self.spec, self.lora_A) * self.scaling
         return y + F.linear(h.to(self.lora_B.dtype), self.lora_B).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        """The dense update `(alpha/r) B A` in nn.Linear orientation (n_out x n_in)."""
+        """The dense update `(alpha/r) B A`: (n_out, n_in), float32, on B's device, detached.
+
+        nn.Linear orientation also for Conv1D. It builds a dense A, so it is for checks,
+        not for the training path.
+        """
         return (
             self.scaling * self.lora_B.detach().float() @ self.spec.dense().to(self.lora_B.device)
         )
 
     def merge(self) -> None:
-        """Fold the current link into the base weight and reset B to zero."""
+        """Fold the current `(alpha/r) B A` into the base weight and reset B to zero."""
         merge_delta(self.base, self.spec, self.lora_B, self.scaling)
         with torch.no_grad():
             self.lora_B.zero_()

@@ -3,7 +3,7 @@
 The same Flower pipeline trains and ships whatever `prepare` marks trainable, so the
 benchmarks compare methods side by side:
 
-- `seedlora`: B-only adapters on a seeded A that changes every chain link (exact).
+- `seedlora`: B-only adapters on a seeded A that changes with the chain index (exact).
 - `ffa`:      B-only on one fixed gaussian A, no chain (FFA-LoRA; exact, rank r only).
 - `fedit`:    ordinary LoRA (PEFT), A and B both trained and averaged separately (FedIT;
               not exact: mean(B_i) mean(A_i) != mean(B_i A_i)).
@@ -22,8 +22,8 @@ from transformers.pytorch_utils import Conv1D
 from .inject import Targets, _matches, inject
 
 Method = Literal["seedlora", "ffa", "fedit", "full"]
-CHAINED: frozenset[str] = frozenset({"seedlora"})  # A moves on at every link
-B_ONLY: frozenset[str] = frozenset({"seedlora", "ffa"})  # links can be merged exactly
+CHAINED: frozenset[str] = frozenset({"seedlora"})  # A moves on with the chain index
+B_ONLY: frozenset[str] = frozenset({"seedlora", "ffa"})  # B merges exactly, as a link
 
 
 def _any_conv1d(model: nn.Module, targets: Targets) -> bool:

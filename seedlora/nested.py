@@ -6,7 +6,7 @@ block (its offset is the r_max one). Every client uses the scale alpha/r_max, so
 
     (alpha/r_max) B_i A[:r_i] = (alpha/r_max) pad(B_i) A,
 
-where pad fills the missing columns with the global B's (zero for a fresh link). The
+where pad fills the missing columns with the global B's (zero at a fresh chain index). The
 server pads each reply to r_max and averages as usual; the mean of the padded B's times A
 is the mean of the clients' weight updates, to float rounding. Upload is n_out * r_i.
 """
@@ -24,7 +24,15 @@ from .spec import ASpec
 
 @dataclass(frozen=True)
 class NestedSpec(ASpec):
-    """Rows `first .. first + rank` of the A of `full_rank` (same seed, same block offset)."""
+    """Rows `first .. first + rank` of the A of `full_rank` (same seed, same block offset).
+
+    Slicing, never redrawing at the smaller rank, is what keeps heterogeneous ranks exact:
+    every client's A is part of the one r_max A.
+
+    Attributes (besides `ASpec`'s, whose `rank` is the slice's r_i):
+        full_rank: r_max, the rank A is drawn at.
+        first: the first row of the slice.
+    """
 
     full_rank: int = 0
     first: int = 0
@@ -43,12 +51,15 @@ class NestedSpec(ASpec):
 
     @property
     def std(self) -> float:
+        """The r_max spec's std, 1/sqrt(r_max): the slice keeps the full A's entries."""
         return self.full().std
 
     def offset(self) -> int:
+        """First column of this slice of the r_max block (block kinds only)."""
         return (self.full().offset() + self.first) % self.n_in
 
     def dense(self) -> torch.Tensor:
+        """A[first : first + rank] of the r_max A: (rank, n_in), float32 on the CPU."""
         if self.kind == "gaussian":
             return self.full().dense()[self.first : self.first + self.rank].contiguous()
         return super().dense()
@@ -67,6 +78,8 @@ def shrink(model: nn.Module, rank: int) -> None:
     The global B's columns beyond `rank` are frozen for this client: their part
     `(alpha/r_max) B[:, rank:] A[rank:]` is folded into the base weight, and only the
     first `rank` columns stay trainable, against A[:rank] at the scale alpha/r_max.
+    Each `lora_B` becomes a new parameter B[:, :rank]: (n_out, rank), same dtype and
+    device. Adapters already at rank <= `rank` (and swapped-role ones) are left as they are.
     """
     for module in model.modules():
         if not isinstance(module, SeedLoRALayer) or rank >= module.spec.rank:
@@ -99,6 +112,15 @@ def pad_rank(small: torch.Tensor, reference: torch.Tensor, axis: int) -> torch.T
 
     With `reference` the global factor the client started from, this is the global factor
     plus the client's update zero-padded to full rank.
+
+    Args:
+        small: a client's factor at rank r_i, e.g. B_i: (n_out, r_i).
+        reference: the global factor at r_max, e.g. B: (n_out, r_max); the other axes
+            match `small`.
+        axis: the rank axis (`rank_axis`: 1 for B, 0 for a trained A).
+
+    Returns:
+        A new tensor of `reference`'s shape, dtype and device.
     """
     out = reference.clone()
     out.narrow(axis, 0, small.shape[axis]).copy_(small)

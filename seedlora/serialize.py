@@ -25,13 +25,26 @@ class CorruptFileError(ValueError):
 
 
 def state_to_bytes(tensors: Mapping[str, torch.Tensor], meta: Mapping | None = None) -> bytes:
-    """Tensors plus a JSON-able `meta` dict as one safetensors blob."""
+    """Tensors plus a JSON-able `meta` dict as one safetensors blob (no pickle).
+
+    Args:
+        tensors: name -> tensor, any shape, dtype and device (moved to the CPU, made
+            contiguous; dtypes are kept).
+        meta: JSON-able dict, stored in the safetensors header.
+
+    Returns:
+        The safetensors bytes.
+    """
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     return save(clean, metadata={"meta": json.dumps(meta or {}, sort_keys=True)})
 
 
 def state_from_bytes(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
-    """Inverse of `state_to_bytes`; raises CorruptFileError on anything unparsable."""
+    """Inverse of `state_to_bytes`; raises CorruptFileError on anything unparsable.
+
+    Returns:
+        (name -> CPU tensor in its stored dtype and shape, the `meta` dict).
+    """
     try:
         tensors = load(data)
         # The safetensors format: 8-byte little-endian header size, then a JSON header.
@@ -44,7 +57,18 @@ def state_from_bytes(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def links_to_bytes(links: Sequence[Link], start: int = 0) -> bytes:
-    """Serialize `links` (their global indices start at `start`)."""
+    """Serialize `links`, a run of the whole links list from position `start` on.
+
+    A client that already holds the first `start` links is sent only the rest.
+
+    Args:
+        links: consecutive links; each factor B_bar: (n_out, r) (A_bar: (r, n_in) with
+            swapped roles) is stored as float32 under "<position>/<layer>".
+        start: the position of `links[0]` in the whole links list.
+
+    Returns:
+        The safetensors bytes, with the links' headers and `start` in its metadata.
+    """
     tensors, headers = {}, []
     for i, link in enumerate(links):
         headers.append(link.header())
@@ -54,7 +78,11 @@ def links_to_bytes(links: Sequence[Link], start: int = 0) -> bytes:
 
 
 def links_from_bytes(data: bytes) -> tuple[int, list[Link]]:
-    """(start index, links) from `links_to_bytes` output."""
+    """(position of the first link in the whole list, links) from `links_to_bytes` output.
+
+    The links' factors are float32 CPU tensors. Raises CorruptFileError on anything
+    unparsable or incomplete.
+    """
     tensors, meta = state_from_bytes(data)
     try:
         start = int(meta["start"])

@@ -27,7 +27,11 @@ def derive_seed(*parts: object) -> int:
 
 
 def seeded_generator(*parts: object) -> torch.Generator:
-    """A CPU generator seeded from `parts`; independent of `torch.manual_seed`."""
+    """A CPU generator seeded from `parts`; independent of `torch.manual_seed`.
+
+    Draws from it (on the CPU, float32) give the same bits on every machine, unlike a GPU
+    generator or the global RNG.
+    """
     gen = torch.Generator(device="cpu")
     gen.manual_seed(derive_seed(*parts))
     return gen
@@ -35,13 +39,22 @@ def seeded_generator(*parts: object) -> torch.Generator:
 
 @dataclass(frozen=True)
 class ASpec:
-    """Everything needed to derive the frozen A (r x n_in) of one layer in one chain link.
+    """Everything needed to derive the frozen A (r x n_in) of one layer at one chain index.
 
     gaussian:     A_ij ~ N(0, 1/r) from the seeded generator (std 1/sqrt(r), the choice of
                   asymmetric LoRA and RAC-LoRA).
     circulant:    A = [0 | I_r | 0] starting at column (chain_index * r) mod n_in (c3LA).
     random-block: A = [0 | I_r | 0] at a seeded column offset, a multiple of r (r-c3LA).
     Block columns wrap around modulo n_in, so every column is reachable.
+
+    Attributes:
+        kind: one of `KINDS`.
+        seed: the run's seed.
+        chain_index: c, the position in the chain.
+        rank: r.
+        layer: the adapted module's full name (part of the seeded draws).
+        n_in: A's columns (the layer's input size; its output size for a frozen B^T).
+        n_out: the other side of the layer, for shape checks.
     """
 
     kind: Kind
@@ -66,6 +79,7 @@ class ASpec:
 
     @property
     def is_block(self) -> bool:
+        """True for the block kinds, whose A is never materialised in training."""
         return self.kind in BLOCK_KINDS
 
     @property
@@ -74,7 +88,7 @@ class ASpec:
         return 1.0 / math.sqrt(self.rank)
 
     def next(self) -> ASpec:
-        """The spec of the same layer in the next chain link."""
+        """The spec of the same layer at the next chain index."""
         return replace(self, chain_index=self.chain_index + 1)
 
     def offset(self) -> int:
@@ -88,7 +102,7 @@ class ASpec:
         raise ValueError(f"a-kind: {self.kind!r} has no block offset")
 
     def columns(self) -> torch.Tensor:
-        """Input columns picked by a block A, as int64 indices (wrapping modulo n_in)."""
+        """Input columns picked by a block A: int64 (r,) on the CPU, wrapping modulo n_in."""
         return (self.offset() + torch.arange(self.rank)) % self.n_in
 
     def contiguous(self) -> bool:
@@ -96,7 +110,11 @@ class ASpec:
         return self.offset() + self.rank <= self.n_in
 
     def dense(self) -> torch.Tensor:
-        """A as a dense float32 CPU tensor (r x n_in). Block kinds only build it for export."""
+        """A: (r, n_in), float32 on the CPU; callers cast and move it.
+
+        The gaussian draw uses a fresh seeded CPU generator, so it is bit-identical
+        everywhere. Block kinds only build it for export and checks.
+        """
         if self.kind == "gaussian":
             gen = seeded_generator("gaussian", self.seed, self.chain_index, self.layer)
             a = torch.randn((self.rank, self.n_in), generator=gen, dtype=torch.float32)

@@ -17,13 +17,15 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .layer import SeedLoRALayer, add_low_rank, layer_shape, wrap_frozen_base
-from .spec import ASpec
+from .spec import ASpec, Kind
 
 TRAINED_A = "B"  # value of `frozen` (run-config frozen-factor) that selects this layer
 
 
-def frozen_spec(kind, seed: int, chain_index: int, rank: int, layer: str, base: nn.Module):
-    """The spec of a layer's frozen B^T (its `n_in` is the layer's n_out)."""
+def frozen_spec(
+    kind: Kind, seed: int, chain_index: int, rank: int, layer: str, base: nn.Module
+) -> ASpec:
+    """The spec of a layer's frozen B^T: (r, n_out) (its `n_in` is the layer's n_out)."""
     n_in, n_out = layer_shape(base)
     return ASpec(kind, seed, chain_index, rank, layer, n_out, n_in)
 
@@ -33,12 +35,35 @@ def merge_swapped(base: nn.Module, spec: ASpec, a: torch.Tensor, scaling: float)
 
     `W += s B A` is `W^T += s A^T B^T` with `B^T = spec.dense()`: the B-only merge of A^T
     into the weight seen the other way round.
+
+    Args:
+        base: the frozen `nn.Linear` or `Conv1D`; its weight changes in place, dtype kept.
+        spec: describes B^T: (r, n_out) (`frozen_spec`).
+        a: the trained A: (r, n_in), any float dtype and device.
+        scaling: alpha / r.
     """
     add_low_rank(base.weight, spec, a.t(), scaling, transposed=not isinstance(base, Conv1D))
 
 
 class SwappedLoRALayer(nn.Module):
-    """Wraps a frozen `nn.Linear` / `Conv1D`; trains only `lora_A` against a seeded B."""
+    """Wraps a frozen `nn.Linear` / `Conv1D`; trains only `lora_A` against a seeded B.
+
+    forward:  y = base(x) + (alpha/r) * B (A dropout(x))
+    merge():  W0 <- W0 + (alpha/r) B A, then A <- 0
+
+    Args:
+        base: the `nn.Linear` or GPT-2 `Conv1D` to adapt; frozen here.
+        spec: the frozen B^T's spec (`frozen_spec`): `spec.n_in` is the layer's n_out.
+        alpha: the LoRA alpha; the scale is `alpha / spec.rank`.
+        dropout: adapter dropout probability on x.
+
+    Attributes:
+        lora_A: A: (r, n_in) parameter, zero at the start, on the base's device; float32
+            (float64 under a float64 base).
+        frozen_B: B: (n_out, r) float32 non-persistent buffer on the base's device
+            (gaussian kind); None for block kinds, whose `B h` scatters h into r rows.
+        scaling: alpha / r.
+    """
 
     def __init__(self, base: nn.Module, spec: ASpec, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -52,7 +77,7 @@ class SwappedLoRALayer(nn.Module):
         self.set_spec(spec)
 
     def set_spec(self, spec: ASpec) -> None:
-        """Switch to another link's B and restart A from zero."""
+        """Switch to another B-spec (a new chain index: its B) and zero A."""
         self.spec = spec
         device = self.base.weight.device
         self.frozen_B = None if spec.is_block else spec.dense().t().contiguous().to(device)
@@ -61,6 +86,14 @@ class SwappedLoRALayer(nn.Module):
             self.lora_A.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`base(x) + (alpha/r) B (A x)`.
+
+        Args:
+            x: (..., n_in) in the base's dtype, on its device.
+
+        Returns:
+            (..., n_out) in the base output's dtype.
+        """
         y = self.base(x)
         a = self.lora_A
         h = F.linear(self.dropout(x).to(a.dtype), a) * self.scaling
@@ -69,12 +102,15 @@ class SwappedLoRALayer(nn.Module):
         return y.index_add(-1, self._rows, h.to(y.dtype))
 
     def delta_weight(self) -> torch.Tensor:
-        """The dense update `(alpha/r) B A` in nn.Linear orientation (n_out x n_in)."""
+        """The dense update `(alpha/r) B A`: (n_out, n_in), float32, on A's device, detached.
+
+        nn.Linear orientation also for Conv1D; builds a dense B, so it is for checks.
+        """
         b = self.spec.dense().t().to(self.lora_A.device)
         return self.scaling * b @ self.lora_A.detach().float()
 
     def merge(self) -> None:
-        """Fold the current link into the base weight and reset A to zero."""
+        """Fold the current `(alpha/r) B A` into the base weight and reset A to zero."""
         merge_swapped(self.base, self.spec, self.lora_A, self.scaling)
         with torch.no_grad():
             self.lora_A.zero_()
@@ -88,7 +124,11 @@ ADAPTERS = (SeedLoRALayer, SwappedLoRALayer)
 
 
 def trained_factor(layer: nn.Module) -> torch.Tensor:
-    """The factor an adapter trains and sends: B, or A when the roles are swapped."""
+    """The factor an adapter trains and sends (the parameter itself, not a copy).
+
+    Returns:
+        `lora_B`: (n_out, r), or `lora_A`: (r, n_in) when the roles are swapped.
+    """
     return layer.lora_A if isinstance(layer, SwappedLoRALayer) else layer.lora_B
 
 

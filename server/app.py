@@ -14,17 +14,18 @@ from flwr.serverapp import Grid, ServerApp
 
 from contract.config import RunConfig, RunConfigError
 
-from .chain_server import ChainServer
+from .chain_server import ChainServer, run_chain
 from .checkpoint import FILE
-from .secure import run_secure
+from .rounds import FlowerRounds
+from .secure import SecureRounds
 
 
 def run_directory(cfg: RunConfig) -> Path:
     """`output-dir/run-name`; with `resume` and no name, the latest run with a checkpoint."""
-    root = Path(cfg.output_dir).expanduser().resolve()
-    if cfg.run_name:
-        return root / cfg.run_name
-    if cfg.resume:
+    root = Path(cfg.output.output_dir).expanduser().resolve()
+    if cfg.output.run_name:
+        return root / cfg.output.run_name
+    if cfg.output.resume:
         runs = sorted(root.glob(f"*/{FILE}"), key=lambda f: f.stat().st_mtime)
         if not runs:
             raise RunConfigError(f"resume: no checkpoint under output-dir {root}")
@@ -49,10 +50,8 @@ def build_server_app(
         log(INFO, "seedlora run %s -> %s", context.run_id, out_dir)
         server = ChainServer(cfg, context.run_id, out_dir)
         grid = wrap_grid(grid) if wrap_grid else grid
-        if cfg.secure_aggregation:
-            run_secure(server, grid, context)
-        else:
-            server.run(grid)
+        secure = cfg.secagg.secure_aggregation
+        run_chain(server, SecureRounds(grid, context) if secure else FlowerRounds(grid))
 
     return server_app
 

@@ -1,24 +1,28 @@
-"""The server's chain state and its schedule: `num-links x rounds-per-link` rounds.
+"""The server's side of the chain: the global model, its ChainState and the run's outputs.
 
-Each link runs as one `strategy.start(...)` of a fresh Flower strategy wrapped in
-`LinkStrategy` (so B-space optimizer state resets by construction). After every round
-the server loads the new global B, evaluates centrally, logs a line, rewrites
-metrics.json and checkpoints; after every link it merges `(alpha/r) B_bar A_c` into its
-base, records the link, moves to A_{c+1} and restarts B from zero.
+`run_chain` is the whole schedule, `num-links x rounds-per-link` rounds:
+
+    for each link:                       (a fresh strategy: B-space state resets)
+        for each round:  configure -> send/receive -> aggregate    (a LinkRunner's round)
+                         -> commit_round                           (eval, metrics, checkpoint)
+        close_link                       (merge (alpha/r) B_bar A_c, next A, B = 0)
+
+A `LinkRunner` (server/rounds.py: Flower's message-API strategies; server/secure.py:
+SecAgg+) does the rounds' communication; `ChainServer` does everything that is the
+same whatever the runner: the state, central evaluation, metrics.json, checkpoints,
+merges and exports.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import Protocol
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.common.logger import log
-from flwr.serverapp import Grid
 
 from contract import protocol as p
 from contract.config import RunConfig, RunConfigError
@@ -36,65 +40,80 @@ from seedlora import (
 )
 from seedlora.methods import B_ONLY
 from seedlora.serialize import atomic_write_bytes, state_to_bytes
-from strategies import privacy
-from strategies.chain import LinkContext, LinkStrategy
 from strategies.privacy import PrivacyLedger
-from strategies.registry import EXACT_IN_WEIGHT_SPACE, STATE_ATTRIBUTES, build_strategy
+from strategies.registry import EXACT_IN_WEIGHT_SPACE
 from tasks import build_task
 
 from . import checkpoint, report
+from .state import ChainState, RoundResult
 
 # Config keys that may change when a run is resumed; all others must match the checkpoint.
-RESUMABLE_CHANGES = {"resume", "run_name", "output_dir", "round_timeout", "device", "export"}
+RESUMABLE_CHANGES = {"resume", "run-name", "output-dir", "round-timeout", "device", "export"}
 
 
-@dataclass
-class ChainState:
-    links: list
-    arrays: dict[str, torch.Tensor]
-    chain_index: int = 0
-    round_in_link: int = 0
-    global_round: int = 0
+class OpenLink(Protocol):
+    def run_round(self, link_round: int, arrays: dict[str, torch.Tensor]) -> RoundResult:
+        """Round `link_round` (from 1) of the open link, from the global `arrays`."""
+        ...
+
+
+class LinkRunner(Protocol):
+    """How rounds reach the clients: opens one link at a time for the chain loop."""
+
+    def open_link(self, server: ChainServer) -> OpenLink: ...
+
+
+def run_chain(server: ChainServer, runner: LinkRunner) -> None:
+    """The run, from wherever its ChainState stands (round 0, or a resumed checkpoint)."""
+    server.begin()
+    num_links, rounds = server.cfg.schedule
+    state = server.state
+    while state.chain_index < num_links:
+        link = runner.open_link(server)
+        while state.round_in_link < rounds:
+            server.commit_round(link.run_round(state.round_in_link + 1, state.arrays))
+        server.close_link()
+    server.finish()
 
 
 class ChainServer:
-    """Holds the base model, the chain state and the run's outputs."""
+    """Holds the base model (W0 + merged links, with link c's adapters), the ChainState
+    and the run's outputs."""
 
     def __init__(self, cfg: RunConfig, run_id: int, out_dir: Path):
         self.cfg = cfg
         self.run_id = run_id
         self.out_dir = out_dir
         self.task = build_task(cfg.task_config())
-        self.heads = cfg.heads(self.task.modules_to_save)
+        a = cfg.adapter
         try:
             self.model = prepare(
                 self.task.load_model(),
-                cfg.method,
-                cfg.targets(self.task.target_modules),
-                kind=cfg.a_kind,
-                seed=cfg.seed,
-                rank=cfg.rank,
-                alpha=cfg.alpha,
-                heads=self.heads,
-                frozen=cfg.frozen_factor,
+                a.method,
+                a.targets(self.task.target_modules),
+                kind=a.a_kind,
+                seed=a.seed,
+                rank=a.rank,
+                alpha=a.alpha,
+                heads=a.heads(self.task.modules_to_save),
+                frozen=a.frozen_factor,
             )
         except ValueError as err:
             raise RunConfigError(f"run-config: {err}") from None
         self.model.eval()
-        self.state = ChainState(links=[], arrays=trainable_state(self.model))
-        self.history: list[dict] = []
-        self.strategy_state: dict = {}
-        self.node_links: dict[int, int] = {}
-        self.eval_set = self.task.eval_dataset(None) if cfg.central_eval else None
-        if cfg.resume:
+        self.state = ChainState(cfg.to_flower(), links=[], arrays=trainable_state(self.model))
+        self.node_links: dict[int, int] = {}  # node id -> merged links it is known to hold
+        self.eval_set = self.task.eval_dataset(None) if cfg.output.central_eval else None
+        if cfg.output.resume:
             self._restore()
-        done = [h for h in self.history if h.get("round", 0) > 0 and not h.get("skipped")]
-        self.privacy = PrivacyLedger(releases=len(done) if cfg.dp_clip > 0 else 0)
+        done = [h for h in self.state.history if h.get("round", 0) > 0 and not h.get("skipped")]
+        self.privacy = PrivacyLedger(releases=len(done) if cfg.privacy.dp_clip > 0 else 0)
+        self._round_start = time.perf_counter()
 
     # --- checkpoints -----------------------------------------------------------------
     def _restore(self) -> None:
         ckpt = checkpoint.load(self.out_dir)
-        ours, theirs = self.cfg.model_dump(), ckpt.config
+        ours, theirs = self.state.config, ckpt.config
         changed = sorted(k for k in ours if k not in RESUMABLE_CHANGES and ours[k] != theirs.get(k))
         if changed:
             raise RunConfigError(f"resume: run-config differs from the checkpoint in {changed}")
@@ -102,15 +121,8 @@ class ChainServer:
             apply_link(self.model, link)
         set_chain_index(self.model, ckpt.chain_index)
         load_trainable_state(self.model, ckpt.arrays)
-        self.state = ChainState(
-            list(ckpt.links),
-            dict(ckpt.arrays),
-            ckpt.chain_index,
-            ckpt.round_in_link,
-            ckpt.global_round,
-        )
-        self.history = ckpt.history
-        self.strategy_state = ckpt.strategy_state
+        ckpt.config = ours
+        self.state = ckpt
         log(
             INFO,
             "resumed at link %d round %d (%d links merged, digest %s)",
@@ -120,76 +132,81 @@ class ChainServer:
             links_digest(ckpt.links)[:12],
         )
 
-    def _checkpoint(self) -> None:
+    def _save(self) -> None:
+        """metrics.json for people, then the checkpoint for `resume`."""
         s = self.state
-        checkpoint.save(
-            self.out_dir,
-            checkpoint.Checkpoint(
-                config=self.cfg.model_dump(),
-                links=s.links,
-                arrays=s.arrays,
-                chain_index=s.chain_index,
-                round_in_link=s.round_in_link,
-                global_round=s.global_round,
-                strategy_state=self.strategy_state,
-                history=self.history,
-            ),
-        )
+        document = {
+            "config": s.config,
+            "run_id": self.run_id,
+            "links_digest": links_digest(s.links),
+            "links_merged": len(s.links),
+            "rounds": s.history,
+            "exact_in_weight_space": self.cfg.strategy.name in EXACT_IN_WEIGHT_SPACE,
+        }
+        report.write_metrics(self.out_dir / "metrics.json", document)
+        checkpoint.save(self.out_dir, s)
 
-    # --- evaluation and reporting -----------------------------------------------------
+    # --- the steps of run_chain --------------------------------------------------------
     def central_eval(self) -> dict[str, float]:
         if self.eval_set is None:
             return {}
         load_trainable_state(self.model, self.state.arrays)
         device = torch.device("cpu")
-        return self.task.evaluate(self.model, self.eval_set, self.cfg.eval_batch_size, device)
+        return self.task.evaluate(self.model, self.eval_set, self.cfg.train.eval_batch_size, device)
 
-    def _write_outputs(self) -> None:
-        document = {
-            "config": self.cfg.to_flower(),
-            "run_id": self.run_id,
-            "links_digest": links_digest(self.state.links),
-            "links_merged": len(self.state.links),
-            "rounds": self.history,
-            "exact_in_weight_space": self.cfg.strategy in EXACT_IN_WEIGHT_SPACE,
-        }
-        report.write_metrics(self.out_dir / "metrics.json", document)
-
-    # --- the schedule ---------------------------------------------------------------
     def link_config(self) -> dict:
-        cfg = self.cfg
+        """The A-spec fields every client of this link needs (the chain index is added per
+        message by strategies/)."""
+        a = self.cfg.adapter
         return {
-            p.METHOD: cfg.method,
-            p.A_KIND: cfg.a_kind,
-            p.SEED: cfg.seed,
-            p.RANK: cfg.rank,
-            p.ALPHA: cfg.alpha,
+            p.METHOD: a.method,
+            p.A_KIND: a.a_kind,
+            p.SEED: a.seed,
+            p.RANK: a.rank,
+            p.ALPHA: a.alpha,
             p.RUN_ID: self.run_id,
         }
 
-    def _after_round(self, link: LinkStrategy, inner, server_round: int, arrays: ArrayRecord):
-        """Flower's evaluate_fn hook: runs once before round 1 and after every round."""
+    def begin(self) -> None:
+        """Evaluate the base model once, as round 0 of a fresh run."""
         s = self.state
-        if server_round == 0:
-            if s.global_round == 0 and not self.history:
-                entry = {"round": 0, "link": 0, "central": self.central_eval()}
-                self.history.append(entry)
-                log(INFO, "base model | central %s", entry["central"])
-            return None
-        s.arrays = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
-        s.round_in_link += 1
-        s.global_round += 1
-        ledger = link.ledgers.get(s.global_round)
-        central = self.central_eval()
-        entry = {
-            "round": s.global_round,
-            "link": s.chain_index,
-            "round_in_link": s.round_in_link,
-            "rounds_per_link": self.cfg.rounds_per_link,
+        if s.global_round == 0 and not s.history:
+            s.history.append({"round": 0, "link": 0, "central": self.central_eval()})
+            log(INFO, "base model | central %s", s.history[0]["central"])
+        self._round_start = time.perf_counter()
+
+    def commit_round(self, result: RoundResult) -> None:
+        """Take a round's global state: count it, evaluate, log, write metrics, checkpoint."""
+        s = self.state
+        s.arrays = {k: v.clone() for k, v in result.arrays.items()}
+        s.round_in_link += result.rounds
+        s.global_round += result.rounds
+        s.strategy_state = result.strategy_state
+        entry = {"round": s.global_round, "link": s.chain_index}
+        if result.ledger is None:  # SecAgg+: no single reply is visible
+            entry["secure"] = True
+        else:
+            entry.update(self._ledger_entry(result))
+        entry["central"] = self.central_eval()
+        entry["wall_time"] = time.perf_counter() - self._round_start
+        self._round_start = time.perf_counter()
+        s.history.append(entry)
+        if result.ledger is not None and result.ledger.updates:
+            self._save_updates(s.global_round, result.ledger.updates)
+        if result.ledger is None:
+            log(INFO, "secure link %d | central %s", s.chain_index, entry["central"])
+        else:
+            log(INFO, report.round_line(entry))
+        self._save()
+
+    def _ledger_entry(self, result: RoundResult) -> dict:
+        ledger = result.ledger
+        return {
+            "round_in_link": self.state.round_in_link,
+            "rounds_per_link": self.cfg.chain.rounds_per_link,
             "train_loss": ledger.train_metrics.get(p.TRAIN_LOSS),
             "train_metrics": ledger.train_metrics,
             "client_eval": ledger.eval_metrics,
-            "central": central,
             "sent": ledger.sent,
             "accepted": ledger.accepted,
             "rejected": [{"node": r.node_id, "reason": r.reason} for r in ledger.rejected],
@@ -199,19 +216,7 @@ class ChainServer:
             "bytes_up": ledger.bytes_up,
             "bytes_down": ledger.bytes_down,
             "bytes_up_per_client": ledger.bytes_up / max(ledger.accepted, 1),
-            "wall_time": time.perf_counter() - self._round_start,
         }
-        self._round_start = time.perf_counter()
-        self.history.append(entry)
-        if ledger.updates:
-            self._save_updates(s.global_round, ledger.updates)
-        self.strategy_state = {
-            a: getattr(inner, a) for a in STATE_ATTRIBUTES if getattr(inner, a, None) is not None
-        }
-        log(INFO, report.round_line(entry))
-        self._write_outputs()
-        self._checkpoint()
-        return MetricRecord({k: float(v) for k, v in central.items()})
 
     def _save_updates(self, global_round: int, updates: list) -> None:
         """The accepted client states of a round, so anyone can re-check the average."""
@@ -226,86 +231,40 @@ class ChainServer:
         fedit and full have no link to merge: their state stays in the arrays."""
         s = self.state
         load_trainable_state(self.model, s.arrays)
-        if self.cfg.method not in B_ONLY:
-            s.chain_index += 1
-            s.round_in_link = 0
-            self._write_outputs()
-            self._checkpoint()
-            return
-        link = record_link(self.model)
-        apply_link(self.model, link)
-        set_chain_index(self.model, s.chain_index + 1)
-        s.links.append(link)
         s.chain_index += 1
         s.round_in_link = 0
-        s.arrays = trainable_state(self.model)
-        self.strategy_state = {}
-        log(INFO, "link %d merged | links digest %s", link.chain_index, links_digest(s.links)[:12])
-        self._write_outputs()
-        self._checkpoint()
-
-    def run(self, grid: Grid) -> None:
-        cfg, s = self.cfg, self.state
-        self._round_start = time.perf_counter()
-        num_links, rounds_per_link = cfg.schedule
-        while s.chain_index < num_links:
-            inner = privacy.wrap(
-                build_strategy(cfg), cfg, len(list(grid.get_node_ids())), self.privacy
-            )
-            for attr, value in self.strategy_state.items():
-                setattr(inner, attr, value)
-            ctx = LinkContext(
-                run_id=self.run_id,
-                chain_index=s.chain_index,
-                links=list(s.links),
-                link_config=self.link_config(),
-                round_offset=s.global_round,
-                rounds_done=s.round_in_link,
-                min_replies=cfg.min_replies,
-                max_num_examples=cfg.max_num_examples,
-                node_links=self.node_links,
-                keep_updates=cfg.save_client_updates,
-                outlier_mad=cfg.outlier_mad,
-                outlier_action=cfg.outlier_action,
-                client_ranks=bool(cfg.client_ranks),
-                upload_codec=cfg.upload_codec,
-            )
-            link = LinkStrategy(inner, ctx)
-            remaining = rounds_per_link - s.round_in_link
-            if remaining > 0:
-                link.start(
-                    grid,
-                    ArrayRecord(s.arrays),
-                    num_rounds=remaining,
-                    timeout=cfg.round_timeout,
-                    train_config=ConfigRecord({"lr": cfg.lr, "local-steps": cfg.local_steps}),
-                    evaluate_config=ConfigRecord(),
-                    evaluate_fn=lambda rnd, arr, _l=link, _i=inner: self._after_round(
-                        _l, _i, rnd, arr
-                    ),
-                )
-            self.close_link()
-        self.finish()
+        if self.cfg.adapter.method in B_ONLY:
+            link = record_link(self.model)
+            apply_link(self.model, link)
+            set_chain_index(self.model, s.chain_index)
+            s.links.append(link)
+            s.arrays = trainable_state(self.model)
+            s.strategy_state = {}
+            digest = links_digest(s.links)[:12]
+            log(INFO, "link %d merged | links digest %s", link.chain_index, digest)
+        self._save()
 
     def finish(self) -> None:
         """Final summary, plot and exports (PEFT adapter of rank k*r, merged HF model)."""
-        rounds = [h for h in self.history if h.get("central")]
+        history = self.state.history
+        rounds = [h for h in history if h.get("central")]
         if len(rounds) >= 2:
             first, last = rounds[0]["central"], rounds[-1]["central"]
             log(INFO, "central eval: base %s -> final %s", first, last)
-        self._write_outputs()
-        report.plot_history(self.out_dir / "metrics.png", self.history, self.cfg.schedule[1])
-        if self.cfg.export:
+        self._save()
+        report.plot_history(self.out_dir / "metrics.png", history, self.cfg.schedule[1])
+        if self.cfg.output.export:
             self._export()
 
     def _export(self) -> None:
         tokenizer = getattr(self.task, "tokenizer", None)
-        if self.cfg.method == "fedit":  # already a PEFT model
+        method = self.cfg.adapter.method
+        if method == "fedit":  # already a PEFT model
             atomic_dir(self.out_dir / "peft-adapter", self.model.save_pretrained)
             merged = copy.deepcopy(self.model).merge_and_unload()
             export_merged(merged, self.out_dir / "merged-model", tokenizer=tokenizer)
             return
-        if self.cfg.method == "full":
+        if method == "full":
             export_merged(self.model, self.out_dir / "merged-model", tokenizer=tokenizer)
             return
         factors = ("lora_B", "lora_A")  # the trained factor of either role
@@ -316,7 +275,7 @@ class ChainServer:
                 self.state.links,
                 self.out_dir / "peft-adapter",
                 heads=heads,
-                base_model_name_or_path=self.cfg.model_name,
+                base_model_name_or_path=self.cfg.task.model_name,
             )
         except ValueError as err:
             log(WARNING, "PEFT export skipped: %s", err)

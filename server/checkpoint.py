@@ -1,4 +1,4 @@
-"""Server checkpoints: everything `resume` needs, in one file written atomically.
+"""Server checkpoints: the ChainState (everything `resume` needs), one file written atomically.
 
 One safetensors file holds the links list (as its own serialized blob), the current
 global B + heads, the inner strategy's B-space state (FedAdam moments, FedAvgM
@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from seedlora.chain import Link
 from seedlora.serialize import (
     CorruptFileError,
     atomic_write_bytes,
@@ -27,21 +25,11 @@ from seedlora.serialize import (
     state_to_bytes,
 )
 
+from .state import ChainState
+
 FILE = "checkpoint.safetensors"
 PREVIOUS = "checkpoint.prev.safetensors"
 log = logging.getLogger("flwr")
-
-
-@dataclass
-class Checkpoint:
-    config: dict
-    links: list[Link]
-    arrays: dict[str, torch.Tensor]
-    chain_index: int
-    round_in_link: int
-    global_round: int
-    strategy_state: dict[str, object] = field(default_factory=dict)
-    history: list[dict] = field(default_factory=list)
 
 
 def _pack_strategy(state: dict[str, object]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -89,7 +77,7 @@ def _remove_stale_temps(directory: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
-def save(directory: str | os.PathLike, ckpt: Checkpoint) -> Path:
+def save(directory: str | os.PathLike, ckpt: ChainState) -> Path:
     """Write `ckpt` atomically, keeping the last good one as the `.prev` fallback."""
     directory = Path(directory)
     tensors, tags = _pack_strategy(ckpt.strategy_state)
@@ -111,12 +99,12 @@ def save(directory: str | os.PathLike, ckpt: Checkpoint) -> Path:
     return atomic_write_bytes(current, data)
 
 
-def _read(path: Path) -> Checkpoint:
+def _read(path: Path) -> ChainState:
     tensors, meta = state_from_bytes(path.read_bytes())
     try:
         _, links = links_from_bytes(tensors["links"].numpy().tobytes())
         arrays = {k[len("arrays/") :]: v for k, v in tensors.items() if k.startswith("arrays/")}
-        return Checkpoint(
+        return ChainState(
             config=meta["config"],
             links=links,
             arrays=arrays,
@@ -130,7 +118,7 @@ def _read(path: Path) -> Checkpoint:
         raise CorruptFileError(f"{path}: incomplete checkpoint ({err})") from err
 
 
-def load(directory: str | os.PathLike) -> Checkpoint:
+def load(directory: str | os.PathLike) -> ChainState:
     """The newest readable checkpoint in `directory`; falls back to `.prev` if corrupt."""
     directory = Path(directory)
     errors = []

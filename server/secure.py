@@ -8,7 +8,8 @@ FitIns/FitRes records. No message-API strategy (`flwr.serverapp.strategy`) can r
 So with `secure-aggregation = true` each chain link runs as one such workflow: the
 initial parameters are the zero B's (and current heads), the link's A-spec, links digest
 and merged links travel in the fit config, and after `rounds-per-link` rounds the
-securely averaged B is merged exactly as in the plain path (`ChainServer.close_link`).
+securely averaged B is merged exactly as in the plain path: `SecureRounds` is the second
+`LinkRunner` of `server.chain_server.run_chain`, whose one step is a whole link.
 
 What is lost: the per-reply checks (shapes, NaN, stale link, outliers) cannot look at an
 individual update, which is the point of SecAgg+; the workflow only drops clients that
@@ -21,12 +22,10 @@ near the real largest num-examples.
 
 from __future__ import annotations
 
-from logging import INFO
-
 import numpy as np
+import torch
 from flwr.app import Context
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.logger import log
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg
@@ -37,64 +36,67 @@ from contract import protocol as p
 from seedlora import links_digest
 from seedlora.serialize import links_to_bytes
 
-from .chain_server import ChainServer
+from .chain_server import ChainServer, run_chain
+from .state import RoundResult
 
 PARAMETERS = "parameters"  # where the legacy workflow keeps the global parameters
 
 
-def _fit_config(server: ChainServer, server_round: int) -> dict:
-    s = server.state
-    return {
-        **server.link_config(),
-        p.SERVER_ROUND: s.global_round + server_round,
-        p.CHAIN_INDEX: s.chain_index,
-        p.LINKS_DIGEST: links_digest(s.links),
-        p.SECURE_LINKS: links_to_bytes(s.links),  # the legacy config is flat: all links
-    }
+class SecureRounds:
+    """The SecAgg+ `LinkRunner`: a link's rounds run inside one legacy workflow."""
+
+    def __init__(self, grid: Grid, context: Context):
+        self.grid, self.context = grid, context
+
+    def open_link(self, server: ChainServer) -> SecureLink:
+        return SecureLink(server, self.grid, self.context)
 
 
-def run_link(server: ChainServer, grid: Grid, context: Context) -> None:
-    """One chain link of `rounds-per-link` SecAgg+ rounds; leaves the average in state."""
-    cfg, s = server.cfg, server.state
-    _, rounds = cfg.schedule  # ffa runs all rounds as one link
-    names = list(s.arrays)
-    initial = [s.arrays[k].numpy() for k in names]
-    strategy = FedAvg(
-        fraction_fit=cfg.fraction_train,
-        fraction_evaluate=0.0,
-        min_fit_clients=cfg.min_replies,
-        min_available_clients=cfg.min_available_nodes,
-        initial_parameters=ndarrays_to_parameters(initial),
-        on_fit_config_fn=lambda rnd: _fit_config(server, rnd),
-    )
-    legacy = LegacyContext(context, ServerConfig(num_rounds=rounds), strategy)
-    workflow = SecAggPlusWorkflow(
-        num_shares=cfg.secagg_num_shares,
-        reconstruction_threshold=cfg.secagg_threshold,
-        max_weight=cfg.secagg_max_weight,
-        clipping_range=cfg.secagg_clipping_range,
-    )
-    DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
-    record = legacy.state.array_records[PARAMETERS]
-    final = parameters_to_ndarrays(compat.arrayrecord_to_parameters(record, keep_input=True))
-    s.arrays = {
-        k: server.state.arrays[k].new_tensor(np.asarray(v, dtype=np.float32))
-        for k, v in zip(names, final, strict=True)
-    }
-    s.global_round += rounds
-    s.round_in_link = rounds
+class SecureLink:
+    def __init__(self, server: ChainServer, grid: Grid, context: Context):
+        self.server, self.grid, self.context = server, grid, context
+
+    def _fit_config(self, server_round: int) -> dict:
+        s = self.server.state
+        return {
+            **self.server.link_config(),
+            p.SERVER_ROUND: s.global_round + server_round,
+            p.CHAIN_INDEX: s.chain_index,
+            p.LINKS_DIGEST: links_digest(s.links),
+            p.SECURE_LINKS: links_to_bytes(s.links),  # the legacy config is flat: all links
+        }
+
+    def run_round(self, link_round: int, arrays: dict[str, torch.Tensor]) -> RoundResult:
+        """All rounds of the link from `link_round` on: one step of the chain loop."""
+        cfg = self.server.cfg
+        rounds = cfg.schedule[1] - link_round + 1  # ffa runs all rounds as one link
+        names = list(arrays)
+        strategy = FedAvg(
+            fraction_fit=cfg.strategy.fraction_train,
+            fraction_evaluate=0.0,
+            min_fit_clients=cfg.strategy.min_replies,
+            min_available_clients=cfg.strategy.min_available_nodes,
+            initial_parameters=ndarrays_to_parameters([arrays[k].numpy() for k in names]),
+            on_fit_config_fn=self._fit_config,
+        )
+        legacy = LegacyContext(self.context, ServerConfig(num_rounds=rounds), strategy)
+        sec = cfg.secagg
+        workflow = SecAggPlusWorkflow(
+            num_shares=sec.secagg_num_shares,
+            reconstruction_threshold=sec.secagg_threshold,
+            max_weight=sec.secagg_max_weight,
+            clipping_range=sec.secagg_clipping_range,
+        )
+        DefaultWorkflow(fit_workflow=workflow)(self.grid, legacy)
+        record = legacy.state.array_records[PARAMETERS]
+        final = parameters_to_ndarrays(compat.arrayrecord_to_parameters(record, keep_input=True))
+        averaged = {
+            k: torch.from_numpy(np.asarray(v, dtype=np.float32))
+            for k, v in zip(names, final, strict=True)
+        }
+        return RoundResult(arrays=averaged, rounds=rounds)
 
 
 def run_secure(server: ChainServer, grid: Grid, context: Context) -> None:
     """The whole chain with SecAgg+ rounds; central evaluation after every link."""
-    num_links, _ = server.cfg.schedule
-    if not server.history:
-        server.history.append({"round": 0, "link": 0, "central": server.central_eval()})
-    while server.state.chain_index < num_links:
-        link = server.state.chain_index
-        run_link(server, grid, context)
-        entry = {"round": server.state.global_round, "link": link, "secure": True}
-        server.history.append({**entry, "central": server.central_eval()})
-        log(INFO, "secure link %d | central %s", link, server.history[-1]["central"])
-        server.close_link()
-    server.finish()
+    run_chain(server, SecureRounds(grid, context))

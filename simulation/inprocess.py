@@ -9,12 +9,12 @@ many runs with different run-config overrides and want the results back as files
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from flwr.clientapp import ClientApp
-from flwr.serverapp import ServerApp
+from flwr.serverapp import Grid, ServerApp
 
 from client.app import build_client_app
 from server.app import build_server_app
@@ -56,17 +56,18 @@ def simulate(
     init_args: Mapping[str, Any] | None = None,
     server_app: ServerApp | None = None,
     client_app: ClientApp | None = None,
+    wrap_grid: Callable[[Grid], Grid] | None = None,
 ) -> dict:
     """Run one configuration; returns its metrics.json (needs `output-dir` and `run-name`).
 
     The apps default to this project's, built with `overrides`; a benchmark may pass
-    wrapped ones (simulation.probe)."""
+    wrapped ones, or have the server's grid wrapped (simulation.probe)."""
     from flwr.simulation import run_simulation
 
     if not overrides.get("run-name"):
         raise ValueError("run-name: set it so the run's outputs can be found")
     run_simulation(
-        server_app=server_app or build_server_app(overrides),
+        server_app=server_app or build_server_app(overrides, wrap_grid=wrap_grid),
         client_app=client_app or build_client_app(overrides),
         num_supernodes=num_supernodes,
         backend_config=backend_config(num_cpus, num_gpus, ray_address, init_args),

@@ -35,7 +35,6 @@ Notes for app authors:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -51,9 +50,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from simulation.processes import start, stop_process_tree, tail
+
 CONNECTION = "launch"  # name of the SuperLink connection in the private FLWR_HOME
 STARTUP_TIMEOUT_S = 60.0
-STOP_GRACE_S = 10.0
 STATUS_POLL_S = 2.0
 COMPLETED = "finished:completed"
 # This project's default federation: 8 virtual clients, 1 CPU each (k run at once on k cores).
@@ -141,86 +141,6 @@ def _federation_config(args: argparse.Namespace) -> list[str]:
     return ["--federation-config", " ".join(pairs)] if pairs else []
 
 
-def _child_pids() -> dict[int, list[int]]:
-    """Map parent pid -> child pids from /proc (empty where /proc is absent)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # Field 4 is the ppid; the command name (field 2) may contain spaces, so split after ")".
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    return children
-
-
-def _descendants(pids: list[int]) -> list[int]:
-    """All live descendants of `pids` (Ray and the ServerApp run below the SuperLink)."""
-    tree = _child_pids()
-    found: list[int] = []
-    todo = list(pids)
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            if child not in found:
-                found.append(child)
-                todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    """True while `pid` runs; zombies count as gone since they only await reaping."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # A zombie still answers signal 0 but is already dead.
-        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
-    except OSError:
-        return True
-
-
-def _wait_gone(pids: list[int], timeout: float) -> list[int]:
-    """Wait until `pids` exit; return those still alive after `timeout`."""
-    deadline = time.monotonic() + timeout
-    alive = [p for p in pids if _alive(p)]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.2)
-        alive = [p for p in alive if _alive(p)]
-    return alive
-
-
-def _signal_all(pids: list[int], sig: signal.Signals) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-
-
-def stop_process_tree(proc: subprocess.Popen[Any]) -> None:
-    """Stop `proc` and everything below it, by pid.
-
-    SIGTERM lets the SuperLink stop its SuperExec cleanly, but a ServerApp/Ray still running
-    is orphaned, and Ray's agents ignore SIGTERM, so survivors get SIGTERM, then SIGKILL.
-    """
-    if proc.poll() is not None:
-        return
-    tree = _descendants([proc.pid])
-    proc.terminate()
-    try:
-        proc.wait(timeout=STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    survivors = [p for p in tree if _alive(p)]
-    survivors += [p for p in _descendants(survivors) if p not in survivors]
-    _signal_all(survivors, signal.SIGTERM)
-    survivors = _wait_gone(survivors, 3.0)
-    _signal_all(survivors, signal.SIGKILL)
-    _wait_gone(survivors, 3.0)
-
-
 def wait_until_ready(proc: subprocess.Popen[Any], port: int, log_file: Path) -> None:
     """Poll the SuperLink's /health endpoint; fail fast if the process dies."""
     url = f"http://127.0.0.1:{port}/health"
@@ -228,7 +148,7 @@ def wait_until_ready(proc: subprocess.Popen[Any], port: int, log_file: Path) -> 
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise LaunchError(
-                f"flower-superlink exited with code {proc.returncode}:\n" + _tail(log_file)
+                f"flower-superlink exited with code {proc.returncode}:\n" + tail(log_file)
             )
         try:
             with urllib.request.urlopen(url, timeout=1.0) as response:
@@ -238,15 +158,8 @@ def wait_until_ready(proc: subprocess.Popen[Any], port: int, log_file: Path) -> 
             pass
         time.sleep(0.3)
     raise LaunchError(
-        f"flower-superlink not ready after {STARTUP_TIMEOUT_S:.0f}s:\n" + _tail(log_file)
+        f"flower-superlink not ready after {STARTUP_TIMEOUT_S:.0f}s:\n" + tail(log_file)
     )
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 def flwr_json(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
@@ -296,15 +209,7 @@ def launch(args: argparse.Namespace) -> int:
     try:
         port = free_port()
         write_flower_config(flwr_home, port)
-        with log_file.open("wb") as log_handle:
-            # Own session: a Ctrl-C reaches only us, and we stop the children in order.
-            superlink = subprocess.Popen(
-                superlink_cmd + ["--port", str(port)],
-                env=env,
-                stdout=log_handle,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        superlink = start(superlink_cmd + ["--port", str(port)], log_file, env=env)
         wait_until_ready(superlink, port, log_file)
         print(
             f"[launch] SuperLink pid {superlink.pid} on 127.0.0.1:{port} ready after "
@@ -322,9 +227,7 @@ def launch(args: argparse.Namespace) -> int:
         run_id = str(flwr_json(submit, env)["run-id"])
         print(f"[launch] started run {run_id}", flush=True)
 
-        streamer = subprocess.Popen(
-            [flwr, "log", run_id, CONNECTION, "--stream"], env=env, start_new_session=True
-        )
+        streamer = start([flwr, "log", run_id, CONNECTION, "--stream"], env=env)
         streamer.wait()
         status, details = run_status(flwr, run_id, env)
         while not status.startswith("finished"):  # the log stream ended early

@@ -1,4 +1,8 @@
-"""Sweep: strategies x A kinds x seeds through the Ray simulation, one table and plot.
+"""Grids of runs: points (run-config overrides) run one after another, each row appended
+to a results file as it finishes, so that a grid cut short resumes where it stopped.
+
+`python -m simulation.sweep` is one such grid: strategies x A kinds x seeds through the Ray
+simulation, one table and plot (`--resume` skips the runs already in `sweep.jsonl`):
 
     python -m simulation.sweep --strategies fedavg,fedadam --kinds circulant,gaussian \\
         --seeds 0,1 --set num-links=2 --set rounds-per-link=2 --out outputs/sweep
@@ -9,20 +13,94 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import tomllib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from seedlora.serialize import atomic_write_bytes
 
 from .inprocess import simulate
 
 
-def _parse_value(text: str):
-    for cast in (int, float):
+def parse_sets(items: Iterable[str]) -> dict[str, Any]:
+    """`KEY=VALUE` strings (`--set`) as run-config overrides: TOML values, a bare word is a
+    string (`strategy=fedavg`, `lr=1e-3`, `export=false`, `dataset=/data/x`)."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
         try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
+            overrides[key.strip()] = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            overrides[key.strip()] = text
+    return overrides
+
+
+@dataclass(frozen=True)
+class Point:
+    """One run of a grid: its run-config overrides (dash keys), its number of nodes, and the
+    labels (`tags`) that name it in its row."""
+
+    overrides: Mapping[str, Any]
+    nodes: int = 2
+    tags: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """What identifies the run in a results file: a changed override is a new run."""
+        doc = {"tags": self.tags, "nodes": self.nodes, "overrides": self.overrides}
+        return json.dumps(doc, sort_keys=True, default=str)
+
+
+@dataclass
+class GridResult:
+    rows: list[dict]  # every point of the plan with a row (earlier calls' too), plan order
+    failed: list[dict]  # {**tags, "error"} of the points that raised in this call
+    not_run: list[Point]  # points of the plan without a row (failed, or past `limit`)
+
+
+def run_grid(
+    plan: Sequence[Point],
+    run: Callable[[Point], dict],
+    results: Path,
+    *,
+    resume: bool = False,
+    limit: int | None = None,
+) -> GridResult:
+    """Run `run(point)` for each point of `plan`, appending `{"key", "row"}` (the row being
+    the point's tags plus what `run` returned) to the JSON-lines file `results` after each.
+
+    `resume` keeps the rows already in `results` and skips their points (otherwise the file
+    starts empty); `limit` stops after that many new runs. A point that raises is reported
+    and the grid goes on."""
+    plan = list({point.key: point for point in plan}.values())
+    done: dict[str, dict] = {}
+    if resume and results.exists():
+        for line in results.read_text().splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                done[entry["key"]] = entry["row"]
+    else:
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text("")
+    todo = [point for point in plan if point.key not in done]
+    failed = []
+    for i, point in enumerate(todo[:limit] if limit is not None else todo):
+        print(f"[{i + 1}/{len(todo)}] {dict(point.tags) or point.key}", flush=True)
+        try:
+            row = json.loads(json.dumps({**point.tags, **run(point)}))
+        except Exception as err:  # noqa: BLE001 - one failed run must not lose the others
+            failed.append({**point.tags, "error": repr(err)})
+            print(f"    FAILED: {err!r}", flush=True)
+            continue
+        done[point.key] = row
+        with results.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"key": point.key, "row": row}) + "\n")
+    rows = [done[point.key] for point in plan if point.key in done]
+    return GridResult(rows, failed, [point for point in plan if point.key not in done])
 
 
 def final_metric(metrics: dict) -> dict:
@@ -63,15 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-cpus", type=float, default=1.0)
     parser.add_argument("--num-gpus", type=float, default=0.0)
     parser.add_argument("--out", default="outputs/sweep")
+    parser.add_argument("--resume", action="store_true", help="skip runs already in sweep.jsonl")
     args = parser.parse_args(argv)
-    base = dict(kv.split("=", 1) for kv in args.set)
-    base = {k: _parse_value(v) for k, v in base.items()}
-    out = Path(args.out)
-    rows = []
-    grid = itertools.product(
-        args.strategies.split(","), args.kinds.split(","), args.seeds.split(",")
-    )
-    for strategy, kind, seed in grid:
+    base, out = parse_sets(args.set), Path(args.out)
+    plan = []
+    axes = (args.strategies.split(","), args.kinds.split(","), args.seeds.split(","))
+    for strategy, kind, seed in itertools.product(*axes):
         name = f"{strategy}-{kind}-s{seed}"
         overrides = {
             **base,
@@ -82,14 +157,19 @@ def main(argv: list[str] | None = None) -> int:
             "run-name": name,
             "export": False,
         }
-        metrics = simulate(overrides, args.num_supernodes, args.num_cpus, args.num_gpus)
-        rows.append({"name": name, **final_metric(metrics), "rounds": metrics["rounds"]})
-        print(f"{name}: {final_metric(metrics)}")
-    table = [{k: v for k, v in r.items() if k != "rounds"} for r in rows]
+        plan.append(Point(overrides, args.num_supernodes, {"name": name}))
+
+    def run(point: Point) -> dict:
+        metrics = simulate(point.overrides, point.nodes, args.num_cpus, args.num_gpus)
+        print(f"{point.tags['name']}: {final_metric(metrics)}", flush=True)
+        return {**final_metric(metrics), "rounds": metrics["rounds"]}
+
+    result = run_grid(plan, run, out / "sweep.jsonl", resume=args.resume)
+    table = [{k: v for k, v in r.items() if k != "rounds"} for r in result.rows]
     atomic_write_bytes(out / "sweep.json", json.dumps(table, indent=1).encode())
-    plot(rows, out / "sweep.png")
+    plot(result.rows, out / "sweep.png")
     print(f"wrote {out / 'sweep.json'} and {out / 'sweep.png'}")
-    return 0
+    return 1 if result.failed else 0
 
 
 if __name__ == "__main__":

@@ -70,9 +70,9 @@ class PrivateLink(DifferentialPrivacyServerSideFixedClipping):
     """Flower's server-side fixed-clipping wrapper, charging the run's ledger per release."""
 
     def __init__(self, inner: Strategy, cfg: RunConfig, sample: int, population: int, ledger):
-        super().__init__(inner, cfg.dp_noise_multiplier, cfg.dp_clip, sample)
+        super().__init__(inner, cfg.privacy.dp_noise_multiplier, cfg.privacy.dp_clip, sample)
         self.population = population
-        self.delta = cfg.dp_delta
+        self.delta = cfg.privacy.dp_delta
         self.ledger = ledger
 
     def aggregate_train(
@@ -95,15 +95,15 @@ class PrivateLink(DifferentialPrivacyServerSideFixedClipping):
 
 def sample_size(cfg: RunConfig, num_nodes: int) -> int:
     """Clients FedAvg samples per round from `num_nodes` (its own rule)."""
-    return max(int(num_nodes * cfg.fraction_train), cfg.min_replies)
+    return max(int(num_nodes * cfg.strategy.fraction_train), cfg.strategy.min_replies)
 
 
 def wrap(inner: Strategy, cfg: RunConfig, num_nodes: int, ledger: PrivacyLedger) -> Strategy:
     """`inner` with client-level DP when `dp-clip` > 0; else `inner` unchanged."""
-    if cfg.dp_clip <= 0:
+    if cfg.privacy.dp_clip <= 0:
         return inner
     if not isinstance(inner, FedAvg):
         raise TypeError(f"strategy: DP needs one of {DP_STRATEGIES}")
     inner.weighted_by_key = DP_WEIGHT  # every client reports 1: equal weights
-    population = max(num_nodes, cfg.min_available_nodes)
+    population = max(num_nodes, cfg.strategy.min_available_nodes)
     return PrivateLink(inner, cfg, sample_size(cfg, population), population, ledger)

@@ -29,48 +29,49 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from contract.config import RunConfig
+from contract.config import StrategyConfig
 
 EXACT_IN_WEIGHT_SPACE = frozenset(
     {"fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"}
 )
 
-# Attributes in which Flower strategies keep state between rounds (checkpointed).
-STATE_ATTRIBUTES = ("current_arrays", "m_t", "v_t", "momentum_vector")
 
-
-def _common(cfg: RunConfig) -> dict[str, Any]:
+def _common(s: StrategyConfig) -> dict[str, Any]:
     return {
-        "fraction_train": cfg.fraction_train,
-        "fraction_evaluate": cfg.fraction_evaluate,
-        "min_train_nodes": cfg.min_replies,
-        "min_evaluate_nodes": 1 if cfg.fraction_evaluate > 0 else 0,
-        "min_available_nodes": cfg.min_available_nodes,
+        "fraction_train": s.fraction_train,
+        "fraction_evaluate": s.fraction_evaluate,
+        "min_train_nodes": s.min_replies,
+        "min_evaluate_nodes": 1 if s.fraction_evaluate > 0 else 0,
+        "min_available_nodes": s.min_available_nodes,
     }
 
 
-def _fedopt(cfg: RunConfig) -> dict[str, Any]:
-    return {"eta": cfg.eta, "eta_l": cfg.eta_l, "tau": cfg.tau}
+def _fedopt(s: StrategyConfig) -> dict[str, Any]:
+    return {"eta": s.eta, "eta_l": s.eta_l, "tau": s.tau}
 
 
-BUILDERS: dict[str, Callable[[RunConfig], Strategy]] = {
-    "fedavg": lambda c: FedAvg(**_common(c)),
-    "fedprox": lambda c: FedProx(**_common(c), proximal_mu=c.proximal_mu),
-    "fedavgm": lambda c: FedAvgM(
-        **_common(c), server_learning_rate=c.server_lr, server_momentum=c.server_momentum
+def _adam(s: StrategyConfig) -> dict[str, Any]:
+    return {**_common(s), **_fedopt(s), "beta_1": s.beta_1, "beta_2": s.beta_2}
+
+
+BUILDERS: dict[str, Callable[[StrategyConfig], Strategy]] = {
+    "fedavg": lambda s: FedAvg(**_common(s)),
+    "fedprox": lambda s: FedProx(**_common(s), proximal_mu=s.proximal_mu),
+    "fedavgm": lambda s: FedAvgM(
+        **_common(s), server_learning_rate=s.server_lr, server_momentum=s.server_momentum
     ),
-    "fedadam": lambda c: FedAdam(**_common(c), **_fedopt(c), beta_1=c.beta_1, beta_2=c.beta_2),
-    "fedyogi": lambda c: FedYogi(**_common(c), **_fedopt(c), beta_1=c.beta_1, beta_2=c.beta_2),
-    "fedadagrad": lambda c: FedAdagrad(**_common(c), **_fedopt(c)),
-    "fedmedian": lambda c: FedMedian(**_common(c)),
-    "fedtrimmedavg": lambda c: FedTrimmedAvg(**_common(c), beta=c.trim_beta),
-    "krum": lambda c: Krum(**_common(c), num_malicious_nodes=c.num_malicious),
-    "multikrum": lambda c: MultiKrum(
-        **_common(c), num_malicious_nodes=c.num_malicious, num_nodes_to_select=c.krum_select
+    "fedadam": lambda s: FedAdam(**_adam(s)),
+    "fedyogi": lambda s: FedYogi(**_adam(s)),
+    "fedadagrad": lambda s: FedAdagrad(**_common(s), **_fedopt(s)),
+    "fedmedian": lambda s: FedMedian(**_common(s)),
+    "fedtrimmedavg": lambda s: FedTrimmedAvg(**_common(s), beta=s.trim_beta),
+    "krum": lambda s: Krum(**_common(s), num_malicious_nodes=s.num_malicious),
+    "multikrum": lambda s: MultiKrum(
+        **_common(s), num_malicious_nodes=s.num_malicious, num_nodes_to_select=s.krum_select
     ),
 }
 
 
-def build_strategy(cfg: RunConfig) -> Strategy:
-    """A new Flower strategy for one chain link, configured from the run config."""
-    return BUILDERS[cfg.strategy](cfg)
+def build_strategy(section: StrategyConfig) -> Strategy:
+    """A new Flower strategy for one chain link, configured from the strategy section."""
+    return BUILDERS[section.name](section)

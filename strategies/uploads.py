@@ -5,27 +5,32 @@ update in the codec's wire format; the state is what the server sent plus the de
 update. Heterogeneous ranks: a client of rank r_i <= r_max sends its trained factors with
 r_i along the rank axis; they are padded to r_max with the global factor the server sent
 (a zero update on the columns the client did not train; seedlora/nested.py says why the
-average stays exact). Anything that does not fit is left as it came, so the shape and
-dtype check that follows rejects it with the usual message.
+average stays exact). An upload that cannot be unpacked raises `BadUpload`; anything else
+that does not fit is left as it came, so the shape and dtype check that follows rejects
+it with the usual message.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, RecordDict
 
 from contract import protocol as p
 from seedlora.compress import decode
 from seedlora.nested import pad_rank, rank_axis
 
+from .rejections import BadUpload, decoding
+
 State = dict[str, torch.Tensor]
 
 
-def _reply_rank(arrays: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor]):
-    """The one rank r_i of every trained factor in a reply, or the reason there is none."""
+def _reply_rank(arrays: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor]) -> int:
+    """The one rank r_i of every trained factor in a reply (0 if it has none); raises
+    `BadUpload` when the factors do not fit the sent ones or disagree on the rank."""
     ranks = set()
     for name, full in sent.items():
         axis = rank_axis(name)
@@ -34,10 +39,10 @@ def _reply_rank(arrays: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Ten
             continue
         others = [d for i, d in enumerate(small.shape) if i != axis]
         if others != [d for i, d in enumerate(full.shape) if i != axis]:
-            return f"{name}: shape {list(small.shape)} does not fit {list(full.shape)}"
+            raise BadUpload(f"{name}: shape {list(small.shape)} does not fit {list(full.shape)}")
         ranks.add(small.shape[axis])
     if len(ranks) > 1:
-        return f"factors of different ranks {sorted(ranks)} in one reply"
+        raise BadUpload(f"factors of different ranks {sorted(ranks)} in one reply")
     return ranks.pop() if ranks else 0
 
 
@@ -63,38 +68,58 @@ def _apply_updates(update: State, sent: Mapping[str, torch.Tensor]) -> State:
     return out
 
 
-def _pad(arrays: State, sent: Mapping[str, torch.Tensor]) -> State | str:
+def _pad(arrays: State, sent: Mapping[str, torch.Tensor]) -> State:
+    """Every trained factor of rank r_i padded to the sent r_max (see the module doc)."""
     rank = _reply_rank(arrays, sent)
-    if isinstance(rank, str):
-        return rank
     padded = {}
     for name, small in arrays.items():
         full, axis = sent.get(name), rank_axis(name)
         if full is None or axis is None or small.shape == full.shape or small.dtype != full.dtype:
             padded[name] = small
         elif not 1 <= rank <= full.shape[axis]:
-            return f"{name}: rank {rank} outside 1..{full.shape[axis]}"
+            raise BadUpload(f"{name}: rank {rank} outside 1..{full.shape[axis]}")
         else:
             padded[name] = pad_rank(small, full, axis)
     return padded
 
 
-def unpack_reply(
+def unpack_content(
     content: RecordDict, sent: Mapping[str, np.ndarray], codec: str, ranks: bool
-) -> str | None:
-    """Rewrite a train reply's arrays in place into the full float32 state; or a reason."""
+) -> None:
+    """Rewrite a train reply's arrays in place into the full float32 state.
+
+    Raises `BadUpload` (a codec that does not decode, ranks that do not fit) or
+    `BadArrays` (bytes that do not decode at all)."""
     if list(content.array_records) != [p.ARRAYS]:
-        return None  # the array check explains
-    arrays = {k: torch.from_numpy(np.array(a.numpy())) for k, a in content[p.ARRAYS].items()}
-    reference = {k: torch.from_numpy(np.array(v)) for k, v in sent.items()}
-    if codec != "float32":
-        try:
-            arrays = _apply_updates(decode(arrays, codec), reference)
-        except ValueError as err:
-            return f"upload-codec {codec}: {err}"
-    if ranks:
-        arrays = _pad(arrays, reference)
-        if isinstance(arrays, str):
-            return arrays
-    content[p.ARRAYS] = ArrayRecord({k: Array(v.numpy()) for k, v in arrays.items()})
-    return None
+        return  # the array check explains
+    with decoding():
+        arrays = {k: torch.from_numpy(np.array(a.numpy())) for k, a in content[p.ARRAYS].items()}
+        reference = {k: torch.from_numpy(np.array(v)) for k, v in sent.items()}
+        if codec != "float32":
+            try:
+                arrays = _apply_updates(decode(arrays, codec), reference)
+            except ValueError as err:
+                raise BadUpload(f"upload-codec {codec}: {err}") from err
+        if ranks:
+            arrays = _pad(arrays, reference)
+        content[p.ARRAYS] = ArrayRecord({k: Array(v.numpy()) for k, v in arrays.items()})
+
+
+@dataclass(frozen=True)
+class Unpack:
+    """Reply step: restore a train reply's upload to the full float32 state it stands for
+    (`sent`: the global state of this round; `codec`: the run's upload-codec; `ranks`:
+    whether clients may train a reduced rank). The reply's arrays are rewritten in place."""
+
+    sent: Mapping[str, np.ndarray]
+    codec: str
+    ranks: bool
+
+    @property
+    def needed(self) -> bool:
+        """False when every upload is already the float32 state (nothing to unpack)."""
+        return self.codec != "float32" or self.ranks
+
+    def __call__(self, reply: Message) -> Message:
+        unpack_content(reply.content, self.sent, self.codec, self.ranks)
+        return reply

@@ -7,7 +7,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import datasets
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.models import EMBEDDED, model_type_of, target_modules_for
 
@@ -17,10 +17,13 @@ def _kebab(name: str) -> str:
 
 
 class TaskConfig(BaseModel):
-    """What to train on and how it is split; frozen and hashable so datasets can be cached by it.
+    """What to train on and how it is split: the `task` section of the run config.
 
-    Fields also accept the kebab-case spelling used in Flower run configs (`model-name`).
-    TOML has no null, so `dataset=""` and caps of 0 mean None (the stdlib corpus / no cap).
+    Frozen and hashable so datasets can be cached by it. Fields also accept the kebab-case
+    spelling used in Flower run configs (`model-name`). TOML has no null: `dataset = ""`
+    is the stdlib corpus and a cap of 0 means no cap. `num_partitions` and `seed` are not
+    run-config keys: a node's partition count comes from its node config, the seed from
+    the adapter section (contract.config).
     """
 
     model_config = ConfigDict(
@@ -31,37 +34,43 @@ class TaskConfig(BaseModel):
         loc_by_alias=False,  # errors name the python field
     )
 
-    task: Literal["code-lm", "code-cls"] = "code-lm"
-    model_name: str = EMBEDDED
-    dataset: str | None = None  # None: stdlib corpus; else a hub dataset id or save_to_disk dir
-    text_column: str = "text"
-    label_column: str = "label"
-    partitioner: Literal["natural", "iid", "dirichlet"] = "natural"  # code-cls: dirichlet
-    dirichlet_alpha: float = Field(0.5, gt=0)
+    task: Literal["code-lm", "code-cls"] = Field(
+        "code-lm", description="task: causal LM or package classification"
+    )
+    model_name: str = Field(
+        EMBEDDED, description="`embedded` (shipped base), a hub model id or a local dir"
+    )
+    dataset: str = Field(
+        "", description='"" = stdlib corpus; else a hub dataset id or a save_to_disk dir'
+    )
+    text_column: str = Field("text", description="text column of a custom dataset")
+    label_column: str = Field(
+        "label", description="label column of a custom classification dataset"
+    )
+    partitioner: Literal["auto", "natural", "iid", "dirichlet"] = Field(
+        "auto",
+        description="flwr-datasets partitioner; auto = natural (code-lm) / dirichlet (code-cls)",
+    )
+    dirichlet_alpha: float = Field(
+        0.5, gt=0, description="Dirichlet concentration (smaller = more skewed)"
+    )
     num_partitions: int = Field(8, ge=1)
-    seq_len: int = Field(128, ge=8, le=4096)
-    num_classes: int = Field(8, ge=2)
-    max_train_blocks: int | None = Field(256, ge=1)  # per client, after partitioning
-    max_eval_blocks: int | None = Field(128, ge=1)  # per client and for the central set
+    seq_len: int = Field(128, ge=8, le=4096, description="tokens per example")
+    num_classes: int = Field(8, ge=2, description="code-cls: number of packages to classify")
+    max_train_blocks: int = Field(
+        256, ge=0, description="cap on training examples per client (0 = no cap)"
+    )
+    max_eval_blocks: int = Field(
+        128, ge=0, description="cap on evaluation examples per client and central (0 = no cap)"
+    )
     seed: int = Field(0, ge=0)  # partitioning, caps, new heads; not the corpus split
 
-    @model_validator(mode="before")
-    @classmethod
-    def _task_defaults(cls, data: Any) -> Any:
-        is_cls = isinstance(data, Mapping) and data.get("task") == "code-cls"
-        if is_cls and "partitioner" not in data:
-            data = {**data, "partitioner": "dirichlet"}
-        return data
-
-    @field_validator("dataset", mode="before")
-    @classmethod
-    def _empty_dataset(cls, v: Any) -> Any:
-        return None if v == "" else v
-
-    @field_validator("max_train_blocks", "max_eval_blocks", mode="before")
-    @classmethod
-    def _zero_cap(cls, v: Any) -> Any:
-        return None if v == 0 else v
+    @property
+    def split(self) -> str:
+        """The partitioner kind, with `auto` resolved by task."""
+        if self.partitioner != "auto":
+            return self.partitioner
+        return "dirichlet" if self.task == "code-cls" else "natural"
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> TaskConfig:

@@ -86,7 +86,7 @@ def _stdlib_pools(config: TaskConfig) -> tuple[datasets.Dataset, datasets.Datase
             labels += [label] * len(parts[-1])
         pools.append({"input_ids": np.concatenate(parts), "label": labels})
     natural_by = "label"
-    if config.partitioner == "natural" and config.num_classes != config.num_partitions:
+    if config.split == "natural" and config.num_classes != config.num_partitions:
         groups = assign_groups(Counter(pools[0]["label"]), config.num_partitions)
         for pool in pools:
             pool[GROUP] = [groups[lab] for lab in pool["label"]]
@@ -98,7 +98,7 @@ def _stdlib_pools(config: TaskConfig) -> tuple[datasets.Dataset, datasets.Datase
 @functools.lru_cache(maxsize=8)
 def class_names(config: TaskConfig) -> tuple[str, ...]:
     """Names of the classes, in label-id order."""
-    if config.dataset is None:
+    if not config.dataset:
         return class_packages(config)
     train, evals = load_rows(config.dataset)
     return tuple(label_names(train, evals, config.label_column))
@@ -107,7 +107,7 @@ def class_names(config: TaskConfig) -> tuple[str, ...]:
 @functools.lru_cache(maxsize=8)
 def client_split(config: TaskConfig) -> ClientSplit:
     """Pools and partitioners of a config, built once per process."""
-    pools = _stdlib_pools if config.dataset is None else custom_pools
+    pools = _stdlib_pools if not config.dataset else custom_pools
     return split_for(config, pools, "label")
 
 
@@ -115,14 +115,14 @@ def client_split(config: TaskConfig) -> ClientSplit:
 def cls_dataset(config: TaskConfig, partition_id: int | None, which: str) -> datasets.Dataset:
     """Capped client (or central, partition_id=None) dataset of `which` in {"train", "eval"}."""
     part = client_split(config).rows(partition_id, which)
-    limit = config.max_train_blocks if which == "train" else config.max_eval_blocks
+    limit = (config.max_train_blocks if which == "train" else config.max_eval_blocks) or None
     rng_key = cap_key(config.seed, partition_id, which)
     if which == "train":
         part = cap(part, limit, rng_key)
     else:  # evaluation keeps every class represented
-        label_column = "label" if config.dataset is None else config.label_column
+        label_column = "label" if not config.dataset else config.label_column
         part = stratified_cap(part, limit, label_column, rng_key)
-    if config.dataset is None:
+    if not config.dataset:
         ids = part.with_format("numpy")[:]["input_ids"].reshape(-1, config.seq_len).astype(np.int64)
         names = class_names(config)
         labels = [int(v) for v in part["label"]]

@@ -65,7 +65,7 @@ def _stdlib_pools(config: TaskConfig) -> tuple[datasets.Dataset, datasets.Datase
     live = {p: len(blocks[p, "train"]) for p in pkgs if len(blocks[p, "train"])}
     natural_by = "package" if len(live) == config.num_partitions else GROUP
     groups = dict.fromkeys(pkgs, -1)
-    if config.partitioner == "natural" and natural_by == GROUP:
+    if config.split == "natural" and natural_by == GROUP:
         has_eval = {p for p in live if len(blocks[p, "eval"])}
         groups |= assign_groups(live, config.num_partitions, first=has_eval)
     pools = []
@@ -81,7 +81,7 @@ def _stdlib_pools(config: TaskConfig) -> tuple[datasets.Dataset, datasets.Datase
 @functools.lru_cache(maxsize=8)
 def client_split(config: TaskConfig) -> ClientSplit:
     """Pools and partitioners of a config, built once per process."""
-    pools = _stdlib_pools if config.dataset is None else custom_pools
+    pools = _stdlib_pools if not config.dataset else custom_pools
     return split_for(config, pools, "package")
 
 
@@ -89,9 +89,9 @@ def client_split(config: TaskConfig) -> ClientSplit:
 def lm_dataset(config: TaskConfig, partition_id: int | None, which: str) -> datasets.Dataset:
     """Capped client (or central, partition_id=None) dataset of `which` in {"train", "eval"}."""
     part = client_split(config).rows(partition_id, which)
-    limit = config.max_train_blocks if which == "train" else config.max_eval_blocks
+    limit = (config.max_train_blocks if which == "train" else config.max_eval_blocks) or None
     rng_key = cap_key(config.seed, partition_id, which)
-    if config.dataset is None:
+    if not config.dataset:
         part = cap(part, limit, rng_key)
         blocks = part.with_format("numpy")[:]["input_ids"].reshape(-1, config.seq_len)
         return blocks_dataset(blocks.astype(np.int64), list(part["package"]))

@@ -144,10 +144,10 @@ def split_for(config: TaskConfig, pools: Pools, stdlib_label: str) -> ClientSpli
     return ClientSplit(
         train,
         evals,
-        config.partitioner,
+        config.split,
         config.num_partitions,
         natural_by=natural_by,
-        label_by=stdlib_label if config.dataset is None else config.label_column,
+        label_by=stdlib_label if not config.dataset else config.label_column,
         alpha=config.dirichlet_alpha,
         seed=config.seed,
     )

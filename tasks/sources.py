@@ -65,11 +65,11 @@ def custom_pools(config: TaskConfig) -> tuple[datasets.Dataset, datasets.Dataset
     assert config.dataset is not None
     train, evals = load_rows(config.dataset)
     require_column(train, config.text_column, "text_column")
-    if config.partitioner == "iid":
+    if config.split == "iid":
         return train, evals, config.label_column
     require_column(train, config.label_column, "label_column")
     values = [str(v) for v in train[config.label_column]]
-    if config.partitioner == "dirichlet" or len(set(values)) == config.num_partitions:
+    if config.split == "dirichlet" or len(set(values)) == config.num_partitions:
         return train, evals, config.label_column
     groups = assign_groups(Counter(values), config.num_partitions)
 

@@ -25,14 +25,13 @@ from simulation.launch import (
     CONNECTION,
     OFFLINE_ENV,
     STARTUP_TIMEOUT_S,
-    _descendants,
     flwr_json,
     free_port,
     run_status,
-    stop_process_tree,
     wait_until_ready,
     write_flower_config,
 )
+from simulation.processes import descendants, start, stop_process_tree
 from tests.certs import Tls
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,15 +79,7 @@ class Federation:
 
     # --- processes -------------------------------------------------------------------
     def _start(self, name: str, cmd: list[str], env: dict | None = None) -> subprocess.Popen:
-        with self.log_path(name).open("wb") as handle:
-            proc = subprocess.Popen(
-                cmd,
-                env=env or self.env,
-                cwd=self.root,
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        proc = start(cmd, self.log_path(name), env=env or self.env, cwd=self.root)
         self.procs[name] = proc
         return proc
 
@@ -178,7 +169,7 @@ class Federation:
 
     def serverapp_pid(self) -> int | None:
         """The pid of the ServerApp process the SuperLink started for the current run."""
-        for pid in _descendants([self.procs["superlink"].pid]):
+        for pid in descendants([self.procs["superlink"].pid]):
             with contextlib.suppress(OSError):
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
                 if any(part.endswith(b"flwr-serverapp") for part in cmdline[:2]):

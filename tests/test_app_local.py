@@ -11,8 +11,9 @@ from client.app import build_client_app
 from contract import protocol as p
 from contract.config import STRATEGIES, RunConfig
 from seedlora import ASpec, adapter_layers, relative_error
-from server.chain_server import ChainServer
-from tests.local_grid import RUN_ID, LocalGrid, scaled_update
+from server.chain_server import ChainServer, run_chain
+from server.rounds import FlowerRounds
+from simulation.local import RUN_ID, LocalGrid, scaled_update
 
 
 @pytest.fixture
@@ -40,7 +41,7 @@ def run(overrides, tmp_path, num_nodes=3, prepare=None, **extra) -> tuple[ChainS
     if prepare:
         prepare(grid)
     server = ChainServer(RunConfig.from_flower(ov), RUN_ID, tmp_path)
-    server.run(grid)
+    run_chain(server, FlowerRounds(grid))
     return server, grid
 
 
@@ -48,7 +49,9 @@ def metrics(tmp_path) -> dict:
     return json.loads((tmp_path / "metrics.json").read_text())
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "circulant"])
+@pytest.mark.parametrize(
+    "kind", ["gaussian", pytest.param("circulant", marks=pytest.mark.integration)]
+)
 def test_merged_base_is_the_weighted_mean_of_client_updates(overrides, tmp_path, kind):
     server, grid = run(overrides, tmp_path, **{"a-kind": kind})
     pristine = server.task.load_model()
@@ -71,6 +74,7 @@ def test_merged_base_is_the_weighted_mean_of_client_updates(overrides, tmp_path,
     assert len(errors) == 8  # 2 blocks x (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_strategy_completes_a_chain(overrides, tmp_path, strategy):
     extra = {"strategy": strategy, "num-links": 2, "rounds-per-link": 2, "proximal-mu": 0.01}
@@ -110,6 +114,7 @@ def faulty(kind: str):
     return app
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", ["nan", "stale", "digest"])
 def test_bad_reply_is_rejected_and_changes_nothing(overrides, tmp_path, kind):
     extra = {"num-links": 2}
@@ -128,6 +133,7 @@ def test_bad_reply_is_rejected_and_changes_nothing(overrides, tmp_path, kind):
     assert dirty.state.links[0].factors  # a real chain was built
 
 
+@pytest.mark.integration
 def test_client_error_reply_is_rejected_and_named(overrides, tmp_path):
     """An error reply (a crashed ClientApp, or Flower's reply for a node gone offline)."""
 
@@ -152,6 +158,7 @@ def test_too_few_replies_skips_the_round(overrides, tmp_path):
     assert all(f.abs().sum() == 0 for f in server.state.links[0].factors.values())
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "fedavgm"])
 def test_resume_after_crash_gives_the_same_chain(overrides, tmp_path, strategy):
     from seedlora import links_digest
@@ -176,6 +183,7 @@ def test_resume_after_crash_gives_the_same_chain(overrides, tmp_path, strategy):
     assert [r["round"] for r in metrics(tmp_path / "cut")["rounds"]] == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("method", ["ffa", "fedit", "full"])
 def test_baseline_methods_run_through_the_same_pipeline(overrides, tmp_path, method):
     extra = {"method": method, "num-links": 2, "rounds-per-link": 1, "export": True}
@@ -197,6 +205,7 @@ def test_baseline_methods_run_through_the_same_pipeline(overrides, tmp_path, met
     assert (tmp_path / "merged-model" / "config.json").exists()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("action", ["flag", "drop", "clip"])
 def test_outlier_norms_are_flagged_and_handled(overrides, tmp_path, action):
     def attack(grid):
@@ -219,6 +228,7 @@ def test_outlier_norms_are_flagged_and_handled(overrides, tmp_path, action):
     assert entry["accepted"] == (3 if action == "drop" else 4)
 
 
+@pytest.mark.integration
 def test_corrupt_export_is_a_clear_error_and_resume_rewrites_it(overrides, tmp_path):
     """A damaged adapter file fails loudly; the checkpoint re-exports it with no training."""
     from peft import PeftModel

@@ -8,6 +8,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from bench import gpu_clients
 
 
@@ -19,6 +21,8 @@ def test_trained_tokens_and_union():
     assert gpu_clients.union_length([(0, 10), (2, 3)]) == 10
 
 
+@pytest.mark.bench
+@pytest.mark.integration  # Ray (run_simulation) and a subprocess per run
 def test_tiny_run_writes_every_figure(tmp_path: Path):
     assert gpu_clients.main(["--tiny", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "gpu_clients.json").read_text())
@@ -26,17 +30,18 @@ def test_tiny_run_writes_every_figure(tmp_path: Path):
         data
     )
     assert data["environment"]["commit"] and data["environment"]["torch"]
-    opts = data["options"]
-    assert opts["clients"] == [1, 2] and opts["gpus"] == [1]
+    opts, ov = data["options"], data["run_config"]
+    assert opts["clients"] == [1, 2] and opts["gpus"] == [1] and opts["model"] == "tiny"
     assert data["model"]["params"] > 0
-    per_client = opts["local_steps"] * opts["batch_size"] * opts["seq_len"]
+    per_client = ov["local-steps"] * ov["batch-size"] * ov["seq-len"]
+    rounds_per_run = ov["rounds-per-link"]
     for mode, runs in (("floor", data["floor"]), ("ray", data["ray"]["1"])):
         assert set(runs) == {"1", "2"}
         for n, run in runs.items():
             assert run["completed"] and run["all_accepted"], (mode, n, run.get("why"))
-            assert run["steady_rounds"] == list(range(2, opts["rounds"] + 1))
+            assert run["steady_rounds"] == list(range(2, rounds_per_run + 1))
             rounds = {r["round"]: r for r in run["rounds"]}
-            assert len(rounds) == opts["rounds"]
+            assert len(rounds) == rounds_per_run
             for r in rounds.values():
                 assert r["clients"] == int(n) and r["tokens"] == int(n) * per_client
                 assert math.isclose(sum(r["split_s"].values()), r["round_s"], rel_tol=1e-9)

@@ -14,31 +14,34 @@ from pathlib import Path
 import pytest
 
 from bench import quality, sim_overhead
+from bench.common import run_child
+from simulation.tiny import save_text_dataset
+
+SMALL = ["--set", "rounds-per-link=2", "--set", "local-steps=1", "--name", "s"]
 
 
-def _quality_opts(model: str, data: str, methods: list[str]) -> quality.Options:
-    return quality.Options(
-        tasks=["code-lm"],
-        partitionings=["iid"],
-        seeds=[0],
-        methods=methods,
-        clients=2,
-        links=1,
-        rounds_per_link=1,
-        local_steps=1,
-        rank=4,
-        alpha=8.0,
-        seq_len=32,
-        max_train_blocks=8,
-        max_eval_blocks=8,
-        model_name=model,
-        dataset=data,
-    )
+def _quality_args(out: Path, model: str, data: str, methods: list[str], *more: str):
+    sets = [
+        f"model-name={model}",
+        f"dataset={data}",
+        "num-links=1",
+        "rounds-per-link=1",
+        "local-steps=1",
+        "rank=4",
+        "alpha=8.0",
+        "seq-len=32",
+        "max-train-blocks=8",
+        "max-eval-blocks=8",
+    ]
+    grid = ["--tasks", "code-lm", "--partitionings", "iid", "--seeds", "1", "--clients", "2"]
+    argv = [*grid, "--methods", ",".join(methods), "--out", str(out), "--name", "q", *more]
+    return quality.parse(argv + [x for kv in sets for x in ("--set", kv)])
 
 
+@pytest.mark.bench
 def test_quality_grid_writes_runs_summary_goal_and_plot(tmp_path, tiny_lm_dir, tiny_text_dir):
-    opts = _quality_opts(tiny_lm_dir, tiny_text_dir, ["c3la", "c3la@r2", "fedit", "central"])
-    payload = quality.run_grid(opts, tmp_path, "q")
+    methods = ["c3la", "c3la@r2", "fedit", "central"]
+    payload = quality.run(_quality_args(tmp_path, tiny_lm_dir, tiny_text_dir, methods))
     doc = json.loads((tmp_path / "q.json").read_text())
     assert doc["completed_runs"] == doc["planned_runs"] == 4 and not doc["failed_runs"]
     assert doc["not_run_of_plan"] == [] and "LocalGrid" in doc["harness"]
@@ -61,20 +64,28 @@ def test_quality_grid_writes_runs_summary_goal_and_plot(tmp_path, tiny_lm_dir, t
     assert (tmp_path / "q-code-lm.png").stat().st_size > 0
 
 
+@pytest.mark.bench
 def test_quality_resume_skips_finished_runs(tmp_path, tiny_lm_dir, tiny_text_dir):
-    opts = _quality_opts(tiny_lm_dir, tiny_text_dir, ["ffa"])
-    quality.run_grid(opts, tmp_path, "q", limit=0)
+    def args(*more: str):
+        return _quality_args(tmp_path, tiny_lm_dir, tiny_text_dir, ["ffa"], *more)
+
+    quality.run(args("--limit", "0"))
     assert json.loads((tmp_path / "q.json").read_text())["completed_runs"] == 0
-    first = quality.run_grid(opts, tmp_path, "q")
-    again = quality.run_grid(opts, tmp_path, "q", resume=True)
+    first = quality.run(args())
+    again = quality.run(args("--resume"))
     assert first["runs"] == again["runs"] and again["completed_runs"] == 1
+    assert again["grid_seconds_this_call"] < first["grid_seconds_this_call"]  # nothing rerun
 
 
 def test_quality_options_parse_and_reduced_grid_records_what_was_not_run():
-    opts, _ = quality.parse(["--seeds", "3", "--task-seeds", "code-cls=1", "--set", "rank=4"])
-    assert opts.seeds == [0, 1, 2] and opts.extra == {"rank": 4}
-    plan, full = quality.planned_runs(opts), quality.planned_runs(opts, full=True)
-    assert {s for t, _, _, s in plan if t == "code-cls"} == {0}
+    opts = quality.parse(["--seeds", "3", "--task-seeds", "code-cls=1", "--set", "rank=4"])
+    assert opts.seeds == [0, 1, 2] and opts.base == {**quality.BASE, "rank": 4}
+    plan, full = quality.plan(opts), quality.plan(opts, full=True)
+    assert {p.tags["seed"] for p in plan if p.tags["task"] == "code-cls"} == {0}
+    assert all(p.overrides["rank"] == 4 for p in plan if p.tags["method"] != "c3la@r4")
+    central = next(p for p in plan if p.tags["method"] == "central")
+    assert central.nodes == 1 and central.tags["partitioning"] == "pooled"
+    assert central.overrides["local-steps"] == 4 * quality.BASE["local-steps"]  # 4 clients
     assert len(full) - len(plan) == 2 * (len(opts.methods) * 2 - 1)
     assert quality.split_variant("c3la@r4@lr0.001") == ("c3la", {"rank": 4, "lr": 0.001})
     with pytest.raises(ValueError, match="unknown method"):
@@ -83,11 +94,11 @@ def test_quality_options_parse_and_reduced_grid_records_what_was_not_run():
         quality.split_variant("c3la@x2")
 
 
+@pytest.mark.bench
+@pytest.mark.integration  # runs the app in a subprocess
 def test_sim_overhead_plain_run_and_json(tmp_path):
-    opts = sim_overhead.Options(
-        clients=2, rounds=2, local_steps=1, variants=["plain-1-thread"], skip_scale=True
-    )
-    payload = sim_overhead.run_benchmark(opts, tmp_path, "s")
+    argv = ["--clients", "2", "--variants", "plain-1-thread", "--skip-scale", *SMALL]
+    payload = sim_overhead.run_benchmark(sim_overhead.parse([*argv, "--out", str(tmp_path)]))
     doc = json.loads((tmp_path / "s.json").read_text())
     run = doc["overhead"]["runs"]["plain-1-thread"]
     assert run["completed"], run.get("log_tail")
@@ -99,26 +110,27 @@ def test_sim_overhead_plain_run_and_json(tmp_path):
     assert (tmp_path / "s.png").stat().st_size > 0
 
 
+@pytest.mark.integration  # starts the app in a subprocess (stopped at its 0.5 s limit)
 def test_sim_overhead_records_a_run_past_its_limit(tmp_path):
     spec = {"mode": "local", "overrides": {"run-name": "never"}, "nodes": 2}
-    row = sim_overhead.launch(spec, tmp_path, timeout_s=0.5)
+    row = run_child(spec, tmp_path, timeout_s=0.5)
     assert row["completed"] is False and "limit" in row["why"]
 
 
 def test_scale_dataset_has_rows_for_every_client(tmp_path):
     import datasets
 
-    path = sim_overhead.make_text_dataset(tmp_path / "d", min_rows=3000)
+    path = save_text_dataset(tmp_path / "d", min_rows=3000)
     rows = datasets.load_from_disk(str(path))
     assert len(rows) == 3000 and min(len(t) for t in rows["text"]) == 500
 
 
+@pytest.mark.bench
+@pytest.mark.integration  # Ray
 @pytest.mark.skipif(not os.environ.get("SEEDLORA_BENCH_RAY"), reason="set SEEDLORA_BENCH_RAY=1")
 def test_sim_overhead_ray_and_scale(tmp_path):
-    opts = sim_overhead.Options(
-        clients=2, rounds=2, local_steps=1, variants=["plain-1-thread", "ray-nice0"], sizes=[4]
-    )
-    payload = sim_overhead.run_benchmark(opts, tmp_path, "s")
+    argv = ["--clients", "2", "--variants", "plain-1-thread,ray-nice0", "--sizes", "4", *SMALL]
+    payload = sim_overhead.run_benchmark(sim_overhead.parse([*argv, "--out", str(tmp_path)]))
     ratio = payload["overhead"]["steady_round_ratio_over_best_plain"]["ray-nice0"]
     assert ratio > 0
     (row,) = payload["scale"]

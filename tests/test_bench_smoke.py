@@ -7,8 +7,12 @@ none; these runs are small enough for every test session yet check the claims th
 import json
 from pathlib import Path
 
+import pytest
+
 from bench import bytes as bytes_bench
 from bench import exactness
+
+pytestmark = pytest.mark.bench
 
 
 def _load(directory: Path, name: str) -> dict:

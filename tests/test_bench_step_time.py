@@ -16,6 +16,8 @@ import pytest
 
 from bench.step_time import PRESETS, VARIANTS, main
 
+pytestmark = pytest.mark.bench
+
 TINY = PRESETS["tiny"]
 
 

@@ -7,11 +7,12 @@ from flwr.app import ArrayRecord
 
 from seedlora import ASpec, Link, links_digest
 from server import checkpoint
+from server.state import ChainState
 
 
-def make(step: int) -> checkpoint.Checkpoint:
+def make(step: int) -> ChainState:
     link = Link(8.0, (ASpec("circulant", 0, 0, 2, "l", 4, 4),), {"l": torch.full((4, 2), step)})
-    return checkpoint.Checkpoint(
+    return ChainState(
         config={"rank": 2},
         links=[link],
         arrays={"l.lora_B": torch.full((4, 2), float(step))},

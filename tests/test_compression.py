@@ -52,6 +52,40 @@ def test_decode_names_what_does_not_fit():
         decode({**wire, "x" + SCALE: torch.ones(1)}, "int8")
 
 
+def test_the_unpack_step_restores_the_state_or_rejects_with_the_reason():
+    """Server side: reply arrays = sent + decoded update, or a typed rejection."""
+    import numpy as np
+    from flwr.app import Array, ConfigRecord, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from contract import protocol as p
+    from strategies.rejections import BadArrays, BadUpload
+    from strategies.uploads import Unpack
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 0
+    sent = {k: np.full(tuple(v.shape), 0.5, np.float32) for k, v in update().items()}
+    unpack = Unpack(sent, "int8", ranks=False)
+    assert unpack.needed and not Unpack(sent, "float32", ranks=False).needed
+
+    def reply(arrays: dict) -> Message:
+        record = ArrayRecord(
+            {k: v if isinstance(v, Array) else Array(v.numpy()) for k, v in arrays.items()}
+        )
+        question = Message(RecordDict({p.CONFIG: ConfigRecord()}), 3, "train")
+        return Message(RecordDict({p.ARRAYS: record}), reply_to=question)
+
+    good = reply(encode(update(), "int8"))
+    assert unpack(good) is good  # rewritten in place
+    got = good.content[p.ARRAYS].to_torch_state_dict()
+    for k, v in update().items():
+        assert torch.allclose(got[k], 0.5 + v, atol=1e-2 * float(v.abs().max())), k
+    with pytest.raises(BadUpload, match="upload-codec int8: .*expected torch.int8"):
+        unpack(reply(update()))  # float32 where int8 was due
+    junk = Array(dtype="int8", shape=(96, 8), stype="numpy.ndarray", data=b"not an npy file")
+    with pytest.raises(BadArrays, match="undecodable arrays"):
+        unpack(reply({**encode(update(), "int8"), "l.lora_B": junk}))
+
+
 def test_error_feedback_telescopes_and_beats_plain_rounding():
     true_sum, ef_sum, plain_sum, residual = 0, 0, 0, None
     for t in range(30):
@@ -78,6 +112,7 @@ def test_residual_is_kept_per_link_and_reset_at_a_new_one(tmp_path):
     assert ResidualStore(tmp_path, 7, 4).load(0, "d0", 2) is None  # another node
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("codec", "ranks"), [("int8", ""), ("bfloat16", "4,2,1")])
 def test_compressed_uploads_average_exactly_what_was_received(overrides, tmp_path, codec, ranks):
     uploads = []
@@ -99,6 +134,7 @@ def test_compressed_uploads_average_exactly_what_was_received(overrides, tmp_pat
     assert metrics(tmp_path)["rounds"][1]["accepted"] == 3
 
 
+@pytest.mark.integration
 def test_int8_with_feedback_runs_a_chain_at_a_fraction_of_the_bytes(overrides, tmp_path):
     extra = {"num-links": 2, "rounds-per-link": 2}
     run(overrides, tmp_path / "f32", **extra)

@@ -78,23 +78,25 @@ def test_every_strategy_builds_with_its_keys():
     assert set(BUILDERS) == set(STRATEGIES)
     for name in STRATEGIES:
         cfg = RunConfig(strategy=name, proximal_mu=0.1, trim_beta=0.1, num_malicious=1)
-        assert build_strategy(cfg) is not build_strategy(cfg)  # a fresh one per link
-    prox = build_strategy(RunConfig(strategy="fedprox", proximal_mu=0.25))
+        assert build_strategy(cfg.strategy) is not build_strategy(
+            cfg.strategy
+        )  # a fresh one per link
+    prox = build_strategy(RunConfig(strategy="fedprox", proximal_mu=0.25).strategy)
     assert prox.proximal_mu == 0.25
-    adam = build_strategy(RunConfig(strategy="fedadam", eta=0.5, beta_1=0.7))
+    adam = build_strategy(RunConfig(strategy="fedadam", eta=0.5, beta_1=0.7).strategy)
     assert (adam.eta, adam.beta_1) == (0.5, 0.7)
 
 
 def test_targets_and_heads_parsing():
-    assert RunConfig().targets(("a", "b")) == ["a", "b"]
-    assert RunConfig(target_modules="re:.*q_proj").targets(()) == ".*q_proj"
-    assert RunConfig(target_modules="q_proj, v_proj").targets(()) == ["q_proj", "v_proj"]
-    assert RunConfig(modules_to_save="none").heads(("score",)) == []
-    assert RunConfig().heads(("score",)) == ["score"]
+    assert RunConfig().adapter.targets(("a", "b")) == ["a", "b"]
+    assert RunConfig(target_modules="re:.*q_proj").adapter.targets(()) == ".*q_proj"
+    assert RunConfig(target_modules="q_proj, v_proj").adapter.targets(()) == ["q_proj", "v_proj"]
+    assert RunConfig(modules_to_save="none").adapter.heads(("score",)) == []
+    assert RunConfig().adapter.heads(("score",)) == ["score"]
 
 
 def test_readme_documents_every_key_with_its_default():
-    from contract.config import markdown_table
+    from contract.tables import markdown_table
 
     readme = (PYPROJECT.parent / "README.md").read_text()
     assert markdown_table() in readme

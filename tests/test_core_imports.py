@@ -3,6 +3,10 @@
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.integration  # fresh interpreters (a cold torch import each)
+
 
 def test_core_imports_no_flower():
     code = (

@@ -12,6 +12,8 @@ from seedlora.serialize import state_from_bytes
 from server import checkpoint
 from tests.processes import Federation
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 def deployment(tmp_path):

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from seedlora import links_digest
@@ -18,6 +19,8 @@ from seedlora.serialize import state_from_bytes
 from server import checkpoint
 from simulation.launch import LaunchError
 from tests.processes import Federation, read_json, wait_for
+
+pytestmark = pytest.mark.integration
 
 ROUND_TIMEOUT = 60  # seconds; a live node's round took 15-22 s on a loaded 2-core CPU
 
@@ -111,12 +114,13 @@ WRITER = textwrap.dedent(
     import torch
     from seedlora import ASpec, Link
     from server import checkpoint
+    from server.state import ChainState
 
     def make(step):
         spec = ASpec("circulant", 0, 0, 2, "l", 4, 4)
         link = Link(8.0, (spec,), {"l": torch.full((4, 2), float(step))})
-        return checkpoint.Checkpoint({}, [link], {"l.lora_B": torch.ones(4, 2) * step},
-                                     0, step, step, {}, [])
+        return ChainState({}, [link], {"l.lora_B": torch.ones(4, 2) * step},
+                          0, step, step, {}, [])
 
     directory, marker = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
     checkpoint.save(directory, make(1))

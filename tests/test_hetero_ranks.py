@@ -11,7 +11,8 @@ from contract import protocol as p
 from seedlora import KINDS, ASpec, adapter_layers, inject, mean_update, relative_error
 from seedlora.aggregate import weighted_mean
 from seedlora.nested import nested, pad_rank, shrink
-from strategies.uploads import unpack_reply
+from strategies.rejections import BadUpload
+from strategies.uploads import unpack_content
 from tests import test_app_local as app_tests
 from tests.test_app_local import metrics, run
 
@@ -73,7 +74,7 @@ def test_shrunk_client_computes_the_padded_full_model(arch, kind):
 
 def pad_reply(content, sent):
     """The server's unpacking of a float32 reply of reduced rank."""
-    return unpack_reply(content, sent, "float32", ranks=True)
+    unpack_content(content, sent, "float32", ranks=True)
 
 
 def test_pad_reply_pads_and_rejects():
@@ -86,18 +87,23 @@ def test_pad_reply_pads_and_rejects():
             )
         }
     )
-    assert pad_reply(content, sent) is None
+    pad_reply(content, sent)
     got = content[p.ARRAYS]["l.lora_B"].numpy()
     assert got.shape == (6, 4) and (got[:, :2] == small).all() and (got[:, 2:] == 7).all()
     sent2 = {**sent, "m.lora_B": np.zeros((5, 4), np.float32)}
-    bad = {
-        "mixed ranks": {"l.lora_B": small, "m.lora_B": np.zeros((5, 3), np.float32)},
-        "rank above r_max": {"l.lora_B": np.zeros((6, 5), np.float32)},
-        "wrong n_out": {"l.lora_B": np.zeros((7, 2), np.float32)},
+    bad = {  # the reason each rejection gives -> the upload
+        "factors of different ranks [2, 3] in one reply": {
+            "l.lora_B": small,
+            "m.lora_B": np.zeros((5, 3), np.float32),
+        },
+        "l.lora_B: rank 5 outside 1..4": {"l.lora_B": np.zeros((6, 5), np.float32)},
+        "l.lora_B: shape [7, 2] does not fit [6, 4]": {"l.lora_B": np.zeros((7, 2), np.float32)},
     }
-    for case, arrays in bad.items():
+    for reason, arrays in bad.items():
         content = RecordDict({p.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()})})
-        assert pad_reply(content, sent2), case
+        with pytest.raises(BadUpload) as caught:
+            pad_reply(content, sent2)
+        assert caught.value.reason == reason
 
 
 def record_uploads(grid, uploads: list) -> None:
@@ -120,6 +126,7 @@ def record_uploads(grid, uploads: list) -> None:
     grid.apps = {node: spy(app) for node, app in grid.apps.items()}
 
 
+@pytest.mark.integration
 def test_mixed_ranks_end_to_end_is_exact(overrides, tmp_path):
     ranks, uploads = [4, 2, 1], []
     extra = {"a-kind": "gaussian", "client-ranks": "4,2,1"}
@@ -143,6 +150,7 @@ def test_mixed_ranks_end_to_end_is_exact(overrides, tmp_path):
     assert metrics(tmp_path)["rounds"][1]["bytes_up"] == sum(up)
 
 
+@pytest.mark.integration
 def test_mixed_ranks_chain_runs_on_every_kind(overrides, tmp_path):
     extra = {"client-ranks": "node", "num-links": 2, "rounds-per-link": 2}
 

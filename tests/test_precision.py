@@ -15,9 +15,10 @@ from client.local import place
 from contract import protocol as p
 from contract.config import RunConfig, RunConfigError
 from seedlora import adapter_layers, prepare
-from server.chain_server import ChainServer
-from tests.conftest import LLAMA_TARGETS, tiny_llama
-from tests.local_grid import RUN_ID, LocalGrid
+from server.chain_server import ChainServer, run_chain
+from server.rounds import FlowerRounds
+from simulation.local import RUN_ID, LocalGrid
+from simulation.tiny import LLAMA_TARGETS, tiny_llama
 
 CPU = torch.device("cpu")
 
@@ -46,7 +47,9 @@ def test_precision_is_validated():
 def _train_loss(overrides: dict, tmp_path, precision: str) -> tuple[float, dict]:
     ov = {**overrides, "precision": precision, "device": "cpu"}
     grid = LocalGrid(build_client_app(ov), 2)
-    ChainServer(RunConfig.from_flower(ov), RUN_ID, tmp_path / precision).run(grid)
+    run_chain(
+        ChainServer(RunConfig.from_flower(ov), RUN_ID, tmp_path / precision), FlowerRounds(grid)
+    )
     doc = json.loads((tmp_path / precision / "metrics.json").read_text())
     (entry,) = [r for r in doc["rounds"] if r["round"] == 1]
     assert entry["accepted"] == 2 and not entry["rejected"]
@@ -54,6 +57,7 @@ def _train_loss(overrides: dict, tmp_path, precision: str) -> tuple[float, dict]
     return entry["train_loss"], reply
 
 
+@pytest.mark.integration
 def test_half_precision_trains_like_fp32(tiny_lm_dir, tiny_text_dir, tmp_path):
     overrides = {
         "model-name": tiny_lm_dir,

@@ -34,6 +34,7 @@ def test_epsilon_grows_with_releases_and_shrinks_with_noise():
     assert epsilon(1.0, 0, 4, 4, 1e-5) == 0 and math.isinf(epsilon(0.0, 1, 4, 4, 1e-5))
 
 
+@pytest.mark.integration
 def test_clipped_noised_round_end_to_end(overrides, tmp_path):
     clip, z = 0.05, 1.0
     extra = {"dp-clip": clip, "dp-noise-multiplier": z, "a-kind": "gaussian"}
@@ -57,6 +58,7 @@ def test_clipped_noised_round_end_to_end(overrides, tmp_path):
     assert eps == pytest.approx(epsilon(z, 1, 3, 3, 1e-5))
 
 
+@pytest.mark.integration
 def test_epsilon_accumulates_over_links(overrides, tmp_path):
     extra = {"dp-clip": 1.0, "dp-noise-multiplier": 2.0, "num-links": 2, "rounds-per-link": 1}
     run(overrides, tmp_path, **extra)

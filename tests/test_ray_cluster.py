@@ -25,8 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from simulation.launch import OFFLINE_ENV, _wait_gone, free_port, stop_process_tree
+from simulation.launch import OFFLINE_ENV, free_port
 from simulation.probe import CLIENT, GRID, read
+from simulation.processes import stop_process_tree, wait_gone
 
 REPO = Path(__file__).resolve().parents[1]
 # Ray replaces 127.0.0.1 by the machine's address unless told this is a one-machine
@@ -110,7 +111,7 @@ def ray_cluster():
         for pid in leftovers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        assert not _wait_gone(leftovers, 10.0), "cluster processes survived SIGKILL"
+        assert not wait_gone(leftovers, 10.0), "cluster processes survived SIGKILL"
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -156,6 +157,7 @@ simulate(
 """
 
 
+@pytest.mark.integration
 def test_simulate_runs_on_the_cluster(ray_cluster, tiny_lm_dir, tiny_text_dir, tmp_path):
     address, env, temp_dir = ray_cluster
     log = tmp_path / "probe.jsonl"
@@ -191,6 +193,7 @@ def test_simulate_runs_on_the_cluster(ray_cluster, tiny_lm_dir, tiny_text_dir, t
     assert _cluster_pids(temp_dir), "the cluster should still be up: the run only joined it"
 
 
+@pytest.mark.integration
 def test_launcher_runs_on_the_cluster(ray_cluster, tiny_lm_dir, tiny_text_dir, tmp_path):
     address, env, _ = ray_cluster
     ov = _overrides(tiny_lm_dir, tiny_text_dir, tmp_path / "out", "launch")

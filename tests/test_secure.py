@@ -10,13 +10,13 @@ from contract.config import RunConfig, RunConfigError
 from seedlora import relative_error
 from server.chain_server import ChainServer
 from server.secure import run_secure
+from simulation.local import RUN_ID, CopyingGrid
 from tests import test_app_local as app_tests
-from tests.copying_grid import CopyingGrid
-from tests.local_grid import RUN_ID
 
 overrides = app_tests.overrides  # the in-process app fixture (tiny LM, tiny dataset)
 
 
+@pytest.mark.integration
 def test_secagg_plus_averages_b_and_the_server_sees_no_update(overrides, tmp_path, monkeypatch):
     trained = []  # what each client trained (seen here by the test, never by the server)
 
@@ -46,7 +46,7 @@ def test_secagg_plus_averages_b_and_the_server_sees_no_update(overrides, tmp_pat
             errors.append(relative_error(link.factors[name], mean))
     print(f"SecAgg+ average vs plain weighted mean: max relative error {max(errors):.2e}")
     assert max(errors) <= 1e-3  # SecAgg+ quantizes to 22 bits in [-8, 8]
-    assert server.history[-1]["central"]["loss"] < server.history[0]["central"]["loss"]
+    assert server.state.history[-1]["central"]["loss"] < server.state.history[0]["central"]["loss"]
 
 
 def test_secure_aggregation_refuses_what_it_cannot_run():
@@ -55,6 +55,7 @@ def test_secure_aggregation_refuses_what_it_cannot_run():
             RunConfig.from_flower({"secure-aggregation": True, **extra})
 
 
+@pytest.mark.integration
 def test_secagg_plus_runs_ffa_as_one_link_of_all_rounds(overrides, tmp_path):
     """ffa has no chain: its SecAgg+ workflow runs num-links x rounds-per-link rounds, once."""
     ov = {**overrides, "secure-aggregation": True, "method": "ffa", "min-available-nodes": 3}
@@ -64,5 +65,5 @@ def test_secagg_plus_runs_ffa_as_one_link_of_all_rounds(overrides, tmp_path):
     run_secure(server, grid, Context(RUN_ID, 0, {}, RecordDict(), {}))
     assert server.state.global_round == 2
     assert len(server.state.links) == 1
-    assert [h["link"] for h in server.history] == [0, 0]
-    assert server.history[-1]["central"]["loss"] < server.history[0]["central"]["loss"]
+    assert [h["link"] for h in server.state.history] == [0, 0]
+    assert server.state.history[-1]["central"]["loss"] < server.state.history[0]["central"]["loss"]

@@ -24,10 +24,14 @@ RECEIVING = [
     "strategies/validation.py",
     "strategies/chain.py",
     "strategies/uploads.py",
+    "strategies/replies.py",
+    "strategies/outgoing.py",
+    "strategies/outliers.py",
     "tasks/models.py",
 ]
 
 
+@pytest.mark.integration
 def test_tls_and_node_auth_refuse_an_unlisted_node_and_train_a_listed_one(
     tmp_path, tiny_lm_dir, tiny_text_dir
 ):
@@ -125,7 +129,8 @@ def test_a_pickled_array_in_a_reply_is_rejected_without_running(tmp_path):
     from flwr.supercore.task_identity import TaskIdentity
 
     from contract import protocol as p
-    from strategies.validation import Expectation, check_reply
+    from strategies.rejections import BadArrays
+    from strategies.validation import Expectation, check_arrays, check_envelope
 
     proof = tmp_path / "proof"
     buffer = io.BytesIO()
@@ -147,12 +152,15 @@ def test_a_pickled_array_in_a_reply_is_rejected_without_running(tmp_path):
         reply_to=sent,
     )
     exp = Expectation(7, 0, "d" * 64, {"l.lora_B": ((1,), "float32")}, 100)
-    reason = check_reply(reply, exp)  # a rejection with a reason, not a crashed round
-    assert reason.startswith("undecodable arrays") and "pickle" in reason, reason
+    check_envelope(reply, exp)
+    with pytest.raises(BadArrays) as err:  # a rejection with a reason, not a crashed round
+        check_arrays(reply, exp)
+    assert err.value.reason.startswith("undecodable arrays") and "pickle" in err.value.reason
     assert not proof.exists()
     # bytes that disagree with the header (float64[3] under a float32[1] header)
     buffer = io.BytesIO()
     np.save(buffer, np.zeros(3), allow_pickle=False)
     liar = Array(dtype="float32", shape=(1,), stype="numpy.ndarray", data=buffer.getvalue())
     reply.content[p.ARRAYS] = ArrayRecord({"l.lora_B": liar})
-    assert "header says float32" in check_reply(reply, exp)
+    with pytest.raises(BadArrays, match="header says float32"):
+        check_arrays(reply, exp)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -16,6 +18,7 @@ def tiny_overrides(model: str, data: str, out: Path, name: str) -> str:
     )
 
 
+@pytest.mark.integration
 def test_launcher_runs_flwr_run_and_stops_everything(tmp_path, tiny_lm_dir, tiny_text_dir):
     cmd = [
         sys.executable,
@@ -38,6 +41,7 @@ def test_launcher_runs_flwr_run_and_stops_everything(tmp_path, tiny_lm_dir, tiny
     assert not Path(f"/proc/{pid}").exists()  # the launcher stopped its SuperLink
 
 
+@pytest.mark.integration
 def test_launcher_fails_clearly_on_a_bad_key(tmp_path):
     cmd = [sys.executable, "-m", "simulation.launch", "--run-config", "rank=0"]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -45,6 +49,7 @@ def test_launcher_fails_clearly_on_a_bad_key(tmp_path):
     assert "rank" in result.stdout + result.stderr
 
 
+@pytest.mark.integration
 def test_sweep_runs_configurations_through_ray(tmp_path, tiny_lm_dir, tiny_text_dir):
     from simulation.sweep import main
 

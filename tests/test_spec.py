@@ -34,6 +34,7 @@ def test_golden_values():
     assert spec("random-block").offset() % 4 == 0
 
 
+@pytest.mark.integration  # a fresh interpreter; the golden digests check the same in process
 def test_identical_in_subprocess_with_other_seed_and_threads():
     code = (
         "import json, torch; torch.manual_seed(999); torch.set_num_threads(1);"

@@ -85,7 +85,7 @@ def test_forward_merge_and_rebuild_agree(arch, kind):
 
 
 def test_export_peft_of_swapped_links(tmp_path):
-    from tests.conftest import GPT2_TARGETS, tiny_gpt2
+    from simulation.tiny import GPT2_TARGETS, tiny_gpt2
 
     model = tiny_gpt2()
     inject(model, GPT2_TARGETS, kind="gaussian", seed=2, rank=4, alpha=8.0, frozen="B")
@@ -102,6 +102,7 @@ def test_export_peft_of_swapped_links(tmp_path):
     assert err <= 1e-5
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", ["gaussian", "circulant"])
 def test_swapped_end_to_end_is_exact(overrides, tmp_path, kind):
     server, grid = run(overrides, tmp_path, **{"frozen-factor": "B", "a-kind": kind})

@@ -97,14 +97,14 @@ def test_config_validation_names_the_field() -> None:
 
 
 def test_config_defaults_and_run_config_spelling() -> None:
-    assert TaskConfig().partitioner == "natural"
-    assert TaskConfig(task="code-cls").partitioner == "dirichlet"
-    assert TaskConfig(task="code-cls", partitioner="iid").partitioner == "iid"
+    assert TaskConfig().split == "natural"
+    assert TaskConfig(task="code-cls").split == "dirichlet"
+    assert TaskConfig(task="code-cls", partitioner="iid").split == "iid"
     cfg = TaskConfig.from_mapping(
         {"num-partitions": 3, "dataset": "", "max-eval-blocks": 0, "x": 1}
     )
-    assert (cfg.num_partitions, cfg.dataset, cfg.max_eval_blocks) == (3, None, None)
-    assert hash(cfg) == hash(TaskConfig(num_partitions=3, max_eval_blocks=None))
+    assert (cfg.num_partitions, cfg.dataset, cfg.max_eval_blocks) == (3, "", 0)
+    assert hash(cfg) == hash(TaskConfig(num_partitions=3, max_eval_blocks=0))
 
 
 # ---------------------------------------------------------------- model location

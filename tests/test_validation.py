@@ -1,4 +1,5 @@
-"""Reply checks: every kind of bad reply is rejected with a reason naming it."""
+"""Reply checks: every kind of bad reply is rejected with a reason naming it, through the
+reply pipeline (strategies/replies.py) and LinkStrategy, with the round numbers it uses."""
 
 import numpy as np
 import pytest
@@ -6,7 +7,17 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.supercore.task_identity import TaskIdentity
 
 from contract import protocol as p
-from strategies.validation import Expectation, check_reply, split_replies
+from strategies.outliers import OutlierScreen
+from strategies.rejections import (
+    BadArrays,
+    BadMetrics,
+    ClientErrorReply,
+    ForeignReply,
+    ReplyRejected,
+)
+from strategies.replies import train_pipeline
+from strategies.uploads import Unpack
+from strategies.validation import Expectation, check_arrays, check_envelope
 
 SHAPE = (6, 2)
 EXP = Expectation(
@@ -50,42 +61,85 @@ def reply(node=3, partition=0, arrays=None, metrics=None, echo=None, error=None)
     return msg
 
 
+def check(message: Message) -> Message:
+    """The two checks of a float32 train reply, in the pipeline's order."""
+    return check_arrays(check_envelope(message, EXP), EXP)
+
+
+def pipeline(mad: float = 0.0, action: str = "flag"):
+    """The train pipeline of a round that sent zeros (float32 uploads, one rank)."""
+    zeros = {"l.lora_B": np.zeros(SHAPE, np.float32)}
+    return train_pipeline(EXP, Unpack(zeros, "float32", False), OutlierScreen(mad, action, zeros))
+
+
 def test_good_reply_passes():
-    assert check_reply(reply(), EXP) is None
+    good = reply()
+    assert check(good) is good
 
 
 GOOD_ECHO = {p.RUN_ID: 11, p.CHAIN_INDEX: 1, p.LINKS_DIGEST: "d" * 64}
-BAD = {
-    "client error": {"error": "boom"},
-    "stale chain index": {"echo": {**GOOD_ECHO, p.CHAIN_INDEX: 0}},
-    "foreign links digest": {"echo": {**GOOD_ECHO, p.LINKS_DIGEST: "e" * 64}},
-    "foreign run id": {"echo": {**GOOD_ECHO, p.RUN_ID: 12}},
-    "NaN or Inf": {"arrays": {"l.lora_B": np.full(SHAPE, np.nan, np.float32)}},
-    "float64": {"arrays": {"l.lora_B": np.ones(SHAPE, np.float64)}},
-    "(expected float32[6, 2])": {"arrays": {"l.lora_B": np.ones((2, 6), np.float32)}},
-    "missing ['l.lora_B']": {"arrays": {"x": np.ones(SHAPE, np.float32)}},
-    "extra ['x']": {
-        "arrays": {"l.lora_B": np.ones(SHAPE, np.float32), "x": np.ones(1, np.float32)}
-    },
-    "num-examples 0": {"metrics": {p.NUM_EXAMPLES: 0}},
-    "num-examples -5": {"metrics": {p.NUM_EXAMPLES: -5}},
-    "num-examples 1000000": {"metrics": {p.NUM_EXAMPLES: 1_000_000}},
-    "not a finite number": {"metrics": {p.TRAIN_LOSS: 1.0}},
-    "'train-loss' is not finite": {"metrics": {p.NUM_EXAMPLES: 3, p.TRAIN_LOSS: float("inf")}},
+BAD = {  # reason fragment -> (the fault, the rejection it raises)
+    "client error": ({"error": "boom"}, ClientErrorReply),
+    "stale chain index": ({"echo": {**GOOD_ECHO, p.CHAIN_INDEX: 0}}, ForeignReply),
+    "foreign links digest": ({"echo": {**GOOD_ECHO, p.LINKS_DIGEST: "e" * 64}}, ForeignReply),
+    "foreign run id": ({"echo": {**GOOD_ECHO, p.RUN_ID: 12}}, ForeignReply),
+    "NaN or Inf": ({"arrays": {"l.lora_B": np.full(SHAPE, np.nan, np.float32)}}, BadArrays),
+    "float64": ({"arrays": {"l.lora_B": np.ones(SHAPE, np.float64)}}, BadArrays),
+    "(expected float32[6, 2])": (
+        {"arrays": {"l.lora_B": np.ones((2, 6), np.float32)}},
+        BadArrays,
+    ),
+    "missing ['l.lora_B']": ({"arrays": {"x": np.ones(SHAPE, np.float32)}}, BadArrays),
+    "extra ['x']": (
+        {"arrays": {"l.lora_B": np.ones(SHAPE, np.float32), "x": np.ones(1, np.float32)}},
+        BadArrays,
+    ),
+    "num-examples 0": ({"metrics": {p.NUM_EXAMPLES: 0}}, BadMetrics),
+    "num-examples -5": ({"metrics": {p.NUM_EXAMPLES: -5}}, BadMetrics),
+    "num-examples 1000000": ({"metrics": {p.NUM_EXAMPLES: 1_000_000}}, BadMetrics),
+    "not a finite number": ({"metrics": {p.TRAIN_LOSS: 1.0}}, BadMetrics),
+    "'train-loss' is not finite": (
+        {"metrics": {p.NUM_EXAMPLES: 3, p.TRAIN_LOSS: float("inf")}},
+        BadMetrics,
+    ),
 }
 
 
 @pytest.mark.parametrize("expected", sorted(BAD))
 def test_bad_reply_rejected_with_reason(expected):
-    reason = check_reply(reply(**BAD[expected]), EXP)
-    assert reason is not None and expected in reason, reason
+    fault, kind = BAD[expected]
+    with pytest.raises(ReplyRejected) as caught:
+        check(reply(**fault))
+    assert type(caught.value) is kind and expected in caught.value.reason, caught.value
 
 
-def test_split_sorts_by_partition_and_reports_nodes():
+def test_pipeline_sorts_by_partition_and_reports_nodes():
     replies = [reply(node=5, partition=2), reply(node=6, error="x"), reply(node=7, partition=0)]
-    valid, rejected = split_replies(replies, EXP)
-    assert [m.metadata.src_node_id for m in valid] == [7, 5]
-    assert [(r.node_id, r.reason) for r in rejected] == [(6, "client error: x")]
+    verdict = pipeline()(replies)
+    assert [m.metadata.src_node_id for m in verdict.accepted] == [7, 5]
+    assert [(r.node_id, r.reason) for r in verdict.rejected] == [(6, "client error: x")]
+    assert verdict.checked == [7, 5] and verdict.rejected_nodes == [6]
+    assert verdict.outliers == []
+
+
+@pytest.mark.parametrize("action", ["flag", "drop", "clip"])
+def test_the_screen_flags_drops_or_clips_the_outlier(action):
+    """The MAD screen over the round's checked replies: node 9 sent 50x the others."""
+    replies = [reply(node=n, partition=n) for n in (3, 4, 5, 6)]
+    replies.append(
+        reply(node=9, partition=9, arrays={"l.lora_B": np.full(SHAPE, 50.0, np.float32)})
+    )
+    verdict = pipeline(mad=3.0, action=action)(replies)
+    assert [o["node"] for o in verdict.outliers] == [9] and verdict.outliers[0]["action"] == action
+    bound = verdict.outliers[0]["bound"]
+    assert verdict.checked == [3, 4, 5, 6, 9]  # a screened-out node still holds every link
+    kept = {
+        m.metadata.src_node_id: m.content[p.ARRAYS]["l.lora_B"].numpy() for m in verdict.accepted
+    }
+    assert sorted(kept) == ([3, 4, 5, 6] if action == "drop" else [3, 4, 5, 6, 9])
+    if action != "drop":
+        norm = float(np.linalg.norm(kept[9].astype(np.float64)))
+        assert norm == pytest.approx(bound if action == "clip" else 50.0 * np.sqrt(12))
 
 
 def test_mad_threshold_and_clip():
@@ -102,11 +156,12 @@ def test_mad_threshold_and_clip():
     assert clipped["b"].dtype == np.float32
 
 
-def link_strategy():
-    """A LinkStrategy on link 1 that sent zeros: what a real round's checks run in."""
+def link_strategy(nodes: frozenset[int] = frozenset()):
+    """A LinkStrategy on link 1 that sent zeros to `nodes`: what a real round's checks run in."""
     from flwr.serverapp.strategy import FedAvg
 
-    from strategies.chain import LinkContext, LinkStrategy
+    from contract.config import StrategyConfig
+    from strategies.chain import LinkContext, LinkStrategy, SentRound
 
     ctx = LinkContext(
         run_id=11,
@@ -115,14 +170,12 @@ def link_strategy():
         link_config={},
         round_offset=0,
         rounds_done=0,
-        min_replies=1,
-        max_num_examples=1000,
         node_links={},
+        checks=StrategyConfig(max_num_examples=1000),
     )
     link = LinkStrategy(FedAvg(), ctx)
     link.digest = "d" * 64
-    link.expected_arrays = EXP.arrays
-    link.sent_arrays = {"l.lora_B": np.zeros(SHAPE, np.float32)}
+    link.sent = SentRound(EXP.arrays, {"l.lora_B": np.zeros(SHAPE, np.float32)}, nodes)
     return link
 
 
@@ -131,7 +184,7 @@ def test_every_bad_reply_is_logged_with_node_and_reason_and_never_averaged(caplo
     import logging
 
     link = link_strategy()
-    bad = {name: reply(node=100 + i, **BAD[name]) for i, name in enumerate(sorted(BAD))}
+    bad = {name: reply(node=100 + i, **BAD[name][0]) for i, name in enumerate(sorted(BAD))}
     good = reply(node=99, arrays={"l.lora_B": np.full(SHAPE, 2.0, np.float32)})
     with caplog.at_level(logging.WARNING, logger="flwr"):
         arrays, _ = link.aggregate_train(1, [good, *bad.values()])
@@ -146,8 +199,7 @@ def test_a_superlink_error_for_a_lost_node_names_the_node_not_the_superlink(capl
     """Flower answers for an unreachable node with an error from node 1 (the SuperLink)."""
     import logging
 
-    link = link_strategy()
-    link.sent_nodes = {42, 99}
+    link = link_strategy(frozenset({42, 99}))
     good = reply(node=99)
     unavailable = reply(node=1, error="Node Unavailable")
     with caplog.at_level(logging.WARNING, logger="flwr"):
@@ -158,3 +210,51 @@ def test_a_superlink_error_for_a_lost_node_names_the_node_not_the_superlink(capl
     assert any("no reply from node(s) 42" in x for x in lines), lines
     assert not any("reply from node 1:" in x for x in lines), lines
     assert link.ledgers[1].lost == [42] and link.ledgers[1].accepted == 1
+
+
+def test_the_inner_strategy_sees_the_link_round_and_clients_the_global_round():
+    """A resumed link: 10 global rounds before this start(), 2 of them in this link. Flower's
+    round 1 of the start() call is link round 3 (every hook of the inner strategy) and global
+    round 11 (on the wire, in the ledger); node 102 sent a bad reply and gets every link."""
+    import torch
+    from flwr.serverapp.strategy import FedAvg
+
+    from seedlora import ASpec, Link
+    from simulation.local import LocalGrid
+    from strategies.chain import LinkContext, LinkStrategy
+
+    hooks = ["configure_train", "aggregate_train", "configure_evaluate", "aggregate_evaluate"]
+    rounds: dict[str, int] = {}  # hook -> the round number the inner strategy got
+
+    def recorded(hook: str):
+        def method(self, server_round, *args):
+            rounds[hook] = server_round
+            return getattr(FedAvg, hook)(self, server_round, *args)
+
+        return method
+
+    recorder = type("Recorder", (FedAvg,), {hook: recorded(hook) for hook in hooks})
+
+    links = [Link(2.0, (ASpec("circulant", 0, 0, 2, "l", 4, 6),), {"l": torch.ones(6, 2)})]
+    node_links = {101: 1, 102: 1}
+    ctx = LinkContext(11, 1, links, {p.RANK: 2}, 10, 2, node_links)
+    inner = recorder(min_available_nodes=2, min_train_nodes=2, min_evaluate_nodes=2)
+    link = LinkStrategy(inner, ctx)
+    grid = LocalGrid(None, 2)
+    arrays = ArrayRecord({"l.lora_B": Array(np.zeros(SHAPE, np.float32))})
+    sent = list(link.configure_train(1, arrays, ConfigRecord(), grid))
+    configs = [m.content[p.CONFIG] for m in sent]
+    assert [c[p.SERVER_ROUND] for c in configs] == [11, 11]
+    assert all(c[p.CHAIN_INDEX] == 1 and c[p.RANK] == 2 for c in configs)
+    assert [m.content[p.LINKS][p.LINKS_START] for m in sent] == [1, 1]  # they hold link 0
+    echo = {**GOOD_ECHO, p.LINKS_DIGEST: link.digest}
+    good, stale = reply(node=101, echo=echo), reply(node=102, echo={**echo, p.CHAIN_INDEX: 0})
+    new, _ = link.aggregate_train(1, [good, stale])
+    assert new is not None and node_links == {101: 1, 102: 0}
+    sent = list(link.configure_evaluate(1, new, ConfigRecord(), grid))
+    starts = {m.metadata.dst_node_id: m.content[p.LINKS][p.LINKS_START] for m in sent}
+    assert starts == {101: 1, 102: 0}  # the rejected node is sent every link again
+    link.aggregate_evaluate(1, [reply(node=101, echo=echo), reply(node=102, echo=echo)])
+    assert rounds == dict.fromkeys(hooks, 3)
+    assert list(link.ledgers) == [11] and link.ledgers[11].accepted == 1
+    assert link.ledgers[11].eval_metrics and node_links == {101: 1, 102: 1}

@@ -1,0 +1,82 @@
+"""Rounds over Flower's message-API strategies: the plain `LinkRunner` of `run_chain`.
+
+Each link gets a fresh inner strategy (strategies/registry.py), so B-space optimizer state
+(FedAdam moments, FedAvgM momentum) resets when the A coordinates change; a resumed link
+gets its state back through strategies/state.py. `LinkStrategy` (strategies/chain.py) adds
+the link's A-spec and catch-up links to every message and checks every reply. A round is
+what Flower's `Strategy.start` does for one round, written out so the chain loop owns
+the round counter:
+
+    configure_train -> send/receive -> aggregate_train
+    configure_evaluate -> send/receive -> aggregate_evaluate
+
+The inner strategy sees one round number, the round within the link (from 1).
+"""
+
+from __future__ import annotations
+
+from logging import INFO
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from strategies import privacy
+from strategies.chain import LinkContext, LinkStrategy
+from strategies.registry import build_strategy
+from strategies.state import load_state, save_state
+
+from .chain_server import ChainServer
+from .state import RoundResult
+
+
+class FlowerRounds:
+    """Opens each link as a `LinkStrategy` around a fresh Flower strategy."""
+
+    def __init__(self, grid: Grid):
+        self.grid = grid
+
+    def open_link(self, server: ChainServer) -> FlowerLink:
+        cfg, s = server.cfg, server.state
+        num_nodes = len(list(self.grid.get_node_ids()))
+        inner = privacy.wrap(build_strategy(cfg.strategy), cfg, num_nodes, server.privacy)
+        load_state(inner, s.strategy_state)
+        ctx = LinkContext(
+            run_id=server.run_id,
+            chain_index=s.chain_index,
+            links=list(s.links),
+            link_config=server.link_config(),
+            round_offset=s.global_round - s.round_in_link,
+            rounds_done=0,
+            node_links=server.node_links,
+            checks=cfg.strategy,
+            upload=cfg.upload,
+            keep_updates=cfg.output.save_client_updates,
+        )
+        train = ConfigRecord({"lr": cfg.train.lr, "local-steps": cfg.train.local_steps})
+        return FlowerLink(self.grid, LinkStrategy(inner, ctx), train, cfg.strategy.round_timeout)
+
+
+class FlowerLink:
+    """One open link: runs its rounds through the grid."""
+
+    def __init__(self, grid: Grid, link: LinkStrategy, train: ConfigRecord, timeout: float):
+        self.grid, self.link, self.train, self.timeout = grid, link, train, timeout
+        self.link.summary()
+
+    def run_round(self, link_round: int, arrays: dict[str, torch.Tensor]) -> RoundResult:
+        grid, link = self.grid, self.link
+        record = ArrayRecord(arrays)
+        log(INFO, "link %d round %d", link.ctx.chain_index, link_round)
+        messages = link.configure_train(link_round, record, self.train, grid)
+        replies = grid.send_and_receive(messages, timeout=self.timeout)
+        aggregated, _ = link.aggregate_train(link_round, replies)
+        record = aggregated if aggregated is not None else record
+        messages = link.configure_evaluate(link_round, record, ConfigRecord(), grid)
+        link.aggregate_evaluate(link_round, grid.send_and_receive(messages, timeout=self.timeout))
+        return RoundResult(
+            arrays=record.to_torch_state_dict(),
+            ledger=link.ledger(link_round),
+            strategy_state=save_state(link.inner),
+        )

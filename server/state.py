@@ -1,0 +1,36 @@
+"""`ChainState`: everything the server checkpoints, so that `resume` needs nothing else;
+`RoundResult`: what one step of a link runner hands to the chain loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from seedlora.chain import Link
+from strategies.ledger import RoundLedger
+
+
+@dataclass
+class ChainState:
+    """The run so far. The names follow DESIGN.md: a *link* is one merged record
+    `(A-spec_c, B_bar_c)`; the *chain index* c is the link being trained now."""
+
+    config: dict  # the flat run config (dash keys) the run was started with
+    links: list[Link]  # merged links, chain index 0 first
+    arrays: dict[str, torch.Tensor]  # global trainable state of link c: B (n_out x r) + heads
+    chain_index: int = 0
+    round_in_link: int = 0  # rounds of link c done (0..rounds-per-link)
+    global_round: int = 0  # rounds done in the whole run
+    strategy_state: dict[str, object] = field(default_factory=dict)  # inner B-space state
+    history: list[dict] = field(default_factory=list)  # one entry per round (metrics.json)
+
+
+@dataclass
+class RoundResult:
+    """What one step of a link runner hands to `ChainServer.commit_round`."""
+
+    arrays: dict[str, torch.Tensor]  # the global trainable state after the step
+    rounds: int = 1  # rounds the step covered (SecAgg+ runs a whole link at once)
+    ledger: RoundLedger | None = None  # None: the runner cannot see single replies
+    strategy_state: dict[str, object] = field(default_factory=dict)

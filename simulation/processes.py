@@ -1,0 +1,148 @@
+"""Child processes with a time limit, stopped by pid together with everything they started.
+
+Used by the launcher (its SuperLink and log stream), the deployment tests (SuperLink,
+SuperNodes) and the benchmarks (one run per child process). A child starts in its own
+session, so a Ctrl-C reaches only this process, which then stops the children in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+STOP_GRACE_S = 10.0
+
+
+def start(
+    cmd: Sequence[str],
+    log: Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | str | None = None,
+) -> subprocess.Popen[Any]:
+    """Start `cmd` in its own session (its pid is its process group), stdout and stderr to
+    `log` (None: this process's own)."""
+    if log is None:
+        return subprocess.Popen(list(cmd), env=env, cwd=cwd, start_new_session=True)
+    with log.open("wb") as handle:
+        return subprocess.Popen(
+            list(cmd),
+            env=env,
+            cwd=cwd,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def run(
+    cmd: Sequence[str],
+    log: Path,
+    *,
+    timeout_s: float,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | str | None = None,
+) -> int | None:
+    """Run `cmd` (output to `log`) for at most `timeout_s`; its exit code, or None when it
+    was stopped at the limit. Whatever it started is stopped either way."""
+    proc = start(cmd, log, env=env, cwd=cwd)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        stop_process_tree(proc)
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    """The last `lines` lines of a log file."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _child_pids() -> dict[int, list[int]]:
+    """Map parent pid -> child pids from /proc (empty where /proc is absent)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Field 4 is the ppid; the command name (field 2) may contain spaces, so split after ")".
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def descendants(pids: list[int]) -> list[int]:
+    """All live descendants of `pids` (Ray and the ServerApp run below the SuperLink)."""
+    tree = _child_pids()
+    found: list[int] = []
+    todo = list(pids)
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            if child not in found:
+                found.append(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs; zombies count as gone since they only await reaping."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # A zombie still answers signal 0 but is already dead.
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return True
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """Wait until `pids` exit; return those still alive after `timeout`."""
+    deadline = time.monotonic() + timeout
+    left = [p for p in pids if alive(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = [p for p in left if alive(p)]
+    return left
+
+
+def _signal_all(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def stop_process_tree(proc: subprocess.Popen[Any]) -> None:
+    """Stop `proc` and everything below it, by pid.
+
+    SIGTERM lets the SuperLink stop its SuperExec cleanly, but a ServerApp/Ray still running
+    is orphaned, and Ray's agents ignore SIGTERM, so survivors get SIGTERM, then SIGKILL.
+    """
+    if proc.poll() is not None:
+        return
+    tree = descendants([proc.pid])
+    proc.terminate()
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    survivors = [p for p in tree if alive(p)]
+    survivors += [p for p in descendants(survivors) if p not in survivors]
+    _signal_all(survivors, signal.SIGTERM)
+    survivors = wait_gone(survivors, 3.0)
+    _signal_all(survivors, signal.SIGKILL)
+    wait_gone(survivors, 3.0)

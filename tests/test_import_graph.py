@@ -1,0 +1,103 @@
+"""The layers of DESIGN.md section 5: each imports only layers below it, with no cycles.
+
+Every import counts, including those inside functions (a lazy import is still a
+dependency). Lowest first: the adapter core, tasks, the contract both apps share,
+strategies, then the two apps (which never import each other), then simulation, bench.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = {
+    "seedlora": 0,
+    "tasks": 1,
+    "contract": 2,
+    "strategies": 3,
+    "client": 4,
+    "server": 4,
+    "simulation": 5,
+    "bench": 6,
+}
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Absolute module names `path` imports (relative imports resolved)."""
+    package = _module(path).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    """module -> the project modules it imports."""
+    files = [f for layer in LAYERS for f in (ROOT / layer).rglob("*.py")]
+    modules = {_module(f): f for f in files}
+    return {
+        name: {m for m in _imports(path) if m in modules and m != name}
+        for name, path in modules.items()
+    }
+
+
+def test_no_layer_imports_upward_or_sideways():
+    wrong = []
+    for module, targets in graph().items():
+        layer = module.split(".")[0]
+        for target in targets:
+            other = target.split(".")[0]
+            if other != layer and LAYERS[other] >= LAYERS[layer]:
+                wrong.append(f"{module} -> {target}")
+    assert not wrong, "imports against the layers:\n" + "\n".join(sorted(wrong))
+
+
+def test_nothing_imports_tests():
+    offenders = [
+        str(f.relative_to(ROOT))
+        for layer in LAYERS
+        for f in (ROOT / layer).rglob("*.py")
+        if any(m == "tests" or m.startswith("tests.") for m in _imports(f))
+    ]
+    assert not offenders
+
+
+def test_no_import_cycles():
+    edges = graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join([*path[path.index(nxt) :], nxt]))
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for start in sorted(edges):
+        if start not in state:
+            visit(start, [start])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_the_checker_sees_a_violation(tmp_path):
+    """The graph is real: strategies import the contract, and the server imports strategies."""
+    edges = graph()
+    assert "contract.protocol" in edges["strategies.chain"]
+    assert any(t.startswith("strategies.") for t in edges["server.rounds"])
