@@ -62,7 +62,7 @@ def _reply(msg: Message, context: Context, partition_id: int, records: dict) -> 
 
 def train_b(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Train this link's B (and heads) on the local partition; reply with them."""
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     task, model, partition_id, device = _prepare(msg, context, cfg)
     fit_rank(model, cfg, context.node_config, partition_id)
     received = {}  # compressed uploads send trained - received; float32 sends the state
@@ -82,6 +82,7 @@ def train_b(msg: Message, context: Context, cfg: RunConfig) -> Message:
             p.NUM_EXAMPLES: result.num_examples,
             p.TRAIN_LOSS: result.loss,
             p.TRAIN_TIME: time.perf_counter() - t0,
+            p.TRAIN_START: started,
             p.BYTES_UP: arrays.count_bytes(),
             p.BYTES_DOWN: bytes_down,
             **({p.DP_WEIGHT: 1.0} if cfg.privacy.dp_clip > 0 else {}),

@@ -40,6 +40,7 @@ LINKS_DATA = "data"
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 TRAIN_TIME = "train-time"
+TRAIN_START = "train-start"  # wall-clock (epoch seconds) when the client began the round
 BYTES_UP = "bytes-up"
 BYTES_DOWN = "bytes-down"
 PARTITION_ID = "partition-id"

@@ -187,8 +187,11 @@ class ChainServer:
             entry["secure"] = True
         else:
             entry.update(self._ledger_entry(result))
+        evaluated = time.perf_counter()
         entry["central"] = self.central_eval()
+        central = time.perf_counter() - evaluated
         entry["wall_time"] = time.perf_counter() - self._round_start
+        entry["phases"] = {**result.phases, "central_eval": central}
         self._round_start = time.perf_counter()
         s.history.append(entry)
         if result.ledger is not None and result.ledger.updates:

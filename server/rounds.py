@@ -15,13 +15,15 @@ The inner strategy sees one round number, the round within the link (from 1).
 
 from __future__ import annotations
 
+import time
 from logging import INFO
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from contract import protocol as p
 from strategies import privacy
 from strategies.chain import LinkContext, LinkStrategy
 from strategies.registry import build_strategy
@@ -69,14 +71,52 @@ class FlowerLink:
         grid, link = self.grid, self.link
         record = ArrayRecord(arrays)
         log(INFO, "link %d round %d", link.ctx.chain_index, link_round)
+        clock = [time.perf_counter()]
         messages = link.configure_train(link_round, record, self.train, grid)
-        replies = grid.send_and_receive(messages, timeout=self.timeout)
+        clock.append(time.perf_counter())
+        replies = list(grid.send_and_receive(messages, timeout=self.timeout))
+        clock.append(time.perf_counter())
         aggregated, _ = link.aggregate_train(link_round, replies)
         record = aggregated if aggregated is not None else record
+        clock.append(time.perf_counter())
         messages = link.configure_evaluate(link_round, record, ConfigRecord(), grid)
         link.aggregate_evaluate(link_round, grid.send_and_receive(messages, timeout=self.timeout))
+        clock.append(time.perf_counter())
+        steps = ("configure", "train_exchange", "aggregate", "evaluate_exchange")
+        phases = {k: b - a for k, a, b in zip(steps, clock, clock[1:], strict=False)}
         return RoundResult(
             arrays=record.to_torch_state_dict(),
             ledger=link.ledger(link_round),
             strategy_state=save_state(link.inner),
+            phases={**phases, **client_phases(replies, phases["train_exchange"])},
         )
+
+
+def client_phases(replies: list[Message], exchange: float) -> dict[str, float]:
+    """The clients' share of a train exchange, from what their replies report.
+
+    `client_train_sum` / `client_train_max`: the clients' own train-time (their critical
+    path is the sum over the concurrent clients); `client_busy`: the wall time during which
+    at least one client was training (the union of their [start, start + train-time]
+    intervals: comparable on one machine, not across machines with skewed clocks);
+    `idle`: the rest of the exchange (scheduling, transfer, waiting)."""
+    spans = []
+    for msg in replies:
+        if msg.has_error() or p.METRICS not in msg.content.metric_records:
+            continue
+        metrics = msg.content[p.METRICS]
+        took, start = metrics.get(p.TRAIN_TIME), metrics.get(p.TRAIN_START)
+        if isinstance(took, int | float) and isinstance(start, int | float):
+            spans.append((float(start), float(start) + float(took)))
+    if not spans:
+        return {}
+    busy, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        busy += max(0.0, b - max(a, end))
+        end = max(end, b)
+    return {
+        "client_train_sum": sum(b - a for a, b in spans),
+        "client_train_max": max(b - a for a, b in spans),
+        "client_busy": busy,
+        "idle": max(0.0, exchange - busy),
+    }

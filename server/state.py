@@ -34,3 +34,4 @@ class RoundResult:
     rounds: int = 1  # rounds the step covered (SecAgg+ runs a whole link at once)
     ledger: RoundLedger | None = None  # None: the runner cannot see single replies
     strategy_state: dict[str, object] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per part of the step
