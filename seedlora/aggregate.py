@@ -14,6 +14,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+Factors = Sequence[torch.Tensor]  # one factor per client
+Weights = Sequence[float]  # one weight per client
+Tensor = torch.Tensor
+
 
 def normalized(weights: Sequence[float]) -> list[float]:
     """Weights divided by their sum, so that a weighted mean is a convex combination.
@@ -66,12 +70,7 @@ def weighted_mean(
     return out
 
 
-def fedit_update(
-    a_list: Sequence[torch.Tensor],
-    b_list: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    scaling: float,
-) -> torch.Tensor:
+def fedit_update(a_list: Factors, b_list: Factors, weights: Weights, scaling: float) -> Tensor:
     """FedIT's aggregated update `(alpha/r) mean(B_i) @ mean(A_i)`. For comparison only.
 
     This is what ordinary federated LoRA applies; it differs from `mean_update` by an
@@ -92,12 +91,7 @@ def fedit_update(
     return scaling * b @ a
 
 
-def mean_update(
-    a_list: Sequence[torch.Tensor],
-    b_list: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    scaling: float,
-) -> torch.Tensor:
+def mean_update(a_list: Factors, b_list: Factors, weights: Weights, scaling: float) -> Tensor:
     """The target every rule should hit: the weighted mean of `(alpha/r) B_i @ A_i`.
 
     Args:

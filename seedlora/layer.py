@@ -53,19 +53,27 @@ def project(x: torch.Tensor, spec: ASpec, a: torch.Tensor | None) -> torch.Tenso
 
 
 def wrap_frozen_base(
-    adapter: nn.Module, base: nn.Module, alpha: float, rank: int, dropout: float
-) -> torch.dtype:
-    """Attach a frozen base, the scale alpha/rank and dropout; the trained factor's dtype.
+    adapter: nn.Module, base: nn.Module, alpha: float, spec: ASpec, dropout: float, swapped: bool
+) -> dict:
+    """Attach a frozen base, the scale alpha/r and dropout; check the spec's shape against
+    the layer (`spec.n_in` is the layer's n_out for a frozen B^T when `swapped`).
 
-    The trained factor stays float32 (a master copy) under a bf16/fp16 base, so the wire
-    and the average do not depend on the client's precision; float64 bases keep float64.
+    Returns the trained factor's tensor options: float32 (a master copy) under a bf16/fp16
+    base, so the wire and the average do not depend on the client's precision; float64
+    under a float64 base; on the base's device.
     """
+    n_in, n_out = layer_shape(base)
+    want = (n_out, n_in) if swapped else (n_in, n_out)
+    if (spec.n_in, spec.n_out) != want:
+        raise ValueError(f"spec shape {(spec.n_in, spec.n_out)} != layer {want}")
+    rank = spec.rank
     adapter.base = base
     base.requires_grad_(False)
     adapter.alpha = float(alpha)
     adapter.scaling = adapter.alpha / rank
     adapter.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-    return torch.float64 if base.weight.dtype == torch.float64 else torch.float32
+    dtype = torch.float64 if base.weight.dtype == torch.float64 else torch.float32
+    return {"dtype": dtype, "device": base.weight.device}
 
 
 @torch.no_grad()
@@ -143,12 +151,8 @@ class SeedLoRALayer(nn.Module):
 
     def __init__(self, base: nn.Module, spec: ASpec, alpha: float, dropout: float = 0.0):
         super().__init__()
-        n_in, n_out = layer_shape(base)
-        if (spec.n_in, spec.n_out) != (n_in, n_out):
-            raise ValueError(f"spec shape {(spec.n_in, spec.n_out)} != layer {(n_in, n_out)}")
-        dtype = wrap_frozen_base(self, base, alpha, spec.rank, dropout)
-        device = base.weight.device
-        self.lora_B = nn.Parameter(torch.zeros(n_out, spec.rank, device=device, dtype=dtype))
+        like = wrap_frozen_base(self, base, alpha, spec, dropout, swapped=False)
+        self.lora_B = nn.Parameter(torch.zeros(spec.n_out, spec.rank, **like))
         self.register_buffer("lora_A", None, persistent=False)
         self.set_spec(spec)
 
@@ -236,9 +240,18 @@ class SeedLoRALayer(nn.Module):
     def merge(self) -> None:
         """Fold the current `(alpha/r) B A` into the base weight and reset B to zero."""
         merge_delta(self.base, self.spec, self.lora_B, self.scaling)
-        with torch.no_grad():
-            self.lora_B.zero_()
+        zero_(self.lora_B)
 
     def extra_repr(self) -> str:
-        s = self.spec
-        return f"kind={s.kind}, link={s.chain_index}, rank={s.rank}, alpha={self.alpha}"
+        return describe(self.spec, self.alpha)
+
+
+def zero_(factor: torch.Tensor) -> None:
+    """Reset a trained factor in place (after its link is merged), outside autograd."""
+    with torch.no_grad():
+        factor.zero_()
+
+
+def describe(spec: ASpec, alpha: float) -> str:
+    """An adapter's repr: its A-spec's kind and chain index, rank and alpha."""
+    return f"kind={spec.kind}, link={spec.chain_index}, rank={spec.rank}, alpha={alpha}"

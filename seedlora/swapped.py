@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .layer import SeedLoRALayer, add_low_rank, layer_shape, wrap_frozen_base
+from .layer import SeedLoRALayer, add_low_rank, describe, layer_shape, wrap_frozen_base, zero_
 from .spec import ASpec, Kind
 
 TRAINED_A = "B"  # value of `frozen` (run-config frozen-factor) that selects this layer
@@ -67,12 +67,8 @@ class SwappedLoRALayer(nn.Module):
 
     def __init__(self, base: nn.Module, spec: ASpec, alpha: float, dropout: float = 0.0):
         super().__init__()
-        n_in, n_out = layer_shape(base)
-        if (spec.n_in, spec.n_out) != (n_out, n_in):
-            raise ValueError(f"frozen-B spec shape {(spec.n_out, spec.n_in)} != {(n_in, n_out)}")
-        dtype = wrap_frozen_base(self, base, alpha, spec.rank, dropout)
-        device = base.weight.device
-        self.lora_A = nn.Parameter(torch.zeros(spec.rank, n_in, device=device, dtype=dtype))
+        like = wrap_frozen_base(self, base, alpha, spec, dropout, swapped=True)
+        self.lora_A = nn.Parameter(torch.zeros(spec.rank, spec.n_out, **like))
         self.register_buffer("frozen_B", None, persistent=False)
         self.set_spec(spec)
 
@@ -86,14 +82,8 @@ class SwappedLoRALayer(nn.Module):
             self.lora_A.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`base(x) + (alpha/r) B (A x)`.
-
-        Args:
-            x: (..., n_in) in the base's dtype, on its device.
-
-        Returns:
-            (..., n_out) in the base output's dtype.
-        """
+        """`base(x) + (alpha/r) B (A x)`: x (..., n_in) -> (..., n_out), both in the
+        base's dtype and on its device, as in `SeedLoRALayer.forward`."""
         y = self.base(x)
         a = self.lora_A
         h = F.linear(self.dropout(x).to(a.dtype), a) * self.scaling
@@ -112,12 +102,10 @@ class SwappedLoRALayer(nn.Module):
     def merge(self) -> None:
         """Fold the current `(alpha/r) B A` into the base weight and reset A to zero."""
         merge_swapped(self.base, self.spec, self.lora_A, self.scaling)
-        with torch.no_grad():
-            self.lora_A.zero_()
+        zero_(self.lora_A)
 
     def extra_repr(self) -> str:
-        s = self.spec
-        return f"frozen B, kind={s.kind}, link={s.chain_index}, rank={s.rank}, alpha={self.alpha}"
+        return "frozen B, " + describe(self.spec, self.alpha)
 
 
 ADAPTERS = (SeedLoRALayer, SwappedLoRALayer)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
 import datasets
 import torch
@@ -79,29 +80,44 @@ class TaskConfig(BaseModel):
         return cls.model_validate({k: v for k, v in values.items() if k in names})
 
 
-@runtime_checkable
-class Task(Protocol):
-    """What a federated client/server needs from a task."""
+class Task(ABC):
+    """What a federated client/server needs from a task; the concrete tasks subclass it.
 
-    config: TaskConfig
-    target_modules: tuple[str, ...]  # adapter target module-name patterns for the model
-    modules_to_save: tuple[str, ...]  # modules trained in full (new heads)
+    Evaluation is one loop for every task: each batch adds its sums (`_eval_sums`, e.g.
+    summed token loss and token count), and `_metrics` turns the totals into the metrics.
+    """
 
+    modules_to_save: tuple[str, ...] = ()  # modules trained in full (new heads)
+    metric_keys: tuple[str, ...] = ("loss",)  # what `evaluate` reports besides num-examples
+
+    def __init__(self, config: TaskConfig) -> None:
+        self.config = config
+        # adapter target module-name patterns for the model
+        self.target_modules: tuple[str, ...] = target_modules_for(model_type_of(config.model_name))
+
+    @abstractmethod
     def load_model(self) -> torch.nn.Module:
         """Fresh pretrained base model, CPU float32."""
-        ...
 
+    @abstractmethod
     def train_dataset(self, partition_id: int) -> datasets.Dataset:
         """This client's training examples in torch format."""
-        ...
 
+    @abstractmethod
     def eval_dataset(self, partition_id: int | None) -> datasets.Dataset:
         """This client's evaluation examples; None = the central held-out set (server)."""
-        ...
 
+    @abstractmethod
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean loss of a batch already on the model's device."""
-        ...
+
+    @abstractmethod
+    def _eval_sums(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict:
+        """Sums over one batch (on the model's device) that `_metrics` turns into metrics."""
+
+    @abstractmethod
+    def _metrics(self, sums: dict[str, float], num_examples: int) -> dict[str, float]:
+        """The metrics from the sums over the whole dataset."""
 
     def evaluate(
         self,
@@ -110,23 +126,17 @@ class Task(Protocol):
         batch_size: int,
         device: torch.device,
     ) -> dict[str, float]:
-        """Metrics over a dataset: "loss", "ppl" or "accuracy", and "num-examples"."""
-        ...
-
-
-class BaseTask:
-    """Shared plumbing of the concrete tasks."""
-
-    modules_to_save: tuple[str, ...] = ()
-
-    def __init__(self, config: TaskConfig) -> None:
-        self.config = config
-        self.target_modules = target_modules_for(model_type_of(config.model_name))
-
-    def _loader(self, dataset: datasets.Dataset, batch_size: int) -> torch.utils.data.DataLoader:
-        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-
-
-def empty_metrics(keys: tuple[str, ...]) -> dict[str, float]:
-    """Metrics of an empty evaluation set: zeros with weight 0 (aggregate by num-examples)."""
-    return {**dict.fromkeys(keys, 0.0), "num-examples": 0}
+        """Metrics over a dataset (`metric_keys` and "num-examples"), in eval mode."""
+        if len(dataset) == 0:  # zeros with weight 0 (aggregated by num-examples)
+            return {**dict.fromkeys(self.metric_keys, 0.0), "num-examples": 0}
+        was_training = model.training
+        model.eval()
+        sums: dict[str, float] = {}
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        with torch.no_grad():
+            for batch in loader:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                for key, value in self._eval_sums(model, batch).items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+        model.train(was_training)
+        return self._metrics(sums, len(dataset))

@@ -15,21 +15,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tasks.base import BaseTask, TaskConfig, empty_metrics
+from tasks.base import Task, TaskConfig
 from tasks.blocks import pack
 from tasks.code_lm import federated_token_ids
 from tasks.corpus import split_corpus
 from tasks.models import load_seq_cls, load_tokenizer
 from tasks.partitioning import (
     GROUP,
-    ClientSplit,
     assign_groups,
     cap,
-    cap_key,
-    split_for,
+    client_rows,
     stratified_cap,
 )
-from tasks.sources import custom_pools, label_ids, label_names, load_rows
+from tasks.sources import label_ids, label_names, load_rows, pools_of
 
 COLUMNS = ["input_ids", "attention_mask", "labels"]
 _HEAD_NAMES = ("score", "classifier", "classification_head")
@@ -104,19 +102,12 @@ def class_names(config: TaskConfig) -> tuple[str, ...]:
     return tuple(label_names(train, evals, config.label_column))
 
 
-@functools.lru_cache(maxsize=8)
-def client_split(config: TaskConfig) -> ClientSplit:
-    """Pools and partitioners of a config, built once per process."""
-    pools = _stdlib_pools if not config.dataset else custom_pools
-    return split_for(config, pools, "label")
-
-
 @functools.lru_cache(maxsize=64)
 def cls_dataset(config: TaskConfig, partition_id: int | None, which: str) -> datasets.Dataset:
     """Capped client (or central, partition_id=None) dataset of `which` in {"train", "eval"}."""
-    part = client_split(config).rows(partition_id, which)
-    limit = (config.max_train_blocks if which == "train" else config.max_eval_blocks) or None
-    rng_key = cap_key(config.seed, partition_id, which)
+    part, limit, rng_key = client_rows(
+        config, pools_of(config, _stdlib_pools), "label", partition_id, which
+    )
     if which == "train":
         part = cap(part, limit, rng_key)
     else:  # evaluation keeps every class represented
@@ -141,8 +132,10 @@ def cls_dataset(config: TaskConfig, partition_id: int | None, which: str) -> dat
     return snippets_dataset(ids, mask, labels)
 
 
-class CodeClsTask(BaseTask):
+class CodeClsTask(Task):
     """Sequence classification with a new, fully trained head; metric: accuracy."""
+
+    metric_keys = ("loss", "accuracy")
 
     def __init__(self, config: TaskConfig) -> None:
         super().__init__(config)
@@ -173,24 +166,13 @@ class CodeClsTask(BaseTask):
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return F.cross_entropy(self._logits(model, batch), batch["labels"])
 
-    def evaluate(
-        self,
-        model: torch.nn.Module,
-        dataset: datasets.Dataset,
-        batch_size: int,
-        device: torch.device,
-    ) -> dict[str, float]:
-        if len(dataset) == 0:
-            return empty_metrics(("loss", "accuracy"))
-        was_training = model.training
-        model.eval()
-        total, correct = 0.0, 0
-        with torch.no_grad():
-            for batch in self._loader(dataset, batch_size):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                logits = self._logits(model, batch)
-                total += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
-                correct += int((logits.argmax(-1) == batch["labels"]).sum())
-        model.train(was_training)
-        n = len(dataset)
-        return {"loss": total / n, "accuracy": correct / n, "num-examples": n}
+    def _eval_sums(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict:
+        logits = self._logits(model, batch)
+        return {
+            "loss": F.cross_entropy(logits, batch["labels"], reduction="sum"),
+            "correct": (logits.argmax(-1) == batch["labels"]).sum(),
+        }
+
+    def _metrics(self, sums: dict[str, float], num_examples: int) -> dict[str, float]:
+        n = num_examples
+        return {"loss": sums["loss"] / n, "accuracy": sums["correct"] / n, "num-examples": n}

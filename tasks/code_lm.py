@@ -16,12 +16,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tasks.base import BaseTask, TaskConfig, empty_metrics
+from tasks.base import Task, TaskConfig
 from tasks.blocks import encode, pack
 from tasks.corpus import split_corpus
 from tasks.models import EMBEDDED, embedded_seen_packages, load_causal_lm, load_tokenizer
-from tasks.partitioning import GROUP, ClientSplit, assign_groups, cap, cap_key, split_for
-from tasks.sources import custom_pools
+from tasks.partitioning import GROUP, assign_groups, cap, client_rows
+from tasks.sources import pools_of
 
 COLUMNS = ["input_ids", "attention_mask", "labels"]
 
@@ -78,19 +78,12 @@ def _stdlib_pools(config: TaskConfig) -> tuple[datasets.Dataset, datasets.Datase
     return pools[0], pools[1], natural_by
 
 
-@functools.lru_cache(maxsize=8)
-def client_split(config: TaskConfig) -> ClientSplit:
-    """Pools and partitioners of a config, built once per process."""
-    pools = _stdlib_pools if not config.dataset else custom_pools
-    return split_for(config, pools, "package")
-
-
 @functools.lru_cache(maxsize=64)
 def lm_dataset(config: TaskConfig, partition_id: int | None, which: str) -> datasets.Dataset:
     """Capped client (or central, partition_id=None) dataset of `which` in {"train", "eval"}."""
-    part = client_split(config).rows(partition_id, which)
-    limit = (config.max_train_blocks if which == "train" else config.max_eval_blocks) or None
-    rng_key = cap_key(config.seed, partition_id, which)
+    part, limit, rng_key = client_rows(
+        config, pools_of(config, _stdlib_pools), "package", partition_id, which
+    )
     if not config.dataset:
         part = cap(part, limit, rng_key)
         blocks = part.with_format("numpy")[:]["input_ids"].reshape(-1, config.seq_len)
@@ -101,8 +94,10 @@ def lm_dataset(config: TaskConfig, partition_id: int | None, which: str) -> data
     return cap(blocks_dataset(blocks), limit, rng_key)
 
 
-class CodeLMTask(BaseTask):
+class CodeLMTask(Task):
     """Causal LM fine-tuning; metric: perplexity = exp(mean token loss)."""
+
+    metric_keys = ("loss", "ppl")
 
     modules_to_save: tuple[str, ...] = ()
 
@@ -123,31 +118,18 @@ class CodeLMTask(BaseTask):
         )
         return out.loss
 
-    def evaluate(
-        self,
-        model: torch.nn.Module,
-        dataset: datasets.Dataset,
-        batch_size: int,
-        device: torch.device,
-    ) -> dict[str, float]:
-        if len(dataset) == 0:
-            return empty_metrics(("loss", "ppl"))
-        was_training = model.training
-        model.eval()
-        total, tokens = 0.0, 0
-        with torch.no_grad():
-            for batch in self._loader(dataset, batch_size):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                mask = batch.get("attention_mask")
-                logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
-                labels = batch["labels"][:, 1:]
-                total += F.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(),
-                    labels.flatten(),
-                    ignore_index=-100,
-                    reduction="sum",
-                ).item()
-                tokens += int((labels != -100).sum())
-        model.train(was_training)
-        loss = total / max(tokens, 1)
-        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "num-examples": len(dataset)}
+    def _eval_sums(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict:
+        mask = batch.get("attention_mask")
+        logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
+        labels = batch["labels"][:, 1:]
+        loss = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(),
+            labels.flatten(),
+            ignore_index=-100,
+            reduction="sum",
+        )
+        return {"loss": loss, "tokens": (labels != -100).sum()}
+
+    def _metrics(self, sums: dict[str, float], num_examples: int) -> dict[str, float]:
+        loss = sums["loss"] / max(sums["tokens"], 1)
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "num-examples": num_examples}

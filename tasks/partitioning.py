@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import heapq
 from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -49,26 +50,21 @@ def assign_groups(
 
 
 def make_partitioner(
-    kind: str,
-    num_partitions: int,
-    natural_by: str,
-    label_by: str,
-    alpha: float,
-    seed: int,
-    min_size: int,
+    config: TaskConfig, natural_by: str, label_by: str, min_size: int
 ) -> Partitioner:
-    """The flwr-datasets partitioner for `kind` ("natural", "iid" or "dirichlet")."""
+    """The flwr-datasets partitioner of `config.split` ("natural", "iid" or "dirichlet")."""
+    kind = config.split
     if kind == "natural":
         return NaturalIdPartitioner(partition_by=natural_by)
     if kind == "iid":
-        return IidPartitioner(num_partitions=num_partitions)
+        return IidPartitioner(num_partitions=config.num_partitions)
     if kind == "dirichlet":
         return DirichletPartitioner(
-            num_partitions=num_partitions,
+            num_partitions=config.num_partitions,
             partition_by=label_by,
-            alpha=alpha,
+            alpha=config.dirichlet_alpha,
             min_partition_size=min_size,
-            seed=seed,
+            seed=config.seed,
         )
     raise ValueError(f"partitioner must be natural, iid or dirichlet, got {kind!r}")
 
@@ -84,13 +80,11 @@ class ClientSplit:
         self,
         train_pool: datasets.Dataset,
         eval_pool: datasets.Dataset,
-        kind: str,
-        num_partitions: int,
+        config: TaskConfig,
         natural_by: str,
         label_by: str,
-        alpha: float,
-        seed: int,
     ) -> None:
+        kind, num_partitions = config.split, config.num_partitions
         self.num_partitions, self.eval_pool = num_partitions, eval_pool
         client_eval = eval_pool
         if kind == "natural":  # ids without training rows belong to no client (central set only)
@@ -105,11 +99,9 @@ class ClientSplit:
             ]
         )
         min_size = min(10, len(train_pool) // num_partitions)
-        self.partitioner = make_partitioner(
-            kind, num_partitions, natural_by, label_by, alpha, seed, min_size
-        )
+        self.partitioner = make_partitioner(config, natural_by, label_by, min_size)
         # Shuffle first (as FederatedDataset does): IidPartitioner takes contiguous shards.
-        self.partitioner.dataset = pool.shuffle(seed=seed)
+        self.partitioner.dataset = pool.shuffle(seed=config.seed)
         got = self.partitioner.num_partitions
         if got != num_partitions:
             raise ValueError(
@@ -134,23 +126,24 @@ class ClientSplit:
         return part.select(keep).remove_columns(SPLIT)
 
 
+@functools.lru_cache(maxsize=8)
 def split_for(config: TaskConfig, pools: Pools, stdlib_label: str) -> ClientSplit:
-    """The ClientSplit of a task config: its pools, partitioned by the configured rule.
-
-    `stdlib_label` is the label column of the stdlib corpus; a custom dataset uses the
-    config's `label_column`.
-    """
+    """The ClientSplit of a task config: its pools, partitioned by the configured rule, built
+    once per process. `stdlib_label` is the label column of the stdlib corpus's pools; a
+    custom dataset's is `label_column`."""
+    label_by = config.label_column if config.dataset else stdlib_label
     train, evals, natural_by = pools(config)
-    return ClientSplit(
-        train,
-        evals,
-        config.split,
-        config.num_partitions,
-        natural_by=natural_by,
-        label_by=stdlib_label if not config.dataset else config.label_column,
-        alpha=config.dirichlet_alpha,
-        seed=config.seed,
-    )
+    return ClientSplit(train, evals, config, natural_by=natural_by, label_by=label_by)
+
+
+def client_rows(
+    config: TaskConfig, pools: Pools, stdlib_label: str, partition_id: int | None, which: str
+) -> tuple[datasets.Dataset, int | None, list[int]]:
+    """A client's (or the central, partition_id=None) rows of `which` ("train" or "eval"),
+    with the cap that applies to them and the RNG key of their capped subset."""
+    part = split_for(config, pools, stdlib_label).rows(partition_id, which)
+    limit = (config.max_train_blocks if which == "train" else config.max_eval_blocks) or None
+    return part, limit, cap_key(config.seed, partition_id, which)
 
 
 def cap_key(seed: int, partition_id: int | None, which: str) -> list[int]:

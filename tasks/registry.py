@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import functools
 
-from tasks.base import BaseTask, Task, TaskConfig
+from tasks.base import Task, TaskConfig
 from tasks.code_cls import CodeClsTask
 from tasks.code_lm import CodeLMTask
 
-TASKS: dict[str, type[BaseTask]] = {"code-lm": CodeLMTask, "code-cls": CodeClsTask}
+TASKS: dict[str, type[Task]] = {"code-lm": CodeLMTask, "code-cls": CodeClsTask}
 
 
 @functools.lru_cache(maxsize=8)

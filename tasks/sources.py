@@ -10,7 +10,7 @@ import datasets
 
 from tasks.base import TaskConfig
 from tasks.corpus import SPLIT_SEED
-from tasks.partitioning import GROUP, assign_groups
+from tasks.partitioning import GROUP, Pools, assign_groups
 
 EVAL_FRACTION = 0.1
 _EVAL_SPLITS = ("test", "validation")
@@ -58,6 +58,11 @@ def label_ids(rows: datasets.Dataset, column: str, names: list[str]) -> list[int
         return [int(v) for v in rows[column]]
     index = {n: i for i, n in enumerate(names)}
     return [index[str(v)] for v in rows[column]]
+
+
+def pools_of(config: TaskConfig, stdlib: Pools) -> Pools:
+    """`stdlib` (a task's pools of the stdlib corpus), or `custom_pools` for a dataset."""
+    return custom_pools if config.dataset else stdlib
 
 
 def custom_pools(config: TaskConfig) -> tuple[datasets.Dataset, datasets.Dataset, str]:

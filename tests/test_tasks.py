@@ -33,7 +33,8 @@ from tasks import (  # noqa: E402
 )
 from tasks import models as models_mod  # noqa: E402
 from tasks.base import Task  # noqa: E402
-from tasks.code_lm import client_split, lm_dataset  # noqa: E402
+from tasks.code_lm import _stdlib_pools, lm_dataset  # noqa: E402
+from tasks.partitioning import split_for  # noqa: E402
 
 CPU = torch.device("cpu")
 torch.set_num_threads(2)
@@ -149,7 +150,7 @@ def test_natural_partition_puts_each_package_in_one_client() -> None:
         assert _packages(task.eval_dataset(p)) <= train  # eval files of its own packages
         seen.update(train)
     assert set(seen.values()) == {1}
-    pool = client_split(task.config).partitioner.dataset
+    pool = split_for(task.config, _stdlib_pools, "package").partitioner.dataset
     with_blocks = {p for p, s in zip(pool["package"], pool["_split"], strict=True) if s == 0}
     assert set(seen) == with_blocks and with_blocks <= set(split_corpus(0).federated)
 
