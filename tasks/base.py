@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Literal, Protocol, runtime_checkable
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-import datasets
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.models import EMBEDDED, model_type_of, target_modules_for
+
+if TYPE_CHECKING:  # the config is validated without loading torch or datasets
+    import datasets
+    import torch
 
 
 def _kebab(name: str) -> str:
@@ -49,7 +51,8 @@ class TaskConfig(BaseModel):
     )
     partitioner: Literal["auto", "natural", "iid", "dirichlet"] = Field(
         "auto",
-        description="flwr-datasets partitioner; auto = natural (code-lm) / dirichlet (code-cls)",
+        description="flwr-datasets partitioner; auto = natural (code-lm; iid for a dataset "
+        "without label-column) / dirichlet (code-cls)",
     )
     dirichlet_alpha: float = Field(
         0.5, gt=0, description="Dirichlet concentration (smaller = more skewed)"
@@ -71,6 +74,13 @@ class TaskConfig(BaseModel):
         if self.partitioner != "auto":
             return self.partitioner
         return "dirichlet" if self.task == "code-cls" else "natural"
+
+    def split_of(self, columns: Sequence[str]) -> str:
+        """The partitioner kind for a custom dataset with these columns: `auto` on code-lm
+        splits by natural ids of label-column, or IID when the data has no such column."""
+        if self.partitioner == "auto" and self.task == "code-lm":
+            return "natural" if self.label_column in columns else "iid"
+        return self.split
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> TaskConfig:
@@ -124,7 +134,9 @@ class BaseTask:
         self.target_modules = target_modules_for(model_type_of(config.model_name))
 
     def _loader(self, dataset: datasets.Dataset, batch_size: int) -> torch.utils.data.DataLoader:
-        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        from torch.utils.data import DataLoader
+
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
 
 def empty_metrics(keys: tuple[str, ...]) -> dict[str, float]:

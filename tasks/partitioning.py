@@ -144,7 +144,7 @@ def split_for(config: TaskConfig, pools: Pools, stdlib_label: str) -> ClientSpli
     return ClientSplit(
         train,
         evals,
-        config.split,
+        config.split_of(train.column_names) if config.dataset else config.split,
         config.num_partitions,
         natural_by=natural_by,
         label_by=stdlib_label if not config.dataset else config.label_column,
