@@ -192,7 +192,9 @@ class SecAggConfig(Section):
 
 class OutputConfig(Section):
     output_dir: str = F("outputs", "where run directories go (relative to the cwd)")
-    run_name: str = F("", '"" = a timestamp; with resume: the latest run')
+    run_name: str = F(
+        "", '"" = a new folder (timestamp + random suffix); with resume: the latest run'
+    )
     resume: bool = F(False, "continue run-name from its last checkpoint")
     central_eval: bool = F(True, "evaluate the global model on the server every round")
     export: bool = F(True, "write the PEFT adapter and merged model at the end")
