@@ -23,15 +23,14 @@ them (tests keep them in sync). A new key is one field in one section, then that
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import difflib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from seedlora.compress import Codec
-from seedlora.methods import B_ONLY, CHAINED, Method
-from seedlora.spec import Kind
-from tasks import TaskConfig
+from seedlora.names import B_ONLY, CHAINED, Codec, Kind, Method
+from tasks.base import TaskConfig
 
 Strategy = Literal[
     "fedavg",
@@ -193,7 +192,9 @@ class SecAggConfig(Section):
 
 class OutputConfig(Section):
     output_dir: str = F("outputs", "where run directories go (relative to the cwd)")
-    run_name: str = F("", '"" = a timestamp; with resume: the latest run')
+    run_name: str = F(
+        "", '"" = a new folder (timestamp + random suffix); with resume: the latest run'
+    )
     resume: bool = F(False, "continue run-name from its last checkpoint")
     central_eval: bool = F(True, "evaluate the global model on the server every round")
     export: bool = F(True, "write the PEFT adapter and merged model at the end")
@@ -290,7 +291,7 @@ class RunConfig(BaseModel):
         index = key_index()
         unknown = sorted(k for k in run_config if k not in index)
         if unknown:
-            raise RunConfigError(f"unknown run-config key(s): {', '.join(unknown)}")
+            raise RunConfigError("; ".join(unknown_key(k, index) for k in unknown))
         try:
             return cls.model_validate(dict(run_config))
         except ValidationError as err:
@@ -342,6 +343,13 @@ def key_index() -> dict[str, tuple[str, str]]:
                 raise AssertionError(f"run-config key {key!r} is in two sections")
             index[key] = (section, name)
     return index
+
+
+def unknown_key(key: str, known: Iterable[str]) -> str:
+    """`unknown run-config key 'rnak' (did you mean 'rank'?)`."""
+    close = difflib.get_close_matches(key.replace("_", "-"), list(known), n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown run-config key {key!r}{hint}"
 
 
 def _toml_value(value: Any) -> Any:

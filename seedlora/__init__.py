@@ -1,33 +1,59 @@
 """seedlora: B-only low-rank adapters on seed-defined frozen factors, chained and exact.
 
 The adapter core. It has no Flower import, so it can be used (and tested) on its own.
+Names load on first use (PEP 562), so `import seedlora.names` (what a run-config check
+needs) costs no torch import; `from seedlora import prepare` works as before.
 """
 
-from .aggregate import fedit_update, mean_update, relative_error, weighted_mean
-from .chain import EMPTY_DIGEST, Link, apply_link, links_digest, rebuild, record_link
-from .export import atomic_dir, export_merged, export_peft
-from .inject import (
-    adapter_layers,
-    inject,
-    load_trainable_state,
-    merge_adapters,
-    set_chain_index,
-    trainable_state,
-    unwrap,
-)
-from .layer import SeedLoRALayer, merge_delta, project
-from .methods import B_ONLY, CHAINED, Method, prepare
-from .spec import BLOCK_KINDS, KINDS, ASpec, derive_seed
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# name -> the submodule that defines it
+_EXPORTS = {
+    "fedit_update": "aggregate",
+    "mean_update": "aggregate",
+    "relative_error": "aggregate",
+    "weighted_mean": "aggregate",
+    "EMPTY_DIGEST": "chain",
+    "Link": "chain",
+    "apply_link": "chain",
+    "links_digest": "chain",
+    "rebuild": "chain",
+    "record_link": "chain",
+    "atomic_dir": "export",
+    "export_merged": "export",
+    "export_peft": "export",
+    "adapter_layers": "inject",
+    "inject": "inject",
+    "load_trainable_state": "inject",
+    "merge_adapters": "inject",
+    "set_chain_index": "inject",
+    "trainable_state": "inject",
+    "unwrap": "inject",
+    "SeedLoRALayer": "layer",
+    "merge_delta": "layer",
+    "project": "layer",
+    "B_ONLY": "names",
+    "CHAINED": "names",
+    "Method": "names",
+    "prepare": "methods",
+    "BLOCK_KINDS": "names",
+    "KINDS": "names",
+    "ASpec": "spec",
+    "derive_seed": "spec",
+}
 
 __all__ = [
     "ASpec",
+    "BLOCK_KINDS",
     "B_ONLY",
     "CHAINED",
-    "Method",
-    "BLOCK_KINDS",
     "EMPTY_DIGEST",
     "KINDS",
     "Link",
+    "Method",
     "SeedLoRALayer",
     "adapter_layers",
     "apply_link",
@@ -52,3 +78,35 @@ __all__ = [
     "unwrap",
     "weighted_mean",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'seedlora' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:
+    from .aggregate import fedit_update, mean_update, relative_error, weighted_mean
+    from .chain import EMPTY_DIGEST, Link, apply_link, links_digest, rebuild, record_link
+    from .export import atomic_dir, export_merged, export_peft
+    from .inject import (
+        adapter_layers,
+        inject,
+        load_trainable_state,
+        merge_adapters,
+        set_chain_index,
+        trainable_state,
+        unwrap,
+    )
+    from .layer import SeedLoRALayer, merge_delta, project
+    from .methods import prepare
+    from .names import B_ONLY, BLOCK_KINDS, CHAINED, KINDS, Method
+    from .spec import ASpec, derive_seed

@@ -17,12 +17,11 @@ average is exact in weight space for what it received (the rule stays linear in 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
 
 import torch
 
-Codec = Literal["float32", "float16", "bfloat16", "int8"]
-CODECS: tuple[str, ...] = ("float32", "float16", "bfloat16", "int8")
+from .names import CODECS, Codec  # noqa: F401 - re-exported
+
 SCALE = "#scale"
 INT8_MAX = 127.0
 

@@ -13,17 +13,13 @@ benchmarks compare methods side by side:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .inject import Targets, _matches, inject
-
-Method = Literal["seedlora", "ffa", "fedit", "full"]
-CHAINED: frozenset[str] = frozenset({"seedlora"})  # A moves on with the chain index
-B_ONLY: frozenset[str] = frozenset({"seedlora", "ffa"})  # B merges exactly, as a link
+from .names import B_ONLY, CHAINED, Method  # noqa: F401 - re-exported
 
 
 def _any_conv1d(model: nn.Module, targets: Targets) -> bool:

@@ -11,13 +11,10 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, replace
-from typing import Literal
 
 import torch
 
-Kind = Literal["gaussian", "circulant", "random-block"]
-KINDS: tuple[str, ...] = ("gaussian", "circulant", "random-block")
-BLOCK_KINDS: tuple[str, ...] = ("circulant", "random-block")
+from .names import BLOCK_KINDS, KINDS, Kind  # noqa: F401 - re-exported
 
 
 def derive_seed(*parts: object) -> int:

@@ -1,11 +1,16 @@
-"""The ServerApp: validate the run config, then run the chain (see chain_server.py)."""
+"""The ServerApp: check the run config, take the run folder, then run the chain
+(see chain_server.py).
+
+Errors a user can fix (a bad run-config value, a missing model path, a busy run folder,
+more clients than the split allows) and a run in which no update was accepted
+(server/outcome.py) are logged as one line before the exception propagates, so that
+line heads the log; Flower marks the run failed with the same message.
+"""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping
-from logging import INFO
-from pathlib import Path
+from logging import ERROR, INFO
 from typing import Any
 
 from flwr.app import Context
@@ -13,24 +18,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from contract.config import RunConfig, RunConfigError
+from contract.preflight import check_nodes, check_run
 
+from . import rundir, watchdog
 from .chain_server import ChainServer, run_chain
-from .checkpoint import FILE
+from .outcome import RunFailed
 from .rounds import FlowerRounds
 from .secure import SecureRounds
-
-
-def run_directory(cfg: RunConfig) -> Path:
-    """`output-dir/run-name`; with `resume` and no name, the latest run with a checkpoint."""
-    root = Path(cfg.output.output_dir).expanduser().resolve()
-    if cfg.output.run_name:
-        return root / cfg.output.run_name
-    if cfg.output.resume:
-        runs = sorted(root.glob(f"*/{FILE}"), key=lambda f: f.stat().st_mtime)
-        if not runs:
-            raise RunConfigError(f"resume: no checkpoint under output-dir {root}")
-        return runs[-1].parent
-    return root / time.strftime("%Y%m%d-%H%M%S")
 
 
 def build_server_app(
@@ -44,14 +38,22 @@ def build_server_app(
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        cfg = RunConfig.from_flower({**context.run_config, **(overrides or {})})
-        out_dir = run_directory(cfg)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        log(INFO, "seedlora run %s -> %s", context.run_id, out_dir)
-        server = ChainServer(cfg, context.run_id, out_dir)
-        grid = wrap_grid(grid) if wrap_grid else grid
-        secure = cfg.secagg.secure_aggregation
-        run_chain(server, SecureRounds(grid, context) if secure else FlowerRounds(grid))
+        watchdog.start_from_env()  # under simulation.launch: die with the launcher
+        try:
+            cfg = RunConfig.from_flower({**context.run_config, **(overrides or {})})
+            check_run(cfg)
+            with rundir.claim(cfg) as out_dir:
+                log(INFO, "seedlora run %s -> %s", context.run_id, out_dir)
+                server = ChainServer(cfg, context.run_id, out_dir)
+                # Simulated nodes are registered by now (the server's model and data took
+                # longer); each holds one of that many partitions.
+                check_nodes(cfg, len(list(grid.get_node_ids())))
+                grid = wrap_grid(grid) if wrap_grid else grid
+                secure = cfg.secagg.secure_aggregation
+                run_chain(server, SecureRounds(grid, context) if secure else FlowerRounds(grid))
+        except (RunConfigError, RunFailed) as err:
+            log(ERROR, "seedlora: %s", err)
+            raise
 
     return server_app
 

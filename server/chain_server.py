@@ -45,6 +45,7 @@ from strategies.registry import EXACT_IN_WEIGHT_SPACE
 from tasks import build_task
 
 from . import checkpoint, report
+from .outcome import EmptyRunRule
 from .state import ChainState, RoundResult
 
 # Config keys that may change when a run is resumed; all others must match the checkpoint.
@@ -64,14 +65,21 @@ class LinkRunner(Protocol):
 
 
 def run_chain(server: ChainServer, runner: LinkRunner) -> None:
-    """The run, from wherever its ChainState stands (round 0, or a resumed checkpoint)."""
+    """The run, from wherever its ChainState stands (round 0, or a resumed checkpoint).
+
+    `EmptyRunRule` (server/outcome.py) raises RunFailed when the first round, or a whole
+    link, accepts no client update."""
     server.begin()
     num_links, rounds = server.cfg.schedule
     state = server.state
+    rule = EmptyRunRule(state, server.cfg.strategy.round_timeout)
     while state.chain_index < num_links:
         link = runner.open_link(server)
         while state.round_in_link < rounds:
-            server.commit_round(link.run_round(state.round_in_link + 1, state.arrays))
+            result = link.run_round(state.round_in_link + 1, state.arrays)
+            rule.round(result, state)
+            server.commit_round(result)
+        rule.link(state)
         server.close_link()
     server.finish()
 

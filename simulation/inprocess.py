@@ -4,15 +4,26 @@
 many runs with different run-config overrides and want the results back as files.
 `ray_address` attaches the run to a running Ray cluster (`ray start --head` on one machine,
 `ray start --address` on the others) instead of starting a private local Ray.
+
+A run fails fast (`SimulationFailed`, one line) instead of waiting out round-timeouts:
+Ray is started here first, so a Ray that cannot start ("node timed out during startup"
+on a loaded machine) fails before the ServerApp runs; and when Flower's simulation engine
+stops during the run, the ServerApp's grid (`StoppableGrid`) ends the ServerApp thread,
+which `run_simulation` would otherwise leave waiting for replies that never come.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from flwr.app import Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -46,6 +57,92 @@ def backend_config(
     return config
 
 
+# Flower's defaults for ray.init in a simulation (flwr.supercore.constant).
+RAY_DEFAULTS = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": True}
+STOP_JOIN_S = 60.0  # how long to wait for a stopped ServerApp thread to end
+POLL_S = 0.1
+
+
+class SimulationFailed(RuntimeError):
+    """The simulation could not run (Ray did not start, the engine stopped); one line."""
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0].strip()}" if lines else type(err).__name__
+
+
+def start_ray(backend: Mapping[str, Any]) -> None:
+    """`ray.init` as Flower's RayBackend would call it (which then finds Ray running), so
+    that a Ray that cannot start fails here, before the ServerApp runs."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    try:
+        ray.init(
+            runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+            **{**RAY_DEFAULTS, **dict(backend.get("init_args", {}))},
+        )
+    except Exception as err:  # noqa: BLE001 - Ray raises many kinds; all mean the same here
+        ray.shutdown()
+        raise SimulationFailed(f"Ray could not start: {_first_line(err)}") from err
+
+
+class StoppableGrid(Grid):
+    """The ServerApp's grid, whose `send_and_receive` gives up once `stop` is set (the
+    simulation engine is gone); it remembers the thread that uses it."""
+
+    def __init__(self, inner: Grid, stop: threading.Event):
+        self.inner, self.stop = inner, stop
+        self.thread: threading.Thread | None = None
+
+    def _seen(self) -> None:
+        self.thread = threading.current_thread()
+        if self.stop.is_set():
+            raise SimulationFailed("the simulation engine stopped")
+
+    def set_run(self, run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self):
+        return self.inner.run
+
+    def create_message(self, *args, **kwargs) -> Message:
+        return self.inner.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        self._seen()
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        self._seen()
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        self._seen()
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout=None) -> list[Message]:
+        """Flower's InMemoryGrid loop (push, then pull until every reply or the timeout),
+        checking `stop` at every poll."""
+        pending = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending and (deadline is None or time.monotonic() < deadline):
+            got = list(self.pull_messages(pending))
+            replies += got
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if pending:
+                time.sleep(POLL_S)
+        return replies
+
+
 def simulate(
     overrides: Mapping[str, Any],
     num_supernodes: int = 8,
@@ -61,19 +158,46 @@ def simulate(
     """Run one configuration; returns its metrics.json (needs `output-dir` and `run-name`).
 
     The apps default to this project's, built with `overrides`; a benchmark may pass
-    wrapped ones, or have the server's grid wrapped (simulation.probe)."""
+    wrapped ones, or have the server's grid wrapped (simulation.probe). A run that fails
+    raises: `SimulationFailed` (Ray, the engine), `server.outcome.RunFailed` (no update
+    accepted), `RunConfigError` (a bad value)."""
     from flwr.simulation import run_simulation
 
     if not overrides.get("run-name"):
         raise ValueError("run-name: set it so the run's outputs can be found")
-    run_simulation(
-        server_app=server_app or build_server_app(overrides, wrap_grid=wrap_grid),
-        client_app=client_app or build_client_app(overrides),
-        num_supernodes=num_supernodes,
-        backend_config=backend_config(num_cpus, num_gpus, ray_address, init_args),
-    )
+    backend = backend_config(num_cpus, num_gpus, ray_address, init_args)
+    stop, grids = threading.Event(), []
+
+    def stoppable(grid: Grid) -> Grid:
+        grids.append(StoppableGrid(wrap_grid(grid) if wrap_grid else grid, stop))
+        return grids[-1]
+
+    start_ray(backend)
+    try:
+        run_simulation(
+            server_app=server_app or build_server_app(overrides, wrap_grid=stoppable),
+            client_app=client_app or build_client_app(overrides),
+            num_supernodes=num_supernodes,
+            backend_config=backend,
+        )
+    except Exception as err:
+        stop.set()  # end a ServerApp thread left waiting on a dead engine
+        for grid in grids:
+            if grid.thread is not None and grid.thread is not threading.current_thread():
+                grid.thread.join(STOP_JOIN_S)
+        if type(err) is RuntimeError:  # Flower's "An error was encountered": say which
+            cause: BaseException = err
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            raise SimulationFailed(f"the simulation stopped: {_first_line(cause)}") from err
+        raise
+    finally:
+        import ray
+
+        if ray.is_initialized():  # Flower shuts it down unless it failed before its engine ran
+            ray.shutdown()
     out = Path(overrides.get("output-dir", "outputs")) / str(overrides["run-name"])
     metrics = out / "metrics.json"
     if not metrics.exists():
-        raise RuntimeError(f"the run wrote no {metrics}; see the log above")
+        raise SimulationFailed(f"the run wrote no {metrics}; see the log above")
     return json.loads(metrics.read_text())

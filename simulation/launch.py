@@ -20,8 +20,19 @@ one machine, ``ray start --address=HEAD:PORT`` on the others) instead of startin
 Ray: Flower 1.41's federation config has no Ray address, but its ``ray.init()`` reads
 ``RAY_ADDRESS``, which this launcher sets for the SuperLink and so for the simulation below it.
 
-Exit code: 0 run completed; 1 run failed or was stopped, or the launch failed; 2 bad
-arguments; 130 interrupted (Ctrl-C or SIGTERM), after the clean-up.
+Before it starts anything, the launcher checks the run (simulation/precheck.py): the
+`--run-config` syntax, unknown and repeated keys, every value, the model folder, target
+layers and data columns, `--num-supernodes` against the split's natural ids, and the run
+folder; a problem is one line naming the key, exit code 2, in seconds.
+
+Its children die with it, also when it is SIGKILLed with no chance to clean up: each gets
+a parent-death signal, and the ServerApp (two levels below, with Ray below it) watches
+the launcher's pid (`SEEDLORA_WATCH_PID`, server/watchdog.py) and ends its process tree
+when the launcher is gone.
+
+Exit code: 0 run completed; 1 run failed (its last line says why: `[launch] run failed:
+...`) or was stopped, or the launch failed; 2 bad arguments or run config (nothing was
+started); 130 interrupted (Ctrl-C or SIGTERM), after the clean-up.
 
 Notes for app authors:
 - The ServerApp runs with this launcher's working directory as its cwd, but its
@@ -50,7 +61,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from simulation.processes import start, stop_process_tree, tail
+from simulation.precheck import PrecheckError, check
+from simulation.processes import die_with_parent, start, stop_process_tree, tail
 
 CONNECTION = "launch"  # name of the SuperLink connection in the private FLWR_HOME
 STARTUP_TIMEOUT_S = 60.0
@@ -61,6 +73,8 @@ DEFAULT_NUM_SUPERNODES = 8
 DEFAULT_NUM_CPUS = 1
 DEFAULT_NUM_GPUS = 0.0
 RAY_ADDRESS = "RAY_ADDRESS"  # read by ray.init() when Flower gives it no address
+WATCH_PID = "SEEDLORA_WATCH_PID"  # the ServerApp ends its process tree when this pid is gone
+FAILED_PREFIX = "Simulation failed with exception: "  # Flower's status details of a failed run
 
 # Flower and Ray phone home (telemetry, update check, usage stats) unless told not to.
 OFFLINE_ENV = {
@@ -78,7 +92,7 @@ SIMULATION_ENV = {"RAY_worker_niceness": "0"}
 
 def launch_env(flwr_home: Path, ray_address: str | None) -> dict[str, str]:
     """The SuperLink's environment: ours, unless the user set the same variable."""
-    env = {**os.environ, "FLWR_HOME": str(flwr_home)}
+    env = {**os.environ, "FLWR_HOME": str(flwr_home), WATCH_PID: str(os.getpid())}
     for key, value in {**OFFLINE_ENV, **SIMULATION_ENV}.items():
         env.setdefault(key, value)
     if ray_address:
@@ -164,7 +178,9 @@ def wait_until_ready(proc: subprocess.Popen[Any], port: int, log_file: Path) -> 
 
 def flwr_json(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
     """Run a `flwr ... --format json` command and parse its JSON answer."""
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        cmd, env=env, capture_output=True, text=True, check=False, preexec_fn=die_with_parent()
+    )
     try:
         payload: dict[str, Any] = json.loads(result.stdout)
     except json.JSONDecodeError:
@@ -184,12 +200,26 @@ def run_status(flwr: str, run_id: str, env: dict[str, str]) -> tuple[str, str]:
     return str(run["status"]), str(run.get("status-details", ""))
 
 
+def failure_reason(details: str) -> str:
+    """The one-line reason of a failed run, from Flower's status details."""
+    reason = details.removeprefix(FAILED_PREFIX).strip()
+    lines = [line for line in reason.splitlines() if line.strip()]
+    return lines[0] if lines else "(Flower gave no reason; see the log above)"
+
+
 def launch(args: argparse.Namespace) -> int:
     """Start a private SuperLink, run the app, stream logs; return the process exit code."""
     app_dir = Path(args.app_dir).expanduser().resolve()
     if not (app_dir / "pyproject.toml").is_file():
-        print(f"error: no pyproject.toml in {app_dir}", file=sys.stderr)
+        print(f"[launch] error: --app-dir: no pyproject.toml in {app_dir}", file=sys.stderr)
         return 2
+    checked = time.monotonic()
+    try:
+        check(app_dir, args.run_config, args.num_supernodes)
+    except PrecheckError as err:
+        print(f"[launch] error: {err}", file=sys.stderr)
+        return 2
+    print(f"[launch] run config checked in {time.monotonic() - checked:.1f}s", flush=True)
     flwr = _executable("flwr")
     superlink_cmd = [
         _executable("flower-superlink"),
@@ -234,8 +264,12 @@ def launch(args: argparse.Namespace) -> int:
             time.sleep(STATUS_POLL_S)
             status, details = run_status(flwr, run_id, env)
         elapsed = time.monotonic() - started
-        print(f"[launch] run {run_id}: {status} ({details}) after {elapsed:.1f}s", flush=True)
-        return 0 if status == COMPLETED else 1
+        if status == COMPLETED:
+            print(f"[launch] run {run_id}: completed after {elapsed:.1f}s", flush=True)
+            return 0
+        print(f"[launch] run {run_id}: {status} after {elapsed:.1f}s", flush=True)
+        print(f"[launch] run failed: {failure_reason(details)}", flush=True)
+        return 1
     except LaunchError as err:
         print(f"[launch] error: {err}", file=sys.stderr)
         return 1

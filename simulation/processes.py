@@ -3,20 +3,54 @@
 Used by the launcher (its SuperLink and log stream), the deployment tests (SuperLink,
 SuperNodes) and the benchmarks (one run per child process). A child starts in its own
 session, so a Ctrl-C reaches only this process, which then stops the children in order.
+On Linux a child also gets a parent-death signal (SIGKILL): it dies with this process
+even when this process is SIGKILLed and no clean-up runs. That covers the children only;
+their own children (Ray under the SuperLink) need a watchdog (server/watchdog.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 STOP_GRACE_S = 10.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl, resolved before any fork (None off Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _prctl()
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` that makes the child receive SIGKILL when this process dies (the
+    thread that forks it, precisely: call it from the main thread), or None off Linux."""
+    if _PRCTL is None:
+        return None
+    prctl, parent = _PRCTL, os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
 
 
 def start(
@@ -25,20 +59,20 @@ def start(
     *,
     env: Mapping[str, str] | None = None,
     cwd: Path | str | None = None,
+    stdout: int | None = None,
 ) -> subprocess.Popen[Any]:
-    """Start `cmd` in its own session (its pid is its process group), stdout and stderr to
-    `log` (None: this process's own)."""
+    """Start `cmd` in its own session (its pid is its process group) that dies with this
+    process, stdout and stderr to `log` (None: to `stdout`, by default this process's)."""
+    options: dict[str, Any] = {
+        "env": env,
+        "cwd": cwd,
+        "start_new_session": True,
+        "preexec_fn": die_with_parent(),
+    }
     if log is None:
-        return subprocess.Popen(list(cmd), env=env, cwd=cwd, start_new_session=True)
+        return subprocess.Popen(list(cmd), stdout=stdout, **options)
     with log.open("wb") as handle:
-        return subprocess.Popen(
-            list(cmd),
-            env=env,
-            cwd=cwd,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        return subprocess.Popen(list(cmd), stdout=handle, stderr=subprocess.STDOUT, **options)
 
 
 def run(

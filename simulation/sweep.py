@@ -6,6 +6,14 @@ simulation, one table and plot (`--resume` skips the runs already in `sweep.json
 
     python -m simulation.sweep --strategies fedavg,fedadam --kinds circulant,gaussian \\
         --seeds 0,1 --set num-links=2 --set rounds-per-link=2 --out outputs/sweep
+
+A run that fails (Ray did not start, no update accepted: server/outcome.py) fails fast and
+is reported; the others go on. At the end the sweep writes `sweep.json` (the rows that
+finished, and the failures), plots them, and prints a table: per strategy and A kind, the
+final central metric as mean and spread over seeds, wall time and bytes. It exits 1 when
+a run failed (`--resume` re-runs only those, continuing a run from its checkpoint when it
+has one), 2 when `--out` already holds runs and `--resume` is not given (runs never share
+a folder: server/rundir.py).
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
+import time
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -93,8 +103,8 @@ def run_grid(
         try:
             row = json.loads(json.dumps({**point.tags, **run(point)}))
         except Exception as err:  # noqa: BLE001 - one failed run must not lose the others
-            failed.append({**point.tags, "error": repr(err)})
-            print(f"    FAILED: {err!r}", flush=True)
+            failed.append({**point.tags, "error": f"{type(err).__name__}: {err}"})
+            print(f"    FAILED: {type(err).__name__}: {err}", flush=True)
             continue
         done[point.key] = row
         with results.open("a", encoding="utf-8") as handle:
@@ -109,6 +119,62 @@ def final_metric(metrics: dict) -> dict:
     return {"base": rounds[0]["central"], "final": rounds[-1]["central"]} if rounds else {}
 
 
+def traffic(metrics: dict) -> dict:
+    """Bytes up and down over the run's rounds."""
+    rounds = metrics["rounds"]
+    return {
+        "bytes_up": sum(r.get("bytes_up", 0) for r in rounds),
+        "bytes_down": sum(r.get("bytes_down", 0) for r in rounds),
+    }
+
+
+def _metric(central: Mapping[str, float]) -> str | None:
+    return next((k for k in ("ppl", "accuracy", "loss") if k in central), None)
+
+
+def _spread(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def summary(rows: Sequence[Mapping[str, Any]], group: Sequence[str] = ("strategy", "kind")) -> str:
+    """A text table of `rows`, one line per `group` value over seeds: the base and final
+    central metric (mean +- sample standard deviation over seeds), wall time, MB sent."""
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        if row.get("final"):
+            groups.setdefault(tuple(row.get(k, "?") for k in group), []).append(row)
+    if not groups:
+        return "(no finished runs)"
+    header = [*group, "seeds", "metric", "base", "final (mean +- sd)", "wall s", "up MB", "down MB"]
+    lines = [header]
+    for key, members in groups.items():
+        metric = _metric(members[0]["final"]) or "-"
+        base = _spread([m["base"][metric] for m in members])[0]
+        mean, sd = _spread([m["final"][metric] for m in members])
+        wall = _spread([m.get("wall_s", 0.0) for m in members])[0]
+        up = _spread([m.get("bytes_up", 0) / 1e6 for m in members])[0]
+        down = _spread([m.get("bytes_down", 0) / 1e6 for m in members])[0]
+        lines.append(
+            [
+                *map(str, key),
+                str(len(members)),
+                metric,
+                f"{base:.4g}",
+                f"{mean:.4g} +- {sd:.2g}",
+                f"{wall:.1f}",
+                f"{up:.3f}",
+                f"{down:.3f}",
+            ]
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    )
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -117,7 +183,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for row in rows:
-        rounds = [r for r in row["rounds"] if r.get("central")]
+        rounds = [r for r in row.get("rounds", []) if r.get("central")]
+        if not rounds:
+            continue
         key = "ppl" if "ppl" in rounds[0]["central"] else "accuracy"
         ax.plot(
             [r["round"] for r in rounds], [r["central"][key] for r in rounds], label=row["name"]
@@ -158,18 +226,52 @@ def main(argv: list[str] | None = None) -> int:
             "export": False,
         }
         plan.append(Point(overrides, args.num_supernodes, {"name": name}))
+    taken = [p.tags["name"] for p in plan if (out / p.tags["name"]).is_dir()]
+    if taken and not args.resume:
+        print(
+            f"error: --out {out} already holds runs of a sweep ({', '.join(taken[:3])}); pass "
+            "--resume to continue that sweep, or choose another --out",
+            file=sys.stderr,
+        )
+        return 2
 
     def run(point: Point) -> dict:
-        metrics = simulate(point.overrides, point.nodes, args.num_cpus, args.num_gpus)
-        print(f"{point.tags['name']}: {final_metric(metrics)}", flush=True)
-        return {**final_metric(metrics), "rounds": metrics["rounds"]}
+        from server.rundir import holds_run
 
-    result = run_grid(plan, run, out / "sweep.jsonl", resume=args.resume)
-    table = [{k: v for k, v in r.items() if k != "rounds"} for r in result.rows]
-    atomic_write_bytes(out / "sweep.json", json.dumps(table, indent=1).encode())
+        overrides = dict(point.overrides)
+        if holds_run(out / point.tags["name"]):  # a failed or cut run: continue it
+            overrides["resume"] = True
+        started = time.perf_counter()
+        metrics = simulate(overrides, point.nodes, args.num_cpus, args.num_gpus)
+        row = {
+            "strategy": overrides["strategy"],
+            "kind": overrides["a-kind"],
+            "seed": overrides["seed"],
+            **final_metric(metrics),
+            **traffic(metrics),
+            "wall_s": time.perf_counter() - started,
+        }
+        print(f"    {json.dumps({k: row[k] for k in row if k in ('base', 'final')})}", flush=True)
+        return {**row, "rounds": metrics["rounds"]}
+
+    try:
+        result = run_grid(plan, run, out / "sweep.jsonl", resume=args.resume)
+    finally:  # also on Ctrl-C: the rows that finished are in sweep.jsonl
+        done = _rows(out / "sweep.jsonl")
+        table = [{k: v for k, v in r.items() if k != "rounds"} for r in done]
+        atomic_write_bytes(out / "sweep.json", json.dumps(table, indent=1).encode())
     plot(result.rows, out / "sweep.png")
-    print(f"wrote {out / 'sweep.json'} and {out / 'sweep.png'}")
+    print(summary(result.rows))
+    for failure in result.failed:
+        print(f"FAILED {failure['name']}: {failure['error']}")
+    print(f"wrote {out / 'sweep.json'} ({len(result.rows)} runs) and {out / 'sweep.png'}")
     return 1 if result.failed else 0
+
+
+def _rows(results: Path) -> list[dict]:
+    if not results.exists():
+        return []
+    return [json.loads(line)["row"] for line in results.read_text().splitlines() if line.strip()]
 
 
 if __name__ == "__main__":

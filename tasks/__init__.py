@@ -1,16 +1,31 @@
-"""Data, the embedded pretrained base model, and the tasks the federated client/server run."""
+"""Data, the embedded pretrained base model, and the tasks the federated client/server run.
 
-from tasks.base import Task, TaskConfig
-from tasks.corpus import CorpusSplit, corpus_info, load_corpus, split_corpus
-from tasks.models import (
-    EMBEDDED,
-    load_causal_lm,
-    load_seq_cls,
-    load_tokenizer,
-    resolve_model_path,
-    target_modules_for,
-)
-from tasks.registry import TASKS, build_task
+Names load on first use (PEP 562): `from tasks import TaskConfig` (what a run-config check
+needs) loads neither torch nor datasets.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# name -> the submodule that defines it
+_EXPORTS = {
+    "Task": "base",
+    "TaskConfig": "base",
+    "CorpusSplit": "corpus",
+    "corpus_info": "corpus",
+    "load_corpus": "corpus",
+    "split_corpus": "corpus",
+    "EMBEDDED": "models",
+    "load_causal_lm": "models",
+    "load_seq_cls": "models",
+    "load_tokenizer": "models",
+    "resolve_model_path": "models",
+    "target_modules_for": "models",
+    "TASKS": "registry",
+    "build_task": "registry",
+}
 
 __all__ = [
     "EMBEDDED",
@@ -28,3 +43,30 @@ __all__ = [
     "split_corpus",
     "target_modules_for",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tasks' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:
+    from tasks.base import Task, TaskConfig
+    from tasks.corpus import CorpusSplit, corpus_info, load_corpus, split_corpus
+    from tasks.models import (
+        EMBEDDED,
+        load_causal_lm,
+        load_seq_cls,
+        load_tokenizer,
+        resolve_model_path,
+        target_modules_for,
+    )
+    from tasks.registry import TASKS, build_task

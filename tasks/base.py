@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
-import datasets
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.models import EMBEDDED, model_type_of, target_modules_for
+
+if TYPE_CHECKING:  # the config is validated without loading torch or datasets
+    import datasets
+    import torch
 
 
 def _kebab(name: str) -> str:
@@ -50,7 +52,8 @@ class TaskConfig(BaseModel):
     )
     partitioner: Literal["auto", "natural", "iid", "dirichlet"] = Field(
         "auto",
-        description="flwr-datasets partitioner; auto = natural (code-lm) / dirichlet (code-cls)",
+        description="flwr-datasets partitioner; auto = natural (code-lm; iid for a dataset "
+        "without label-column) / dirichlet (code-cls)",
     )
     dirichlet_alpha: float = Field(
         0.5, gt=0, description="Dirichlet concentration (smaller = more skewed)"
@@ -72,6 +75,13 @@ class TaskConfig(BaseModel):
         if self.partitioner != "auto":
             return self.partitioner
         return "dirichlet" if self.task == "code-cls" else "natural"
+
+    def split_of(self, columns: Sequence[str]) -> str:
+        """The partitioner kind for a custom dataset with these columns: `auto` on code-lm
+        splits by natural ids of label-column, or IID when the data has no such column."""
+        if self.partitioner == "auto" and self.task == "code-lm":
+            return "natural" if self.label_column in columns else "iid"
+        return self.split
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> TaskConfig:
@@ -129,10 +139,13 @@ class Task(ABC):
         """Metrics over a dataset (`metric_keys` and "num-examples"), in eval mode."""
         if len(dataset) == 0:  # zeros with weight 0 (aggregated by num-examples)
             return {**dict.fromkeys(self.metric_keys, 0.0), "num-examples": 0}
+        import torch
+        from torch.utils.data import DataLoader
+
         was_training = model.training
         model.eval()
         sums: dict[str, float] = {}
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
         with torch.no_grad():
             for batch in loader:
                 batch = {k: v.to(device) for k, v in batch.items()}

@@ -27,7 +27,7 @@ from tasks.partitioning import (
     client_rows,
     stratified_cap,
 )
-from tasks.sources import label_ids, label_names, load_rows, pools_of
+from tasks.sources import label_ids, label_names, load_rows, pools_of, require_column
 
 COLUMNS = ["input_ids", "attention_mask", "labels"]
 _HEAD_NAMES = ("score", "classifier", "classification_head")
@@ -99,6 +99,7 @@ def class_names(config: TaskConfig) -> tuple[str, ...]:
     if not config.dataset:
         return class_packages(config)
     train, evals = load_rows(config.dataset)
+    require_column(train, config.label_column, "label-column", " (code-cls predicts it)")
     return tuple(label_names(train, evals, config.label_column))
 
 

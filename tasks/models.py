@@ -10,19 +10,14 @@ import copy
 import functools
 import json
 import os
+import re
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
-import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+if TYPE_CHECKING:  # torch and transformers load on first use: a config check needs neither
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 EMBEDDED = "embedded"
 ENV_VAR = "SEEDLORA_BASE_MODEL"
@@ -30,6 +25,8 @@ DISTRIBUTION = "seedlora"
 _ASSET = Path("assets") / "base-model"
 _HERE = Path(__file__).resolve().parent
 _WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+# A Hugging Face hub id: `name` or `owner/name` (letters, digits, - _ .).
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 # Adapter target patterns by `config.model_type`; matched against module-name suffixes.
 _TARGETS: dict[str, tuple[str, ...]] = {
@@ -69,9 +66,24 @@ def embedded_candidates() -> list[Path]:
     return found
 
 
+def looks_like_path(name: str) -> bool:
+    """True for names that can only mean a local directory (not a hub id)."""
+    return name.startswith(("/", ".", "~")) or _HUB_ID.fullmatch(name) is None
+
+
 def resolve_model_path(name: str = EMBEDDED) -> str:
-    """`"embedded"` -> directory of the shipped model; anything else (hub id, dir) unchanged."""
+    """`"embedded"` -> directory of the shipped model; anything else (hub id, dir) unchanged.
+
+    A name that can only be a path (absolute, ./, ~, or not of the hub's `owner/name`
+    form) must be an existing directory: the error names `model-name`."""
     if name != EMBEDDED:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            return str(path)
+        if path.exists():
+            raise NotADirectoryError(f"model-name {name!r}: {path} is a file, not a model folder")
+        if looks_like_path(name):
+            raise FileNotFoundError(f"model-name {name!r}: no such directory ({path.absolute()})")
         return name
     tried = embedded_candidates()
     for path in tried:
@@ -99,14 +111,31 @@ def target_modules_for(model_type: str) -> tuple[str, ...]:
     return _TARGETS.get(model_type, _LLAMA_STYLE)
 
 
+def _hub_error(name: str, err: OSError) -> OSError:
+    """A load error that says which key to fix (transformers speaks of repo ids)."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return OSError(
+        f"model-name {name!r}: not a local directory, and loading it as a Hugging Face hub "
+        f"id failed: {first}"
+    )
+
+
 def model_type_of(name: str) -> str:
     """`config.model_type` of a model name, without loading weights."""
-    return str(AutoConfig.from_pretrained(resolve_model_path(name)).model_type)
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name)
+    try:
+        return str(AutoConfig.from_pretrained(path).model_type)
+    except OSError as err:
+        raise _hub_error(name, err) from None
 
 
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(name: str = EMBEDDED) -> PreTrainedTokenizerBase:
     """Cached tokenizer with a pad token (eos when the model has none); shared, do not modify."""
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(resolve_model_path(name))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -115,14 +144,19 @@ def load_tokenizer(name: str = EMBEDDED) -> PreTrainedTokenizerBase:
 
 @functools.lru_cache(maxsize=4)
 def _cached(name: str, kind: str, num_labels: int, seed: int):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
     path = resolve_model_path(name)
     tok = load_tokenizer(name)
     with torch.random.fork_rng():  # a new head must be identical on every client
         torch.manual_seed(seed)
         if kind == "causal":
             model = AutoModelForCausalLM.from_pretrained(path)
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        else:  # a classifier checkpoint with another number of labels gets a new head
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, ignore_mismatched_sizes=True
+            )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return model.float().eval(), tok  # .float(): hub checkpoints may load as bf16/fp16

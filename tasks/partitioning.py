@@ -50,10 +50,9 @@ def assign_groups(
 
 
 def make_partitioner(
-    config: TaskConfig, natural_by: str, label_by: str, min_size: int
+    config: TaskConfig, kind: str, natural_by: str, label_by: str, min_size: int
 ) -> Partitioner:
-    """The flwr-datasets partitioner of `config.split` ("natural", "iid" or "dirichlet")."""
-    kind = config.split
+    """The flwr-datasets partitioner of `kind` ("natural", "iid" or "dirichlet")."""
     if kind == "natural":
         return NaturalIdPartitioner(partition_by=natural_by)
     if kind == "iid":
@@ -84,7 +83,9 @@ class ClientSplit:
         natural_by: str,
         label_by: str,
     ) -> None:
-        kind, num_partitions = config.split, config.num_partitions
+        # a custom dataset without the natural-id column is split IID (TaskConfig.split_of)
+        kind = config.split_of(train_pool.column_names) if config.dataset else config.split
+        num_partitions = config.num_partitions
         self.num_partitions, self.eval_pool = num_partitions, eval_pool
         client_eval = eval_pool
         if kind == "natural":  # ids without training rows belong to no client (central set only)
@@ -99,7 +100,7 @@ class ClientSplit:
             ]
         )
         min_size = min(10, len(train_pool) // num_partitions)
-        self.partitioner = make_partitioner(config, natural_by, label_by, min_size)
+        self.partitioner = make_partitioner(config, kind, natural_by, label_by, min_size)
         # Shuffle first (as FederatedDataset does): IidPartitioner takes contiguous shards.
         self.partitioner.dataset = pool.shuffle(seed=config.seed)
         got = self.partitioner.num_partitions

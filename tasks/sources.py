@@ -38,10 +38,13 @@ def load_rows(dataset: str) -> tuple[datasets.Dataset, datasets.Dataset]:
     return parts["train"], parts["test"]
 
 
-def require_column(rows: datasets.Dataset, column: str, field: str) -> None:
-    """Fail with the config field to fix when a needed column is missing."""
+def require_column(rows: datasets.Dataset, column: str, key: str, why: str = "") -> None:
+    """Fail naming the run-config key to fix when a needed column is missing."""
     if column not in rows.column_names:
-        raise ValueError(f"{field}={column!r} is not a column of the dataset: {rows.column_names}")
+        raise ValueError(
+            f"run-config key '{key}': {column!r} is not a column of the dataset "
+            f"(columns: {', '.join(rows.column_names)}){why}"
+        )
 
 
 def label_names(train: datasets.Dataset, evals: datasets.Dataset, column: str) -> list[str]:
@@ -69,12 +72,14 @@ def custom_pools(config: TaskConfig) -> tuple[datasets.Dataset, datasets.Dataset
     """Row pools (train, eval, natural id column); natural/dirichlet split by `label_column`."""
     assert config.dataset is not None
     train, evals = load_rows(config.dataset)
-    require_column(train, config.text_column, "text_column")
-    if config.split == "iid":
+    require_column(train, config.text_column, "text-column")
+    split = config.split_of(train.column_names)
+    if split == "iid":
         return train, evals, config.label_column
-    require_column(train, config.label_column, "label_column")
+    why = f" (partitioner {split!r} splits by it; partitioner='iid' does not)"
+    require_column(train, config.label_column, "label-column", why)
     values = [str(v) for v in train[config.label_column]]
-    if config.split == "dirichlet" or len(set(values)) == config.num_partitions:
+    if split == "dirichlet" or len(set(values)) == config.num_partitions:
         return train, evals, config.label_column
     groups = assign_groups(Counter(values), config.num_partitions)
 

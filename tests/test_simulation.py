@@ -1,8 +1,11 @@
 """Ray simulation: the launcher's real `flwr run` path, and the in-process sweep."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,8 +48,86 @@ def test_launcher_runs_flwr_run_and_stops_everything(tmp_path, tiny_lm_dir, tiny
 def test_launcher_fails_clearly_on_a_bad_key(tmp_path):
     cmd = [sys.executable, "-m", "simulation.launch", "--run-config", "rank=0"]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0
-    assert "rank" in result.stdout + result.stderr
+    assert result.returncode == 2  # refused before anything started (tests/test_launch_checks)
+    assert result.stderr.strip().splitlines() == [
+        "[launch] error: run-config key 'rank': Input should be greater than 0 (got 0)"
+    ]
+
+
+@pytest.mark.integration
+def test_launcher_run_without_an_accepted_update_exits_1_with_the_reason(
+    tmp_path, tiny_lm_dir, tiny_text_dir
+):
+    """Every round times out (round-timeout far shorter than a round): the run fails in
+    round 1 instead of "completing", says why in its last line, and leaves no folder."""
+    overrides = tiny_overrides(tiny_lm_dir, tiny_text_dir, tmp_path, "empty")
+    cmd = [
+        sys.executable,
+        "-m",
+        "simulation.launch",
+        "--num-supernodes",
+        "2",
+        "--run-config",
+        overrides + " round-timeout=0.001",
+    ]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith(
+        "[launch] run failed: round 1 accepted no client update (2 sent, 2 "
+        "without a reply in time (round-timeout 0.001 s))"
+    ), last
+    assert not (tmp_path / "empty").exists()
+
+
+@pytest.mark.integration
+def test_launcher_sigkill_leaves_no_process_and_no_second_writer(
+    tmp_path, tiny_lm_dir, tiny_text_dir
+):
+    """SIGKILL the launcher's process group mid-run (an OOM kill, a closed terminal): the
+    SuperLink, the simulation, Ray and its actors all end, and the run folder is free."""
+    from contract.config import RunConfig
+    from server import rundir
+    from simulation.processes import descendants, wait_gone
+    from tests.processes import wait_for
+
+    overrides = tiny_overrides(tiny_lm_dir, tiny_text_dir, tmp_path, "killed")
+    overrides = overrides.replace("num-links=2", "num-links=8") + " export=false"
+    cmd = [sys.executable, "-m", "simulation.launch", "--num-supernodes", "2"]
+    log = (tmp_path / "launch.log").open("wb")
+    launcher = subprocess.Popen(
+        [*cmd, "--run-config", overrides],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    metrics = tmp_path / "killed" / "metrics.json"
+    try:
+        wait_for(metrics.exists, 400, "the first round's metrics.json")
+        tree = descendants([launcher.pid])
+        names = {
+            Path(f"/proc/{pid}/comm").read_text().strip()
+            for pid in tree
+            if Path(f"/proc/{pid}").exists()
+        }
+        print(f"{len(tree)} processes below the launcher: {sorted(names)}")
+        assert len(tree) >= 4  # SuperLink, SuperExec, flwr-simulation, Ray, ...
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        began = time.monotonic()
+        left = wait_gone(tree, 60)
+        print(f"all gone after {time.monotonic() - began:.1f}s")
+        assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p in left]
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    written = metrics.stat().st_mtime_ns
+    time.sleep(5)
+    assert metrics.stat().st_mtime_ns == written  # nobody trains on
+    cfg = RunConfig.from_flower({"output-dir": str(tmp_path), "run-name": "killed", "resume": True})
+    with rundir.claim(cfg):  # the lock died with its holder: a resume may take the folder
+        pass
 
 
 @pytest.mark.integration
@@ -97,3 +178,77 @@ def test_launcher_env_runs_ray_workers_at_normal_priority_unless_told(tmp_path, 
     monkeypatch.setenv("RAY_worker_niceness", "10")
     env = launch_env(tmp_path, "127.0.0.1:6379")
     assert env["RAY_worker_niceness"] == "10" and env["RAY_ADDRESS"] == "127.0.0.1:6379"
+
+
+def fake_metrics(ppl: float) -> dict:
+    rounds = [{"round": 0, "central": {"ppl": 100.0}}]
+    rounds.append({"round": 1, "central": {"ppl": ppl}, "bytes_up": 2e6, "bytes_down": 3e6})
+    return {"rounds": rounds}
+
+
+def test_sweep_keeps_finished_rows_and_prints_a_table(tmp_path, monkeypatch, capsys):
+    """A failed run is reported and the others kept: sweep.json holds the finished rows,
+    the table their mean and spread over seeds; the exit code says a run failed."""
+    from server.outcome import RunFailed
+    from simulation import sweep
+
+    def simulate(overrides, *args):
+        if overrides["strategy"] == "fedadam" and overrides["seed"] == 1:
+            raise RunFailed("round 1 accepted no client update (2 sent, 2 rejected)")
+        return fake_metrics(60.0 + overrides["seed"] * 2)
+
+    monkeypatch.setattr(sweep, "simulate", simulate)
+    argv = ["--strategies", "fedavg,fedadam", "--seeds", "0,1", "--out", str(tmp_path)]
+    assert sweep.main(argv) == 1
+    out = capsys.readouterr().out
+    rows = json.loads((tmp_path / "sweep.json").read_text())
+    names = ["fedavg-circulant-s0", "fedavg-circulant-s1", "fedadam-circulant-s0"]
+    assert [r["name"] for r in rows] == names
+    assert rows[0]["bytes_up"] == 2e6 and "rounds" not in rows[0]
+    assert "FAILED fedadam-circulant-s1: RunFailed: round 1 accepted no client update" in out
+    table = [line.split() for line in out.splitlines() if line.startswith(("fedavg ", "fedadam "))]
+    assert table[0][:4] == ["fedavg", "circulant", "2", "ppl"]
+    assert table[0][5:8] == ["61", "+-", "1.4"]  # mean and sample sd of 60 and 62
+    assert table[1][2] == "1"
+    # Runs never share a folder: a second sweep into the same --out needs --resume.
+    (tmp_path / "fedavg-circulant-s0").mkdir()
+    assert sweep.main(argv) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_simulate_fails_fast_when_ray_cannot_start(tmp_path, monkeypatch):
+    import ray
+
+    from simulation.inprocess import SimulationFailed, simulate
+
+    def no_ray(*args, **kwargs):
+        raise RuntimeError("node timed out during startup")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    began = time.monotonic()
+    with pytest.raises(SimulationFailed, match="Ray could not start: .*node timed out"):
+        simulate({"output-dir": str(tmp_path), "run-name": "x"}, num_supernodes=2)
+    assert time.monotonic() - began < 30  # no round-timeout waited
+    assert not (tmp_path / "x").exists()  # the ServerApp never ran
+
+
+def test_a_stopped_engine_ends_the_waiting_server(monkeypatch):
+    """`StoppableGrid` gives up a round once the simulation engine is gone."""
+    import threading
+
+    from simulation.inprocess import SimulationFailed, StoppableGrid
+
+    class Silent:  # pushes, and never gets a reply
+        def push_messages(self, messages):
+            return ["m1"]
+
+        def pull_messages(self, ids):
+            return []
+
+    stop = threading.Event()
+    grid = StoppableGrid(Silent(), stop)
+    threading.Timer(0.3, stop.set).start()
+    began = time.monotonic()
+    with pytest.raises(SimulationFailed, match="engine stopped"):
+        grid.send_and_receive([], timeout=600)
+    assert time.monotonic() - began < 5 and grid.thread is threading.current_thread()

@@ -318,3 +318,61 @@ def test_load_rows_uses_test_split_or_holds_out_ten_percent(tmp_path: Path) -> N
     assert (len(train), len(evals)) == (45, 5)
     assert not set(train["text"]) & set(evals["text"])
     assert list(load_rows.__wrapped__(str(tmp_path / "b"))[1]["text"]) == list(evals["text"])
+
+
+def test_missing_model_path_says_so_and_hub_errors_name_the_key(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"^model-name '/no/such/model': no such dir"):
+        resolve_model_path("/no/such/model")
+    with pytest.raises(FileNotFoundError, match="model-name"):
+        resolve_model_path("./relative/missing")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match="model-name"):
+        resolve_model_path(str(tmp_path / "file"))
+    with pytest.raises(OSError, match="^model-name 'nobody/no-such-model': not a local dir"):
+        models_mod.model_type_of("nobody/no-such-model")  # offline: the hub load fails
+
+
+def test_text_only_dataset_is_split_iid_by_default(local_dirs: tuple[str, str], tmp_path) -> None:
+    """`partitioner = "auto"` on code-lm means natural ids of label-column; data without
+    that column is split IID instead of failing (code-cls still needs the labels)."""
+    from tasks.sources import load_rows
+
+    model_dir, data_dir = local_dirs
+    text_only = tmp_path / "text-only"
+    load_rows(data_dir)[0].remove_columns("label").save_to_disk(text_only)
+    cfg = TaskConfig(model_name=model_dir, dataset=str(text_only), num_partitions=3, seq_len=32)
+    assert cfg.partitioner == "auto" and cfg.split_of(["text"]) == "iid"
+    task = build_task(cfg)
+    assert all(len(task.train_dataset(p)) > 0 for p in range(3))
+    with pytest.raises(ValueError, match=r"run-config key 'label-column': 'label' is not a col"):
+        build_task(cfg.model_copy(update={"task": "code-cls"}))
+    with pytest.raises(ValueError, match=r"run-config key 'text-column': 'body'"):
+        build_task(cfg.model_copy(update={"text_column": "body"})).train_dataset(0)
+
+
+def test_classifier_checkpoint_with_another_head_size_gets_a_new_head(
+    local_dirs: tuple[str, str], tmp_path: Path
+) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    model_dir, _ = local_dirs
+    five = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=5)
+    five.save_pretrained(tmp_path / "cls5")
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp_path / "cls5")
+    model, _ = models_mod.load_seq_cls(str(tmp_path / "cls5"), num_labels=3, seed=0)
+    assert model.score.out_features == 3
+    again, _ = models_mod._cached.__wrapped__(str(tmp_path / "cls5"), "seq-cls", 3, 0)  # reload
+    assert torch.equal(model.score.weight, again.score.weight)  # seeded: same on every client
+
+
+def test_natural_id_count_matches_the_split() -> None:
+    """The launcher's cheap count (tasks/preflight) equals the packages the split keeps."""
+    from tasks.code_lm import _stdlib_pools
+    from tasks.preflight import natural_ids
+
+    for seq_len in (128, 1024):
+        cfg = TaskConfig(seq_len=seq_len, num_partitions=1)
+        train, _, _ = _stdlib_pools(cfg)
+        assert natural_ids(cfg) == len(set(train["package"]))
+    assert natural_ids(TaskConfig(partitioner="iid")) is None
+    assert natural_ids(TaskConfig(task="code-cls", partitioner="natural")) == 8

@@ -1,0 +1,20 @@
+"""The names a run config chooses from (methods, A kinds, upload codecs), without torch.
+
+They live here so that validating a run config (contract/config.py, the launcher's
+check) imports no tensor library; `methods`, `spec` and `compress` re-export them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Method = Literal["seedlora", "ffa", "fedit", "full"]
+CHAINED: frozenset[str] = frozenset({"seedlora"})  # A moves on with the chain index
+B_ONLY: frozenset[str] = frozenset({"seedlora", "ffa"})  # B merges exactly, as a link
+
+Kind = Literal["gaussian", "circulant", "random-block"]
+KINDS: tuple[str, ...] = ("gaussian", "circulant", "random-block")
+BLOCK_KINDS: tuple[str, ...] = ("circulant", "random-block")
+
+Codec = Literal["float32", "float16", "bfloat16", "int8"]
+CODECS: tuple[str, ...] = ("float32", "float16", "bfloat16", "int8")
