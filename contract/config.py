@@ -29,7 +29,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from seedlora.compress import Codec
-from seedlora.methods import B_ONLY, CHAINED, Method
+from seedlora.methods import B_ONLY, CHAINED, Method, method_kind
 from seedlora.spec import Kind
 from tasks import TaskConfig
 
@@ -69,7 +69,9 @@ class Section(BaseModel):
 
 class AdapterConfig(Section):
     method: Method = F("seedlora", "seedlora (chains) | ffa | fedit | full (baselines)")
-    a_kind: Kind = F("circulant", "frozen A: gaussian | circulant | random-block")
+    a_kind: Kind = F(
+        "circulant", "frozen A: gaussian | circulant | random-block (ffa: always gaussian)"
+    )
     rank: int = F(8, "adapter rank r", gt=0)
     alpha: float = F(16.0, "adapter scale numerator: W = W0 + (alpha/r) B A", gt=0)
     adapter_dropout: float = F(0.0, "dropout on the adapter input", ge=0, lt=1)
@@ -79,6 +81,12 @@ class AdapterConfig(Section):
     frozen_factor: Literal["A", "B"] = F(
         "A", "seeded and frozen factor: A (train B) | B (swapped roles: train A)"
     )
+
+    @property
+    def kind(self) -> str:
+        """The frozen factor's kind the method uses: a-kind, or gaussian for ffa (FFA-LoRA's
+        one fixed gaussian A; seedlora.methods.method_kind)."""
+        return method_kind(self.method, None if self.method == "ffa" else self.a_kind)
 
     def targets(self, default: Sequence[str]) -> str | list[str]:
         """Adapter target patterns: the task's default, a regex ("re:..."), or a name list."""

@@ -6,6 +6,7 @@ The adapter core. It has no Flower import, so it can be used (and tested) on its
 from .aggregate import fedit_update, mean_update, relative_error, weighted_mean
 from .chain import EMPTY_DIGEST, Link, apply_link, links_digest, rebuild, record_link
 from .export import atomic_dir, export_merged, export_peft
+from .federate import close_link, round_average
 from .inject import (
     adapter_layers,
     inject,
@@ -32,6 +33,7 @@ __all__ = [
     "adapter_layers",
     "apply_link",
     "atomic_dir",
+    "close_link",
     "derive_seed",
     "export_merged",
     "export_peft",
@@ -47,6 +49,7 @@ __all__ = [
     "rebuild",
     "record_link",
     "relative_error",
+    "round_average",
     "set_chain_index",
     "trainable_state",
     "unwrap",

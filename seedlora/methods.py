@@ -32,12 +32,25 @@ def _any_conv1d(model: nn.Module, targets: Targets) -> bool:
     )
 
 
+def method_kind(method: str, kind: str | None = None) -> str:
+    """The frozen factor's kind `method` uses: `kind`, or the method's own when None
+    (seedlora: circulant, ffa: gaussian). ffa refuses any kind but gaussian."""
+    if method == "ffa":
+        if kind not in (None, "gaussian"):
+            raise ValueError(
+                f"a-kind: ffa (FFA-LoRA) trains B on one fixed gaussian A; got {kind!r} "
+                "(pass kind=None or 'gaussian', or use method seedlora for block kinds)"
+            )
+        return "gaussian"
+    return "circulant" if kind is None else kind
+
+
 def prepare(
     model: nn.Module,
     method: Method,
     targets: Targets,
     *,
-    kind: str,
+    kind: str | None = None,
     seed: int,
     rank: int,
     alpha: float,
@@ -46,13 +59,20 @@ def prepare(
     heads: Sequence[str] = (),
     frozen: str = "A",
 ) -> nn.Module:
-    """Make `model` trainable the way `method` does; returns the model to train."""
+    """Make `model` trainable the way `method` does; returns the model to train.
+
+    `kind` is the frozen factor's kind (`spec.KINDS`); None takes the method's own:
+    circulant for seedlora, gaussian for ffa. ffa *is* one fixed gaussian A (FFA-LoRA), so
+    any other kind is refused rather than ignored. fedit and full have no seeded factor
+    and ignore it. Raises ValueError on an unknown method or a kind ffa cannot take.
+    """
     if method in B_ONLY:
         chained = method in CHAINED
+        kind = method_kind(method, kind)
         inject(
             model,
             targets,
-            kind="gaussian" if method == "ffa" else kind,
+            kind=kind,
             seed=seed,
             rank=rank,
             alpha=alpha,

@@ -29,12 +29,12 @@ from contract.config import RunConfig, RunConfigError
 from seedlora import (
     apply_link,
     atomic_dir,
+    close_link,
     export_merged,
     export_peft,
     links_digest,
     load_trainable_state,
     prepare,
-    record_link,
     set_chain_index,
     trainable_state,
 )
@@ -91,7 +91,7 @@ class ChainServer:
                 self.task.load_model(),
                 a.method,
                 a.targets(self.task.target_modules),
-                kind=a.a_kind,
+                kind=a.kind,
                 seed=a.seed,
                 rank=a.rank,
                 alpha=a.alpha,
@@ -160,7 +160,7 @@ class ChainServer:
         a = self.cfg.adapter
         return {
             p.METHOD: a.method,
-            p.A_KIND: a.a_kind,
+            p.A_KIND: a.kind,
             p.SEED: a.seed,
             p.RANK: a.rank,
             p.ALPHA: a.alpha,
@@ -237,9 +237,7 @@ class ChainServer:
         s.chain_index += 1
         s.round_in_link = 0
         if self.cfg.adapter.method in B_ONLY:
-            link = record_link(self.model)
-            apply_link(self.model, link)
-            set_chain_index(self.model, s.chain_index)
+            link = close_link(self.model)  # record, merge, next A with B = 0
             s.links.append(link)
             s.arrays = trainable_state(self.model)
             s.strategy_state = {}
