@@ -4,7 +4,15 @@ The adapter core. It has no Flower import, so it can be used (and tested) on its
 """
 
 from .aggregate import fedit_update, mean_update, relative_error, weighted_mean
-from .chain import EMPTY_DIGEST, Link, apply_link, links_digest, rebuild, record_link
+from .chain import (
+    EMPTY_DIGEST,
+    Link,
+    a_digest,
+    apply_link,
+    links_digest,
+    rebuild,
+    record_link,
+)
 from .export import atomic_dir, export_merged, export_peft
 from .federate import close_link, round_average
 from .inject import (
@@ -30,6 +38,7 @@ __all__ = [
     "KINDS",
     "Link",
     "SeedLoRALayer",
+    "a_digest",
     "adapter_layers",
     "apply_link",
     "atomic_dir",

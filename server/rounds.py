@@ -24,6 +24,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from contract import protocol as p
+from seedlora import a_digest
 from strategies import privacy
 from strategies.chain import LinkContext, LinkStrategy
 from strategies.registry import build_strategy
@@ -55,6 +56,7 @@ class FlowerRounds:
             checks=cfg.strategy,
             upload=cfg.upload,
             keep_updates=cfg.output.save_client_updates,
+            a_digest=a_digest(server.model),  # replies must echo it: same A as ours
         )
         train = ConfigRecord({"lr": cfg.train.lr, "local-steps": cfg.train.local_steps})
         return FlowerLink(self.grid, LinkStrategy(inner, ctx), train, cfg.strategy.round_timeout)

@@ -74,6 +74,7 @@ class LinkContext:
     checks: StrategyConfig = StrategyConfig()  # min-replies, max-num-examples, outlier-*
     upload: UploadConfig = UploadConfig()  # what replies carry: upload-codec, client-ranks
     keep_updates: bool = False  # keep accepted client states per round (save-client-updates)
+    a_digest: str = ""  # the server's seedlora.a_digest for this link ("": not checked)
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class LinkStrategy(Strategy):
             links_digest=self.digest,
             arrays=signature,
             max_num_examples=self.ctx.checks.max_num_examples,
+            a_digest=self.ctx.a_digest or None,
         )
 
     def _send(self, messages: Iterable[Message], server_round: int) -> list[Message]:

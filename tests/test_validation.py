@@ -258,3 +258,19 @@ def test_the_inner_strategy_sees_the_link_round_and_clients_the_global_round():
     assert rounds == dict.fromkeys(hooks, 3)
     assert list(link.ledgers) == [11] and link.ledgers[11].accepted == 1
     assert link.ledgers[11].eval_metrics and node_links == {101: 1, 102: 1}
+
+
+def test_a_reply_on_another_a_is_a_foreign_a():
+    """With the server's A digest in the expectation, the echo must carry the same one."""
+    from dataclasses import replace
+
+    from strategies.rejections import ForeignA
+
+    exp = replace(EXP, a_digest="a" * 64)
+    same = reply(echo={**GOOD_ECHO, p.A_DIGEST: "a" * 64})
+    assert check_envelope(same, exp) is same
+    for echo, got in [(GOOD_ECHO, "missing"), ({**GOOD_ECHO, p.A_DIGEST: "b" * 64}, "b" * 12)]:
+        with pytest.raises(ForeignA) as caught:
+            check_envelope(reply(echo=echo), exp)
+        assert caught.value.reason.startswith(f"A digest {got} differs from the server's aaaa")
+    assert check_envelope(reply(), EXP)  # no digest expected (fedit, full): not checked
