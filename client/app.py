@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from contract import protocol as p
@@ -122,6 +122,13 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     @client_app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
         return evaluate(msg, context, config(context))
+
+    @client_app.query(p.PARTITION_ACTION)
+    def _partition(msg: Message, context: Context) -> Message:
+        """The server's seeded sampling orders nodes by partition (strategies/sampling.py)."""
+        partition = int(context.node_config.get("partition-id", 0))
+        echo = ConfigRecord({p.PARTITION_ID: partition})
+        return Message(RecordDict({p.ECHO: echo}), reply_to=msg)
 
     return client_app
 

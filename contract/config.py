@@ -75,7 +75,9 @@ class AdapterConfig(Section):
     rank: int = F(8, "adapter rank r", gt=0)
     alpha: float = F(16.0, "adapter scale numerator: W = W0 + (alpha/r) B A", gt=0)
     adapter_dropout: float = F(0.0, "dropout on the adapter input", ge=0, lt=1)
-    seed: int = F(0, "public seed of every A (and of data order and partitioning)", ge=0)
+    seed: int = F(
+        0, "public seed of every A (and of data order, partitioning, node sampling)", ge=0
+    )
     target_modules: str = F("auto", 'adapted layers: "auto", names "a,b" or "re:<regex>"')
     modules_to_save: str = F("auto", 'fully trained heads: "auto", "none" or names "a,b"')
     frozen_factor: Literal["A", "B"] = F(

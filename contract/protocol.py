@@ -18,6 +18,12 @@ METRICS = "metrics"
 LINKS = "links"
 ECHO = "echo"
 
+# Message type of the server's question "which partition are you?" (strategies/sampling.py)
+# and the ClientApp's query action that answers it, with an `echo` record holding only
+# PARTITION_ID.
+PARTITION_ACTION = "partition"
+PARTITION_QUERY = f"query.{PARTITION_ACTION}"
+
 # Keys of the `config` record.
 SERVER_ROUND = "server-round"
 CHAIN_INDEX = "chain-index"

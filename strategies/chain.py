@@ -2,8 +2,10 @@
 
 `LinkStrategy` wraps a fresh inner strategy per link and only composes:
 
-    configure_*  the inner strategy's messages -> `Outgoing.decorate` (outgoing.py): link
-                 config, global round, links digest, and the merged links a node lacks
+    configure_*  the inner strategy's messages, sampled by Flower's code with a seeded RNG
+                 over the nodes in partition order (sampling.py) -> `Outgoing.decorate`
+                 (outgoing.py): link config, global round, links digest, and the merged
+                 links a node lacks
     aggregate_*  the replies -> the reply pipeline (replies.py): check, unpack, check
                  arrays, screen outliers; fewer than `min_replies` accepted replies skip
                  the round (global B unchanged), else the inner strategy aggregates them
@@ -45,6 +47,7 @@ from .replies import (
     train_pipeline,
     without_empty_evaluations,
 )
+from .sampling import NodeOrder, seeded_sampling
 from .uploads import Unpack
 from .validation import Expectation
 
@@ -75,6 +78,7 @@ class LinkContext:
     upload: UploadConfig = UploadConfig()  # what replies carry: upload-codec, client-ranks
     keep_updates: bool = False  # keep accepted client states per round (save-client-updates)
     a_digest: str = ""  # the server's seedlora.a_digest for this link ("": not checked)
+    node_order: NodeOrder | None = None  # run-wide partition order for seeded sampling
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,22 @@ class LinkStrategy(Strategy):
             a_digest=self.ctx.a_digest or None,
         )
 
+    def _configure(
+        self, phase: str, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid
+    ) -> list[Message]:
+        """The inner strategy's configure_<phase>, its own sampling included, with the RNG
+        seeded from (seed, phase, global round) and, when it samples a subset, the nodes
+        in partition order (sampling.py)."""
+        train = phase == "train"
+        checks = self.ctx.checks
+        fraction = checks.fraction_train if train else checks.fraction_evaluate
+        configure = self.inner.configure_train if train else self.inner.configure_evaluate
+        if fraction < 1 and self.ctx.node_order is not None:
+            grid = self.ctx.node_order.view(grid)
+        seed = int(self.ctx.link_config.get(p.SEED, 0))
+        with seeded_sampling(seed, phase, self.global_round(server_round)):
+            return list(configure(self.link_round(server_round), arrays, config, grid))
+
     def _send(self, messages: Iterable[Message], server_round: int) -> list[Message]:
         out = self.outgoing.decorate(messages, self.global_round(server_round))
         self.ledger(server_round).bytes_down += sum(p.record_bytes(m) for m in out)
@@ -138,7 +158,7 @@ class LinkStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         sent_arrays = {k: a.numpy() for k, a in arrays.items()}
-        messages = self.inner.configure_train(self.link_round(server_round), arrays, config, grid)
+        messages = self._configure("train", server_round, arrays, config, grid)
         out = self._send(messages, server_round)
         self.ledger(server_round).sent = len(out)
         nodes = frozenset(m.metadata.dst_node_id for m in out)
@@ -183,9 +203,7 @@ class LinkStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        messages = self.inner.configure_evaluate(
-            self.link_round(server_round), arrays, config, grid
-        )
+        messages = self._configure("evaluate", server_round, arrays, config, grid)
         return self._send(messages, server_round)
 
     def aggregate_evaluate(
