@@ -121,9 +121,6 @@ class StrategyConfig(Section):
     server_lr: float = F(1.0, "fedavgm: server learning rate", gt=0)
     server_momentum: float = F(0.0, "fedavgm: server momentum", ge=0, lt=1)
     eta: float = F(1e-2, "fedadam/fedyogi/fedadagrad: server learning rate", gt=0)
-    eta_l: float = F(
-        1e-2, "fedadam/fedyogi/fedadagrad: client learning rate (Flower's eta_l)", gt=0
-    )
     beta_1: float = F(0.9, "fedadam/fedyogi: first-moment decay", ge=0, lt=1)
     beta_2: float = F(0.99, "fedadam/fedyogi: second-moment decay", ge=0, lt=1)
     tau: float = F(1e-3, "fedadam/fedyogi/fedadagrad: adaptivity", gt=0)

@@ -40,6 +40,7 @@ from seedlora.chain import Link, links_digest
 from .ledger import Rejection, RoundLedger, client_updates
 from .outgoing import Outgoing
 from .outliers import OutlierScreen
+from .registry import kept_replies, trims_nothing
 from .replies import (
     Verdict,
     evaluate_pipeline,
@@ -99,6 +100,7 @@ class LinkStrategy(Strategy):
         self.digest = links_digest(ctx.links)
         self.ledgers: dict[int, RoundLedger] = {}  # keyed by global round
         self.sent = SentRound()
+        self._warned_trim = False
         self.outgoing = Outgoing(
             ctx.links, ctx.link_config, ctx.chain_index, self.digest, ctx.node_links
         )
@@ -196,9 +198,39 @@ class LinkStrategy(Strategy):
             )
             ledger.skipped = True
             return None, None
+        self._warn_if_trimming_nothing(len(accepted))
         arrays, metrics = self.inner.aggregate_train(self.link_round(server_round), accepted)
+        if arrays is not None and ctx.checks.name in ("krum", "multikrum"):
+            self._note_single_kept(global_round, accepted, arrays)
         ledger.train_metrics = dict(metrics or {})
         return (as_float32(arrays) if arrays is not None else None), metrics
+
+    def _warn_if_trimming_nothing(self, replies: int) -> None:
+        """Once per link: fedtrimmedavg with too few replies to cut any is a plain mean."""
+        reason = trims_nothing(self.ctx.checks, replies)
+        if reason and not self._warned_trim:
+            log(WARNING, "link %d: %s", self.ctx.chain_index, reason)
+            self._warned_trim = True
+
+    def _note_single_kept(self, global_round: int, accepted: list[Message], arrays) -> None:
+        """Krum (and multikrum with krum-select 1) average one reply: say whose."""
+        if kept_replies(self.ctx.checks, len(accepted)) != 1 or len(accepted) < 2:
+            return
+        got = {k: np.asarray(a.numpy(), np.float32) for k, a in arrays.items()}
+        kept = [
+            m.metadata.src_node_id
+            for m in accepted
+            if all(np.array_equal(got[k], a.numpy()) for k, a in m.content[p.ARRAYS].items())
+        ]
+        log(
+            WARNING,
+            "round %d: %s kept a single client's update (node %s) and dropped %d: with "
+            "non-IID clients a round then trains on one client's data (README, Strategies)",
+            global_round,
+            self.ctx.checks.name,
+            kept[0] if len(kept) == 1 else "?",
+            len(accepted) - 1,
+        )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
