@@ -102,6 +102,7 @@ class ChainServer:
             raise RunConfigError(f"run-config: {err}") from None
         self.model.eval()
         self.state = ChainState(cfg.to_flower(), links=[], arrays=trainable_state(self.model))
+        log(INFO, report.adapter_summary(self.model, a.method, self.state.arrays, cfg.upload))
         self.node_links: dict[int, int] = {}  # node id -> merged links it is known to hold
         self.eval_set = self.task.eval_dataset(None) if cfg.output.central_eval else None
         if cfg.output.resume:
@@ -206,7 +207,8 @@ class ChainServer:
         ledger = result.ledger
         return {
             "round_in_link": self.state.round_in_link,
-            "rounds_per_link": self.cfg.chain.rounds_per_link,
+            "num_links": self.cfg.schedule[0],
+            "rounds_per_link": self.cfg.schedule[1],  # the run's rounds for one-link methods
             "train_loss": ledger.train_metrics.get(p.TRAIN_LOSS),
             "train_metrics": ledger.train_metrics,
             "client_eval": ledger.eval_metrics,
@@ -219,6 +221,7 @@ class ChainServer:
             "bytes_up": ledger.bytes_up,
             "bytes_down": ledger.bytes_down,
             "bytes_up_per_client": ledger.bytes_up / max(ledger.accepted, 1),
+            **report.running_totals(self.state.history, ledger.bytes_up, ledger.bytes_down),
         }
 
     def _save_updates(self, global_round: int, updates: list) -> None:
