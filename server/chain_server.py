@@ -38,11 +38,12 @@ from seedlora import (
     set_chain_index,
     trainable_state,
 )
+from seedlora.export import peft_task_type
 from seedlora.methods import B_ONLY
 from seedlora.serialize import atomic_write_bytes, state_to_bytes
 from strategies.privacy import PrivacyLedger
 from strategies.registry import EXACT_IN_WEIGHT_SPACE
-from tasks import build_task
+from tasks import build_task, portable_name
 
 from . import checkpoint, report
 from .state import ChainState, RoundResult
@@ -261,9 +262,13 @@ class ChainServer:
             self._export()
 
     def _export(self) -> None:
-        tokenizer = getattr(self.task, "tokenizer", None)
+        tokenizer = self.task.load_tokenizer()  # merged-model/ loads with its tokenizer
+        base_name = portable_name(self.cfg.task.model_name)  # not this machine's path
         method = self.cfg.adapter.method
         if method == "fedit":  # already a PEFT model
+            config = self.model.peft_config["default"]
+            config.base_model_name_or_path = base_name
+            config.task_type = config.task_type or peft_task_type(self.model.get_base_model())
             atomic_dir(self.out_dir / "peft-adapter", self.model.save_pretrained)
             merged = copy.deepcopy(self.model).merge_and_unload()
             export_merged(merged, self.out_dir / "merged-model", tokenizer=tokenizer)
@@ -279,7 +284,7 @@ class ChainServer:
                 self.state.links,
                 self.out_dir / "peft-adapter",
                 heads=heads,
-                base_model_name_or_path=self.cfg.task.model_name,
+                base_model_name_or_path=base_name,
             )
         except ValueError as err:
             log(WARNING, "PEFT export skipped: %s", err)

@@ -7,6 +7,7 @@ from tasks.models import (
     load_causal_lm,
     load_seq_cls,
     load_tokenizer,
+    portable_name,
     resolve_model_path,
     target_modules_for,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "load_corpus",
     "load_seq_cls",
     "load_tokenizer",
+    "portable_name",
     "resolve_model_path",
     "split_corpus",
     "target_modules_for",

@@ -8,8 +8,9 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import datasets
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from transformers import PreTrainedTokenizerBase
 
-from tasks.models import EMBEDDED, model_type_of, target_modules_for
+from tasks.models import EMBEDDED, load_tokenizer, model_type_of, target_modules_for
 
 
 def _kebab(name: str) -> str:
@@ -91,6 +92,10 @@ class Task(Protocol):
         """Fresh pretrained base model, CPU float32."""
         ...
 
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The base model's tokenizer (shared: do not modify), e.g. to ship beside exports."""
+        ...
+
     def train_dataset(self, partition_id: int) -> datasets.Dataset:
         """This client's training examples in torch format."""
         ...
@@ -122,6 +127,9 @@ class BaseTask:
     def __init__(self, config: TaskConfig) -> None:
         self.config = config
         self.target_modules = target_modules_for(model_type_of(config.model_name))
+
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        return load_tokenizer(self.config.model_name)
 
     def _loader(self, dataset: datasets.Dataset, batch_size: int) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
