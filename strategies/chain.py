@@ -45,6 +45,7 @@ from .replies import (
     Verdict,
     evaluate_pipeline,
     note_lost,
+    own_rejections,
     train_pipeline,
     without_empty_evaluations,
 )
@@ -182,7 +183,7 @@ class LinkStrategy(Strategy):
         )
         verdict = pipeline(replies)
         accepted = self._receive(verdict)
-        ledger.rejected.extend(verdict.rejected)
+        ledger.rejected.extend(own_rejections(verdict.rejected, ledger.lost))
         ledger.outliers.extend(verdict.outliers)
         ledger.accepted = len(accepted)
         if ctx.keep_updates:

@@ -203,14 +203,23 @@ def test_a_superlink_error_for_a_lost_node_names_the_node_not_the_superlink(capl
     link = link_strategy(frozenset({42, 99}))
     good = reply(node=99)
     unavailable = reply(node=1, error="Node Unavailable")
-    with caplog.at_level(logging.WARNING, logger="flwr"):
+    with caplog.at_level(logging.INFO, logger="flwr"):
         link.aggregate_train(1, [good, unavailable])
-    lines = [r.getMessage() for r in caplog.records]
-    expected = "SuperLink's error for a lost node: client error: Node Unavailable"
-    assert any(expected in x for x in lines), lines
-    assert any("no reply from node(s) 42" in x for x in lines), lines
-    assert not any("reply from node 1:" in x for x in lines), lines
-    assert link.ledgers[1].lost == [42] and link.ledgers[1].accepted == 1
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    expected = "SuperLink answered for a lost node: client error: Node Unavailable"
+    assert any(level == logging.INFO and expected in x for level, x in lines), lines
+    assert any(level == logging.WARNING and "no reply from node(s) 42" in x for level, x in lines)
+    assert not any("reply from node 1:" in x for _, x in lines), lines
+    ledger = link.ledgers[1]
+    assert ledger.lost == [42] and ledger.accepted == 1
+    assert ledger.rejected == []  # the lost node is named once, as lost, not as node 1 too
+
+
+def test_a_superlink_error_without_a_lost_node_stays_a_rejection():
+    """Every sampled node replied (here 99), yet node 1 answered too: that one is listed."""
+    link = link_strategy(frozenset({99}))
+    link.aggregate_train(1, [reply(node=99), reply(node=1, error="odd")])
+    assert [(r.node_id, r.reason) for r in link.ledgers[1].rejected] == [(1, "client error: odd")]
 
 
 def test_the_inner_strategy_sees_the_link_round_and_clients_the_global_round():
