@@ -59,17 +59,17 @@ def test_round_line_of_one_link_and_of_a_chain():
 
 
 def test_a_run_says_what_it_adapted_and_counts_its_bytes(overrides, caplog):
-    """ffa runs 2 links x 2 rounds as one link of 4 rounds: round i/4, never 3/2."""
-    ov = {**overrides, "method": "ffa", "num-links": 2, "rounds-per-link": 2}
+    """ffa runs 3 links x 1 round as one link of 3 rounds: round i/3, never 2/1."""
+    ov = {**overrides, "method": "ffa", "num-links": 3, "rounds-per-link": 1}
     with caplog.at_level(logging.INFO, logger="flwr"):
         result = run_local(ov, 2)
     lines = [r.getMessage() for r in caplog.records]
     assert any(x.startswith("ffa: adapted 8 layers (transformer.h.[0-1].{") for x in lines)
     rounds = result.metrics["rounds"][1:]
     assert [(r["round_in_link"], r["rounds_per_link"], r["num_links"]) for r in rounds] == [
-        (i, 4, 1) for i in (1, 2, 3, 4)
+        (i, 3, 1) for i in (1, 2, 3)
     ]
-    assert any(x.startswith("round 3/4 | clients 2/2") for x in lines), lines
+    assert any(x.startswith("round 2/3 | clients 2/2") for x in lines), lines
     up = torch.tensor([r["bytes_up"] for r in rounds]).cumsum(0).tolist()
     assert [r["bytes_up_total"] for r in rounds] == up and up[-1] > 0
     down = torch.tensor([r["bytes_down"] for r in rounds]).cumsum(0).tolist()
