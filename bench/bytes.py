@@ -97,7 +97,7 @@ def num_params(model: nn.Module) -> int:
 def adapted_layers(
     config: PretrainedConfig, rank: int, kind: str = "circulant"
 ) -> list[LayerShape]:
-    """Shapes of the layers `seedlora.inject` adapts with the task default targets."""
+    """Shapes of the layers `seedlora.injection` adapts with the task default targets."""
     model = meta_model(config)
     inject(model, target_modules_for(config.model_type), kind=kind, seed=0, rank=rank, alpha=1.0)
     return [LayerShape(n, m.spec.n_in, m.spec.n_out) for n, m in adapter_layers(model)]

@@ -147,7 +147,7 @@ def floor_tokens_per_s(overrides: dict) -> float:
         task.load_model(),
         a.method,
         a.targets(task.target_modules),
-        kind=a.a_kind,
+        kind=a.kind,
         seed=a.seed,
         rank=a.rank,
         alpha=a.alpha,

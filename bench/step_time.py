@@ -183,7 +183,7 @@ def prepare(variant: str, model: nn.Module, shape: Shape, seed: int) -> nn.Modul
                     param.requires_grad_(False)
         return peft_model.train()
     if variant.startswith("seedlora-"):
-        from seedlora.inject import adapter_layers, inject
+        from seedlora.injection import adapter_layers, inject
 
         name = variant.removesuffix(REFERENCE)
         kind = "circulant" if variant == B_MODEL_DTYPE else name.removeprefix("seedlora-")

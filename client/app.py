@@ -13,12 +13,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from contract import protocol as p
 from contract.config import RunConfig
-from seedlora import load_trainable_state
+from seedlora import a_digest, load_trainable_state
 
 from .links import LinkCache, default_cache_dir
 from .local import as_floats, autocast, cpu_state, pick_device, place, train_partition
@@ -54,9 +54,11 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _reply(msg: Message, context: Context, partition_id: int, records: dict) -> Message:
+def _reply(
+    msg: Message, context: Context, partition_id: int, records: dict, digest: str
+) -> Message:
     config = msg.content[p.CONFIG]
-    echo = p.echo_record(config, context.run_id, partition_id)
+    echo = p.echo_record(config, context.run_id, partition_id, digest)
     return Message(RecordDict({**records, p.ECHO: echo}), reply_to=msg)
 
 
@@ -64,6 +66,7 @@ def train_b(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Train this link's B (and heads) on the local partition; reply with them."""
     t0, started = time.perf_counter(), time.time()
     task, model, partition_id, device = _prepare(msg, context, cfg)
+    digest = a_digest(model)  # of the link's full-rank A's, once per link (cached)
     fit_rank(model, cfg, context.node_config, partition_id)
     received = {}  # compressed uploads send trained - received; float32 sends the state
     if cfg.upload.upload_codec != "float32":
@@ -88,19 +91,21 @@ def train_b(msg: Message, context: Context, cfg: RunConfig) -> Message:
             **({p.DP_WEIGHT: 1.0} if cfg.privacy.dp_clip > 0 else {}),
         }
     )
-    return _reply(msg, context, partition_id, {p.ARRAYS: arrays, p.METRICS: metrics})
+    return _reply(msg, context, partition_id, {p.ARRAYS: arrays, p.METRICS: metrics}, digest)
 
 
 def evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Evaluate the global model (base + links + global B) on the local held-out files."""
     task, model, partition_id, device = _prepare(msg, context, cfg)
+    digest = a_digest(model)
     with autocast(device, cfg.train.precision):
         metrics = task.evaluate(
             model, task.eval_dataset(partition_id), cfg.train.eval_batch_size, device
         )
     del model
     _release(device)
-    return _reply(msg, context, partition_id, {p.METRICS: MetricRecord(as_floats(metrics))})
+    records = {p.METRICS: MetricRecord(as_floats(metrics))}
+    return _reply(msg, context, partition_id, records, digest)
 
 
 def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
@@ -117,6 +122,13 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     @client_app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
         return evaluate(msg, context, config(context))
+
+    @client_app.query(p.PARTITION_ACTION)
+    def _partition(msg: Message, context: Context) -> Message:
+        """The server's seeded sampling orders nodes by partition (strategies/sampling.py)."""
+        partition = int(context.node_config.get("partition-id", 0))
+        echo = ConfigRecord({p.PARTITION_ID: partition})
+        return Message(RecordDict({p.ECHO: echo}), reply_to=msg)
 
     return client_app
 

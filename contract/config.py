@@ -29,7 +29,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from seedlora.names import B_ONLY, CHAINED, Codec, Kind, Method
+from seedlora.names import B_ONLY, CHAINED, Codec, Kind, Method, method_kind
 from tasks.base import TaskConfig
 
 Strategy = Literal[
@@ -68,16 +68,26 @@ class Section(BaseModel):
 
 class AdapterConfig(Section):
     method: Method = F("seedlora", "seedlora (chains) | ffa | fedit | full (baselines)")
-    a_kind: Kind = F("circulant", "frozen A: gaussian | circulant | random-block")
+    a_kind: Kind = F(
+        "circulant", "frozen A: gaussian | circulant | random-block (ffa: always gaussian)"
+    )
     rank: int = F(8, "adapter rank r", gt=0)
     alpha: float = F(16.0, "adapter scale numerator: W = W0 + (alpha/r) B A", gt=0)
     adapter_dropout: float = F(0.0, "dropout on the adapter input", ge=0, lt=1)
-    seed: int = F(0, "public seed of every A (and of data order and partitioning)", ge=0)
+    seed: int = F(
+        0, "public seed of every A (and of data order, partitioning, node sampling)", ge=0
+    )
     target_modules: str = F("auto", 'adapted layers: "auto", names "a,b" or "re:<regex>"')
     modules_to_save: str = F("auto", 'fully trained heads: "auto", "none" or names "a,b"')
     frozen_factor: Literal["A", "B"] = F(
         "A", "seeded and frozen factor: A (train B) | B (swapped roles: train A)"
     )
+
+    @property
+    def kind(self) -> str:
+        """The frozen factor's kind the method uses: a-kind, or gaussian for ffa (FFA-LoRA's
+        one fixed gaussian A; seedlora.methods.method_kind)."""
+        return method_kind(self.method, None if self.method == "ffa" else self.a_kind)
 
     def targets(self, default: Sequence[str]) -> str | list[str]:
         """Adapter target patterns: the task's default, a regex ("re:..."), or a name list."""
@@ -110,9 +120,6 @@ class StrategyConfig(Section):
     server_lr: float = F(1.0, "fedavgm: server learning rate", gt=0)
     server_momentum: float = F(0.0, "fedavgm: server momentum", ge=0, lt=1)
     eta: float = F(1e-2, "fedadam/fedyogi/fedadagrad: server learning rate", gt=0)
-    eta_l: float = F(
-        1e-2, "fedadam/fedyogi/fedadagrad: client learning rate (Flower's eta_l)", gt=0
-    )
     beta_1: float = F(0.9, "fedadam/fedyogi: first-moment decay", ge=0, lt=1)
     beta_2: float = F(0.99, "fedadam/fedyogi: second-moment decay", ge=0, lt=1)
     tau: float = F(1e-3, "fedadam/fedyogi/fedadagrad: adaptivity", gt=0)

@@ -3,8 +3,8 @@
 Server -> client: `arrays` (global B + heads), `config` (round, chain link, A-spec
 fields, training keys, links digest), `links` (the merged links the node lacks).
 Client -> server: `arrays` (trained B + heads), `metrics` (num-examples, loss, time,
-bytes), `echo` (run id, link index, links digest, partition id), so the server can
-reject stale or foreign replies instead of averaging factors made for another A.
+bytes), `echo` (run id, link index, links digest, partition id, A digest), so the server
+can reject stale or foreign replies instead of averaging factors made for another A.
 """
 
 from __future__ import annotations
@@ -17,6 +17,12 @@ CONFIG = "config"
 METRICS = "metrics"
 LINKS = "links"
 ECHO = "echo"
+
+# Message type of the server's question "which partition are you?" (strategies/sampling.py)
+# and the ClientApp's query action that answers it, with an `echo` record holding only
+# PARTITION_ID.
+PARTITION_ACTION = "partition"
+PARTITION_QUERY = f"query.{PARTITION_ACTION}"
 
 # Keys of the `config` record.
 SERVER_ROUND = "server-round"
@@ -44,6 +50,7 @@ TRAIN_START = "train-start"  # wall-clock (epoch seconds) when the client began 
 BYTES_UP = "bytes-up"
 BYTES_DOWN = "bytes-down"
 PARTITION_ID = "partition-id"
+A_DIGEST = "a-digest"  # echo: seedlora.a_digest of the client's link model (its A's)
 SECURE_LINKS = "links-data"  # SecAgg+ fit config: every merged link (server/secure.py)
 DP_WEIGHT = "dp-weight"  # 1 from every client under DP: equal weights (strategies/privacy.py)
 
@@ -60,8 +67,12 @@ def record_bytes(message: Message) -> int:
     return total
 
 
-def echo_record(config: ConfigRecord, run_id: int, partition_id: int) -> ConfigRecord:
-    """What a client echoes back so the server can match the reply to its link."""
+def echo_record(
+    config: ConfigRecord, run_id: int, partition_id: int, a_digest: str = ""
+) -> ConfigRecord:
+    """What a client echoes back so the server can match the reply to its link; `a_digest`
+    (`seedlora.a_digest` of the model it trained, "" without adapters) lets the server
+    check that the client derived the same A from the link's A-spec."""
     return ConfigRecord(
         {
             RUN_ID: run_id,
@@ -69,6 +80,7 @@ def echo_record(config: ConfigRecord, run_id: int, partition_id: int) -> ConfigR
             LINKS_DIGEST: config[LINKS_DIGEST],
             SERVER_ROUND: config[SERVER_ROUND],
             PARTITION_ID: partition_id,
+            A_DIGEST: a_digest,
         }
     )
 

@@ -18,20 +18,23 @@ _EXPORTS = {
     "weighted_mean": "aggregate",
     "EMPTY_DIGEST": "chain",
     "Link": "chain",
+    "a_digest": "chain",
     "apply_link": "chain",
     "links_digest": "chain",
     "rebuild": "chain",
     "record_link": "chain",
+    "close_link": "federate",
+    "round_average": "federate",
     "atomic_dir": "export",
     "export_merged": "export",
     "export_peft": "export",
-    "adapter_layers": "inject",
-    "inject": "inject",
-    "load_trainable_state": "inject",
-    "merge_adapters": "inject",
-    "set_chain_index": "inject",
-    "trainable_state": "inject",
-    "unwrap": "inject",
+    "adapter_layers": "injection",
+    "inject": "injection",
+    "load_trainable_state": "injection",
+    "merge_adapters": "injection",
+    "set_chain_index": "injection",
+    "trainable_state": "injection",
+    "unwrap": "injection",
     "SeedLoRALayer": "layer",
     "merge_delta": "layer",
     "project": "layer",
@@ -55,9 +58,11 @@ __all__ = [
     "Link",
     "Method",
     "SeedLoRALayer",
+    "a_digest",
     "adapter_layers",
     "apply_link",
     "atomic_dir",
+    "close_link",
     "derive_seed",
     "export_merged",
     "export_peft",
@@ -73,6 +78,7 @@ __all__ = [
     "rebuild",
     "record_link",
     "relative_error",
+    "round_average",
     "set_chain_index",
     "trainable_state",
     "unwrap",
@@ -95,9 +101,18 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from .aggregate import fedit_update, mean_update, relative_error, weighted_mean
-    from .chain import EMPTY_DIGEST, Link, apply_link, links_digest, rebuild, record_link
+    from .chain import (
+        EMPTY_DIGEST,
+        Link,
+        a_digest,
+        apply_link,
+        links_digest,
+        rebuild,
+        record_link,
+    )
     from .export import atomic_dir, export_merged, export_peft
-    from .inject import (
+    from .federate import close_link, round_average
+    from .injection import (
         adapter_layers,
         inject,
         load_trainable_state,

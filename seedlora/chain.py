@@ -9,6 +9,7 @@ hash chain over a canonical serialization) names that base on the wire and in ca
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .inject import adapter_layers
+from .injection import adapter_layers
 from .layer import merge_delta
 from .spec import ASpec
 from .swapped import ADAPTERS, TRAINED_A, frozen_of, merge_swapped, trained_factor
@@ -122,6 +123,36 @@ def record_link(model: nn.Module, factors: Mapping[str, torch.Tensor] | None = N
             m.spec.layer: trained_factor(m).detach().float().cpu().clone() for _, m in layers
         }
     return Link(alphas.pop(), tuple(m.spec for _, m in layers), dict(factors), roles.pop())
+
+
+@functools.lru_cache(maxsize=16)
+def _frozen_digest(layers: tuple[tuple[ASpec, str], ...]) -> str:
+    h = hashlib.sha256(b"seedlora-frozen-v1")
+    for spec, role in layers:
+        h.update(role.encode())
+        h.update(spec.digest().encode())
+    return h.hexdigest()
+
+
+def a_digest(model: nn.Module) -> str:
+    """sha256 over the A-spec and the frozen factor itself of every adapter, in model order.
+
+    Equal digests mean every party derived the same A, bit for bit, from the same specs:
+    A is drawn by torch's CPU generator, so another torch version could draw another A from
+    the same spec, and averaging B factors made for different A's would be silently
+    inexact. Clients echo it and the server rejects a reply whose digest differs from its
+    own. Computed once per link and process (cached by the specs); a reduced-rank
+    (nested) adapter counts as the full-rank spec it is a slice of.
+
+    Returns:
+        The hex digest; "" for a model without adapters (fedit, full).
+    """
+    layers = []
+    for _, layer in adapter_layers(model):
+        spec = layer.spec
+        full = getattr(spec, "full", None)  # seedlora.nested.NestedSpec
+        layers.append((full() if callable(full) else spec, frozen_of(layer)))
+    return _frozen_digest(tuple(layers)) if layers else ""
 
 
 def _base_layer(model: nn.Module, name: str) -> nn.Module:

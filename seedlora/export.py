@@ -21,7 +21,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .chain import Link
-from .inject import merge_adapters, unwrap
+from .injection import merge_adapters, unwrap
 from .swapped import TRAINED_A
 
 
@@ -66,6 +66,17 @@ def _stack(links: Sequence[Link], layer: str) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat(bs, dim=1), torch.cat(as_, dim=0)
 
 
+def peft_task_type(model: nn.Module) -> str | None:
+    """PEFT's task type for a Hugging Face model, from its class: "CAUSAL_LM" for
+    *ForCausalLM / *LMHeadModel, "SEQ_CLS" for *ForSequenceClassification, else None."""
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "CAUSAL_LM"
+    return None
+
+
 def export_peft(
     base: nn.Module,
     links: Sequence[Link],
@@ -73,6 +84,7 @@ def export_peft(
     *,
     heads: Mapping[str, torch.Tensor] | None = None,
     base_model_name_or_path: str | None = None,
+    task_type: str | None = "auto",
 ) -> Path:
     """Save a PEFT LoRA adapter of rank sum(r_j) equal to W0 + all `links`.
 
@@ -88,7 +100,10 @@ def export_peft(
         path: the output directory (written atomically).
         heads: the fully trained modules (`modules_to_save`) as parameter name -> tensor of
             that parameter's shape, e.g. "score.weight": (num_labels, hidden).
-        base_model_name_or_path: recorded in the adapter config.
+        base_model_name_or_path: recorded in the adapter config as given (None: none;
+            never the path the base happened to be loaded from on this machine).
+        task_type: PEFT's task type in the adapter config ("CAUSAL_LM", "SEQ_CLS", ...);
+            "auto" infers it from the base's class (`peft_task_type`), None leaves it out.
 
     Returns:
         The output directory. Raises ValueError if every link has B = 0.
@@ -115,10 +130,12 @@ def export_peft(
         lora_dropout=0.0,
         fan_in_fan_out=conv,
         modules_to_save=head_modules or None,
-        base_model_name_or_path=base_model_name_or_path,
         init_lora_weights=False,
+        task_type=peft_task_type(base) if task_type == "auto" else task_type,
     )
     peft_model = get_peft_model(model, config)
+    # get_peft_model records the path the base was loaded from; record the caller's name
+    peft_model.peft_config["default"].base_model_name_or_path = base_model_name_or_path
     with torch.no_grad():
         for layer in layers:
             b_cat, a_cat = _stack(links, layer)

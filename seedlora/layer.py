@@ -85,6 +85,8 @@ def add_low_rank(
     Both merges (B-only and swapped roles) are this. The product is formed in float32 on
     the weight's device with A from `spec.dense()` (float32 CPU, then moved), and added in
     the weight's dtype, so every party that merges the same factors gets the same bits.
+    A float64 weight is the exception: the product is formed in float64 (A's float32
+    entries are exact there), so a float64 model merges to float64 rounding (~1e-16).
 
     Args:
         weight: (m, spec.n_in), or (spec.n_in, m) when `transposed`; any float dtype.
@@ -94,7 +96,8 @@ def add_low_rank(
         transposed: `weight` is stored the other way round (n_in x n_out, as GPT-2's
             Conv1D), so the product is added transposed.
     """
-    sl = (left.detach().to(torch.float32) * scaling).to(weight.device)
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    sl = (left.detach().to(dtype) * scaling).to(weight.device)
     if spec.is_block:
         cols = spec.columns().to(weight.device)
         if transposed:
@@ -102,7 +105,7 @@ def add_low_rank(
         else:
             weight.index_add_(1, cols, sl.to(weight.dtype))
         return
-    delta = sl @ spec.dense().to(weight.device)
+    delta = sl @ spec.dense().to(weight.device, dtype)
     weight.add_((delta.t() if transposed else delta).to(weight.dtype))
 
 

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .inject import Targets, _matches, inject
-from .names import B_ONLY, CHAINED, Method  # noqa: F401 - re-exported
+from .injection import Targets, _matches, inject
+from .names import B_ONLY, CHAINED, Method, method_kind  # noqa: F401 - re-exported
 
 
 def _any_conv1d(model: nn.Module, targets: Targets) -> bool:
@@ -33,7 +33,7 @@ def prepare(
     method: Method,
     targets: Targets,
     *,
-    kind: str,
+    kind: str | None = None,
     seed: int,
     rank: int,
     alpha: float,
@@ -42,13 +42,20 @@ def prepare(
     heads: Sequence[str] = (),
     frozen: str = "A",
 ) -> nn.Module:
-    """Make `model` trainable the way `method` does; returns the model to train."""
+    """Make `model` trainable the way `method` does; returns the model to train.
+
+    `kind` is the frozen factor's kind (`spec.KINDS`); None takes the method's own:
+    circulant for seedlora, gaussian for ffa. ffa *is* one fixed gaussian A (FFA-LoRA), so
+    any other kind is refused rather than ignored. fedit and full have no seeded factor
+    and ignore it. Raises ValueError on an unknown method or a kind ffa cannot take.
+    """
     if method in B_ONLY:
         chained = method in CHAINED
+        kind = method_kind(method, kind)
         inject(
             model,
             targets,
-            kind="gaussian" if method == "ffa" else kind,
+            kind=kind,
             seed=seed,
             rank=rank,
             alpha=alpha,

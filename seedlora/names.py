@@ -18,3 +18,16 @@ BLOCK_KINDS: tuple[str, ...] = ("circulant", "random-block")
 
 Codec = Literal["float32", "float16", "bfloat16", "int8"]
 CODECS: tuple[str, ...] = ("float32", "float16", "bfloat16", "int8")
+
+
+def method_kind(method: str, kind: str | None = None) -> str:
+    """The frozen factor's kind `method` uses: `kind`, or the method's own when None
+    (seedlora: circulant, ffa: gaussian). ffa refuses any kind but gaussian."""
+    if method == "ffa":
+        if kind not in (None, "gaussian"):
+            raise ValueError(
+                f"a-kind: ffa (FFA-LoRA) trains B on one fixed gaussian A; got {kind!r} "
+                "(pass kind=None or 'gaussian', or use method seedlora for block kinds)"
+            )
+        return "gaussian"
+    return "circulant" if kind is None else kind

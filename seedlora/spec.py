@@ -50,7 +50,10 @@ class ASpec:
         chain_index: c, the position in the chain.
         rank: r.
         layer: the adapted module's full name (part of the seeded draws).
-        n_in: A's columns (the layer's input size; its output size for a frozen B^T).
+        n_in: A's columns (the layer's input size; its output size for a frozen B^T);
+            `rank` must not exceed it (the identity block and the gaussian rows need r
+            independent columns). The trained factor has no such limit: a Linear(100, 1)
+            takes r = 10 with B trained (B is 1 x 10).
         n_out: the other side of the layer, for shape checks.
     """
 
@@ -67,9 +70,10 @@ class ASpec:
             raise ValueError(f"a-kind: unknown kind {self.kind!r}; expected one of {KINDS}")
         if self.rank <= 0:
             raise ValueError(f"rank: must be > 0, got {self.rank}")
-        if self.rank > min(self.n_in, self.n_out):
+        if self.rank > self.n_in:  # the frozen factor is r x n_in; the trained one any size
             raise ValueError(
-                f"rank: {self.rank} exceeds layer {self.layer!r} ({self.n_out} x {self.n_in})"
+                f"rank: {self.rank} exceeds the frozen factor's side {self.n_in} in layer "
+                f"{self.layer!r} (r <= n_in with B trained, r <= n_out with A trained)"
             )
         if self.chain_index < 0:
             raise ValueError(f"chain_index: must be >= 0, got {self.chain_index}")

@@ -29,20 +29,21 @@ from contract.config import RunConfig, RunConfigError
 from seedlora import (
     apply_link,
     atomic_dir,
+    close_link,
     export_merged,
     export_peft,
     links_digest,
     load_trainable_state,
     prepare,
-    record_link,
     set_chain_index,
     trainable_state,
 )
+from seedlora.export import peft_task_type
 from seedlora.methods import B_ONLY
 from seedlora.serialize import atomic_write_bytes, state_to_bytes
 from strategies.privacy import PrivacyLedger
 from strategies.registry import EXACT_IN_WEIGHT_SPACE
-from tasks import build_task
+from tasks import build_task, portable_name
 
 from . import checkpoint, report
 from .outcome import EmptyRunRule
@@ -99,7 +100,7 @@ class ChainServer:
                 self.task.load_model(),
                 a.method,
                 a.targets(self.task.target_modules),
-                kind=a.a_kind,
+                kind=a.kind,
                 seed=a.seed,
                 rank=a.rank,
                 alpha=a.alpha,
@@ -110,6 +111,7 @@ class ChainServer:
             raise RunConfigError(f"run-config: {err}") from None
         self.model.eval()
         self.state = ChainState(cfg.to_flower(), links=[], arrays=trainable_state(self.model))
+        log(INFO, report.adapter_summary(self.model, a.method, self.state.arrays, cfg.upload))
         self.node_links: dict[int, int] = {}  # node id -> merged links it is known to hold
         self.eval_set = self.task.eval_dataset(None) if cfg.output.central_eval else None
         if cfg.output.resume:
@@ -168,7 +170,7 @@ class ChainServer:
         a = self.cfg.adapter
         return {
             p.METHOD: a.method,
-            p.A_KIND: a.a_kind,
+            p.A_KIND: a.kind,
             p.SEED: a.seed,
             p.RANK: a.rank,
             p.ALPHA: a.alpha,
@@ -214,7 +216,8 @@ class ChainServer:
         ledger = result.ledger
         return {
             "round_in_link": self.state.round_in_link,
-            "rounds_per_link": self.cfg.chain.rounds_per_link,
+            "num_links": self.cfg.schedule[0],
+            "rounds_per_link": self.cfg.schedule[1],  # the run's rounds for one-link methods
             "train_loss": ledger.train_metrics.get(p.TRAIN_LOSS),
             "train_metrics": ledger.train_metrics,
             "client_eval": ledger.eval_metrics,
@@ -227,6 +230,7 @@ class ChainServer:
             "bytes_up": ledger.bytes_up,
             "bytes_down": ledger.bytes_down,
             "bytes_up_per_client": ledger.bytes_up / max(ledger.accepted, 1),
+            **report.running_totals(self.state.history, ledger.bytes_up, ledger.bytes_down),
         }
 
     def _save_updates(self, global_round: int, updates: list) -> None:
@@ -245,9 +249,7 @@ class ChainServer:
         s.chain_index += 1
         s.round_in_link = 0
         if self.cfg.adapter.method in B_ONLY:
-            link = record_link(self.model)
-            apply_link(self.model, link)
-            set_chain_index(self.model, s.chain_index)
+            link = close_link(self.model)  # record, merge, next A with B = 0
             s.links.append(link)
             s.arrays = trainable_state(self.model)
             s.strategy_state = {}
@@ -268,9 +270,13 @@ class ChainServer:
             self._export()
 
     def _export(self) -> None:
-        tokenizer = getattr(self.task, "tokenizer", None)
+        tokenizer = self.task.load_tokenizer()  # merged-model/ loads with its tokenizer
+        base_name = portable_name(self.cfg.task.model_name)  # not this machine's path
         method = self.cfg.adapter.method
         if method == "fedit":  # already a PEFT model
+            config = self.model.peft_config["default"]
+            config.base_model_name_or_path = base_name
+            config.task_type = config.task_type or peft_task_type(self.model.get_base_model())
             atomic_dir(self.out_dir / "peft-adapter", self.model.save_pretrained)
             merged = copy.deepcopy(self.model).merge_and_unload()
             export_merged(merged, self.out_dir / "merged-model", tokenizer=tokenizer)
@@ -286,7 +292,7 @@ class ChainServer:
                 self.state.links,
                 self.out_dir / "peft-adapter",
                 heads=heads,
-                base_model_name_or_path=self.cfg.task.model_name,
+                base_model_name_or_path=base_name,
             )
         except ValueError as err:
             log(WARNING, "PEFT export skipped: %s", err)

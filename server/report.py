@@ -1,28 +1,141 @@
-"""What a run leaves behind for people: metrics.json, a plot, one log line per round."""
+"""What a run tells people: what it trains (one line at the start), one line per round
+(with the run's bytes so far), metrics.json and a plot."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
+from torch import nn
+
+from contract.config import UploadConfig
+from seedlora import adapter_layers
+from seedlora.compress import encode
 from seedlora.serialize import atomic_write_bytes
 
 
 def round_line(entry: dict) -> str:
-    """`link 1 round 2/3 (global 5) | clients 8/8 | train loss 2.31 | central ppl 9.8 | ...`."""
+    """`link 1 round 2/3 (global 5) | clients 8/8 | train loss 2.31 | central ppl 9.8 | ...`.
+
+    A run of one link (the baselines without chains, or num-links = 1) reads
+    `round 5/9`: its rounds-per-link is the run's rounds."""
     central = entry.get("central") or {}
+    of = f"round {entry['round_in_link']}/{entry['rounds_per_link']}"
+    chained = entry.get("num_links", 2) > 1
     parts = [
-        f"link {entry['link']} round {entry['round_in_link']}/{entry['rounds_per_link']} "
-        f"(global {entry['round']})",
+        f"link {entry['link']} {of} (global {entry['round']})" if chained else of,
         f"clients {entry['accepted']}/{entry['sent']}" + (" SKIPPED" if entry["skipped"] else ""),
     ]
     if entry.get("train_loss") is not None:
         parts.append(f"train loss {entry['train_loss']:.4f}")
     metric = " ".join(f"{k} {v:.4g}" for k, v in central.items() if k != "num-examples")
     parts.append(f"central {metric or '-'}")
-    parts.append(f"up {entry['bytes_up'] / 1e6:.3f} MB down {entry['bytes_down'] / 1e6:.3f} MB")
+    traffic = f"up {entry['bytes_up'] / 1e6:.3f} MB down {entry['bytes_down'] / 1e6:.3f} MB"
+    if "bytes_up_total" in entry:
+        up, down = entry["bytes_up_total"] / 1e6, entry["bytes_down_total"] / 1e6
+        traffic += f" (run: up {up:.3f} MB down {down:.3f} MB)"
+    parts.append(traffic)
     parts.append(f"{entry['wall_time']:.1f}s")
+    return " | ".join(parts)
+
+
+def compact_names(names: Sequence[str]) -> str:
+    """Module names folded into patterns: numeric path parts become ranges, and names that
+    differ only after them share braces, e.g. `transformer.h.[0-3].{attn.c_attn,mlp.c_fc}`.
+    """
+    templates: dict[tuple[str, ...], list[tuple[int, ...]]] = {}
+    for name in names:
+        parts = name.split(".")
+        key = tuple("#" if x.isdigit() else x for x in parts)
+        templates.setdefault(key, []).append(tuple(int(x) for x in parts if x.isdigit()))
+    grouped: dict[str, list[str]] = {}  # prefix up to the last number -> suffixes
+    for key, numbers in templates.items():
+        values = iter([_ranges(sorted({n[i] for n in numbers})) for i in range(len(numbers[0]))])
+        rendered = [next(values) if x == "#" else x for x in key]
+        last = max((i for i, x in enumerate(key) if x == "#"), default=-1)
+        prefix, suffix = ".".join(rendered[: last + 1]), ".".join(rendered[last + 1 :])
+        grouped.setdefault(prefix, []).append(suffix)
+    out = []
+    for prefix, suffixes in grouped.items():
+        tail = suffixes[0] if len(suffixes) == 1 else _braced(suffixes)
+        out.append(f"{prefix}.{tail}" if prefix and tail else prefix or tail)
+    return ", ".join(out)
+
+
+def _braced(suffixes: list[str]) -> str:
+    """['self_attn.q_proj', 'self_attn.v_proj'] -> 'self_attn.{q_proj,v_proj}'."""
+    split = [x.split(".") for x in suffixes]
+    common = 0
+    while all(len(x) > common + 1 and x[common] == split[0][common] for x in split):
+        common += 1
+    head = ".".join(split[0][:common])
+    body = "{" + ",".join(".".join(x[common:]) for x in split) + "}"
+    return f"{head}.{body}" if head else body
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5] -> '[0-2,5]'; a single value stays bare."""
+    if len(values) == 1:
+        return str(values[0])
+    spans, start = [], values[0]
+    for prev, cur in zip(values, [*values[1:], None], strict=True):
+        if cur is None or cur != prev + 1:
+            spans.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    return "[" + ",".join(spans) + "]"
+
+
+def running_totals(history: Sequence[dict], up: int, down: int) -> dict[str, int]:
+    """The run's bytes up and down so far, this round (`up`, `down`) included."""
+    last = next((h for h in reversed(history) if "bytes_up_total" in h), {})
+    return {
+        "bytes_up_total": last.get("bytes_up_total", 0) + up,
+        "bytes_down_total": last.get("bytes_down_total", 0) + down,
+    }
+
+
+def adapter_summary(model, method: str, state: dict, upload: UploadConfig) -> str:
+    """`adapter_line` for a prepared model: its adapted layers (B-only adapters, or PEFT's
+    LoRA modules for fedit), its fully trained heads, the trainable numbers in `state`,
+    and what one client uploads per round in the run's codec, at full rank (client-ranks
+    send less)."""
+    codec = upload.upload_codec
+    adapted = [name for name, _ in adapter_layers(model)]
+    if not adapted:  # fedit: PEFT's LoRA layers hold their A's in a `lora_A` module dict
+        adapted = [
+            _plain(n)
+            for n, m in model.named_modules()
+            if isinstance(getattr(m, "lora_A", None), nn.ModuleDict)
+        ]
+    heads = [] if method == "full" else [k.rsplit(".", 1)[0] for k in state if "lora_" not in k]
+    heads = list(dict.fromkeys(_plain(h) for h in heads))
+    trainable = sum(v.numel() for v in state.values())
+    upload = sum(t.numel() * t.element_size() for t in encode(state, codec).values())
+    return adapter_line(method, adapted, heads, trainable, upload)
+
+
+def _plain(name: str) -> str:
+    """A module name without PEFT's wrapping (`base_model.model.`, `.modules_to_save...`)."""
+    return name.removeprefix("base_model.model.").split(".modules_to_save")[0]
+
+
+def adapter_line(
+    method: str, adapted: Sequence[str], heads: Sequence[str], trainable: int, upload: int
+) -> str:
+    """What the run trains and ships: `adapted 16 layers (...) | heads ... | 57,344 trainable
+    parameters | upload 229.4 kB per client-round`."""
+    if method == "full":
+        what = "every parameter (full fine-tuning)"
+    else:
+        what = f"adapted {len(adapted)} layers ({compact_names(adapted)})"
+    parts = [f"{method}: {what}"]
+    if heads:
+        parts.append(f"heads {compact_names(heads)}")
+    parts.append(f"{trainable:,} trainable parameters")
+    size = f"{upload / 1e6:.2f} MB" if upload >= 1e6 else f"{upload / 1e3:.1f} kB"
+    parts.append(f"upload {size} per client-round")
     return " | ".join(parts)
 
 

@@ -24,9 +24,11 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from contract import protocol as p
+from seedlora import a_digest
 from strategies import privacy
 from strategies.chain import LinkContext, LinkStrategy
 from strategies.registry import build_strategy
+from strategies.sampling import NodeOrder
 from strategies.state import load_state, save_state
 
 from .chain_server import ChainServer
@@ -38,10 +40,13 @@ class FlowerRounds:
 
     def __init__(self, grid: Grid):
         self.grid = grid
+        self.node_order: NodeOrder | None = None  # run-wide, made with the first link
 
     def open_link(self, server: ChainServer) -> FlowerLink:
         cfg, s = server.cfg, server.state
         num_nodes = len(list(self.grid.get_node_ids()))
+        if self.node_order is None:
+            self.node_order = NodeOrder(cfg.strategy.round_timeout)
         inner = privacy.wrap(build_strategy(cfg.strategy), cfg, num_nodes, server.privacy)
         load_state(inner, s.strategy_state)
         ctx = LinkContext(
@@ -55,6 +60,8 @@ class FlowerRounds:
             checks=cfg.strategy,
             upload=cfg.upload,
             keep_updates=cfg.output.save_client_updates,
+            a_digest=a_digest(server.model),  # replies must echo it: same A as ours
+            node_order=self.node_order,
         )
         train = ConfigRecord({"lr": cfg.train.lr, "local-steps": cfg.train.local_steps})
         return FlowerLink(self.grid, LinkStrategy(inner, ctx), train, cfg.strategy.round_timeout)

@@ -108,7 +108,7 @@ def scaled_update(honest: ClientApp, factor: float):
 
     def app(msg: Message, context: Context) -> Message:
         reply = honest(msg, context)
-        if reply.has_error():
+        if reply.has_error() or not msg.metadata.message_type.startswith("train"):
             return reply
         sent = msg.content[p.ARRAYS].to_torch_state_dict()
         got = reply.content[p.ARRAYS].to_torch_state_dict()

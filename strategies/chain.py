@@ -2,8 +2,10 @@
 
 `LinkStrategy` wraps a fresh inner strategy per link and only composes:
 
-    configure_*  the inner strategy's messages -> `Outgoing.decorate` (outgoing.py): link
-                 config, global round, links digest, and the merged links a node lacks
+    configure_*  the inner strategy's messages, sampled by Flower's code with a seeded RNG
+                 over the nodes in partition order (sampling.py) -> `Outgoing.decorate`
+                 (outgoing.py): link config, global round, links digest, and the merged
+                 links a node lacks
     aggregate_*  the replies -> the reply pipeline (replies.py): check, unpack, check
                  arrays, screen outliers; fewer than `min_replies` accepted replies skip
                  the round (global B unchanged), else the inner strategy aggregates them
@@ -38,13 +40,16 @@ from seedlora.chain import Link, links_digest
 from .ledger import Rejection, RoundLedger, client_updates
 from .outgoing import Outgoing
 from .outliers import OutlierScreen
+from .registry import kept_replies, trims_nothing
 from .replies import (
     Verdict,
     evaluate_pipeline,
     note_lost,
+    own_rejections,
     train_pipeline,
     without_empty_evaluations,
 )
+from .sampling import NodeOrder, seeded_sampling
 from .uploads import Unpack
 from .validation import Expectation
 
@@ -74,6 +79,8 @@ class LinkContext:
     checks: StrategyConfig = StrategyConfig()  # min-replies, max-num-examples, outlier-*
     upload: UploadConfig = UploadConfig()  # what replies carry: upload-codec, client-ranks
     keep_updates: bool = False  # keep accepted client states per round (save-client-updates)
+    a_digest: str = ""  # the server's seedlora.a_digest for this link ("": not checked)
+    node_order: NodeOrder | None = None  # run-wide partition order for seeded sampling
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,7 @@ class LinkStrategy(Strategy):
         self.digest = links_digest(ctx.links)
         self.ledgers: dict[int, RoundLedger] = {}  # keyed by global round
         self.sent = SentRound()
+        self._warned_trim = False
         self.outgoing = Outgoing(
             ctx.links, ctx.link_config, ctx.chain_index, self.digest, ctx.node_links
         )
@@ -117,7 +125,24 @@ class LinkStrategy(Strategy):
             links_digest=self.digest,
             arrays=signature,
             max_num_examples=self.ctx.checks.max_num_examples,
+            a_digest=self.ctx.a_digest or None,
         )
+
+    def _configure(
+        self, phase: str, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid
+    ) -> list[Message]:
+        """The inner strategy's configure_<phase>, its own sampling included, with the RNG
+        seeded from (seed, phase, global round) and, when it samples a subset, the nodes
+        in partition order (sampling.py)."""
+        train = phase == "train"
+        checks = self.ctx.checks
+        fraction = checks.fraction_train if train else checks.fraction_evaluate
+        configure = self.inner.configure_train if train else self.inner.configure_evaluate
+        if fraction < 1 and self.ctx.node_order is not None:
+            grid = self.ctx.node_order.view(grid)
+        seed = int(self.ctx.link_config.get(p.SEED, 0))
+        with seeded_sampling(seed, phase, self.global_round(server_round)):
+            return list(configure(self.link_round(server_round), arrays, config, grid))
 
     def _send(self, messages: Iterable[Message], server_round: int) -> list[Message]:
         out = self.outgoing.decorate(messages, self.global_round(server_round))
@@ -136,7 +161,7 @@ class LinkStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         sent_arrays = {k: a.numpy() for k, a in arrays.items()}
-        messages = self.inner.configure_train(self.link_round(server_round), arrays, config, grid)
+        messages = self._configure("train", server_round, arrays, config, grid)
         out = self._send(messages, server_round)
         self.ledger(server_round).sent = len(out)
         nodes = frozenset(m.metadata.dst_node_id for m in out)
@@ -158,7 +183,7 @@ class LinkStrategy(Strategy):
         )
         verdict = pipeline(replies)
         accepted = self._receive(verdict)
-        ledger.rejected.extend(verdict.rejected)
+        ledger.rejected.extend(own_rejections(verdict.rejected, ledger.lost))
         ledger.outliers.extend(verdict.outliers)
         ledger.accepted = len(accepted)
         if ctx.keep_updates:
@@ -174,16 +199,44 @@ class LinkStrategy(Strategy):
             )
             ledger.skipped = True
             return None, None
+        self._warn_if_trimming_nothing(len(accepted))
         arrays, metrics = self.inner.aggregate_train(self.link_round(server_round), accepted)
+        if arrays is not None and ctx.checks.name in ("krum", "multikrum"):
+            self._note_single_kept(global_round, accepted, arrays)
         ledger.train_metrics = dict(metrics or {})
         return (as_float32(arrays) if arrays is not None else None), metrics
+
+    def _warn_if_trimming_nothing(self, replies: int) -> None:
+        """Once per link: fedtrimmedavg with too few replies to cut any is a plain mean."""
+        reason = trims_nothing(self.ctx.checks, replies)
+        if reason and not self._warned_trim:
+            log(WARNING, "link %d: %s", self.ctx.chain_index, reason)
+            self._warned_trim = True
+
+    def _note_single_kept(self, global_round: int, accepted: list[Message], arrays) -> None:
+        """Krum (and multikrum with krum-select 1) average one reply: say whose."""
+        if kept_replies(self.ctx.checks, len(accepted)) != 1 or len(accepted) < 2:
+            return
+        got = {k: np.asarray(a.numpy(), np.float32) for k, a in arrays.items()}
+        kept = [
+            m.metadata.src_node_id
+            for m in accepted
+            if all(np.array_equal(got[k], a.numpy()) for k, a in m.content[p.ARRAYS].items())
+        ]
+        log(
+            WARNING,
+            "round %d: %s kept a single client's update (node %s) and dropped %d: with "
+            "non-IID clients a round then trains on one client's data (README, Strategies)",
+            global_round,
+            self.ctx.checks.name,
+            kept[0] if len(kept) == 1 else "?",
+            len(accepted) - 1,
+        )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        messages = self.inner.configure_evaluate(
-            self.link_round(server_round), arrays, config, grid
-        )
+        messages = self._configure("evaluate", server_round, arrays, config, grid)
         return self._send(messages, server_round)
 
     def aggregate_evaluate(

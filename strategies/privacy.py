@@ -18,12 +18,24 @@ no sampling amplification claimed, add-or-remove-one client neighbours. Flower's
 can account itself, but it keys its pending events by round number, and the chain
 wrapper numbers rounds per link; so the run-wide count of releases is kept here and
 epsilon is recomputed from it (all releases are identical).
+
+Noise. Flower draws it from numpy's global RNG and takes no generator. By default it
+stays that way (fresh entropy: reruns differ). With `SEEDLORA_DP_NOISE_SEED` set in the
+ServerApp's environment, each release's noise comes from numpy's RNG seeded from that
+secret and the release number (`seeded_numpy`), so a run can be reproduced bit for bit.
+It is deliberately not the run's public `seed`: noise anyone can recompute can be
+subtracted from the released model.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
 from flwr.supercore.privacy_accounting import (
@@ -34,9 +46,11 @@ from flwr.supercore.privacy_accounting import (
 )
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-from contract.config import RunConfig
+from contract.config import RunConfig, RunConfigError
 from contract.protocol import DP_WEIGHT
+from seedlora.spec import derive_seed
 
+NOISE_SEED_ENV = "SEEDLORA_DP_NOISE_SEED"  # server-only secret: reproducible DP noise
 EPSILON = "dp-epsilon"  # train metric: cumulative epsilon at dp-delta after this round
 DP_STRATEGIES = ("fedavg", "fedprox")
 
@@ -59,6 +73,40 @@ def epsilon(noise_multiplier: float, releases: int, sample: int, population: int
     return accountant.get_epsilon(delta)
 
 
+def noise_seed() -> int | None:
+    """The server's secret DP noise seed (`SEEDLORA_DP_NOISE_SEED`), None when unset.
+
+    Never the run's `seed`: that one is public (every client gets the run config and
+    derives A from it), and noise anyone can recompute is noise anyone can subtract, which
+    would void the guarantee. Set it only in the ServerApp's environment.
+    """
+    raw = os.environ.get(NOISE_SEED_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise RunConfigError(f"{NOISE_SEED_ENV}: expected an integer, got {raw!r}") from None
+
+
+@contextmanager
+def seeded_numpy(secret: int, release: int) -> Iterator[None]:
+    """numpy's global RNG seeded from (secret, release number), restored on exit.
+
+    Flower 1.41 draws the noise with `np.random.normal` (numpy's global RNG, in
+    `flwr.supercore.differential_privacy.add_gaussian_noise_inplace`) and takes no
+    generator, so the wrapper's aggregation runs inside this: the noise of release t is a
+    function of the secret and t (the same after a resume, which restores the count),
+    and nothing else in the process sees a changed stream.
+    """
+    state = np.random.get_state()
+    np.random.seed(derive_seed("dp-noise", secret, release) % 2**32)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
 @dataclass
 class PrivacyLedger:
     """Releases so far in this run (all links): what epsilon is computed from."""
@@ -74,12 +122,16 @@ class PrivateLink(DifferentialPrivacyServerSideFixedClipping):
         self.population = population
         self.delta = cfg.privacy.dp_delta
         self.ledger = ledger
+        self.noise_seed = noise_seed()
 
     def aggregate_train(
         self, server_round: int, replies
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies: list[Message] = list(replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        seeded = self.noise_seed is not None
+        release = self.ledger.releases + 1
+        with seeded_numpy(self.noise_seed, release) if seeded else contextlib.nullcontext():
+            arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None:
             self.ledger.releases += 1
             metrics = MetricRecord(dict(metrics or {}))

@@ -5,6 +5,8 @@ Exact in weight space (linear in the client B's, so sum_i w_i B_i A = (sum_i w_i
   (the server optimizers act on the averaged pseudo-gradient, a linear function of B).
 B-space only (robust rules; legitimate, but not the same rule applied to full weight
 updates W_i = (alpha/r) B_i A): fedmedian, fedtrimmedavg, krum, multikrum.
+`trims_nothing` and `kept_replies` say when a robust rule degenerates in a round (no
+trimming; a single client kept), which the link wrapper logs.
 
 A fresh strategy is built for every chain link, so B-space state (FedAdam/FedYogi/
 FedAdagrad moments, FedAvgM momentum) resets when the A coordinates change.
@@ -12,6 +14,7 @@ FedAdagrad moments, FedAvgM momentum) resets when the A coordinates change.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -47,7 +50,9 @@ def _common(s: StrategyConfig) -> dict[str, Any]:
 
 
 def _fedopt(s: StrategyConfig) -> dict[str, Any]:
-    return {"eta": s.eta, "eta_l": s.eta_l, "tau": s.tau}
+    # Flower's eta_l ("client-side learning rate") is only logged by FedOpt: clients train
+    # with the train section's lr, so there is no run-config key for it.
+    return {"eta": s.eta, "tau": s.tau}
 
 
 def _adam(s: StrategyConfig) -> dict[str, Any]:
@@ -75,3 +80,27 @@ BUILDERS: dict[str, Callable[[StrategyConfig], Strategy]] = {
 def build_strategy(section: StrategyConfig) -> Strategy:
     """A new Flower strategy for one chain link, configured from the strategy section."""
     return BUILDERS[section.name](section)
+
+
+def trims_nothing(section: StrategyConfig, replies: int) -> str | None:
+    """Why fedtrimmedavg would trim nothing from `replies` replies (None: it trims, or
+    the rule is another). Flower cuts int(trim-beta * n) at each end."""
+    if section.name != "fedtrimmedavg" or section.trim_beta * replies >= 1:
+        return None
+    if section.trim_beta > 0:
+        need = f"needs >= {math.ceil(1 / section.trim_beta)} replies or a larger trim-beta"
+    else:
+        need = "trim-beta is 0"
+    return (
+        f"fedtrimmedavg trims nothing: trim-beta {section.trim_beta} x {replies} replies < 1 "
+        f"({need}), so the round is a plain mean"
+    )
+
+
+def kept_replies(section: StrategyConfig, replies: int) -> int | None:
+    """How many of `replies` replies krum/multikrum average (None for the other rules)."""
+    if section.name == "krum":
+        return min(1, replies)
+    if section.name == "multikrum":
+        return min(section.krum_select, replies)
+    return None

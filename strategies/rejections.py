@@ -27,6 +27,12 @@ class ForeignReply(ReplyRejected):
     """The reply was made for another run, chain link or links digest (or echoes nothing)."""
 
 
+class ForeignA(ReplyRejected):
+    """The reply was trained on another frozen factor: the client derived an A whose digest
+    differs from the server's for the same A-spec (e.g. another torch version's generator),
+    so averaging it would be silently inexact."""
+
+
 class BadMetrics(ReplyRejected):
     """The metric record is missing, not finite, or `num-examples` is absurd."""
 

@@ -53,8 +53,9 @@ class Verdict:
 
 def _log_rejection(rejection: Rejection) -> None:
     if rejection.node_id == SUPERLINK_NODE_ID:  # Flower's error for a node it could not reach
-        log(WARNING, "rejected the SuperLink's error for a lost node: %s", rejection.reason)
-    else:  # the lost node itself is named by note_lost
+        # the lost node itself is named by note_lost (a warning); this is its echo
+        log(INFO, "the SuperLink answered for a lost node: %s", rejection.reason)
+    else:
         log(WARNING, "rejected reply from node %s: %s", rejection.node_id, rejection.reason)
 
 
@@ -120,6 +121,18 @@ def without_empty_evaluations(replies: Iterable[Message]) -> list[Message]:
         else:
             kept.append(message)
     return kept
+
+
+def own_rejections(rejected: Sequence[Rejection], lost: Sequence[int]) -> list[Rejection]:
+    """The rejections of the nodes' own replies: the SuperLink's error replies (node id 1)
+    standing for nodes already named lost are not listed again, one per lost node."""
+    unmatched, out = len(lost), []
+    for rejection in rejected:
+        if rejection.node_id == SUPERLINK_NODE_ID and unmatched > 0:
+            unmatched -= 1
+            continue
+        out.append(rejection)
+    return out
 
 
 def note_lost(

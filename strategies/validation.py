@@ -1,9 +1,10 @@
 """Check every reply before any strategy sees it: a bad reply is logged, never averaged.
 
-A reply made for another link (stale chain index or links digest), another run, with
-missing/extra keys, a wrong shape or dtype, NaN/Inf, or an absurd `num-examples` is
-rejected: each check returns the reply or raises a `ReplyRejected` (strategies/
-rejections.py) whose reason names the fault. strategies/replies.py chains them.
+A reply made for another link (stale chain index or links digest), another run, on
+another A (its A digest differs from the server's), with missing/extra keys, a wrong
+shape or dtype, NaN/Inf, or an absurd `num-examples` is rejected: each check returns
+the reply or raises a `ReplyRejected` (strategies/rejections.py) whose reason names the
+fault. strategies/replies.py chains them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .rejections import (
     BadArrays,
     BadMetrics,
     ClientErrorReply,
+    ForeignA,
     ForeignReply,
     decoding,
 )
@@ -34,6 +36,7 @@ class Expectation:
     links_digest: str
     arrays: dict[str, tuple[tuple[int, ...], str]] | None  # None: not checked (evaluate)
     max_num_examples: int
+    a_digest: str | None = None  # the server's seedlora.a_digest for this link; None: unchecked
 
 
 def _check_echo(content, exp: Expectation) -> None:
@@ -48,6 +51,13 @@ def _check_echo(content, exp: Expectation) -> None:
         )
     if echo.get(p.LINKS_DIGEST) != exp.links_digest:
         raise ForeignReply(f"foreign links digest {str(echo.get(p.LINKS_DIGEST))[:12]}")
+    if exp.a_digest and echo.get(p.A_DIGEST) != exp.a_digest:
+        got = echo.get(p.A_DIGEST)
+        raise ForeignA(
+            f"A digest {str(got)[:12] if got else 'missing'} differs from the server's "
+            f"{exp.a_digest[:12]}: the client derived another A from the same A-spec "
+            "(another torch version?), so its B cannot be averaged exactly"
+        )
 
 
 def _check_metrics(content, exp: Expectation) -> None:

@@ -21,6 +21,7 @@ _EXPORTS = {
     "load_causal_lm": "models",
     "load_seq_cls": "models",
     "load_tokenizer": "models",
+    "portable_name": "models",
     "resolve_model_path": "models",
     "target_modules_for": "models",
     "TASKS": "registry",
@@ -39,6 +40,7 @@ __all__ = [
     "load_corpus",
     "load_seq_cls",
     "load_tokenizer",
+    "portable_name",
     "resolve_model_path",
     "split_corpus",
     "target_modules_for",
@@ -66,6 +68,7 @@ if TYPE_CHECKING:
         load_causal_lm,
         load_seq_cls,
         load_tokenizer,
+        portable_name,
         resolve_model_path,
         target_modules_for,
     )

@@ -8,11 +8,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.models import EMBEDDED, model_type_of, target_modules_for
+from tasks.models import EMBEDDED, load_tokenizer, model_type_of, target_modules_for
 
 if TYPE_CHECKING:  # the config is validated without loading torch or datasets
     import datasets
     import torch
+    from transformers import PreTrainedTokenizerBase
 
 
 def _kebab(name: str) -> str:
@@ -108,6 +109,10 @@ class Task(ABC):
     @abstractmethod
     def load_model(self) -> torch.nn.Module:
         """Fresh pretrained base model, CPU float32."""
+
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The base model's tokenizer (shared: do not modify), e.g. to ship beside exports."""
+        return load_tokenizer(self.config.model_name)
 
     @abstractmethod
     def train_dataset(self, partition_id: int) -> datasets.Dataset:

@@ -23,6 +23,7 @@ EMBEDDED = "embedded"
 ENV_VAR = "SEEDLORA_BASE_MODEL"
 DISTRIBUTION = "seedlora"
 _ASSET = Path("assets") / "base-model"
+EMBEDDED_REFERENCE = "tasks/assets/base-model"  # the shipped base, from a checkout's root
 _HERE = Path(__file__).resolve().parent
 _WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 # A Hugging Face hub id: `name` or `owner/name` (letters, digits, - _ .).
@@ -69,6 +70,13 @@ def embedded_candidates() -> list[Path]:
 def looks_like_path(name: str) -> bool:
     """True for names that can only mean a local directory (not a hub id)."""
     return name.startswith(("/", ".", "~")) or _HUB_ID.fullmatch(name) is None
+
+
+def portable_name(name: str = EMBEDDED) -> str:
+    """How exports name their base model: the shipped base as the repository-relative
+    `tasks/assets/base-model` (loadable from a checkout, never this machine's absolute
+    path); a hub id or the user's own directory as given."""
+    return EMBEDDED_REFERENCE if name == EMBEDDED else name
 
 
 def resolve_model_path(name: str = EMBEDDED) -> str:
@@ -159,6 +167,10 @@ def _cached(name: str, kind: str, num_labels: int, seed: int):
             )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
+    if kind == "causal" and getattr(model, "loss_type", None) is None:
+        # transformers names the loss from the class name; GPT2LMHeadModel & co. match none
+        # and log "`loss_type=None` ... unrecognized" once per process (every Ray actor).
+        model.loss_type = "ForCausalLM"
     return model.float().eval(), tok  # .float(): hub checkpoints may load as bf16/fp16
 
 

@@ -68,7 +68,7 @@ def module_names(parameters: Sequence[str]) -> list[str]:
 
 
 def _targeted(name: str, targets: str | Sequence[str]) -> bool:
-    """PEFT's rule, as seedlora.inject applies it: a regex matches the whole name, a list
+    """PEFT's rule, as seedlora.injection applies it: a regex matches the whole name, a list
     entry the name or its last dotted parts."""
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None or any(

@@ -87,15 +87,19 @@ def test_every_strategy_completes_a_chain(overrides, tmp_path, strategy):
     assert torch.isfinite(b).all() and b.abs().sum() > 0
 
 
-def faulty(kind: str):
-    """A ClientApp that replies with a bad update of the given kind."""
+def faulty(kind: str, honest):
+    """A ClientApp that replies with a bad update of the given kind (its echo otherwise
+    the `honest` app's, A digest included)."""
 
     def app(msg: Message, context) -> Message:
         config = msg.content[p.CONFIG]
         arrays = msg.content[p.ARRAYS].to_torch_state_dict()
         arrays = {k: torch.full_like(v, 0.5) for k, v in arrays.items()}
-        echo = p.echo_record(config, RUN_ID, 2)
-        if kind == "nan":
+        digest = honest(msg, context).content[p.ECHO][p.A_DIGEST]
+        echo = p.echo_record(config, RUN_ID, 2, digest)
+        if kind == "a-digest":  # a client whose torch drew another A from the same spec
+            echo[p.A_DIGEST] = "f" * 64
+        elif kind == "nan":
             first = next(iter(arrays))
             arrays[first][0, 0] = float("nan")
         elif kind == "stale":
@@ -115,13 +119,13 @@ def faulty(kind: str):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("kind", ["nan", "stale", "digest"])
+@pytest.mark.parametrize("kind", ["nan", "stale", "digest", "a-digest"])
 def test_bad_reply_is_rejected_and_changes_nothing(overrides, tmp_path, kind):
     extra = {"num-links": 2}
     clean, _ = run(overrides, tmp_path / "clean", prepare=lambda g: g.apps.pop(103), **extra)
 
     def poison(grid):
-        grid.apps[103] = faulty(kind)
+        grid.apps[103] = faulty(kind, grid.apps[103])
 
     dirty, _ = run(overrides, tmp_path / "dirty", prepare=poison, **extra)
     doc = metrics(tmp_path / "dirty")
@@ -131,6 +135,20 @@ def test_bad_reply_is_rejected_and_changes_nothing(overrides, tmp_path, kind):
 
     assert links_digest(dirty.state.links) == links_digest(clean.state.links)
     assert dirty.state.links[0].factors  # a real chain was built
+
+
+def test_a_reply_on_another_a_is_rejected_with_its_reason(overrides, tmp_path):
+    """A client whose A digest differs from the server's (same A-spec, another A: e.g.
+    another torch version) is rejected and named; the others are averaged."""
+
+    def poison(grid):
+        grid.apps[103] = faulty("a-digest", grid.apps[103])
+
+    run(overrides, tmp_path, prepare=poison)
+    entry = metrics(tmp_path)["rounds"][1]
+    assert entry["accepted"] == 2 and [r["node"] for r in entry["rejected"]] == [103]
+    reason = entry["rejected"][0]["reason"]
+    assert reason.startswith("A digest ffffffffffff differs from the server's"), reason
 
 
 @pytest.mark.integration
@@ -151,18 +169,19 @@ def test_too_few_replies_skips_the_round(overrides, tmp_path):
     """Round 2 has one valid reply of the two needed: skipped, global B unchanged. (A run
     whose first round is skipped fails instead: tests/test_outcome.py.)"""
 
-    def from_round_2(app):
+    def from_round_2(kind):
         honest = build_client_app(overrides)
+        bad = faulty(kind, honest)
 
         def client(msg, context):
             late = int(msg.content[p.CONFIG][p.SERVER_ROUND]) >= 2
-            return (app if late else honest)(msg, context)
+            return (bad if late else honest)(msg, context)
 
         return client
 
     def poison(grid):
-        grid.apps[102] = from_round_2(faulty("nan"))
-        grid.apps[103] = from_round_2(faulty("nan"))
+        grid.apps[102] = from_round_2("nan")
+        grid.apps[103] = from_round_2("nan")
 
     extra = {"min-replies": 2, "rounds-per-link": 2}
     server, _ = run(overrides, tmp_path, prepare=poison, **extra)

@@ -125,3 +125,15 @@ def test_bad_config_fails_before_any_node_is_contacted():
     )
     with pytest.raises(RunConfigError, match="'round-timeout'"):
         build_server_app({"round-timeout": -1})(grid=Untouchable(), context=context)
+
+
+def test_eta_l_is_gone():
+    """Flower's FedOpt only logs eta_l (clients train with lr): no key pretends otherwise."""
+    from strategies.registry import build_strategy
+
+    with pytest.raises(RunConfigError, match="unknown run-config key.*eta-l"):
+        RunConfig.from_flower({"eta-l": 0.1})
+    readme = (PYPROJECT.parent / "README.md").read_text()
+    assert "eta-l" not in pyproject_config() and "| `eta-l` |" not in readme
+    cfg = RunConfig.from_flower({"strategy": "fedadam", "lr": 0.004})
+    assert cfg.train.lr == 0.004 and build_strategy(cfg.strategy).eta == cfg.strategy.eta

@@ -122,3 +122,38 @@ def test_merge_adapters_keeps_the_function(arch):
     before = model(ids).logits
     merge_adapters(model)
     torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rank_is_bounded_by_n_in_only_when_b_is_trained(kind):
+    """A (r x n_in) is frozen, B (n_out x r) trained: a Linear(100, 1) takes r = 10; a
+    Linear(1, 100) does not (its A would need 10 independent columns out of 1)."""
+    narrow = nn.Sequential(nn.Linear(100, 1))
+    inject(narrow, ["0"], kind=kind, seed=0, rank=10, alpha=20.0)
+    layer = narrow.get_submodule("0")
+    assert layer.lora_B.shape == (1, 10)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 100)
+    torch.testing.assert_close(layer(x), layer.base(x) + x @ layer.delta_weight().T)
+    with pytest.raises(ValueError, match="rank: 10 exceeds"):
+        inject(nn.Sequential(nn.Linear(1, 100)), ["0"], kind=kind, seed=0, rank=10, alpha=20.0)
+
+
+def test_float64_merge_is_exact_in_float64():
+    """A float64 base merges (alpha/r) B A in float64 (no float32 detour)."""
+    for kind in KINDS:
+        for base in (nn.Linear(48, 40).double(), Conv1D(40, 48).double()):
+            layer = SeedLoRALayer(base, ASpec(kind, 0, 1, 8, "l", 48, 40), alpha=16.0)
+            assert layer.lora_B.dtype == torch.float64
+            with torch.no_grad():
+                layer.lora_B.copy_(torch.randn(40, 8, dtype=torch.float64, generator=GEN))
+            w0 = base.weight.detach().clone()
+            delta = 2.0 * layer.lora_B.detach() @ layer.spec.dense().double()
+            expected = w0 + (delta.T if isinstance(base, Conv1D) else delta)
+            layer.merge()
+            err = float((base.weight - expected).abs().max())
+            assert base.weight.dtype == torch.float64 and err <= 1e-15, (kind, err)
+
+
+GEN = torch.Generator().manual_seed(11)

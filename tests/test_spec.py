@@ -94,3 +94,32 @@ def test_bad_spec_names_the_key(kwargs, key):
     base.update(kwargs)
     with pytest.raises(ValueError, match=key):
         ASpec(**base)
+
+
+def test_a_digest_names_the_frozen_factors_of_a_model(monkeypatch):
+    """seedlora.a_digest: equal for the same specs, different for another link or seed, and
+    different when the same spec draws another A (what another torch version could do)."""
+    from torch import nn
+
+    from seedlora import a_digest, inject, set_chain_index
+    from seedlora.chain import _frozen_digest
+
+    def model(seed=0, frozen="A"):
+        m = nn.Sequential(nn.Linear(16, 12), nn.Linear(12, 16))
+        inject(m, ["0", "1"], kind="gaussian", seed=seed, rank=4, alpha=8.0, frozen=frozen)
+        return m
+
+    first = a_digest(model())
+    assert len(first) == 64 and first == a_digest(model())
+    assert first != a_digest(model(seed=1)) and first != a_digest(model(frozen="B"))
+    moved = model()
+    set_chain_index(moved, 1)
+    assert a_digest(moved) not in (first, "")
+    assert a_digest(nn.Sequential(nn.Linear(4, 4))) == ""
+
+    drawn = ASpec.dense
+    monkeypatch.setattr(ASpec, "dense", lambda self: drawn(self) + 1e-7)
+    _frozen_digest.cache_clear()
+    assert a_digest(model()) != first
+    monkeypatch.undo()
+    _frozen_digest.cache_clear()

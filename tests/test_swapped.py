@@ -131,3 +131,20 @@ def test_bad_frozen_factor_names_the_key():
         RunConfig.from_flower({"frozen-factor": "B", "method": "fedit"})
     with pytest.raises(RunConfigError, match="client-ranks"):
         RunConfig.from_flower({"frozen-factor": "B", "client-ranks": "2"})
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rank_is_bounded_by_n_out_only_when_a_is_trained(kind):
+    """Swapped roles freeze B (n_out x r): a Linear(1, 100) takes r = 10, a Linear(100, 1)
+    does not."""
+    wide = torch.nn.Sequential(torch.nn.Linear(1, 100))
+    inject(wide, ["0"], kind=kind, seed=0, rank=10, alpha=20.0, frozen="B")
+    layer = wide.get_submodule("0")
+    assert isinstance(layer, SwappedLoRALayer) and layer.lora_A.shape == (10, 1)
+    with torch.no_grad():
+        layer.lora_A.normal_()
+    x = torch.randn(3, 1)
+    torch.testing.assert_close(layer(x), layer.base(x) + x @ layer.delta_weight().T)
+    narrow = torch.nn.Sequential(torch.nn.Linear(100, 1))
+    with pytest.raises(ValueError, match="rank: 10 exceeds"):
+        inject(narrow, ["0"], kind=kind, seed=0, rank=10, alpha=20.0, frozen="B")

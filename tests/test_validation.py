@@ -156,8 +156,9 @@ def test_mad_threshold_and_clip():
     assert clipped["b"].dtype == np.float32
 
 
-def link_strategy(nodes: frozenset[int] = frozenset()):
-    """A LinkStrategy on link 1 that sent zeros to `nodes`: what a real round's checks run in."""
+def link_strategy(nodes: frozenset[int] = frozenset(), inner=None, **checks):
+    """A LinkStrategy on link 1 that sent zeros to `nodes`: what a real round's checks run in
+    (`inner` defaults to FedAvg; `checks` are strategy-section fields)."""
     from flwr.serverapp.strategy import FedAvg
 
     from contract.config import StrategyConfig
@@ -171,9 +172,9 @@ def link_strategy(nodes: frozenset[int] = frozenset()):
         round_offset=0,
         rounds_done=0,
         node_links={},
-        checks=StrategyConfig(max_num_examples=1000),
+        checks=StrategyConfig(max_num_examples=1000, **checks),
     )
-    link = LinkStrategy(FedAvg(), ctx)
+    link = LinkStrategy(inner or FedAvg(), ctx)
     link.digest = "d" * 64
     link.sent = SentRound(EXP.arrays, {"l.lora_B": np.zeros(SHAPE, np.float32)}, nodes)
     return link
@@ -202,14 +203,23 @@ def test_a_superlink_error_for_a_lost_node_names_the_node_not_the_superlink(capl
     link = link_strategy(frozenset({42, 99}))
     good = reply(node=99)
     unavailable = reply(node=1, error="Node Unavailable")
-    with caplog.at_level(logging.WARNING, logger="flwr"):
+    with caplog.at_level(logging.INFO, logger="flwr"):
         link.aggregate_train(1, [good, unavailable])
-    lines = [r.getMessage() for r in caplog.records]
-    expected = "SuperLink's error for a lost node: client error: Node Unavailable"
-    assert any(expected in x for x in lines), lines
-    assert any("no reply from node(s) 42" in x for x in lines), lines
-    assert not any("reply from node 1:" in x for x in lines), lines
-    assert link.ledgers[1].lost == [42] and link.ledgers[1].accepted == 1
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    expected = "SuperLink answered for a lost node: client error: Node Unavailable"
+    assert any(level == logging.INFO and expected in x for level, x in lines), lines
+    assert any(level == logging.WARNING and "no reply from node(s) 42" in x for level, x in lines)
+    assert not any("reply from node 1:" in x for _, x in lines), lines
+    ledger = link.ledgers[1]
+    assert ledger.lost == [42] and ledger.accepted == 1
+    assert ledger.rejected == []  # the lost node is named once, as lost, not as node 1 too
+
+
+def test_a_superlink_error_without_a_lost_node_stays_a_rejection():
+    """Every sampled node replied (here 99), yet node 1 answered too: that one is listed."""
+    link = link_strategy(frozenset({99}))
+    link.aggregate_train(1, [reply(node=99), reply(node=1, error="odd")])
+    assert [(r.node_id, r.reason) for r in link.ledgers[1].rejected] == [(1, "client error: odd")]
 
 
 def test_the_inner_strategy_sees_the_link_round_and_clients_the_global_round():
@@ -258,3 +268,76 @@ def test_the_inner_strategy_sees_the_link_round_and_clients_the_global_round():
     assert rounds == dict.fromkeys(hooks, 3)
     assert list(link.ledgers) == [11] and link.ledgers[11].accepted == 1
     assert link.ledgers[11].eval_metrics and node_links == {101: 1, 102: 1}
+
+
+def test_a_reply_on_another_a_is_a_foreign_a():
+    """With the server's A digest in the expectation, the echo must carry the same one."""
+    from dataclasses import replace
+
+    from strategies.rejections import ForeignA
+
+    exp = replace(EXP, a_digest="a" * 64)
+    same = reply(echo={**GOOD_ECHO, p.A_DIGEST: "a" * 64})
+    assert check_envelope(same, exp) is same
+    for echo, got in [(GOOD_ECHO, "missing"), ({**GOOD_ECHO, p.A_DIGEST: "b" * 64}, "b" * 12)]:
+        with pytest.raises(ForeignA) as caught:
+            check_envelope(reply(echo=echo), exp)
+        assert caught.value.reason.startswith(f"A digest {got} differs from the server's aaaa")
+    assert check_envelope(reply(), EXP)  # no digest expected (fedit, full): not checked
+
+
+def test_fedtrimmedavg_says_when_it_trims_nothing(caplog):
+    """trim-beta 0.2 over 4 replies cuts int(0.8) = 0 at each end: warned once per link;
+    over 5 replies it cuts one at each end: no warning."""
+    import logging
+
+    from flwr.serverapp.strategy import FedTrimmedAvg
+
+    def round_of(link, n, server_round):
+        replies = [
+            reply(node=20 + i, partition=i, arrays={"l.lora_B": np.full(SHAPE, i, np.float32)})
+            for i in range(n)
+        ]
+        return link.aggregate_train(server_round, replies)[0]["l.lora_B"].numpy()
+
+    few = link_strategy(inner=FedTrimmedAvg(beta=0.2), name="fedtrimmedavg", trim_beta=0.2)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        assert np.allclose(round_of(few, 4, 1), 1.5)  # the plain mean of 0..3
+        round_of(few, 4, 2)
+    warned = [r.getMessage() for r in caplog.records if "trims nothing" in r.getMessage()]
+    assert len(warned) == 1 and "trim-beta 0.2 x 4 replies < 1" in warned[0], warned
+    assert "needs >= 5 replies" in warned[0]
+    caplog.clear()
+    enough = link_strategy(inner=FedTrimmedAvg(beta=0.2), name="fedtrimmedavg", trim_beta=0.2)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        assert np.allclose(round_of(enough, 5, 1), 2.0)  # 1, 2, 3 kept
+    assert not any("trims nothing" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("rule", ["krum", "multikrum"])
+def test_krum_says_when_a_round_keeps_a_single_client(caplog, rule):
+    import logging
+
+    from flwr.serverapp.strategy import Krum, MultiKrum
+
+    inner = Krum() if rule == "krum" else MultiKrum(num_nodes_to_select=1)
+    link = link_strategy(inner=inner, name=rule, krum_select=1)
+    values = {30: 1.0, 31: 1.1, 32: 9.0, 33: 0.9}
+    replies = [
+        reply(node=n, partition=n, arrays={"l.lora_B": np.full(SHAPE, v, np.float32)})
+        for n, v in values.items()
+    ]
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        arrays, _ = link.aggregate_train(1, replies)
+    kept = float(arrays["l.lora_B"].numpy()[0, 0])
+    node = next(n for n, v in values.items() if np.float32(v) == np.float32(kept))
+    lines = [r.getMessage() for r in caplog.records if "kept a single client" in r.getMessage()]
+    assert lines == [
+        f"round 1: {rule} kept a single client's update (node {node}) and dropped 3: with "
+        "non-IID clients a round then trains on one client's data (README, Strategies)"
+    ]
+    caplog.clear()
+    several = link_strategy(inner=MultiKrum(num_nodes_to_select=2), name="multikrum")
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        several.aggregate_train(1, replies)
+    assert not any("kept a single client" in r.getMessage() for r in caplog.records)

@@ -98,7 +98,11 @@ def inject(
 
 
 def set_chain_index(model: nn.Module, chain_index: int) -> None:
-    """Move every adapter to the A of chain index `chain_index`, with B reset to zero."""
+    """Move every adapter to the A of chain index `chain_index`, with B reset to zero.
+
+    Whatever B holds is discarded, not merged: to keep it, merge first (`merge_adapters`,
+    or `federate.close_link`, which records the link, merges it and calls this).
+    """
     for _, layer in adapter_layers(model):
         s = layer.spec
         layer.set_spec(ASpec(s.kind, s.seed, chain_index, s.rank, s.layer, s.n_in, s.n_out))
