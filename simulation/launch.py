@@ -74,6 +74,7 @@ DEFAULT_NUM_CPUS = 1
 DEFAULT_NUM_GPUS = 0.0
 RAY_ADDRESS = "RAY_ADDRESS"  # read by ray.init() when Flower gives it no address
 WATCH_PID = "SEEDLORA_WATCH_PID"  # the ServerApp ends its process tree when this pid is gone
+WATCH_REMOVE = "SEEDLORA_WATCH_REMOVE"  # ... and removes this folder (the private FLWR_HOME)
 FAILED_PREFIX = "Simulation failed with exception: "  # Flower's status details of a failed run
 
 # Flower and Ray phone home (telemetry, update check, usage stats) unless told not to.
@@ -92,7 +93,12 @@ SIMULATION_ENV = {"RAY_worker_niceness": "0"}
 
 def launch_env(flwr_home: Path, ray_address: str | None) -> dict[str, str]:
     """The SuperLink's environment: ours, unless the user set the same variable."""
-    env = {**os.environ, "FLWR_HOME": str(flwr_home), WATCH_PID: str(os.getpid())}
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        WATCH_PID: str(os.getpid()),
+        WATCH_REMOVE: str(flwr_home),  # SIGKILLed, the launcher cannot remove it itself
+    }
     for key, value in {**OFFLINE_ENV, **SIMULATION_ENV}.items():
         env.setdefault(key, value)
     if ray_address:

@@ -43,8 +43,8 @@ def class_packages(config: TaskConfig) -> tuple[str, ...]:
     }
     if config.num_classes > len(sizes):
         raise ValueError(
-            f"num_classes={config.num_classes} but only {len(sizes)} held-out packages have "
-            "evaluation files"
+            f"run-config key 'num-classes': {config.num_classes}, but only {len(sizes)} "
+            "held-out packages have evaluation files"
         )
     largest = sorted(sizes, key=lambda p: (-sizes[p], p))[: config.num_classes]
     return tuple(sorted(largest))

@@ -37,7 +37,9 @@ def assign_groups(
     """
     if num_groups > len(sizes):
         raise ValueError(
-            f"num_partitions={num_groups} exceeds the {len(sizes)} natural ids available"
+            f"num-partitions={num_groups} (the node config; --num-supernodes in a simulation) "
+            f"exceeds the {len(sizes)} natural ids available; use fewer clients or "
+            "partitioner='iid'"
         )
     heap = [(0, g) for g in range(num_groups)]
     out: dict[Hashable, int] = {}

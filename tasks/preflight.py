@@ -212,3 +212,11 @@ def check_task(
         columns = dataset_columns(config.dataset)
         if columns is not None:
             check_columns(config, columns)
+    elif config.task == "code-cls":  # the classes are held-out packages with evaluation files
+        split = split_corpus()
+        classes = sum(1 for p in split.federated if split.files(p, "eval"))
+        if config.num_classes > classes:
+            raise ValueError(
+                f"num-classes: {config.num_classes}, but only {classes} held-out packages "
+                "have evaluation files"
+            )

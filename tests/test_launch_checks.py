@@ -35,6 +35,7 @@ def table(tiny_lm: str, tiny_text: str) -> list[tuple[list[str], str]]:
         (rc(f"{lm} target-modules='q_proj'"), "target-modules"),
         (rc(f"{lm} {text} text-column='body'"), "text-column: 'body'"),
         (rc(f"{lm} {text} task='code-cls'"), "label-column: 'label'"),
+        (rc("task='code-cls' num-classes=50"), "num-classes: 50"),
         (["--num-supernodes", "1000"], "--num-supernodes: 1000 clients"),
     ]
 

@@ -122,6 +122,10 @@ def test_launcher_sigkill_leaves_no_process_and_no_second_writer(
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
+    home = [
+        line for line in (tmp_path / "launch.log").read_text().splitlines() if "FLWR_HOME=" in line
+    ]
+    assert home and not Path(home[0].split("FLWR_HOME=")[1].rstrip(")")).exists()  # cleaned up
     written = metrics.stat().st_mtime_ns
     time.sleep(5)
     assert metrics.stat().st_mtime_ns == written  # nobody trains on

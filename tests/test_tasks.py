@@ -226,7 +226,7 @@ def test_code_cls_labels_and_head() -> None:
     assert set(central.with_format(None)["labels"]) == set(range(k))  # every class evaluated
     metrics = task.evaluate(model, central, 32, CPU)
     assert 0.0 <= metrics["accuracy"] <= 1.0 and math.isfinite(metrics["loss"])
-    with pytest.raises(ValueError, match="num_classes"):
+    with pytest.raises(ValueError, match="run-config key .num-classes.: 50, but only"):
         build_task(TaskConfig(task="code-cls", num_classes=50))
 
 
