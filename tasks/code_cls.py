@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tasks.base import BaseTask, TaskConfig, empty_metrics
+from tasks.base import DATASET_CACHE, BaseTask, TaskConfig, empty_metrics
 from tasks.blocks import pack
 from tasks.code_lm import federated_token_ids
 from tasks.corpus import split_corpus
@@ -111,7 +111,7 @@ def client_split(config: TaskConfig) -> ClientSplit:
     return split_for(config, pools, "label")
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=DATASET_CACHE)
 def cls_dataset(config: TaskConfig, partition_id: int | None, which: str) -> datasets.Dataset:
     """Capped client (or central, partition_id=None) dataset of `which` in {"train", "eval"}."""
     part = client_split(config).rows(partition_id, which)
