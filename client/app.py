@@ -7,51 +7,45 @@ from the run config (`device`, default auto: the GPU Ray assigned, else the CPU)
 
 from __future__ import annotations
 
-import gc
+import contextlib
+import functools
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from contract import protocol as p
 from contract.config import RunConfig
 from seedlora import a_digest, load_trainable_state
+from tasks.devices import autocast, check_device, pick_device
 
 from .links import LinkCache, default_cache_dir
-from .local import as_floats, autocast, cpu_state, pick_device, place, train_partition
+from .local import as_floats, cpu_state, release, train_partition
 from .model import link_model, node_task
 from .secure import secure_mod
 from .uploads import fit_rank, pack, residuals
 
 
-def _prepare(msg: Message, context: Context, cfg: RunConfig):
-    """(task, model on device, partition id, device) for this message."""
+@contextlib.contextmanager
+def _prepare(msg: Message, context: Context, cfg: RunConfig) -> Iterator[tuple]:
+    """(task, model on device with the global state loaded, partition id, device), for the
+    length of this message's work; the model is this process's resident one."""
     task, partition_id = node_task(context, cfg)
     config = msg.content[p.CONFIG]
     cache = LinkCache(
         context.node_config.get("cache-dir", default_cache_dir()), cfg.task.model_name
     )
-    links = cache.resolve(msg.content.config_records.get(p.LINKS), str(config[p.LINKS_DIGEST]))
-    model = link_model(cfg, task, links, config)
-    load_trainable_state(model, msg.content[p.ARRAYS].to_torch_state_dict())
-    device = pick_device(cfg.train.device)
-    return task, place(model, device, cfg.train.precision), partition_id, device
-
-
-def _release(device: torch.device) -> None:
-    """Drop this round's model so GPU memory does not grow across rounds.
-
-    Nothing on the device outlives a round: the model, its optimizer state and activations
-    die with `train_b`/`evaluate`; the rebuilt base (client.links.BaseCache) and the loaded
-    pretrained weights are kept once per process, on the CPU. empty_cache hands the freed
-    blocks back, so clients packed on one GPU do not hold each other's peak.
-    """
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    record = msg.content.config_records.get(p.LINKS)
+    links = functools.partial(cache.resolve, record, str(config[p.LINKS_DIGEST]))
+    device = check_device(pick_device(cfg.train.device))
+    try:
+        with link_model(cfg, task, config, links, device) as model:
+            load_trainable_state(model, msg.content[p.ARRAYS].to_torch_state_dict())
+            yield task, model, partition_id, device
+    finally:
+        release(device)
 
 
 def _reply(
@@ -65,20 +59,21 @@ def _reply(
 def train_b(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Train this link's B (and heads) on the local partition; reply with them."""
     t0, started = time.perf_counter(), time.time()
-    task, model, partition_id, device = _prepare(msg, context, cfg)
-    digest = a_digest(model)  # of the link's full-rank A's, once per link (cached)
-    fit_rank(model, cfg, context.node_config, partition_id)
-    received = {}  # compressed uploads send trained - received; float32 sends the state
-    if cfg.upload.upload_codec != "float32":
-        received = {k: v.clone() for k, v in cpu_state(model).items()}  # cpu_state may alias
     config = msg.content[p.CONFIG]
-    server_round = int(config[p.SERVER_ROUND])
-    mu = float(config.get(p.PROXIMAL_MU, 0.0))
-    result = train_partition(model, task, partition_id, server_round, cfg, device, mu)
-    link = (int(config[p.CHAIN_INDEX]), str(config[p.LINKS_DIGEST]), server_round)
-    arrays = ArrayRecord(pack(cpu_state(model), received, cfg, residuals(context), link))
-    del model
-    _release(device)
+    with _prepare(msg, context, cfg) as (task, resident, partition_id, device):
+        digest = a_digest(resident)  # of the link's full-rank A's, once per link (cached)
+        model = fit_rank(resident, cfg, context.node_config, partition_id)
+        received = {}  # compressed uploads send trained - received; float32 sends the state
+        if cfg.upload.upload_codec != "float32":
+            received = {k: v.clone() for k, v in cpu_state(model).items()}  # may alias
+        server_round = int(config[p.SERVER_ROUND])
+        mu = float(config.get(p.PROXIMAL_MU, 0.0))
+        result = train_partition(model, task, partition_id, server_round, cfg, device, mu)
+        link = (int(config[p.CHAIN_INDEX]), str(config[p.LINKS_DIGEST]), server_round)
+        # ArrayRecord serialises, so the reply owns its bytes before the model is released
+        # (cpu_state of a float32 CPU model aliases the resident parameters).
+        arrays = ArrayRecord(pack(cpu_state(model), received, cfg, residuals(context), link))
+        del model
     bytes_down = sum(r.count_bytes() for r in msg.content.array_records.values())
     metrics = MetricRecord(
         {
@@ -91,19 +86,19 @@ def train_b(msg: Message, context: Context, cfg: RunConfig) -> Message:
             **({p.DP_WEIGHT: 1.0} if cfg.privacy.dp_clip > 0 else {}),
         }
     )
-    return _reply(msg, context, partition_id, {p.ARRAYS: arrays, p.METRICS: metrics}, digest)
+    records = {p.ARRAYS: arrays, p.METRICS: metrics}
+    return _reply(msg, context, partition_id, records, digest)
 
 
 def evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Evaluate the global model (base + links + global B) on the local held-out files."""
-    task, model, partition_id, device = _prepare(msg, context, cfg)
-    digest = a_digest(model)
-    with autocast(device, cfg.train.precision):
-        metrics = task.evaluate(
-            model, task.eval_dataset(partition_id), cfg.train.eval_batch_size, device
-        )
-    del model
-    _release(device)
+    with (
+        _prepare(msg, context, cfg) as (task, model, partition_id, device),
+        autocast(device, cfg.train.precision),
+    ):
+        digest = a_digest(model)
+        dataset = task.eval_dataset(partition_id)
+        metrics = task.evaluate(model, dataset, cfg.train.eval_batch_size, device)
     records = {p.METRICS: MetricRecord(as_floats(metrics))}
     return _reply(msg, context, partition_id, records, digest)
 

@@ -8,17 +8,16 @@ mix, and a digest mismatch is an error, never a silent wrong base.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 
 from flwr.app import ConfigRecord
 from torch import nn
 
 from contract import protocol as p
-from seedlora.chain import EMPTY_DIGEST, Link, links_digest, rebuild
+from seedlora.chain import EMPTY_DIGEST, Link, apply_link, links_digest
 from seedlora.serialize import (
     CorruptFileError,
     atomic_write_bytes,
@@ -76,15 +75,65 @@ class LinkCache:
 
 
 class BaseCache:
-    """The last rebuilt base (W0 + links) of this process; clients get deep copies."""
+    """This process's float32 CPU master of the global base: W0 plus the links applied so far.
+
+    Keyed by what `load` gives (`key`: the task's config, so a causal LM and a classifier
+    of one base never mix) and the links digest. A links list that extends the applied one
+    gets only the links it lacks, in order (`apply_link`: the same bits as `rebuild` from
+    W0); any other list starts again from `load()`. The master is shared, not copied:
+    callers copy it before they change it (client.resident). Not thread-safe on its own:
+    client.resident serialises its use.
+    """
 
     def __init__(self) -> None:
-        self._key: tuple[str, str] | None = None
+        self._key: Hashable = None
         self._model: nn.Module | None = None
+        self._links: list[Link] = []
+        self._digest = EMPTY_DIGEST
+        self.loads = 0  # times `load` was called (a fresh W0)
+        self.applied = 0  # links merged into a master, in all
 
-    def get(self, base_name: str, links: list[Link], load: Callable[[], nn.Module]) -> nn.Module:
-        key = (base_name, links_digest(links))
-        if key != self._key:
-            self._model = rebuild(load(), links)
-            self._key = key
-        return copy.deepcopy(self._model)
+    @property
+    def digest(self) -> str | None:
+        """The links digest of the master, None before the first `get`."""
+        return self._digest if self._model is not None else None
+
+    def get(
+        self,
+        key: Hashable,
+        digest: str,
+        links: Callable[[], Sequence[Link]],
+        load: Callable[[], nn.Module],
+    ) -> nn.Module:
+        """The master for (`key`, `digest`); `links()` is asked for only when it must change.
+
+        Raises ValueError when `links()` does not hash to `digest`.
+        """
+        if self._model is not None and key == self._key and digest == self._digest:
+            return self._model
+        wanted = list(links())
+        if links_digest(wanted) != digest:
+            raise ValueError(f"links do not hash to {digest[:12]}")
+        have = len(self._links)
+        extends = (
+            self._model is not None
+            and key == self._key
+            and len(wanted) >= have
+            and links_digest(wanted[:have]) == self._digest
+        )
+        if not extends:
+            self._model = self._key = None  # drop the old master before loading another
+            self._links, self._digest = [], EMPTY_DIGEST
+            self._model, self._key = load(), key
+            self.loads += 1
+        for link in wanted[len(self._links) :]:
+            apply_link(self._model, link)
+            self._links.append(link)
+            self.applied += 1
+        self._digest = digest
+        return self._model
+
+    def clear(self) -> None:
+        """Forget the master (the next `get` loads W0 again)."""
+        self._model = self._key = None
+        self._links, self._digest = [], EMPTY_DIGEST

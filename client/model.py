@@ -1,11 +1,13 @@
-"""The model a client trains on: its task and partition, and the link's adapted base.
+"""The model a client trains on: its task and partition, and the link's resident model.
 
-Both train paths (client/app.py and the SecAgg+ one in client/secure.py) build it here.
+Both train paths (client/app.py and the SecAgg+ one in client/secure.py) and evaluation
+get it here, from this process's `RESIDENT` model (client/resident.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -13,12 +15,12 @@ from flwr.app import Context
 
 from contract import protocol as p
 from contract.config import RunConfig
-from seedlora import prepare
+from seedlora import Link
 from tasks import build_task
 
-from .links import BaseCache
+from .resident import ModelKey, ResidentModel, effective_chain_index
 
-_BASES = BaseCache()
+RESIDENT = ResidentModel()
 
 
 def node_task(context: Context, cfg: RunConfig):
@@ -28,19 +30,41 @@ def node_task(context: Context, cfg: RunConfig):
     return build_task(cfg.task_config(num_partitions)), int(node.get("partition-id", 0))
 
 
-def link_model(cfg: RunConfig, task, links, config: Mapping[str, Any]) -> torch.nn.Module:
-    """The base rebuilt from `links`, adapted as the server's link `config` says (its method,
-    A kind, seed, rank, alpha and chain index); trainable state still the fresh one."""
-    return prepare(
-        _BASES.get(cfg.task.model_name, links, task.load_model),
-        str(config[p.METHOD]),
-        cfg.adapter.targets(task.target_modules),
+def model_key(cfg: RunConfig, task, config: Mapping[str, Any], device: torch.device) -> ModelKey:
+    """The key of the model the server's link `config` asks for (its method, A kind, seed,
+    rank, alpha, chain index and links digest), with this run's adapter and train keys."""
+    method = str(config[p.METHOD])
+    targets = cfg.adapter.targets(task.target_modules)
+    return ModelKey(
+        task=task.config,
+        links=str(config[p.LINKS_DIGEST]),
+        method=method,
         kind=str(config[p.A_KIND]),
         seed=int(config[p.SEED]),
         rank=int(config[p.RANK]),
         alpha=float(config[p.ALPHA]),
-        chain_index=int(config[p.CHAIN_INDEX]),
-        dropout=cfg.adapter.adapter_dropout,
-        heads=cfg.adapter.heads(task.modules_to_save),
+        chain_index=effective_chain_index(method, int(config[p.CHAIN_INDEX])),
+        targets=targets if isinstance(targets, str) else tuple(targets),
+        heads=tuple(cfg.adapter.heads(task.modules_to_save)),
         frozen=cfg.adapter.frozen_factor,
+        dropout=cfg.adapter.adapter_dropout,
+        precision=cfg.train.precision,
+        device=str(device),
+        checkpointing=cfg.train.gradient_checkpointing,
     )
+
+
+@contextlib.contextmanager
+def link_model(
+    cfg: RunConfig,
+    task,
+    config: Mapping[str, Any],
+    links: Callable[[], Sequence[Link]],
+    device: torch.device,
+) -> Iterator[torch.nn.Module]:
+    """The resident model of the link `config` names, on `device` in the run's precision,
+    for the length of one client's call; its trainable state is whatever the last client
+    left: load the global state first. `links()` gives the links list named by the
+    config's digest; it is called only when this process lacks that base."""
+    with RESIDENT.use(model_key(cfg, task, config, device), links, task.load_model) as model:
+        yield model

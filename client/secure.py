@@ -18,10 +18,11 @@ from flwr.compat.common import recorddict_compat as compat
 
 from contract import protocol as p
 from contract.config import RunConfig
-from seedlora import links_digest, load_trainable_state, trainable_state
+from seedlora import links_digest, load_trainable_state
 from seedlora.serialize import links_from_bytes
+from tasks.devices import check_device, pick_device
 
-from .local import cpu_state, pick_device, place, train_partition
+from .local import cpu_state, release, train_partition
 from .model import link_model, node_task
 
 
@@ -30,18 +31,22 @@ def secure_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     config = fitins.config
     task, partition_id = node_task(context, cfg)
-    _, links = links_from_bytes(bytes(config[p.SECURE_LINKS]))
-    if links_digest(links) != config[p.LINKS_DIGEST]:
-        raise ValueError("secure round: the sent links do not hash to the links digest")
-    model = link_model(cfg, task, links, config)
-    names = list(trainable_state(model))
-    arrays = parameters_to_ndarrays(fitins.parameters)
-    load_trainable_state(model, dict(zip(names, arrays, strict=True)))
-    device = pick_device(cfg.train.device)
-    model = place(model, device, cfg.train.precision)
-    server_round = int(config[p.SERVER_ROUND])
-    result = train_partition(model, task, partition_id, server_round, cfg, device)
-    state = [v.numpy() for v in cpu_state(model).values()]
+
+    def links() -> list:
+        _, sent = links_from_bytes(bytes(config[p.SECURE_LINKS]))
+        if links_digest(sent) != config[p.LINKS_DIGEST]:
+            raise ValueError("secure round: the sent links do not hash to the links digest")
+        return sent
+
+    device = check_device(pick_device(cfg.train.device))
+    with link_model(cfg, task, config, links, device) as model:
+        names = [n for n, q in model.named_parameters() if q.requires_grad]
+        arrays = parameters_to_ndarrays(fitins.parameters)
+        load_trainable_state(model, dict(zip(names, arrays, strict=True)))
+        server_round = int(config[p.SERVER_ROUND])
+        result = train_partition(model, task, partition_id, server_round, cfg, device)
+        state = [v.numpy().copy() for v in cpu_state(model).values()]  # owned, not aliased
+    release(device)
     fitres = FitRes(
         status=Status(Code.OK, ""),
         parameters=ndarrays_to_parameters(state),

@@ -31,6 +31,7 @@ from seedlora.serialize import (
 )
 
 from .links import default_cache_dir
+from .resident import private_copy
 
 State = dict[str, torch.Tensor]
 
@@ -45,12 +46,17 @@ def node_rank(cfg: RunConfig, node_config: Mapping[str, Any], partition_id: int)
     return cfg.client_rank(partition_id, cap)
 
 
-def fit_rank(model: nn.Module, cfg: RunConfig, node_config, partition_id: int) -> int:
-    """Shrink the model's adapters to this node's rank; returns that rank."""
+def fit_rank(model: nn.Module, cfg: RunConfig, node_config, partition_id: int) -> nn.Module:
+    """The model this node trains: `model` at the run's rank, else a private copy of it
+    (client.resident.private_copy: the resident model is shared by the clients of a
+    process) with its adapters shrunk to this node's rank. Load the global state first:
+    shrinking folds the global B's columns beyond the node's rank into the copy's base."""
     rank = node_rank(cfg, node_config, partition_id)
-    if rank < cfg.adapter.rank:
-        shrink(model, rank)
-    return rank
+    if rank >= cfg.adapter.rank:
+        return model
+    model = private_copy(model)
+    shrink(model, rank)
+    return model
 
 
 class ResidualStore:

@@ -14,7 +14,7 @@ only its section:
     upload    UploadConfig        what goes on the wire      (client/, strategies/)
     privacy   PrivacyConfig       client-level DP            (strategies/)
     secagg    SecAggConfig        SecAgg+                    (server/, client/)
-    output    OutputConfig        run folder, exports        (server/)
+    output    OutputConfig        run folder, eval, exports  (server/)
 
 The section models are the one source of truth: validation comes from their fields, and
 `python -m contract.tables --write` writes pyproject's defaults and the README table from
@@ -29,7 +29,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from seedlora.names import B_ONLY, CHAINED, Codec, Kind, Method, method_kind
+from seedlora.names import B_ONLY, CHAINED, Codec, Kind, Method, method_kind, valid_device_name
 from tasks.base import TaskConfig
 
 Strategy = Literal[
@@ -147,10 +147,13 @@ class TrainConfig(Section):
         "fp32",
         "bf16/fp16: frozen base in that dtype + autocast; B stays float32 (fp16: loss scaling)",
     )
+    gradient_checkpointing: bool = F(
+        False, "recompute activations in backward (Hugging Face, non-reentrant): less memory"
+    )
 
     @model_validator(mode="after")
     def _check_device(self) -> TrainConfig:
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+        if not valid_device_name(self.device):
             raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
         return self
 
@@ -204,8 +207,22 @@ class OutputConfig(Section):
     )
     resume: bool = F(False, "continue run-name from its last checkpoint")
     central_eval: bool = F(True, "evaluate the global model on the server every round")
+    central_eval_max: int = F(
+        0, "central evaluation on a fixed seeded subset of this many examples (0 = all)", ge=0
+    )
+    server_device: str = F(
+        "auto", "central evaluation on: auto (first GPU if visible) | cpu | cuda | cuda:N"
+    )
     export: bool = F(True, "write the PEFT adapter and merged model at the end")
     save_client_updates: bool = F(False, "keep every accepted client B per round (audits)")
+
+    @model_validator(mode="after")
+    def _check_server_device(self) -> OutputConfig:
+        if not valid_device_name(self.server_device):
+            raise ValueError(
+                f"server-device: expected auto, cpu, cuda or cuda:N, got {self.server_device!r}"
+            )
+        return self
 
 
 # tasks.TaskConfig fields that are not run-config keys: a node's partition count comes from

@@ -31,3 +31,10 @@ def method_kind(method: str, kind: str | None = None) -> str:
             )
         return "gaussian"
     return "circulant" if kind is None else kind
+
+
+def valid_device_name(name: str) -> bool:
+    """Whether `name` is a device setting: auto | cpu | cuda | cuda:N."""
+    if name in ("auto", "cpu", "cuda"):
+        return True
+    return name.startswith("cuda:") and name[5:].isdigit()

@@ -21,6 +21,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Protocol
 
+import datasets
 import torch
 from flwr.common.logger import log
 
@@ -44,13 +45,48 @@ from seedlora.serialize import atomic_write_bytes, state_to_bytes
 from strategies.privacy import PrivacyLedger
 from strategies.registry import EXACT_IN_WEIGHT_SPACE
 from tasks import build_task, portable_name
+from tasks.corpus import SPLIT_SEED
+from tasks.devices import autocast, check_device, pick_device, place
+from tasks.partitioning import cap, stratified_cap
 
 from . import checkpoint, report
 from .outcome import EmptyRunRule
 from .state import ChainState, RoundResult
 
+# RNG key of the central-eval-max subset (tasks.partitioning.cap_key never makes it).
+CENTRAL_SUBSET_KEY = (SPLIT_SEED, 0, 1)
+
 # Config keys that may change when a run is resumed; all others must match the checkpoint.
-RESUMABLE_CHANGES = {"resume", "run-name", "output-dir", "round-timeout", "device", "export"}
+RESUMABLE_CHANGES = {
+    "resume",
+    "run-name",
+    "output-dir",
+    "round-timeout",
+    "device",
+    "server-device",
+    "gradient-checkpointing",
+    "export",
+}
+
+
+def central_set(task, cfg: RunConfig):
+    """The central evaluation set: the task's held-out set (capped by max-eval-blocks),
+    or with `central-eval-max` a fixed seeded subset of that many examples, the same in
+    every run (as the central set is); stratified by label when labels are classes."""
+    data = task.eval_dataset(None)
+    limit = cfg.output.central_eval_max
+    if not limit or len(data) <= limit:
+        return data
+    if not isinstance(data.features.get("labels"), datasets.Value):
+        return cap(data, limit, CENTRAL_SUBSET_KEY)
+    fmt = data.format
+    picked = stratified_cap(data.with_format(None), limit, "labels", CENTRAL_SUBSET_KEY)
+    return picked.with_format(
+        fmt["type"],
+        columns=fmt["columns"],
+        output_all_columns=fmt["output_all_columns"],
+        **fmt["format_kwargs"],
+    )
 
 
 class OpenLink(Protocol):
@@ -113,7 +149,11 @@ class ChainServer:
         self.state = ChainState(cfg.to_flower(), links=[], arrays=trainable_state(self.model))
         log(INFO, report.adapter_summary(self.model, a.method, self.state.arrays, cfg.upload))
         self.node_links: dict[int, int] = {}  # node id -> merged links it is known to hold
-        self.eval_set = self.task.eval_dataset(None) if cfg.output.central_eval else None
+        self.eval_set = central_set(self.task, cfg) if cfg.output.central_eval else None
+        self.eval_device = self._eval_device() if self.eval_set is not None else None
+        self._replica: torch.nn.Module | None = None  # the model on eval_device (see eval_model)
+        self._replica_key: tuple[int, int] | None = None
+        self.replica_builds = 0
         if cfg.output.resume:
             self._restore()
         done = [h for h in self.state.history if h.get("round", 0) > 0 and not h.get("skipped")]
@@ -157,12 +197,57 @@ class ChainServer:
         checkpoint.save(self.out_dir, s)
 
     # --- the steps of run_chain --------------------------------------------------------
+    def _eval_device(self) -> torch.device:
+        """`server-device` resolved and checked (auto: the first visible GPU, else the CPU);
+        logged once, with a warning when a visible GPU is left idle."""
+        name = self.cfg.output.server_device
+        try:
+            device = check_device(pick_device(name))
+        except ValueError as err:
+            raise RunConfigError(f"run-config key 'server-device': {err}") from None
+        precision = self.cfg.train.precision
+        n = len(self.eval_set)
+        log(INFO, "central evaluation on %s (%s, %d examples)", device, precision, n)
+        if device.type == "cpu" and torch.cuda.is_available():
+            log(WARNING, "central evaluation on the CPU although a GPU is visible (%s)", name)
+        return device
+
+    def eval_model(self) -> torch.nn.Module:
+        """The global model (base + links + global B) on the eval device, in the run's
+        precision.
+
+        On the CPU in fp32 that is the float32 master itself. Otherwise it is a replica:
+        the master copied and placed (frozen weights cast to bf16/fp16 as on the clients)
+        once per link, since only merges change the base, with the round's trainable state
+        copied in each time. The master stays on the CPU in float32 for merges and exports.
+        """
+        device, precision = self.eval_device, self.cfg.train.precision
+        if device.type == "cpu" and precision == "fp32":
+            load_trainable_state(self.model, self.state.arrays)
+            return self.model
+        key = (self.state.chain_index, len(self.state.links))
+        if key != self._replica_key:
+            self._replica = self._replica_key = None  # free the old replica first
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            self._replica = place(copy.deepcopy(self.model), device, precision).eval()
+            self._replica_key = key
+            self.replica_builds += 1
+        load_trainable_state(self._replica, self.state.arrays)
+        return self._replica
+
     def central_eval(self) -> dict[str, float]:
+        """Central evaluation of the global state on `server-device` (see eval_model)."""
         if self.eval_set is None:
             return {}
-        load_trainable_state(self.model, self.state.arrays)
-        device = torch.device("cpu")
-        return self.task.evaluate(self.model, self.eval_set, self.cfg.train.eval_batch_size, device)
+        model, device = self.eval_model(), self.eval_device
+        with autocast(device, self.cfg.train.precision):
+            metrics = self.task.evaluate(
+                model, self.eval_set, self.cfg.train.eval_batch_size, device
+            )
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # activations: clients may share this GPU
+        return metrics
 
     def link_config(self) -> dict:
         """The A-spec fields every client of this link needs (the chain index is added per

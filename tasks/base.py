@@ -15,6 +15,13 @@ if TYPE_CHECKING:  # the config is validated without loading torch or datasets
     import torch
     from transformers import PreTrainedTokenizerBase
 
+# Client datasets kept per process (train and eval of each partition, and the central set):
+# a Ray actor serves whichever partitions it is given, so a cache smaller than twice the
+# partitions it serves would tokenize and pack them again every round (it was 64: 32
+# partitions). At the default caps a dataset is about 1 MB (256 blocks x 128 tokens x 3
+# int64 columns), so 512 partitions per process cost up to ~1 GB.
+DATASET_CACHE = 1024
+
 
 def _kebab(name: str) -> str:
     return name.replace("_", "-")

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from client.app import build_client_app
-from client.local import place
 from contract import protocol as p
 from contract.config import RunConfig, RunConfigError
 from seedlora import adapter_layers, prepare
@@ -19,6 +18,7 @@ from server.chain_server import ChainServer, run_chain
 from server.rounds import FlowerRounds
 from simulation.local import RUN_ID, LocalGrid
 from simulation.tiny import LLAMA_TARGETS, tiny_llama
+from tasks.devices import place
 
 CPU = torch.device("cpu")
 

@@ -1,0 +1,182 @@
+"""What a client process keeps between messages: the link's adapted base, on its device.
+
+Every client of a link trains against the same frozen base (W0 plus the merged links, with
+link c's adapters), so a process that serves several clients (a Ray actor, a SuperNode's
+ClientApp process) keeps one model resident: the float32 CPU master (client.links.BaseCache)
+copied once, adapted (`seedlora.prepare`), given gradient checkpointing if the run asks,
+and placed on the device in the run's precision (`tasks.devices.place`: the frozen base is
+the cast of the float32 rebuilt base, exactly as a fresh build). Between clients only the
+trainable state (B and heads) is swapped in (`seedlora.load_trainable_state`); optimizer
+state and activations live for one call, and gradients are dropped after it.
+
+The model is rebuilt only when what defines it changes, its `ModelKey`: the task (what the
+base is), the links digest, method, A kind/seed/rank/alpha, chain index, targets, heads,
+frozen factor, dropout, precision, device and gradient checkpointing. A new links digest
+gives the master the links it lacks and one copy to the device; the old device model is
+freed before the new one is built, so a process holds one model on its device at a time.
+A client whose model changes shape (heterogeneous ranks: client.uploads.fit_rank) trains
+a `private_copy`, so nothing it does reaches the next client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import itertools
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from seedlora import CHAINED, Link, adapter_layers, prepare
+from tasks import TaskConfig
+from tasks.devices import place
+
+from .links import BaseCache
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """Everything that defines a client's model except its trainable state."""
+
+    task: TaskConfig  # what `task.load_model()` gives, and the task's default targets
+    links: str  # the links digest: which merged base
+    method: str
+    kind: str
+    seed: int
+    rank: int
+    alpha: float
+    chain_index: int  # the A of this link (0 for methods without chains)
+    targets: str | tuple[str, ...]
+    heads: tuple[str, ...]
+    frozen: str
+    dropout: float
+    precision: str
+    device: str
+    checkpointing: bool
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """`seedlora.prepare` of `model` as this key says."""
+        targets = self.targets if isinstance(self.targets, str) else list(self.targets)
+        return prepare(
+            model,
+            self.method,
+            targets,
+            kind=self.kind,
+            seed=self.seed,
+            rank=self.rank,
+            alpha=self.alpha,
+            chain_index=self.chain_index,
+            dropout=self.dropout,
+            heads=list(self.heads),
+            frozen=self.frozen,
+        )
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Hugging Face gradient checkpointing, non-reentrant (B-only inputs need no grad)."""
+    if not hasattr(model, "gradient_checkpointing_enable"):
+        raise ValueError(f"gradient-checkpointing: {type(model).__name__} does not support it")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def private_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` that a client may change in shape or in its frozen weights.
+
+    The adapters (their base layers included: `fit_rank` folds B's tail into them), all
+    trainable parameters and buffers are copied; every other frozen parameter (embeddings,
+    norms, layers without adapters) is shared, since nothing changes it.
+    """
+    own = {
+        id(t)
+        for _, layer in adapter_layers(model)
+        for t in itertools.chain(layer.parameters(), layer.buffers())
+    }
+    memo: dict[int, object] = {
+        id(q): q for q in model.parameters() if not q.requires_grad and id(q) not in own
+    }
+    return copy.deepcopy(model, memo)
+
+
+def _free_device_memory() -> None:
+    """Hand a dropped model's GPU memory back before the next is built (on the CPU,
+    reference counting frees it, and a gc pass would cost ~0.5 s)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+class ResidentModel:
+    """One process's resident model (see the module docstring); use it through `use`.
+
+    `builds` counts device models built (rebuilds), `bases` is the float32 CPU master.
+    Calls are serialised by a lock: one client at a time trains on the resident model.
+    """
+
+    def __init__(self) -> None:
+        self.bases = BaseCache()
+        self.builds = 0
+        self._key: ModelKey | None = None
+        self._model: nn.Module | None = None
+        self._lock = threading.RLock()
+
+    @property
+    def key(self) -> ModelKey | None:
+        return self._key
+
+    def clear(self) -> None:
+        """Forget the device model and the master (the next `use` builds from W0)."""
+        with self._lock:
+            self._model = self._key = None
+            self.bases.clear()
+            _free_device_memory()
+
+    @contextlib.contextmanager
+    def use(
+        self,
+        key: ModelKey,
+        links: Callable[[], Sequence[Link]],
+        load: Callable[[], nn.Module],
+    ) -> Iterator[nn.Module]:
+        """The resident model for `key`, built first if the key changed.
+
+        `links()` (the full links list named by `key.links`) and `load()` (a fresh float32
+        CPU W0) are called only when the master must change. The caller loads the trainable
+        state; afterwards gradients are dropped and the model is back in eval mode.
+        """
+        with self._lock:
+            if key != self._key:
+                self._build(key, links, load)
+            model = self._model
+            assert model is not None
+            try:
+                yield model
+            finally:
+                model.zero_grad(set_to_none=True)
+                model.eval()
+
+    def _build(
+        self,
+        key: ModelKey,
+        links: Callable[[], Sequence[Link]],
+        load: Callable[[], nn.Module],
+    ) -> None:
+        if self._model is not None:  # free the old device model before building the new one
+            self._model = self._key = None
+            _free_device_memory()
+        master = self.bases.get(key.task, key.links, links, load)
+        model = key.prepare(copy.deepcopy(master))
+        if key.checkpointing:
+            enable_checkpointing(model)
+        model = place(model, torch.device(key.device), key.precision)
+        model.eval()
+        self._model, self._key = model, key
+        self.builds += 1
+
+
+def effective_chain_index(method: str, chain_index: int) -> int:
+    """The chain index `prepare` uses: methods without chains keep link 0's A."""
+    return chain_index if method in CHAINED else 0

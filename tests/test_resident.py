@@ -1,0 +1,302 @@
+"""Resident client models (client/resident.py): one adapted base per process, B swapped.
+
+A client process keeps the link's adapted base on its device and swaps only B and heads
+between the clients it serves. What must hold: no client's state reaches the next (every
+reply equals, bit for bit, the reply of a process that built its model afresh for that one
+message), the model is rebuilt when its base or adapters change and only then, and memory
+does not grow over rounds. CUDA-only checks are skipped on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import random
+
+import pytest
+import torch
+from flwr.app import Message
+
+from client.links import BaseCache
+from client.model import RESIDENT
+from client.resident import ModelKey, ResidentModel, private_copy
+from contract import protocol as p
+from contract.config import RunConfig
+from seedlora import (
+    adapter_layers,
+    inject,
+    links_digest,
+    rebuild,
+    record_link,
+    set_chain_index,
+)
+from seedlora.chain import EMPTY_DIGEST
+from simulation.local import make_grid, run_local
+from simulation.tiny import GPT2_TARGETS, tiny_gpt2
+from tasks import TaskConfig
+from tests import test_app_local as app_tests
+
+overrides = app_tests.overrides  # the in-process app fixture (tiny GPT-2, tiny dataset)
+CUDA = torch.cuda.is_available()
+
+
+def _cleared(app):
+    """`app` in a process that forgets its resident model before every message."""
+
+    def wrapped(msg: Message, context):
+        RESIDENT.clear()
+        return app(msg, context)
+
+    return wrapped
+
+
+def _replies(result) -> list[dict[str, torch.Tensor]]:
+    return [r.content[p.ARRAYS].to_torch_state_dict() for r in result.grid.replies]
+
+
+def _run(ov: dict, *, fresh_each_message: bool, num_nodes: int = 3):
+    """One in-process run; Flower samples nodes with `random`, seeded here so two runs send
+    the same messages in the same order (the average's float sum depends on it)."""
+    random.seed(0)
+    RESIDENT.clear()
+    builds = RESIDENT.builds
+    grid = make_grid(ov, num_nodes)
+    if fresh_each_message:
+        grid.apps = {node: _cleared(app) for node, app in grid.apps.items()}
+    result = run_local(ov, num_nodes, grid=grid, fresh_cache=True)
+    return result, RESIDENT.builds - builds
+
+
+def _assert_same_replies(ours, fresh) -> None:
+    assert len(ours) == len(fresh) > 0
+    for a, b in zip(ours, fresh, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+
+
+FAST = {"local-steps": 1, "central-eval": False}  # what is compared is the replies
+CASES = {
+    "plain": {},
+    "hetero-ranks": {"client-ranks": "2,4,1"},  # private copies between full-rank clients
+    "bf16-int8": {"precision": "bf16", "upload-codec": "int8", "fraction-evaluate": 1.0},
+}
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["plain", *(pytest.param(c, marks=pytest.mark.integration) for c in list(CASES)[1:])],
+)
+def test_no_client_state_reaches_the_next_client(overrides, case):
+    """Three partitions served by one process, two links of two rounds: every reply is the
+    one a process gets that built its model for that message alone."""
+    ov = {**overrides, **FAST, "num-links": 2, "rounds-per-link": 2, **CASES[case]}
+    ours, builds = _run(ov, fresh_each_message=False)
+    fresh, fresh_builds = _run(ov, fresh_each_message=True)
+    _assert_same_replies(_replies(ours), _replies(fresh))
+    messages = sum(r.get("sent", 0) for r in ours.metrics["rounds"])
+    assert builds == 2  # one per link
+    assert fresh_builds >= messages  # a build for every message
+
+
+def test_rebuilt_when_the_links_digest_changes_and_reused_otherwise(overrides):
+    ov = {**overrides, **FAST, "num-links": 3, "rounds-per-link": 2, "fraction-evaluate": 1.0}
+    RESIDENT.clear()
+    loads, applied = RESIDENT.bases.loads, RESIDENT.bases.applied
+    result, builds = _run(ov, fresh_each_message=False)
+    assert all(r["accepted"] == 3 for r in result.metrics["rounds"][1:])
+    assert builds == 3  # links 0, 1, 2; train and evaluate messages share the model
+    assert RESIDENT.bases.loads - loads == 1  # W0 loaded once ...
+    assert RESIDENT.bases.applied - applied == 2  # ... and each merged link applied once
+    key = RESIDENT.key
+    assert key is not None and key.chain_index == 2
+
+
+def test_any_other_key_change_rebuilds_on_the_same_master():
+    resident = ResidentModel()
+    key = ModelKey(
+        task=TaskConfig(),
+        links=EMPTY_DIGEST,
+        method="seedlora",
+        kind="gaussian",
+        seed=0,
+        rank=2,
+        alpha=4.0,
+        chain_index=0,
+        targets=GPT2_TARGETS,
+        heads=(),
+        frozen="A",
+        dropout=0.0,
+        precision="fp32",
+        device="cpu",
+        checkpointing=False,
+    )
+    with resident.use(key, list, tiny_gpt2) as first:
+        pass
+    with resident.use(key, list, tiny_gpt2) as again:
+        assert again is first and resident.builds == 1
+    changes = [
+        {"method": "ffa"},
+        {"kind": "circulant"},
+        {"seed": 1},
+        {"rank": 4},
+        {"alpha": 8.0},
+        {"chain_index": 1},
+        {"targets": ("c_attn",)},
+        {"heads": ("transformer.ln_f",)},
+        {"frozen": "B"},
+        {"dropout": 0.1},
+        {"precision": "bf16"},
+        {"checkpointing": True},
+    ]
+    for change in changes:
+        with resident.use(dataclasses.replace(key, **change), list, tiny_gpt2) as model:
+            assert model is not first, change
+    assert resident.builds == 1 + len(changes)
+    assert resident.bases.loads == 1  # the same W0 and links: the master is reused
+    assert {f.name for f in dataclasses.fields(ModelKey)} == {"task", "links", "device"} | {
+        k for c in changes for k in c
+    }
+
+
+def _links(n: int, seed: int = 0):
+    """n merged links of a tiny GPT-2 chain (random B), as the server records them."""
+    model = tiny_gpt2()
+    inject(model, list(GPT2_TARGETS), kind="gaussian", seed=3, rank=2, alpha=4.0)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for c in range(n):
+        set_chain_index(model, c)
+        for _, layer in adapter_layers(model):
+            with torch.no_grad():
+                layer.lora_B.normal_(0, 0.5, generator=gen)
+        out.append(record_link(model))
+    return out
+
+
+def test_base_cache_applies_only_the_links_it_lacks():
+    links = _links(3)
+    cache = BaseCache()
+    calls = []
+
+    def given(ls):
+        def f():
+            calls.append(len(ls))
+            return ls
+
+        return f
+
+    one = cache.get("k", links_digest(links[:1]), given(links[:1]), tiny_gpt2)
+    assert cache.get("k", links_digest(links[:1]), given(links[:1]), tiny_gpt2) is one
+    three = cache.get("k", links_digest(links), given(links), tiny_gpt2)
+    assert three is one and (cache.loads, cache.applied) == (1, 3)
+    assert calls == [1, 3]  # links asked for only when the master changed
+    expected = rebuild(tiny_gpt2(), links)
+    theirs = expected.state_dict()
+    for name, a in three.state_dict().items():
+        assert torch.equal(a, theirs[name]), name
+    other = _links(1, seed=9)  # not an extension: start again from W0
+    cache.get("k", links_digest(other), given(other), tiny_gpt2)
+    assert cache.loads == 2
+    with pytest.raises(ValueError, match="do not hash"):
+        cache.get("k", "0" * 64, given(links), tiny_gpt2)
+
+
+def test_private_copy_shares_only_what_nothing_changes():
+    model = tiny_gpt2()
+    inject(model, list(GPT2_TARGETS), kind="gaussian", seed=3, rank=4, alpha=8.0)
+    copy_ = private_copy(model)
+    ours = dict(model.named_parameters())
+    for name, q in copy_.named_parameters():
+        shared = q is ours[name]
+        adapted = any(name.startswith(n + ".") for n, _ in adapter_layers(model))
+        assert shared == (not q.requires_grad and not adapted), name
+    from seedlora.nested import shrink
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for _, layer in adapter_layers(copy_):
+        with torch.no_grad():
+            layer.lora_B.normal_()
+    shrink(copy_, 2)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(layer.lora_B.shape[1] == 4 for _, layer in adapter_layers(model))
+
+
+def _live_tensors() -> tuple[int, int]:
+    """(storages, bytes) of every tensor alive in this process."""
+    gc.collect()
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
+            storage = obj.untyped_storage()
+            storages[(storage.device, storage.data_ptr())] = storage.nbytes()
+    return len(storages), sum(storages.values())
+
+
+def _memory_probe(app, samples: list):
+    def probed(msg: Message, context):
+        reply = app(msg, context)
+        allocated = torch.cuda.memory_allocated() if CUDA else 0
+        samples.append((int(msg.content[p.CONFIG][p.SERVER_ROUND]), *_live_tensors(), allocated))
+        return reply
+
+    return probed
+
+
+def test_memory_does_not_grow_over_rounds(overrides):
+    ov = {**overrides, "num-links": 1, "rounds-per-link": 4, "save-client-updates": False}
+    RESIDENT.clear()
+    samples: list = []
+    grid = make_grid(ov, 2)
+    grid.apps = {node: _memory_probe(app, samples) for node, app in grid.apps.items()}
+    run_local(ov, 2, grid=grid, fresh_cache=True)
+    by_round = {}
+    for rnd, count, nbytes, allocated in samples:
+        by_round.setdefault(rnd, []).append((count, nbytes, allocated))
+    assert sorted(by_round) == [1, 2, 3, 4]
+    last = [by_round[r][-1] for r in (2, 3, 4)]  # after both clients of the round
+    assert last[0] == last[1] == last[2], last
+
+
+def test_gradient_checkpointing_is_a_key_and_changes_no_result(overrides):
+    """Recomputed activations are the same numbers: the same B, bit for bit (on the CPU)."""
+    assert RunConfig.from_flower({"gradient-checkpointing": True}).train.gradient_checkpointing
+    ov = {**overrides, **FAST, "rounds-per-link": 2}
+    plain, _ = _run(ov, fresh_each_message=False, num_nodes=2)
+    assert not RESIDENT._model.is_gradient_checkpointing
+    checkpointed, builds = _run(
+        {**ov, "gradient-checkpointing": True}, fresh_each_message=False, num_nodes=2
+    )
+    assert builds == 1 and RESIDENT._model.is_gradient_checkpointing  # enabled once
+    _assert_same_replies(_replies(checkpointed), _replies(plain))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_gpu_resident_model_and_replica_do_not_grow(overrides):
+    ov = {
+        **overrides,
+        "num-links": 2,
+        "rounds-per-link": 3,
+        "precision": "bf16",
+        "device": "auto",
+        "server-device": "auto",
+    }
+    RESIDENT.clear()
+    builds = RESIDENT.builds
+    samples: list = []
+    grid = make_grid(ov, 2)
+    grid.apps = {node: _memory_probe(app, samples) for node, app in grid.apps.items()}
+    result = run_local(ov, 2, grid=grid, fresh_cache=True)
+    assert RESIDENT.builds - builds == 2
+    model = RESIDENT._model
+    assert next(model.parameters()).device.type == "cuda"
+    frozen = {q.dtype for q in model.parameters() if not q.requires_grad}
+    assert frozen == {torch.bfloat16}
+    allocated = {}
+    for rnd, _, _, cuda_bytes in samples:
+        allocated[rnd] = cuda_bytes
+    # rounds 2-3 of link 0 and 5-6 of link 1: the same resident model, the same memory
+    assert allocated[2] == allocated[3] and allocated[5] == allocated[6], allocated
+    assert allocated[5] <= allocated[2] + 16 * 2**20, allocated
+    assert all(r["central"] for r in result.metrics["rounds"])
