@@ -135,10 +135,11 @@ def floor_tokens_per_s(overrides: dict) -> float:
     """Tokens/s of one client's round (local-steps x batch) trained in this process."""
     import torch
 
-    from client.local import pick_device, place, train
+    from client.local import train
     from contract.config import RunConfig
     from seedlora import prepare
     from tasks import build_task
+    from tasks.devices import pick_device, place
 
     cfg = RunConfig.from_flower(overrides)
     task = build_task(cfg.task_config(1))
