@@ -4,7 +4,7 @@ The adapter core. It has no Flower import, so it can be used (and tested) on its
 """
 
 from .aggregate import fedit_update, mean_update, relative_error, weighted_mean
-from .chain import EMPTY_DIGEST, Link, apply_link, links_digest, rebuild, record_link
+from .chain import EMPTY_DIGEST, Chain, Link, apply_link, links_digest, rebuild, record_link
 from .export import atomic_dir, export_merged, export_peft
 from .inject import (
     adapter_layers,
@@ -25,6 +25,7 @@ __all__ = [
     "CHAINED",
     "Method",
     "BLOCK_KINDS",
+    "Chain",
     "EMPTY_DIGEST",
     "KINDS",
     "Link",
