@@ -54,7 +54,7 @@ class SecureRounds:
 class SecureLink:
     def __init__(self, server: ChainServer, grid: Grid, context: Context):
         self.server, self.grid, self.context = server, grid, context
-        self.links = links_to_bytes(server.state.links)  # serialized once per link
+        self.links_blob = links_to_bytes(server.state.links)  # serialized once per link
 
     def _fit_config(self, server_round: int) -> dict:
         s = self.server.state
@@ -63,7 +63,7 @@ class SecureLink:
             p.SERVER_ROUND: s.global_round + server_round,
             p.CHAIN_INDEX: s.chain_index,
             p.LINKS_DIGEST: s.links.digest,
-            p.SECURE_LINKS: self.links,  # the legacy config is flat: all links
+            p.SECURE_LINKS: self.links_blob,  # the legacy config is flat: all links
         }
 
     def run_round(self, link_round: int, arrays: dict[str, torch.Tensor]) -> RoundResult:

@@ -95,9 +95,7 @@ class LinkStrategy(Strategy):
         self.digest = links.digest
         self.ledgers: dict[int, RoundLedger] = {}  # keyed by global round
         self.sent = SentRound()
-        self.outgoing = Outgoing(
-            links, ctx.link_config, ctx.chain_index, self.digest, ctx.node_links
-        )
+        self.outgoing = Outgoing(links, ctx.link_config, ctx.chain_index, ctx.node_links)
 
     # --- round numbers and bookkeeping -----------------------------------------------
     def global_round(self, server_round: int) -> int:

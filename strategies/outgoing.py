@@ -27,13 +27,11 @@ class Outgoing:
         links: Chain,
         link_config: dict,
         chain_index: int,
-        digest: str,
         node_links: dict[int, int],
     ):
         self.links = links  # merged so far: the links digest covers them all
         self.link_config = link_config  # A-spec fields and training keys
         self.chain_index = chain_index
-        self.digest = digest
         self.node_links = node_links
         self._blobs: dict[int, bytes] = {}  # first missing link -> serialized links
 
@@ -61,7 +59,7 @@ class Outgoing:
             config.update(self.link_config)
             config[p.SERVER_ROUND] = global_round
             config[p.CHAIN_INDEX] = self.chain_index
-            config[p.LINKS_DIGEST] = self.digest
+            config[p.LINKS_DIGEST] = self.links.digest
             config[p.LINKS_COUNT] = len(self.links)
             record = RecordDict(
                 {
