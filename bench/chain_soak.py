@@ -275,8 +275,11 @@ def run_dir_facts(run_dir: Path) -> dict[str, int]:
 def plot(rows: list[dict], path: Path, title: str) -> Path:
     rounds = [r["round"] for r in rows]
     with figure(path, 3, 1, figsize=(8, 8.5), sharex=True) as (_, axes):
-        axes[0].plot(rounds, [r["round_time_s"] for r in rows], ".-", linewidth=0.8)
+        axes[0].plot(rounds, [r["round_time_s"] for r in rows], ".-", lw=0.8, label="wall")
+        cpu = [(r["round"], r["cpu_s"]) for r in rows if r["cpu_s"] is not None]
+        axes[0].plot([x for x, _ in cpu], [c for _, c in cpu], ".-", lw=0.8, label="CPU")
         axes[0].set_ylabel("round time (s)")
+        axes[0].legend(fontsize=8)
         axes[0].set_title(title)
         for closing, label in ((False, "round commit"), (True, "round + link close")):
             sel = [r for r in rows[:-1] if r["closes_link"] == closing]
