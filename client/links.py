@@ -4,6 +4,15 @@ A client that restarts or joins late catches up from the links the server sends 
 what it cached before; an up-to-date client is sent no links at all. The cache is keyed
 by the base model and the links digest, so clients of different runs or bases never
 mix, and a digest mismatch is an error, never a silent wrong base.
+
+On disk, `LinkCache` keeps one file per link: `root/<base key>/links/<digest>.safetensors`
+holds the link at position k of a chain and the digest of the k links before it
+(seedlora.serialize `link_to_bytes`), named by the chained digest through it. So a chain is
+found by walking back from its digest, catching up writes only the links a node lacked
+(the cache grows by one file per link), and a file that is damaged or does not hash to its
+name is removed and counts as a miss. In memory, the chain a cache directory last
+resolved is kept for the process (the Chain knows its digests), so a round whose digest
+is known, or that extends it, reads no file and hashes only the links it receives.
 """
 
 from __future__ import annotations
@@ -17,13 +26,18 @@ from flwr.app import ConfigRecord
 from torch import nn
 
 from contract import protocol as p
-from seedlora.chain import EMPTY_DIGEST, Link, apply_link, links_digest
+from seedlora.chain import EMPTY_DIGEST, Chain, Link, apply_link, links_digest
 from seedlora.serialize import (
     CorruptFileError,
     atomic_write_bytes,
+    link_from_bytes,
+    link_to_bytes,
     links_from_bytes,
-    links_to_bytes,
 )
+
+# cache directory -> the chain it last resolved in this process (shared by LinkCache objects:
+# the ClientApp makes one per message).
+RESOLVED: dict[Path, Chain] = {}
 
 
 def default_cache_dir() -> Path:
@@ -31,47 +45,98 @@ def default_cache_dir() -> Path:
 
 
 class LinkCache:
-    """Links lists on disk under `root/<base key>/<digest>.safetensors`."""
+    """Links on disk under `root/<base key>/links/<digest>.safetensors`, one per file.
 
-    def __init__(self, root: str | os.PathLike, base_name: str):
+    `memory` maps a cache directory to the chain it last resolved (default: this process's
+    `RESOLVED`; a test passes {} to see the disk alone)."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        base_name: str,
+        memory: dict[Path, Chain] | None = None,
+    ):
         key = hashlib.sha256(base_name.encode()).hexdigest()[:16]
-        self.dir = Path(root) / key
+        self.dir = Path(root) / key / "links"
+        self.memory = RESOLVED if memory is None else memory
 
     def _path(self, digest: str) -> Path:
         return self.dir / f"{digest}.safetensors"
 
-    def load(self, digest: str) -> list[Link] | None:
-        if digest == EMPTY_DIGEST:
-            return []
-        path = self._path(digest)
-        if not path.exists():
-            return None
-        try:
-            _, links = links_from_bytes(path.read_bytes())
-        except CorruptFileError:
-            path.unlink(missing_ok=True)  # a damaged cache entry is just a cache miss
-            return None
-        return links if links_digest(links) == digest else None
+    def _recent(self) -> Chain:
+        return self.memory.get(self.dir) or Chain()
 
-    def store(self, links: list[Link]) -> None:
-        atomic_write_bytes(self._path(links_digest(links)), links_to_bytes(links))
+    def load(self, digest: str) -> Chain | None:
+        """The chain whose digest is `digest`, or None if the cache cannot rebuild it."""
+        recent = self._recent()
+        if recent.digest == digest:
+            return recent
+        return self._walk(digest)
 
-    def resolve(self, record: ConfigRecord | None, digest: str) -> list[Link]:
+    def _walk(self, digest: str) -> Chain | None:
+        """The chain named `digest`, read from disk by following each file's prefix digest
+        back to the empty chain. A missing file is a miss; so is a damaged one, one at the
+        wrong position or one that does not hash to its name, which is also removed."""
+        found: list[tuple[str, int, Link]] = []  # (file digest, position, link), last first
+        wanted = digest
+        while wanted != EMPTY_DIGEST:
+            path = self._path(wanted)
+            if not path.exists():
+                return None
+            try:
+                index, prefix, link = link_from_bytes(path.read_bytes())
+            except CorruptFileError:
+                index = -1
+            if index < 0 or (found and index != found[-1][1] - 1):  # one position back
+                path.unlink(missing_ok=True)  # a damaged cache entry is just a cache miss
+                return None
+            found.append((wanted, index, link))
+            wanted = prefix
+        chain = Chain()
+        for name, index, link in reversed(found):
+            if index != len(chain) or chain.append(link) != name:
+                self._path(name).unlink(missing_ok=True)
+                return None
+        return chain
+
+    def _prefix(self, start: int, digest: str) -> Chain | None:
+        """The first `start` links of the chain, given their digest."""
+        recent = self._recent()
+        if len(recent) >= start and recent.prefix_digest(start) == digest:
+            return recent.prefix(start)
+        chain = self._walk(digest)
+        return chain if chain is not None and len(chain) == start else None
+
+    def store(self, chain: Chain, start: int = 0) -> None:
+        """Write the files of `chain`'s links from position `start` on that are not cached."""
+        for index in range(start, len(chain)):
+            path = self._path(chain.prefix_digest(index + 1))
+            if not path.exists():
+                data = link_to_bytes(chain[index], index, chain.prefix_digest(index))
+                atomic_write_bytes(path, data)
+
+    def resolve(self, record: ConfigRecord | None, digest: str) -> Chain:
         """The full links list named by `digest`, from the cache and/or the sent links."""
         cached = self.load(digest)
-        if cached is not None:
-            return cached
+        if cached is None:
+            cached = self._catch_up(record, digest)
+        self.memory[self.dir] = cached
+        return cached
+
+    def _catch_up(self, record: ConfigRecord | None, digest: str) -> Chain:
+        """The cached prefix the server's `record` names, plus the links it carries."""
         if record is None:
             raise LookupError(f"links {digest[:12]} not cached and none were sent")
-        prefix = self.load(str(record[p.LINKS_PREFIX_DIGEST]))
-        if prefix is None:
-            raise LookupError("links prefix not cached; the server resends all links next round")
         start, received = links_from_bytes(bytes(record[p.LINKS_DATA]))
-        links = prefix[:start] + received
-        if links_digest(links) != digest:
+        chain = self._prefix(start, str(record[p.LINKS_PREFIX_DIGEST]))
+        if chain is None:
+            raise LookupError("links prefix not cached; the server resends all links next round")
+        for link in received:
+            chain.append(link)
+        if chain.digest != digest:
             raise ValueError(f"received links do not hash to {digest[:12]}")
-        self.store(links)
-        return links
+        self.store(chain, start)
+        return chain
 
 
 class BaseCache:

@@ -17,6 +17,7 @@ _EXPORTS = {
     "relative_error": "aggregate",
     "weighted_mean": "aggregate",
     "EMPTY_DIGEST": "chain",
+    "Chain": "chain",
     "Link": "chain",
     "a_digest": "chain",
     "apply_link": "chain",
@@ -53,6 +54,7 @@ __all__ = [
     "BLOCK_KINDS",
     "B_ONLY",
     "CHAINED",
+    "Chain",
     "EMPTY_DIGEST",
     "KINDS",
     "Link",
@@ -103,6 +105,7 @@ if TYPE_CHECKING:
     from .aggregate import fedit_update, mean_update, relative_error, weighted_mean
     from .chain import (
         EMPTY_DIGEST,
+        Chain,
         Link,
         a_digest,
         apply_link,

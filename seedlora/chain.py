@@ -5,6 +5,10 @@ as the link `Link(specs_c, B_bar_c)`, and training moves to chain index c + 1: t
 with B = 0. The links list is all a client needs, besides the public pretrained W0, to
 rebuild the current global base: `W = W0 + sum_j (alpha/r) B_j A_j`. Its digest (a sha256
 hash chain over a canonical serialization) names that base on the wire and in caches.
+
+The digest of the first k links is `digest_k = H(digest_{k-1}, link_k)`, so a `Chain` keeps
+every `digest_k` as links are appended: its digest, and that of any prefix (what a node that
+holds the first k links has), cost nothing per round however long the chain grows.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -85,8 +89,70 @@ class Link:
         return cls(float(header["alpha"]), specs, dict(factors), header.get("frozen", "A"))
 
 
+class Chain(Sequence[Link]):
+    """A links list (chain index 0 first) with its running digests.
+
+    `prefix_digest(k)` is the digest of the first k links (`EMPTY_DIGEST` for k = 0) and
+    `digest` that of all of them; `append` hashes only the new link. Indexing and slicing
+    read the links (a slice is a plain list).
+    """
+
+    def __init__(self, links: Iterable[Link] = ()):
+        self._links: list[Link] = []
+        self._digests: list[str] = [EMPTY_DIGEST]
+        for link in links:
+            self.append(link)
+
+    @classmethod
+    def of(cls, links: Sequence[Link]) -> Chain:
+        """`links` itself if it is a Chain, else a Chain of them (hashing every link once)."""
+        return links if isinstance(links, Chain) else cls(links)
+
+    def append(self, link: Link) -> str:
+        """Add `link` at the end; returns the new digest."""
+        digest = link.digest(self._digests[-1])
+        self._links.append(link)
+        self._digests.append(digest)
+        return digest
+
+    def prefix(self, k: int) -> Chain:
+        """The first k links as a new Chain (no hashing: their digests are known)."""
+        if not 0 <= k <= len(self._links):
+            raise IndexError(f"prefix {k} of a chain of {len(self._links)} links")
+        out = Chain()
+        out._links, out._digests = self._links[:k], self._digests[: k + 1]
+        return out
+
+    def copy(self) -> Chain:
+        return self.prefix(len(self._links))
+
+    @property
+    def digest(self) -> str:
+        """The digest of all links: `links_digest(self)`."""
+        return self._digests[-1]
+
+    def prefix_digest(self, k: int) -> str:
+        """The digest of the first k links (0 <= k <= len)."""
+        if not 0 <= k <= len(self._links):
+            raise IndexError(f"prefix {k} of a chain of {len(self._links)} links")
+        return self._digests[k]
+
+    def __len__(self) -> int:
+        return len(self._links)
+
+    def __getitem__(self, index):
+        return self._links[index]
+
+    def __repr__(self) -> str:
+        return f"Chain({len(self._links)} links, digest {self.digest[:12]})"
+
+
 def links_digest(links: Sequence[Link]) -> str:
-    """Digest of a whole links list; equal digests mean equal merged bases."""
+    """Digest of a whole links list; equal digests mean equal merged bases.
+
+    A `Chain` knows its own (no hashing); any other sequence is hashed link by link."""
+    if isinstance(links, Chain):
+        return links.digest
     digest = EMPTY_DIGEST
     for link in links:
         digest = link.digest(digest)

@@ -1,8 +1,9 @@
 """Links and tensor states as bytes and files: safetensors (no pickle) plus a JSON header.
 
-Used for the wire (links a client lacks), the client's link cache and server
-checkpoints. Files are written to a temp name and renamed, so a crash leaves either the
-old file or the new one, never half of one.
+Used for the wire (links a client lacks, `links_to_bytes`), one merged link per file (the
+server's link log and the client's link cache, `link_to_bytes`) and server checkpoints.
+Files are written to a temp name and renamed, so a crash leaves either the old file or the
+new one, never half of one.
 """
 
 from __future__ import annotations
@@ -94,6 +95,35 @@ def links_from_bytes(data: bytes) -> tuple[int, list[Link]]:
     except (KeyError, TypeError, ValueError) as err:
         raise CorruptFileError(f"bad links payload: {err}") from err
     return start, links
+
+
+def link_to_bytes(link: Link, index: int, prefix_digest: str) -> bytes:
+    """One link as a file of its own: the link at position `index` of a chain whose first
+    `index` links have the digest `prefix_digest`.
+
+    The chain's digest through this link is `link.digest(prefix_digest)`, so a reader can
+    check the file against the name it was stored under (`link_from_bytes`).
+
+    Args:
+        link: its factors (B_bar: (n_out, r), or A_bar: (r, n_in) with swapped roles) are
+            stored as float32 under their layer names.
+        index: the link's position in the chain (0 for the first).
+        prefix_digest: the digest of the links before it (`EMPTY_DIGEST` for index 0).
+    """
+    tensors = {layer: b.float() for layer, b in link.factors.items()}
+    meta = {"index": index, "prefix-digest": prefix_digest, "link": link.header()}
+    return state_to_bytes(tensors, meta)
+
+
+def link_from_bytes(data: bytes) -> tuple[int, str, Link]:
+    """(index, prefix digest, link) from `link_to_bytes` output; the link's factors are float32
+    CPU tensors. Raises CorruptFileError on anything unparsable or incomplete."""
+    tensors, meta = state_from_bytes(data)
+    try:
+        index, prefix = int(meta["index"]), str(meta["prefix-digest"])
+        return index, prefix, Link.from_header(meta["link"], tensors)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CorruptFileError(f"bad link file: {err}") from err
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -11,6 +11,10 @@ A `LinkRunner` (server/rounds.py: Flower's message-API strategies; server/secure
 SecAgg+) does the rounds' communication; `ChainServer` does everything that is the
 same whatever the runner: the state, central evaluation, metrics.json, checkpoints,
 merges and exports.
+
+What a round writes does not grow with the chain: its entry appended to rounds.jsonl and
+the checkpoint (B, heads, strategy state, counters; server/checkpoint.py). A link close
+adds one file to the link log (links/) and rewrites metrics.json (server/report.py).
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ from seedlora import (
     close_link,
     export_merged,
     export_peft,
-    links_digest,
     load_trainable_state,
     prepare,
     set_chain_index,
@@ -148,6 +151,7 @@ class ChainServer:
         self.model.eval()
         self.state = ChainState(cfg.to_flower(), links=[], arrays=trainable_state(self.model))
         log(INFO, report.adapter_summary(self.model, a.method, self.state.arrays, cfg.upload))
+        self.rounds_path = out_dir / report.ROUNDS
         self.node_links: dict[int, int] = {}  # node id -> merged links it is known to hold
         self.eval_set = central_set(self.task, cfg) if cfg.output.central_eval else None
         self.eval_device = self._eval_device() if self.eval_set is not None else None
@@ -172,6 +176,11 @@ class ChainServer:
         set_chain_index(self.model, ckpt.chain_index)
         load_trainable_state(self.model, ckpt.arrays)
         ckpt.config = ours
+        # The rounds the checkpoint covers: a round logged after it is run again.
+        history = ckpt.history or report.read_rounds(self.rounds_path)
+        ckpt.history = [h for h in history if h.get("round", 0) <= ckpt.global_round]
+        report.write_rounds(self.rounds_path, ckpt.history)
+        checkpoint.discard_links_from(self.out_dir, len(ckpt.links))
         self.state = ckpt
         log(
             INFO,
@@ -179,22 +188,21 @@ class ChainServer:
             ckpt.chain_index,
             ckpt.round_in_link,
             len(ckpt.links),
-            links_digest(ckpt.links)[:12],
+            ckpt.links.digest[:12],
         )
 
-    def _save(self) -> None:
-        """metrics.json for people, then the checkpoint for `resume`."""
+    def _write_metrics(self) -> None:
+        """metrics.json, the run's document for people: at start, link close and the end."""
         s = self.state
         document = {
             "config": s.config,
             "run_id": self.run_id,
-            "links_digest": links_digest(s.links),
+            "links_digest": s.links.digest,
             "links_merged": len(s.links),
             "rounds": s.history,
             "exact_in_weight_space": self.cfg.strategy.name in EXACT_IN_WEIGHT_SPACE,
         }
         report.write_metrics(self.out_dir / "metrics.json", document)
-        checkpoint.save(self.out_dir, s)
 
     # --- the steps of run_chain --------------------------------------------------------
     def _eval_device(self) -> torch.device:
@@ -263,15 +271,20 @@ class ChainServer:
         }
 
     def begin(self) -> None:
-        """Evaluate the base model once, as round 0 of a fresh run."""
+        """Evaluate the base model once, as round 0 of a fresh run (which first clears what
+        an earlier run left in the same directory: checkpoints, link log, rounds.jsonl)."""
         s = self.state
         if s.global_round == 0 and not s.history:
+            checkpoint.clear(self.out_dir)
             s.history.append({"round": 0, "link": 0, "central": self.central_eval()})
+            report.write_rounds(self.rounds_path, s.history)
             log(INFO, "base model | central %s", s.history[0]["central"])
+        self._write_metrics()
         self._round_start = time.perf_counter()
 
     def commit_round(self, result: RoundResult) -> None:
-        """Take a round's global state: count it, evaluate, log, write metrics, checkpoint."""
+        """Take a round's global state: count it, evaluate, log, append its entry to
+        rounds.jsonl, checkpoint."""
         s = self.state
         s.arrays = {k: v.clone() for k, v in result.arrays.items()}
         s.round_in_link += result.rounds
@@ -295,7 +308,8 @@ class ChainServer:
             log(INFO, "secure link %d | central %s", s.chain_index, entry["central"])
         else:
             log(INFO, report.round_line(entry))
-        self._save()
+        report.append_round(self.rounds_path, entry)
+        checkpoint.save(self.out_dir, s)
 
     def _ledger_entry(self, result: RoundResult) -> dict:
         ledger = result.ledger
@@ -326,7 +340,8 @@ class ChainServer:
         atomic_write_bytes(path, state_to_bytes(tensors, meta))
 
     def close_link(self) -> None:
-        """Merge the link's averaged B into the base, record it, advance A, reset B.
+        """Merge the link's averaged B into the base, record it, advance A, reset B; then
+        the checkpoint (which adds the link to the log first) and metrics.json.
 
         fedit and full have no link to merge: their state stays in the arrays."""
         s = self.state
@@ -335,12 +350,12 @@ class ChainServer:
         s.round_in_link = 0
         if self.cfg.adapter.method in B_ONLY:
             link = close_link(self.model)  # record, merge, next A with B = 0
-            s.links.append(link)
+            digest = s.links.append(link)
             s.arrays = trainable_state(self.model)
             s.strategy_state = {}
-            digest = links_digest(s.links)[:12]
-            log(INFO, "link %d merged | links digest %s", link.chain_index, digest)
-        self._save()
+            log(INFO, "link %d merged | links digest %s", link.chain_index, digest[:12])
+        checkpoint.save(self.out_dir, s)
+        self._write_metrics()
 
     def finish(self) -> None:
         """Final summary, plot and exports (PEFT adapter of rank k*r, merged HF model)."""
@@ -349,7 +364,7 @@ class ChainServer:
         if len(rounds) >= 2:
             first, last = rounds[0]["central"], rounds[-1]["central"]
             log(INFO, "central eval: base %s -> final %s", first, last)
-        self._save()
+        self._write_metrics()
         report.plot_history(self.out_dir / "metrics.png", history, self.cfg.schedule[1])
         if self.cfg.output.export:
             self._export()

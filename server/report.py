@@ -1,5 +1,14 @@
 """What a run tells people: what it trains (one line at the start), one line per round
-(with the run's bytes so far), metrics.json and a plot."""
+(with the run's bytes so far), metrics.json, rounds.jsonl and a plot.
+
+metrics.json is the run's document (config, links digest and count, every round's entry
+under "rounds"); it is rewritten whole, so the server writes it only when a run starts,
+at every link close and at the end, never every round. rounds.jsonl gets each round's
+entry as one JSON line when the round is committed (an append, fsync'd): the live
+record between link closes, and where `resume` gets the history back (the checkpoint
+does not carry it). On resume the file is rewritten once with the rounds the checkpoint
+covers, so a round that is run again is not listed twice.
+"""
 
 from __future__ import annotations
 
@@ -137,6 +146,40 @@ def adapter_line(
     size = f"{upload / 1e6:.2f} MB" if upload >= 1e6 else f"{upload / 1e3:.1f} kB"
     parts.append(f"upload {size} per client-round")
     return " | ".join(parts)
+
+
+ROUNDS = "rounds.jsonl"
+
+
+def append_round(path: str | os.PathLike, entry: dict) -> None:
+    """Append one round's entry to a rounds.jsonl file (one JSON object per line)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_rounds(path: str | os.PathLike) -> list[dict]:
+    """The entries of a rounds.jsonl file, in order; [] if there is none. A line that does
+    not parse (a write cut short by a crash) is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
+
+
+def write_rounds(path: str | os.PathLike, entries: list[dict]) -> Path:
+    """Replace a rounds.jsonl file with `entries`, atomically."""
+    text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries)
+    return atomic_write_bytes(path, text.encode())
 
 
 def write_metrics(path: str | os.PathLike, document: dict) -> Path:

@@ -52,7 +52,7 @@ class FlowerRounds:
         ctx = LinkContext(
             run_id=server.run_id,
             chain_index=s.chain_index,
-            links=list(s.links),
+            links=s.links.copy(),
             link_config=server.link_config(),
             round_offset=s.global_round - s.round_in_link,
             rounds_done=0,

@@ -33,7 +33,6 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
 from contract import protocol as p
-from seedlora import links_digest
 from seedlora.serialize import links_to_bytes
 
 from .chain_server import ChainServer, run_chain
@@ -55,6 +54,7 @@ class SecureRounds:
 class SecureLink:
     def __init__(self, server: ChainServer, grid: Grid, context: Context):
         self.server, self.grid, self.context = server, grid, context
+        self.links_blob = links_to_bytes(server.state.links)  # serialized once per link
 
     def _fit_config(self, server_round: int) -> dict:
         s = self.server.state
@@ -62,8 +62,8 @@ class SecureLink:
             **self.server.link_config(),
             p.SERVER_ROUND: s.global_round + server_round,
             p.CHAIN_INDEX: s.chain_index,
-            p.LINKS_DIGEST: links_digest(s.links),
-            p.SECURE_LINKS: links_to_bytes(s.links),  # the legacy config is flat: all links
+            p.LINKS_DIGEST: s.links.digest,
+            p.SECURE_LINKS: self.links_blob,  # the legacy config is flat: all links
         }
 
     def run_round(self, link_round: int, arrays: dict[str, torch.Tensor]) -> RoundResult:

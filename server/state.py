@@ -1,5 +1,5 @@
-"""`ChainState`: everything the server checkpoints, so that `resume` needs nothing else;
-`RoundResult`: what one step of a link runner hands to the chain loop."""
+"""`ChainState`: the run so far, everything `resume` needs (server/checkpoint.py says where
+each part is written); `RoundResult`: what one step of a link runner hands to the chain loop."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from seedlora.chain import Link
+from seedlora.chain import Chain
 from strategies.ledger import RoundLedger
 
 
@@ -17,13 +17,16 @@ class ChainState:
     `(A-spec_c, B_bar_c)`; the *chain index* c is the link being trained now."""
 
     config: dict  # the flat run config (dash keys) the run was started with
-    links: list[Link]  # merged links, chain index 0 first
+    links: Chain  # merged links, chain index 0 first, with their running digests
     arrays: dict[str, torch.Tensor]  # global trainable state of link c: B (n_out x r) + heads
     chain_index: int = 0
     round_in_link: int = 0  # rounds of link c done (0..rounds-per-link)
     global_round: int = 0  # rounds done in the whole run
     strategy_state: dict[str, object] = field(default_factory=dict)  # inner B-space state
     history: list[dict] = field(default_factory=list)  # one entry per round (metrics.json)
+
+    def __post_init__(self) -> None:
+        self.links = Chain.of(self.links)  # a plain list is hashed once, here
 
 
 @dataclass

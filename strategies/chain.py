@@ -35,7 +35,7 @@ from flwr.serverapp.strategy import Strategy
 
 from contract import protocol as p
 from contract.config import StrategyConfig, UploadConfig
-from seedlora.chain import Link, links_digest
+from seedlora.chain import Chain, Link
 
 from .ledger import Rejection, RoundLedger, client_updates
 from .outgoing import Outgoing
@@ -71,7 +71,7 @@ class LinkContext:
 
     run_id: int
     chain_index: int
-    links: Sequence[Link]
+    links: Sequence[Link]  # a Chain (else made one, hashing every link once)
     link_config: dict  # A-spec fields and training keys sent to every client
     round_offset: int  # global rounds completed before this instance's round 1
     rounds_done: int  # rounds of this link already done before this instance's round 1
@@ -98,13 +98,12 @@ class LinkStrategy(Strategy):
     def __init__(self, inner: Strategy, ctx: LinkContext):
         self.inner = inner
         self.ctx = ctx
-        self.digest = links_digest(ctx.links)
+        links = Chain.of(ctx.links)
+        self.digest = links.digest
         self.ledgers: dict[int, RoundLedger] = {}  # keyed by global round
         self.sent = SentRound()
         self._warned_trim = False
-        self.outgoing = Outgoing(
-            ctx.links, ctx.link_config, ctx.chain_index, self.digest, ctx.node_links
-        )
+        self.outgoing = Outgoing(links, ctx.link_config, ctx.chain_index, ctx.node_links)
 
     # --- round numbers and bookkeeping -----------------------------------------------
     def global_round(self, server_round: int) -> int:

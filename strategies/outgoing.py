@@ -10,12 +10,12 @@ every link again next time (cheap, and always safe).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from contract import protocol as p
-from seedlora.chain import Link, links_digest
+from seedlora.chain import Chain
 from seedlora.serialize import links_to_bytes
 
 
@@ -24,28 +24,27 @@ class Outgoing:
 
     def __init__(
         self,
-        links: Sequence[Link],
+        links: Chain,
         link_config: dict,
         chain_index: int,
-        digest: str,
         node_links: dict[int, int],
     ):
         self.links = links  # merged so far: the links digest covers them all
         self.link_config = link_config  # A-spec fields and training keys
         self.chain_index = chain_index
-        self.digest = digest
         self.node_links = node_links
         self._blobs: dict[int, bytes] = {}  # first missing link -> serialized links
 
     def links_record(self, node_id: int) -> ConfigRecord:
-        """The links `node_id` lacks (all of them for a node never seen)."""
+        """The links `node_id` lacks (all of them for a node never seen), serialized once
+        per link for each first missing position; the prefix digest is the chain's."""
         start = min(self.node_links.get(node_id, 0), len(self.links))
         if start not in self._blobs:
             self._blobs[start] = links_to_bytes(self.links[start:], start)
         return ConfigRecord(
             {
                 p.LINKS_START: start,
-                p.LINKS_PREFIX_DIGEST: links_digest(self.links[:start]),
+                p.LINKS_PREFIX_DIGEST: self.links.prefix_digest(start),
                 p.LINKS_DATA: self._blobs[start],
             }
         )
@@ -60,7 +59,7 @@ class Outgoing:
             config.update(self.link_config)
             config[p.SERVER_ROUND] = global_round
             config[p.CHAIN_INDEX] = self.chain_index
-            config[p.LINKS_DIGEST] = self.digest
+            config[p.LINKS_DIGEST] = self.links.digest
             config[p.LINKS_COUNT] = len(self.links)
             record = RecordDict(
                 {

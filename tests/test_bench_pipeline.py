@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import quality, sim_overhead
+from bench import chain_soak, quality, sim_overhead
 from bench.common import run_child
 from simulation.tiny import save_text_dataset
 
@@ -115,6 +115,37 @@ def test_sim_overhead_records_a_run_past_its_limit(tmp_path):
     spec = {"mode": "local", "overrides": {"run-name": "never"}, "nodes": 2}
     row = run_child(spec, tmp_path, timeout_s=0.5)
     assert row["completed"] is False and "limit" in row["why"]
+
+
+@pytest.mark.bench
+def test_chain_soak_records_time_bytes_and_cache_per_round(tmp_path, tiny_lm_dir, tiny_text_dir):
+    sets = [
+        f"model-name={tiny_lm_dir}",
+        f"dataset={tiny_text_dir}",
+        "partitioner=iid",
+        "seq-len=32",
+        "max-train-blocks=8",
+        "rank=4",
+        "alpha=8.0",
+    ]
+    argv = ["--links", "4", "--clients", "2", "--out", str(tmp_path), "--name", "soak"]
+    chain_soak.main(argv + [x for kv in sets for x in ("--set", kv)])
+    doc = json.loads((tmp_path / "soak.json").read_text())
+    rows, summary = doc["rounds"], doc["summary"]
+    assert [r["round"] for r in rows] == list(range(1, 9)) and summary["links"] == 4
+    assert all(r["round_time_s"] > 0 for r in rows) and summary["round_time_ratio"] > 0
+    # A round commit writes one checkpoint and one rounds.jsonl line, whatever the link.
+    commits = [r for r in rows if not r["closes_link"]]
+    assert {tuple(sorted(r["bytes_by_kind"])) for r in commits} == {("checkpoint", "rounds.jsonl")}
+    assert {r["bytes_by_kind"]["checkpoint"] for r in commits} == {summary["checkpoint_bytes"]}
+    # A link close adds one link file; the clients' cache grows by one file per link.
+    link = summary["link_file_bytes"]
+    assert [r["bytes_by_kind"]["link log"] for r in rows if r["closes_link"]] == [link] * 4
+    assert [r["cache_bytes"] for r in rows] == [0, 0, 0, link, link, 2 * link, 2 * link, 3 * link]
+    assert summary["link_log_files"] == 4
+    assert summary["cache_growth_over_link_file"] == pytest.approx(1.0)
+    assert summary["bytes_per_round_grow"]["round_commit"] is False
+    assert (tmp_path / "soak.png").stat().st_size > 0
 
 
 def test_scale_dataset_has_rows_for_every_client(tmp_path):
