@@ -53,7 +53,7 @@ from tasks.devices import autocast, check_device, pick_device, place
 from tasks.partitioning import cap, stratified_cap
 
 from . import checkpoint, report
-from .outcome import EmptyRunRule
+from .outcome import EmptyRunRule, RunFailed
 from .state import ChainState, RoundResult
 
 # RNG key of the central-eval-max subset (tasks.partitioning.cap_key never makes it).
@@ -119,7 +119,11 @@ def run_chain(server: ChainServer, runner: LinkRunner) -> None:
             result = link.run_round(state.round_in_link + 1, state.arrays)
             rule.round(result, state)
             server.commit_round(result)
-        rule.link(state)
+        try:
+            rule.link(state)
+        except RunFailed:
+            server.write_metrics()  # the failed link's rounds, for the reader of metrics.json
+            raise
         server.close_link()
     server.finish()
 
@@ -191,8 +195,9 @@ class ChainServer:
             ckpt.links.digest[:12],
         )
 
-    def _write_metrics(self) -> None:
-        """metrics.json, the run's document for people: at start, link close and the end."""
+    def write_metrics(self) -> None:
+        """metrics.json, the run's document for people: at start, link close, the end, and when
+        a run fails."""
         s = self.state
         document = {
             "config": s.config,
@@ -279,7 +284,7 @@ class ChainServer:
             s.history.append({"round": 0, "link": 0, "central": self.central_eval()})
             report.write_rounds(self.rounds_path, s.history)
             log(INFO, "base model | central %s", s.history[0]["central"])
-        self._write_metrics()
+        self.write_metrics()
         self._round_start = time.perf_counter()
 
     def commit_round(self, result: RoundResult) -> None:
@@ -355,7 +360,7 @@ class ChainServer:
             s.strategy_state = {}
             log(INFO, "link %d merged | links digest %s", link.chain_index, digest[:12])
         checkpoint.save(self.out_dir, s)
-        self._write_metrics()
+        self.write_metrics()
 
     def finish(self) -> None:
         """Final summary, plot and exports (PEFT adapter of rank k*r, merged HF model)."""
@@ -364,7 +369,7 @@ class ChainServer:
         if len(rounds) >= 2:
             first, last = rounds[0]["central"], rounds[-1]["central"]
             log(INFO, "central eval: base %s -> final %s", first, last)
-        self._write_metrics()
+        self.write_metrics()
         report.plot_history(self.out_dir / "metrics.png", history, self.cfg.schedule[1])
         if self.cfg.output.export:
             self._export()

@@ -102,9 +102,9 @@ def test_launcher_sigkill_leaves_no_process_and_no_second_writer(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    metrics = tmp_path / "killed" / "metrics.json"
+    checkpoint = tmp_path / "killed" / "checkpoint.safetensors"  # rewritten every round
     try:
-        wait_for(metrics.exists, 400, "the first round's metrics.json")
+        wait_for(checkpoint.exists, 400, "the first round's checkpoint")
         tree = descendants([launcher.pid])
         names = {
             Path(f"/proc/{pid}/comm").read_text().strip()
@@ -126,9 +126,9 @@ def test_launcher_sigkill_leaves_no_process_and_no_second_writer(
         line for line in (tmp_path / "launch.log").read_text().splitlines() if "FLWR_HOME=" in line
     ]
     assert home and not Path(home[0].split("FLWR_HOME=")[1].rstrip(")")).exists()  # cleaned up
-    written = metrics.stat().st_mtime_ns
+    written = checkpoint.stat().st_mtime_ns
     time.sleep(5)
-    assert metrics.stat().st_mtime_ns == written  # nobody trains on
+    assert checkpoint.stat().st_mtime_ns == written  # nobody trains on
     cfg = RunConfig.from_flower({"output-dir": str(tmp_path), "run-name": "killed", "resume": True})
     with rundir.claim(cfg):  # the lock died with its holder: a resume may take the folder
         pass
