@@ -29,6 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from client.app import build_client_app
 from server.app import build_server_app
+from simulation.grid_wrapper import GridWrapper
 from simulation.launch import gpu_share_problem
 
 
@@ -93,28 +94,19 @@ def start_ray(backend: Mapping[str, Any]) -> None:
         raise SimulationFailed(f"Ray could not start: {_first_line(err)}") from err
 
 
-class StoppableGrid(Grid):
+class StoppableGrid(GridWrapper):
     """The ServerApp's grid, whose `send_and_receive` gives up once `stop` is set (the
     simulation engine is gone); it remembers the thread that uses it."""
 
     def __init__(self, inner: Grid, stop: threading.Event):
-        self.inner, self.stop = inner, stop
+        super().__init__(inner)
+        self.stop = stop
         self.thread: threading.Thread | None = None
 
     def _seen(self) -> None:
         self.thread = threading.current_thread()
         if self.stop.is_set():
             raise SimulationFailed("the simulation engine stopped")
-
-    def set_run(self, run) -> None:
-        self.inner.set_run(run)
-
-    @property
-    def run(self):
-        return self.inner.run
-
-    def create_message(self, *args, **kwargs) -> Message:
-        return self.inner.create_message(*args, **kwargs)
 
     def get_node_ids(self) -> Iterable[int]:
         self._seen()

@@ -24,6 +24,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
 from contract import protocol as p
+from simulation.grid_wrapper import GridWrapper
 
 CLIENT = "client"
 GRID = "grid"
@@ -118,30 +119,12 @@ def probed_client_app(inner: ClientApp, log: str | os.PathLike) -> ClientApp:
     return app
 
 
-class TimedGrid(Grid):
+class TimedGrid(GridWrapper):
     """A grid that records how long each `send_and_receive` took (the server waiting)."""
 
     def __init__(self, inner: Grid, log: str | os.PathLike):
-        self.inner, self.log = inner, Path(log)
-
-    def set_run(self, run) -> None:
-        self.inner.set_run(run)
-
-    @property
-    def run(self):
-        return self.inner.run
-
-    def create_message(self, *args, **kwargs) -> Message:
-        return self.inner.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.inner.pull_messages(message_ids)
+        super().__init__(inner)
+        self.log = Path(log)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout=None) -> list[Message]:
         messages = list(messages)
