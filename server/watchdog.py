@@ -20,7 +20,8 @@ import shutil
 import signal
 import threading
 import time
-from pathlib import Path
+
+from contract.proctree import alive, descendants
 
 ENV = "SEEDLORA_WATCH_PID"
 REMOVE_ENV = "SEEDLORA_WATCH_REMOVE"  # a folder to delete once the watched pid is gone
@@ -28,38 +29,11 @@ POLL_S = 0.5
 _started: set[int] = set()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError):  # a zombie awaits only its reaping
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return True
-
-
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.append(child)
-                todo.append(child)
-    return found
-
-
 def kill_tree(remove: str = "") -> None:
     """SIGKILL every descendant of this process, delete `remove` (a folder), then SIGKILL
     this process."""
     for _ in range(3):  # Ray may fork while we kill: sweep again
-        for pid in _descendants(os.getpid()):
+        for pid in descendants([os.getpid()]):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
     if remove:
@@ -71,7 +45,7 @@ def watch(pid: int, poll_s: float = POLL_S, remove: str = "") -> threading.Threa
     """A daemon thread that calls `kill_tree(remove)` once `pid` has gone."""
 
     def run() -> None:
-        while _alive(pid):
+        while alive(pid):
             time.sleep(poll_s)
         kill_tree(remove)
 

@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from contract.proctree import alive, descendants  # noqa: F401 - re-exported
+
 STOP_GRACE_S = 10.0
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -100,47 +102,6 @@ def tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
-
-
-def _child_pids() -> dict[int, list[int]]:
-    """Map parent pid -> child pids from /proc (empty where /proc is absent)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # Field 4 is the ppid; the command name (field 2) may contain spaces, so split after ")".
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    return children
-
-
-def descendants(pids: list[int]) -> list[int]:
-    """All live descendants of `pids` (Ray and the ServerApp run below the SuperLink)."""
-    tree = _child_pids()
-    found: list[int] = []
-    todo = list(pids)
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            if child not in found:
-                found.append(child)
-                todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    """True while `pid` runs; zombies count as gone since they only await reaping."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # A zombie still answers signal 0 but is already dead.
-        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
-    except OSError:
-        return True
 
 
 def wait_gone(pids: list[int], timeout: float) -> list[int]:
