@@ -1,6 +1,6 @@
 """Secure aggregation (SecAgg+) of the B-only updates: the server sees only their sum.
 
-In Flower 1.41 SecAgg+ exists only for the legacy API: the server side is
+In Flower 1.42 SecAgg+ exists only for the legacy API: the server side is
 `flwr.server.workflow.SecAggPlusWorkflow` inside a `DefaultWorkflow` driven by a
 `LegacyContext` and a legacy `flwr.server.strategy.FedAvg`; the client side is the
 `flwr.client.mod.secaggplus_mod` mod around a train handler that speaks the legacy

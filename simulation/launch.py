@@ -6,7 +6,7 @@ Usage::
                                 [--num-supernodes N] [--num-cpus X] [--num-gpus Y]
                                 [--ray-address auto|HOST:PORT]
 
-Why not plain ``flwr run .``: with the default ``local`` connection Flower 1.41 starts a
+Why not plain ``flwr run .``: with the default ``local`` connection Flower 1.42 starts a
 *managed* SuperLink that outlives the run, lives in ``~/.flwr`` and ``uv sync``s the app's
 dependencies into a fresh environment on every run (a bare ``torch`` pulled GBs of CUDA
 wheels). This module instead starts its own ``flower-superlink --simulation
@@ -17,7 +17,7 @@ run did not complete, and always stops every process it started.
 
 With ``--ray-address`` the simulation joins a running Ray cluster (``ray start --head`` on
 one machine, ``ray start --address=HEAD:PORT`` on the others) instead of starting a private
-Ray: Flower 1.41's federation config has no Ray address, but its ``ray.init()`` reads
+Ray: Flower 1.42's federation config has no Ray address, but its ``ray.init()`` reads
 ``RAY_ADDRESS``, which this launcher sets for the SuperLink and so for the simulation below it.
 
 Before it starts anything, the launcher checks the run (simulation/precheck.py): the

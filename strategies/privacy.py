@@ -93,7 +93,7 @@ def noise_seed() -> int | None:
 def seeded_numpy(secret: int, release: int) -> Iterator[None]:
     """numpy's global RNG seeded from (secret, release number), restored on exit.
 
-    Flower 1.41 draws the noise with `np.random.normal` (numpy's global RNG, in
+    Flower 1.42 draws the noise with `np.random.normal` (numpy's global RNG, in
     `flwr.supercore.differential_privacy.add_gaussian_noise_inplace`) and takes no
     generator, so the wrapper's aggregation runs inside this: the noise of release t is a
     function of the secret and t (the same after a resume, which restores the count),

@@ -2,7 +2,7 @@
 
 The server checkpoints it after every round and loads it into the fresh strategy of a
 resumed link (a new link starts from none: the B coordinates changed). What each family
-keeps, in Flower 1.41 (tests/test_strategy_state.py fails if Flower renames it):
+keeps, in Flower 1.42 (tests/test_strategy_state.py fails if Flower renames it):
 
 | family | strategies | state |
 |---|---|---|
