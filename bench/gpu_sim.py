@@ -66,9 +66,9 @@ TINY_RUN = {"precision": "fp32", "seq-len": 32, "local-steps": 2, "max-eval-bloc
 class GpuSampler(threading.Thread):
     """NVML utilisation and memory of every GPU, sampled every `period` seconds."""
 
-    def __init__(self, period: float = 0.25):
+    def __init__(self, gpus: int, period: float = 0.25):
         super().__init__(daemon=True)
-        self.period, self.samples, self.stop = period, [], threading.Event()
+        self.gpus, self.period, self.samples, self.stop = gpus, period, [], threading.Event()
 
     def run(self) -> None:
         try:
@@ -77,7 +77,8 @@ class GpuSampler(threading.Thread):
             pynvml.nvmlInit()
         except Exception:  # noqa: BLE001 - no NVML (CPU check): no samples
             return
-        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        count = min(self.gpus, pynvml.nvmlDeviceGetCount())  # the GPUs the run may use
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
         while not self.stop.is_set():
             util = [pynvml.nvmlDeviceGetUtilizationRates(h).gpu / 100 for h in handles]
             mem = [pynvml.nvmlDeviceGetMemoryInfo(h).used for h in handles]
@@ -115,7 +116,9 @@ def launch(app_dir: Path, overrides: dict, nodes: int, per_gpu: int, gpus: int) 
         text,
     ]
     env = {**os.environ, "PYTHONPATH": f"{app_dir}:{os.environ.get('PYTHONPATH', '')}"}
-    sampler, ended, start = GpuSampler(), {}, time.time()
+    if gpus:  # the first `gpus` GPUs only, so one machine measures 1 GPU against 2
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
+    sampler, ended, start = GpuSampler(gpus), {}, time.time()
     sampler.start()
     log = open(run_dir.parent / f"{overrides['run-name']}.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(cmd, cwd=app_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -131,8 +134,9 @@ def launch(app_dir: Path, overrides: dict, nodes: int, per_gpu: int, gpus: int) 
     return {"rc": proc.returncode, "start": start, "rounds": rounds, "samples": sampler.samples}
 
 
-def floor_tokens_per_s(overrides: dict) -> float:
-    """Tokens/s of one client's round (local-steps x batch) trained in this process."""
+def floor_tokens_per_s(overrides: dict, passes: int = 3) -> list[float]:
+    """Tokens/s of one client's round (local-steps x batch) trained in this process, once
+    per pass after a warm-up (one pass varied by 35% between two calls on one H200)."""
     import torch
 
     from client.local import train
@@ -156,12 +160,15 @@ def floor_tokens_per_s(overrides: dict) -> float:
     model = place(model, device, cfg.train.precision)
     data = task.train_dataset(0)
     train(model, task, data, cfg, device, data_seed=0)  # warm-up: kernels, allocator
-    start = time.perf_counter()
-    result = train(model, task, data, cfg, device, data_seed=1)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    tokens = result.steps * cfg.train.batch_size * cfg.task.seq_len
-    return tokens / (time.perf_counter() - start)
+    rates = []
+    for seed in range(1, passes + 1):
+        start = time.perf_counter()
+        result = train(model, task, data, cfg, device, data_seed=seed)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        tokens = result.steps * cfg.train.batch_size * cfg.task.seq_len
+        rates.append(tokens / (time.perf_counter() - start))
+    return rates
 
 
 def summarize(run: dict, nodes: int, per_gpu: int, gpus: int, overrides: dict) -> dict:
@@ -245,9 +252,10 @@ def main(argv: list[str] | None = None) -> None:
             {"label": args.label, "config": spec, **summarize(run, nodes, per_gpu, gpus, ov)}
         )
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "rounds"}), flush=True)
-    floor = floor_tokens_per_s({**base, "device": "auto"})
+    passes = floor_tokens_per_s({**base, "device": "auto"})
+    floor = sum(passes) / len(passes)
     for row in rows:
-        row["floor_tokens_per_s"] = floor
+        row["floor_tokens_per_s"], row["floor_passes"] = floor, passes
         tps = row["tokens_per_s_per_gpu"]
         row["tokens_per_s_over_floor"] = tps / floor if tps else None
     payload = {

@@ -3,11 +3,12 @@
 Every client of a link trains against the same frozen base (W0 plus the merged links, with
 link c's adapters), so a process that serves several clients (a Ray actor, a SuperNode's
 ClientApp process) keeps one model resident: the float32 CPU master (client.links.BaseCache)
-copied once, adapted (`seedlora.prepare`), given gradient checkpointing if the run asks,
-and placed on the device in the run's precision (`tasks.devices.place`: the frozen base is
-the cast of the float32 rebuilt base, exactly as a fresh build). Between clients only the
-trainable state (B and heads) is swapped in (`seedlora.load_trainable_state`); optimizer
-state and activations live for one call, and gradients are dropped after it.
+shared, not copied (`shared_copy`), adapted (`seedlora.prepare`), given gradient
+checkpointing if the run asks, and placed on the device in the run's precision
+(`tasks.devices.place`: the frozen base is the cast of the float32 rebuilt base, exactly as
+a fresh build). Between clients only the trainable state (B and heads) is swapped in
+(`seedlora.load_trainable_state`); optimizer state and activations live for one call, and
+gradients are dropped after it.
 
 The model is rebuilt only when what defines it changes, its `ModelKey`: the task (what the
 base is), the links digest, method, A kind/seed/rank/alpha, chain index, targets, heads,
@@ -101,6 +102,30 @@ def private_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose parameters are new objects over the same storage.
+
+    `place` then swaps each frozen tensor for its cast on the device one at a time, so a
+    build never holds a second float32 copy of the base on the host (at 7B the deep copy
+    was 27 GB per process, twice the master). Frozen weights that stay on the CPU keep
+    sharing the master's storage, which is safe because nothing writes to them in place:
+    training steps only trainable parameters, `_own_trainable` gives those their own
+    storage, and a client that changes frozen weights trains a `private_copy`.
+    """
+    memo: dict[int, object] = {
+        id(q): nn.Parameter(q.data, requires_grad=q.requires_grad) for q in model.parameters()
+    }
+    return copy.deepcopy(model, memo)
+
+
+def _own_trainable(model: nn.Module) -> nn.Module:
+    """Give trainable parameters (B, heads) storage of their own, apart from the master."""
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.clone()
+    return model
+
+
 def _free_device_memory() -> None:
     """Hand a dropped model's GPU memory back before the next is built (on the CPU,
     reference counting frees it, and a gc pass would cost ~0.5 s)."""
@@ -168,7 +193,7 @@ class ResidentModel:
             self._model = self._key = None
             _free_device_memory()
         master = self.bases.get(key.task, key.links, links, load)
-        model = key.prepare(copy.deepcopy(master))
+        model = _own_trainable(key.prepare(shared_copy(master)))
         if key.checkpointing:
             enable_checkpointing(model)
         model = place(model, torch.device(key.device), key.precision)

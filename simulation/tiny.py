@@ -96,7 +96,12 @@ def save_random_lm(
     )
     if not (directory / "config.json").exists():
         torch.manual_seed(0)
-        Qwen2ForCausalLM(cfg).to(getattr(torch, dtype)).save_pretrained(directory)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(getattr(torch, dtype))  # no float32 copy: 27 GB at 7B
+        try:
+            Qwen2ForCausalLM(cfg).save_pretrained(directory)
+        finally:
+            torch.set_default_dtype(default)
         tok.save_pretrained(directory)
     with torch.device("meta"):
         params = sum(p.numel() for p in Qwen2ForCausalLM(cfg).parameters())

@@ -19,7 +19,7 @@ from flwr.app import Message
 
 from client.links import BaseCache
 from client.model import RESIDENT
-from client.resident import ModelKey, ResidentModel, private_copy
+from client.resident import ModelKey, ResidentModel, private_copy, shared_copy
 from contract import protocol as p
 from contract.config import RunConfig
 from seedlora import (
@@ -112,25 +112,28 @@ def test_rebuilt_when_the_links_digest_changes_and_reused_otherwise(overrides):
     assert key is not None and key.chain_index == 2
 
 
+_KEY = ModelKey(
+    task=TaskConfig(),
+    links=EMPTY_DIGEST,
+    method="seedlora",
+    kind="gaussian",
+    seed=0,
+    rank=2,
+    alpha=4.0,
+    chain_index=0,
+    targets=GPT2_TARGETS,
+    heads=(),
+    frozen="A",
+    dropout=0.0,
+    precision="fp32",
+    device="cpu",
+    checkpointing=False,
+)
+
+
 def test_any_other_key_change_rebuilds_on_the_same_master():
     resident = ResidentModel()
-    key = ModelKey(
-        task=TaskConfig(),
-        links=EMPTY_DIGEST,
-        method="seedlora",
-        kind="gaussian",
-        seed=0,
-        rank=2,
-        alpha=4.0,
-        chain_index=0,
-        targets=GPT2_TARGETS,
-        heads=(),
-        frozen="A",
-        dropout=0.0,
-        precision="fp32",
-        device="cpu",
-        checkpointing=False,
-    )
+    key = _KEY
     with resident.use(key, list, tiny_gpt2) as first:
         pass
     with resident.use(key, list, tiny_gpt2) as again:
@@ -157,6 +160,37 @@ def test_any_other_key_change_rebuilds_on_the_same_master():
     assert {f.name for f in dataclasses.fields(ModelKey)} == {"task", "links", "device"} | {
         k for c in changes for k in c
     }
+
+
+@pytest.mark.parametrize(
+    "change", [{}, {"heads": ("transformer.ln_f",)}, {"method": "full"}], ids=["b", "head", "full"]
+)
+def test_training_the_resident_model_leaves_the_master_alone(change):
+    """The resident model shares the master's frozen storage (`shared_copy`, no second
+    float32 copy); a step on everything trainable must still leave the master as it was."""
+    resident = ResidentModel()
+    key = dataclasses.replace(_KEY, **change)
+    with resident.use(key, list, tiny_gpt2) as model:
+        master = resident.bases.get(key.task, key.links, list, tiny_gpt2)
+        before = {k: v.clone() for k, v in master.state_dict().items()}
+        trainable = [q for q in model.parameters() if q.requires_grad]
+        assert trainable
+        ids = torch.randint(0, 64, (2, 8))
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        torch.optim.SGD(trainable, lr=1.0).step()
+    after = master.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    shared = {q.data_ptr() for q in master.parameters()}
+    assert all(q.data_ptr() not in shared for q in trainable)
+
+
+def test_shared_copy_shares_storage_not_parameters():
+    model = tiny_gpt2()
+    twin = shared_copy(model)
+    for (name, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert a is not b and a.data_ptr() == b.data_ptr(), name
+    assert twin.lm_head.weight is twin.transformer.wte.weight  # ties survive
 
 
 def _links(n: int, seed: int = 0):
