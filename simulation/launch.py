@@ -7,13 +7,17 @@ Usage::
                                 [--ray-address auto|HOST:PORT]
 
 Why not plain ``flwr run .``: with the default ``local`` connection Flower 1.42 starts a
-*managed* SuperLink that outlives the run, lives in ``~/.flwr`` and ``uv sync``s the app's
-dependencies into a fresh environment on every run (a bare ``torch`` pulled GBs of CUDA
-wheels). This module instead starts its own ``flower-superlink --simulation
---disable-runtime-dependency-installation --insecure`` on a free 127.0.0.1 port, with
-``FLWR_HOME`` in a temporary directory, so the run uses the installed packages and never
-touches ``~/.flwr`` or a managed SuperLink. It streams the run's logs, exits non-zero when the
-run did not complete, and always stops every process it started.
+*managed* SuperLink that outlives the run (``python -m simulation.local_superlink stop``
+ends it), lives in ``~/.flwr`` and ``uv sync``s the app's dependencies into a fresh
+environment on every run (for this project a no-op: pyproject.toml's ``[tool.uv]``
+excludes every requirement; a bare ``torch`` had pulled GBs of CUDA wheels); it checks no
+key before the SuperLink refuses it, and exits 0 when the run failed. This module instead
+starts its own ``flower-superlink --simulation --disable-runtime-dependency-installation
+--insecure`` on a free 127.0.0.1 port, with ``FLWR_HOME`` in a temporary directory, so the
+run uses the installed packages and never touches ``~/.flwr`` or a managed SuperLink. It
+streams the run's logs (without Flower's "default simulated SuperNodes changed from 10 to
+2" warning and resize hint, which --num-supernodes makes moot), exits non-zero when the run
+did not complete, and always stops every process it started.
 
 With ``--ray-address`` the simulation joins a running Ray cluster (``ray start --head`` on
 one machine, ``ray start --address=HEAD:PORT`` on the others) instead of starting a private
