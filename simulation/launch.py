@@ -7,13 +7,17 @@ Usage::
                                 [--ray-address auto|HOST:PORT]
 
 Why not plain ``flwr run .``: with the default ``local`` connection Flower 1.42 starts a
-*managed* SuperLink that outlives the run, lives in ``~/.flwr`` and ``uv sync``s the app's
-dependencies into a fresh environment on every run (a bare ``torch`` pulled GBs of CUDA
-wheels). This module instead starts its own ``flower-superlink --simulation
---disable-runtime-dependency-installation --insecure`` on a free 127.0.0.1 port, with
-``FLWR_HOME`` in a temporary directory, so the run uses the installed packages and never
-touches ``~/.flwr`` or a managed SuperLink. It streams the run's logs, exits non-zero when the
-run did not complete, and always stops every process it started.
+*managed* SuperLink that outlives the run (``python -m simulation.local_superlink stop``
+ends it), lives in ``~/.flwr`` and ``uv sync``s the app's dependencies into a fresh
+environment on every run (for this project a no-op: pyproject.toml's ``[tool.uv]``
+excludes every requirement; a bare ``torch`` had pulled GBs of CUDA wheels); it checks no
+key before the SuperLink refuses it, and exits 0 when the run failed. This module instead
+starts its own ``flower-superlink --simulation --disable-runtime-dependency-installation
+--insecure`` on a free 127.0.0.1 port, with ``FLWR_HOME`` in a temporary directory, so the
+run uses the installed packages and never touches ``~/.flwr`` or a managed SuperLink. It
+streams the run's logs (without Flower's "default simulated SuperNodes changed from 10 to
+2" warning and resize hint, which --num-supernodes makes moot), exits non-zero when the run
+did not complete, and always stops every process it started.
 
 With ``--ray-address`` the simulation joins a running Ray cluster (``ray start --head`` on
 one machine, ``ray start --address=HEAD:PORT`` on the others) instead of starting a private
@@ -59,7 +63,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import IO, Any
 
 from simulation.precheck import PrecheckError, check
 from simulation.processes import die_with_parent, start, stop_process_tree, tail
@@ -76,6 +80,17 @@ RAY_ADDRESS = "RAY_ADDRESS"  # read by ray.init() when Flower gives it no addres
 WATCH_PID = "SEEDLORA_WATCH_PID"  # the ServerApp ends its process tree when this pid is gone
 WATCH_REMOVE = "SEEDLORA_WATCH_REMOVE"  # ... and removes this folder (the private FLWR_HOME)
 FAILED_PREFIX = "Simulation failed with exception: "  # Flower's status details of a failed run
+NO_DETAILS = "N/A"  # what `flwr ls` reports as status details when the run has none
+
+# Flower's simulation logs these on every run (flwr/simulation/app.py, 1.42), also when the
+# launcher sets the size with --num-supernodes: a warning about a default this run does not
+# use, and a hint at `flwr federation simulation-config`, which --num-supernodes replaces.
+# The launcher drops them from the stream; Flower's next line names the size in use.
+FLOWER_NOISE = (
+    b"default simulated SuperNodes changed from 10 to 2",
+    b"To change federation size, use the following command",
+    b"flwr federation simulation-config",
+)
 
 # Flower and Ray phone home (telemetry, update check, usage stats) unless told not to.
 OFFLINE_ENV = {
@@ -209,8 +224,18 @@ def run_status(flwr: str, run_id: str, env: dict[str, str]) -> tuple[str, str]:
 def failure_reason(details: str) -> str:
     """The one-line reason of a failed run, from Flower's status details."""
     reason = details.removeprefix(FAILED_PREFIX).strip()
+    if reason == NO_DETAILS:
+        reason = ""
     lines = [line for line in reason.splitlines() if line.strip()]
     return lines[0] if lines else "(Flower gave no reason; see the log above)"
+
+
+def relay_log(stream: IO[bytes], out: IO[bytes]) -> None:
+    """Copy the run's log stream to `out` line by line, without Flower's FLOWER_NOISE."""
+    for line in stream:
+        if not any(noise in line for noise in FLOWER_NOISE):
+            out.write(line)
+            out.flush()
 
 
 def launch(args: argparse.Namespace) -> int:
@@ -263,7 +288,10 @@ def launch(args: argparse.Namespace) -> int:
         run_id = str(flwr_json(submit, env)["run-id"])
         print(f"[launch] started run {run_id}", flush=True)
 
-        streamer = start([flwr, "log", run_id, CONNECTION, "--stream"], env=env)
+        streamer = start(
+            [flwr, "log", run_id, CONNECTION, "--stream"], env=env, stdout=subprocess.PIPE
+        )
+        relay_log(streamer.stdout, sys.stdout.buffer)
         streamer.wait()
         status, details = run_status(flwr, run_id, env)
         while not status.startswith("finished"):  # the log stream ended early

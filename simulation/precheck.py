@@ -17,11 +17,22 @@ one as "invalid format", naming neither. In order, each failing with `PrecheckEr
    without one, a folder another ServerApp holds).
 
 The ServerApp repeats 3 (it may be started by `flwr run` without this launcher).
+
+For `flwr run` users, the same checks alone (exit 0 and one line "ok", or the one line
+naming the key and exit 2)::
+
+    python -m simulation.precheck [--app-dir .] [--run-config 'k=v ...'] [--num-supernodes N]
+
+Flower's SuperLink refuses an unknown key before any app code runs, with no way for the app
+to name it (1.42: `fuse_dicts(..., check_keys=True)` in the Control API's start-run), so
+this is the place to learn which key, before `flwr run`.
 """
 
 from __future__ import annotations
 
+import argparse
 import re
+import sys
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -137,3 +148,25 @@ def check(app_dir: Path, run_config: Sequence[str] | None, num_supernodes: int |
     fused = fused_config(project, parse_overrides(run_config))
     if is_this_app(project):
         check_this_app(fused, num_supernodes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m simulation.precheck",
+        description="Check a run config the way the launcher does, before `flwr run`.",
+    )
+    parser.add_argument("--app-dir", default=".", help="Flower App directory (default: .)")
+    parser.add_argument("--run-config", action="append", metavar="'k=v ...'")
+    parser.add_argument("--num-supernodes", type=int, metavar="N")
+    args = parser.parse_args(argv)
+    try:
+        check(Path(args.app_dir), args.run_config, args.num_supernodes)
+    except PrecheckError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -135,6 +135,21 @@ def stop_process_tree(proc: subprocess.Popen[Any]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    _end_survivors(tree)
+
+
+def stop_pids(pids: list[int]) -> list[int]:
+    """`stop_process_tree` for processes this one did not start (no Popen to wait on):
+    SIGTERM each, up to STOP_GRACE_S for them to go, then the same sweep of survivors.
+    Returns the pids that are still alive afterwards (none unless SIGKILL was refused)."""
+    tree = descendants(pids)
+    _signal_all(pids, signal.SIGTERM)
+    _end_survivors(wait_gone(pids, STOP_GRACE_S) + tree)
+    return [p for p in pids + tree if alive(p)]
+
+
+def _end_survivors(tree: list[int]) -> None:
+    """SIGTERM, then SIGKILL, whatever of `tree` (and below it) is still alive."""
     survivors = [p for p in tree if alive(p)]
     survivors += [p for p in descendants(survivors) if p not in survivors]
     _signal_all(survivors, signal.SIGTERM)

@@ -91,3 +91,18 @@ def test_run_config_overrides_parse_like_flower():
 
     got = parse_overrides(["rank=4 strategy='fedadam' text-column=\"my col\"", "rank=8"])
     assert got == {"rank": 8, "strategy": "fedadam", "text-column": "my col"}  # later wins
+
+
+def test_precheck_alone_names_what_flowers_code_15_does_not(capsys):
+    """For `flwr run` users: Flower refuses 'rankk' as "[code: 15] Invalid run
+    configuration"; `python -m simulation.precheck` names it, and passes a good config."""
+    from simulation.precheck import main as precheck
+
+    assert precheck(["--app-dir", str(REPO), "--run-config", "rankk=4"]) == 2
+    out, err = capsys.readouterr()
+    assert err.strip() == "error: unknown run-config key 'rankk' (did you mean 'rank'?)"
+    assert out == ""
+    assert (
+        precheck(["--app-dir", str(REPO), "--run-config", "rank=4", "--num-supernodes", "2"]) == 0
+    )
+    assert capsys.readouterr().out.strip() == "ok"

@@ -39,6 +39,11 @@ def test_launcher_runs_flwr_run_and_stops_everything(tmp_path, tiny_lm_dir, tiny
     assert [r["accepted"] for r in doc["rounds"][1:]] == [3, 3]
     assert (tmp_path / "sim" / "peft-adapter" / "adapter_config.json").exists()
     assert (tmp_path / "sim" / "merged-model" / "config.json").exists()
+    # Flower's "changed from 10 to 2" warning and its resize hint are dropped; the size stays.
+    assert "changed from 10 to 2" not in result.stdout
+    assert "flwr federation simulation-config" not in result.stdout
+    assert "Federation `@none/default` (3 simulated SuperNodes)" in result.stdout
+    assert ": completed after " in result.stdout.splitlines()[-1]
     pids = [line for line in result.stdout.splitlines() if "SuperLink pid" in line]
     pid = int(pids[0].split("pid ")[1].split()[0])
     assert not Path(f"/proc/{pid}").exists()  # the launcher stopped its SuperLink
@@ -182,6 +187,36 @@ def test_launcher_env_runs_ray_workers_at_normal_priority_unless_told(tmp_path, 
     monkeypatch.setenv("RAY_worker_niceness", "10")
     env = launch_env(tmp_path, "127.0.0.1:6379")
     assert env["RAY_worker_niceness"] == "10" and env["RAY_ADDRESS"] == "127.0.0.1:6379"
+
+
+def test_launcher_relays_the_log_without_flowers_size_warning_and_hint():
+    """Flower 1.42 logs these on every simulation, also when --num-supernodes set the size."""
+    import io
+
+    from simulation.launch import relay_log
+
+    flower = [
+        b"\x1b[92mINFO \x1b[0m:      Starting Flower Simulation\n",
+        b"\x1b[93mWARNING \x1b[0m:   Since flwr 1.32, default simulated SuperNodes changed "
+        b"from 10 to 2.\n",
+        b"\x1b[92mINFO \x1b[0m:      Federation `@none/default` (3 simulated SuperNodes)\n",
+        b"\x1b[92mINFO \x1b[0m:      To change federation size, use the following command:\n",
+        b"\x1b[92mINFO \x1b[0m:      \tflwr federation simulation-config @none/default "
+        b"<superlink> --num-supernodes <N>\n",
+        b"\x1b[92mINFO \x1b[0m:      link 0 round 1\n",
+    ]
+    out = io.BytesIO()
+    relay_log(io.BytesIO(b"".join(flower)), out)
+    assert out.getvalue() == flower[0] + flower[2] + flower[5]
+
+
+def test_failure_reason_is_flowers_first_line_or_says_there_is_none():
+    from simulation.launch import failure_reason
+
+    details = "Simulation failed with exception: RuntimeError: round 1 accepted no update\nTrace"
+    assert failure_reason(details) == "RuntimeError: round 1 accepted no update"
+    for none in ("N/A", "", "Simulation failed with exception: "):  # `flwr ls`: no details
+        assert failure_reason(none) == "(Flower gave no reason; see the log above)"
 
 
 def fake_metrics(ppl: float) -> dict:
