@@ -399,7 +399,7 @@ class ChainServer:
             log(
                 INFO,
                 "communication budget reached: %.3f MB up + %.3f MB down >= comm-budget-mb %g; "
-                "the run stopped after round %d of %d (%d links merged)",
+                "the run stopped after round %d of %d (links merged: %d)",
                 up,
                 down,
                 self.cfg.chain.comm_budget_mb,
