@@ -19,6 +19,7 @@ optimizer steps, so a round reads local-steps x k micro-batches.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterator, Mapping
@@ -53,6 +54,15 @@ def _optimizer(
     return cls(params, lr=lr, weight_decay=cfg.train.weight_decay)
 
 
+@contextlib.contextmanager
+def _seeded_rng(device: torch.device, seed: int) -> Iterator[None]:
+    """The global RNG (dropout draws from it) forked and seeded for one round's training."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 def train(
     model: torch.nn.Module,
     task,
@@ -70,11 +80,46 @@ def train(
     Dropout draws from the global RNG, so it is forked and seeded with `data_seed`:
     the same round on the same partition gives the same B, in any process.
     """
-    devices = [device] if device.type == "cuda" else []
-    lr = cfg.train.lr if lr is None else lr
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(data_seed)
-        return _train(model, task, dataset, cfg, device, data_seed, proximal_mu, lr)
+    start = time.perf_counter()
+    if len(dataset) == 0:
+        raise ValueError("this client has no training examples")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.train.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(data_seed),
+    )
+    accum = cfg.train.grad_accum_steps
+    epoch_steps = math.ceil(len(loader) / accum)  # optimizer steps in one pass over the data
+    steps = cfg.train.local_steps or max(1, math.ceil(cfg.train.local_epochs * epoch_steps))
+    opt = _optimizer(cfg, params, cfg.train.lr if lr is None else lr)
+    # fp16 gradients of a small loss underflow: scale the loss (bf16 has fp32's range).
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+    model.train()
+    total = 0.0
+    batches = _batches(loader)
+    with _seeded_rng(device, data_seed):
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            for _, batch in zip(range(accum), batches, strict=False):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with autocast(device, cfg.train.precision):
+                    loss = task.loss(model, batch)
+                if proximal_mu > 0:
+                    prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+                    loss = loss + 0.5 * proximal_mu * prox
+                scaler.scale(loss / accum).backward()  # x / 1 is exact: accum 1 is unchanged
+                total += float(loss.detach())
+            if cfg.train.max_grad_norm > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            scaler.step(opt)
+            scaler.update()
+    model.eval()
+    return TrainResult(total / (steps * accum), steps, len(dataset), time.perf_counter() - start)
 
 
 def train_partition(
@@ -97,57 +142,6 @@ def train_partition(
     return train(
         model, task, dataset, cfg, device, data_seed=data_seed, proximal_mu=proximal_mu, lr=lr
     )
-
-
-def _train(
-    model: torch.nn.Module,
-    task,
-    dataset,
-    cfg: RunConfig,
-    device: torch.device,
-    data_seed: int,
-    proximal_mu: float,
-    lr: float,
-) -> TrainResult:
-    start = time.perf_counter()
-    if len(dataset) == 0:
-        raise ValueError("this client has no training examples")
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.train.batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(data_seed),
-    )
-    accum = cfg.train.grad_accum_steps
-    epoch_steps = math.ceil(len(loader) / accum)  # optimizer steps in one pass over the data
-    steps = cfg.train.local_steps or max(1, math.ceil(cfg.train.local_epochs * epoch_steps))
-    opt = _optimizer(cfg, params, lr)
-    # fp16 gradients of a small loss underflow: scale the loss (bf16 has fp32's range).
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
-    model.train()
-    total = 0.0
-    batches = _batches(loader)
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        for _, batch in zip(range(accum), batches, strict=False):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast(device, cfg.train.precision):
-                loss = task.loss(model, batch)
-            if proximal_mu > 0:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
-                loss = loss + 0.5 * proximal_mu * prox
-            scaler.scale(loss / accum).backward()  # x / 1 is exact: accum 1 is unchanged
-            total += float(loss.detach())
-        if cfg.train.max_grad_norm > 0:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        scaler.step(opt)
-        scaler.update()
-    model.eval()
-    return TrainResult(total / (steps * accum), steps, len(dataset), time.perf_counter() - start)
 
 
 def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -232,7 +232,7 @@ class OutputConfig(Section):
     export: bool = F(True, "write the PEFT adapter and merged model at the end")
     save_client_updates: bool = F(False, "keep every accepted client B per round (audits)")
     tensorboard: bool = F(
-        True, "per-round scalars as TensorBoard events in <run>/tb (when tensorboard is installed)"
+        True, "per-round scalars as TensorBoard events in the run's tb/ (if installed)"
     )
 
     @model_validator(mode="after")
