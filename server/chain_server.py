@@ -70,6 +70,8 @@ RESUMABLE_CHANGES = {
     "server-device",
     "gradient-checkpointing",
     "export",
+    "comm-budget-mb",  # a run stopped by its budget continues with a larger one
+    "tensorboard",
 }
 
 

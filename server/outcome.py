@@ -25,7 +25,8 @@ at that moment is closed and merged with the rounds it has, so the exported mode
 adapter, merged model, both built from the merged links) holds every round the run paid
 for; a link whose rounds so far accepted no update is left unmerged (it would add
 nothing). metrics.json records `"stopped": "comm-budget"`; the ServerApp exits normally
-(launcher exit 0). Resuming such a run stops again at once (its history is over budget).
+(launcher exit 0). Resuming such a run stops again at once (its history is over budget);
+resuming it with a larger `comm-budget-mb` (or 0) continues with the next link.
 """
 
 from __future__ import annotations

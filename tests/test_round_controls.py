@@ -118,6 +118,23 @@ def test_tensorboard_off_or_missing_writes_no_events(tmp_path, monkeypatch, capl
     assert any("tensorboard not installed" in r.getMessage() for r in caplog.records)
 
 
+def test_a_resumed_run_replaces_the_rounds_after_its_checkpoint(tmp_path):
+    """Rounds 1-3 logged, the checkpoint at round 1: on resume rounds 2-3 run again, and
+    TensorBoard shows the new round 2 and no stale round 3."""
+    first = tracking.RoundScalars(tmp_path, enabled=True, resumed_at=None)
+    for g in (1, 2, 3):
+        first.write({"round": g, "lr": float(g)})
+    first.close()
+    resumed = tracking.RoundScalars(tmp_path, enabled=True, resumed_at=1)
+    resumed.write({"round": 2, "lr": 20.0})
+    resumed.close()
+    assert scalar(events(tmp_path), "lr") == {1: 1.0, 2: 20.0}
+    fresh = tracking.RoundScalars(tmp_path, enabled=True, resumed_at=None)  # a new run here
+    fresh.write({"round": 1, "lr": 5.0})
+    fresh.close()
+    assert scalar(events(tmp_path), "lr") == {1: 5.0}
+
+
 def test_round_scalars_name_every_per_round_value():
     entry = {
         "round": 4,
@@ -190,7 +207,8 @@ def test_the_comm_budget_stops_mid_link_and_merges_the_open_link(overrides, tmp_
 @pytest.mark.integration
 def test_a_budget_stopped_run_exports_its_link_and_resumes_without_new_rounds(overrides, tmp_path):
     """Stopped in round 1 of 2 x 2: the merged model and the PEFT adapter both hold link 0
-    (equal logits, not the base's), and a resume runs no round and changes nothing."""
+    (equal logits, not the base's), a resume runs no round and changes nothing, and a
+    resume without the budget trains the next link."""
     ov = {**overrides, "num-links": 2, "rounds-per-link": 2, "export": True}
     ov["comm-budget-mb"] = 0.5 * round_mb(ov, tmp_path)  # reached in round 1
     run_dir = tmp_path / "run"
@@ -212,3 +230,9 @@ def test_a_budget_stopped_run_exports_its_link_and_resumes_without_new_rounds(ov
     assert again.metrics["rounds"] == first.metrics["rounds"]
     assert again.metrics["links_digest"] == first.metrics["links_digest"]
     assert again.metrics["stopped"] == STOPPED_BUDGET
+
+    more = run_local(
+        {**ov, "resume": True, "export": False, "comm-budget-mb": 0.0}, 2, out_dir=run_dir
+    )
+    assert [r["round"] for r in more.metrics["rounds"]] == [0, 1, 2, 3]  # link 1: 2 rounds
+    assert more.metrics["links_merged"] == 2 and more.metrics["stopped"] is None
