@@ -340,7 +340,8 @@ class ChainServer:
             log(INFO, report.round_line(entry))
         report.append_round(self.rounds_path, entry)
         checkpoint.save(self.out_dir, s)
-        self.scalars.write(entry)
+        if self.scalars is not None:
+            self.scalars.write(entry)
 
     def _ledger_entry(self, result: RoundResult) -> dict:
         ledger = result.ledger

@@ -66,21 +66,17 @@ class FlowerRounds:
             node_order=self.node_order,
         )
         link = LinkStrategy(inner, ctx)
-        return FlowerLink(self.grid, link, server.round_lr, cfg, cfg.strategy.round_timeout)
+        return FlowerLink(self.grid, link, server.round_lr, cfg)
 
 
 class FlowerLink:
     """One open link: runs its rounds through the grid."""
 
     def __init__(
-        self,
-        grid: Grid,
-        link: LinkStrategy,
-        round_lr: Callable[[int], float],
-        cfg: RunConfig,
-        timeout: float,
+        self, grid: Grid, link: LinkStrategy, round_lr: Callable[[int], float], cfg: RunConfig
     ):
-        self.grid, self.link, self.round_lr, self.timeout = grid, link, round_lr, timeout
+        self.grid, self.link, self.round_lr = grid, link, round_lr
+        self.timeout = cfg.strategy.round_timeout
         self.local_steps = cfg.train.local_steps
         self.link.summary()
 
