@@ -68,7 +68,8 @@ def train_b(msg: Message, context: Context, cfg: RunConfig) -> Message:
             received = {k: v.clone() for k, v in cpu_state(model).items()}  # may alias
         server_round = int(config[p.SERVER_ROUND])
         mu = float(config.get(p.PROXIMAL_MU, 0.0))
-        result = train_partition(model, task, partition_id, server_round, cfg, device, mu)
+        lr = float(config.get(p.LR, cfg.train.lr))  # the server's schedule sets it per round
+        result = train_partition(model, task, partition_id, server_round, cfg, device, mu, lr)
         link = (int(config[p.CHAIN_INDEX]), str(config[p.LINKS_DIGEST]), server_round)
         # ArrayRecord serialises, so the reply owns its bytes before the model is released
         # (cpu_state of a float32 CPU model aliases the resident parameters).

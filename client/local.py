@@ -4,10 +4,22 @@ Training is plain PyTorch: AdamW/Adam/SGD on the trainable parameters only, a fi
 number of local steps (or epochs), gradient clipping, and FedProx's proximal term
 `mu/2 * ||theta - theta_global||^2` on the trainable state when mu > 0 (B-space).
 Data order is seeded by (seed, round, partition), so reruns and resumes are identical.
+
+The lr is the one the server sent for the round (server/schedule.py), `lr` of the run
+config when none came. With `grad-accum-steps` k, one optimizer step takes k micro-batches
+of `batch-size` and backpropagates `loss_j / k` for each, so the gradient it applies is
+
+    g = (1/k) sum_j grad loss_j,
+
+the gradient of the mean loss over the k micro-batches: for a loss that is a mean over
+equally sized batches, the gradient of one batch of k x batch-size (up to float rounding
+and dropout draws). Clipping and the step see that accumulated g; `local-steps` counts
+optimizer steps, so a round reads local-steps x k micro-batches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterator, Mapping
@@ -33,11 +45,22 @@ def _batches(loader: DataLoader) -> Iterator[dict]:
         yield from loader
 
 
-def _optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def _optimizer(
+    cfg: RunConfig, params: list[torch.nn.Parameter], lr: float
+) -> torch.optim.Optimizer:
     if cfg.train.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        return torch.optim.SGD(params, lr=lr, weight_decay=cfg.train.weight_decay)
     cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    return cls(params, lr=lr, weight_decay=cfg.train.weight_decay)
+
+
+@contextlib.contextmanager
+def _seeded_rng(device: torch.device, seed: int) -> Iterator[None]:
+    """The global RNG (dropout draws from it) forked and seeded for one round's training."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def train(
@@ -49,38 +72,14 @@ def train(
     *,
     data_seed: int,
     proximal_mu: float = 0.0,
+    lr: float | None = None,
 ) -> TrainResult:
-    """Train the model's trainable parameters in place; returns the mean training loss.
+    """Train the model's trainable parameters in place at `lr` (None: the run config's);
+    returns the mean training loss over the micro-batches.
 
     Dropout draws from the global RNG, so it is forked and seeded with `data_seed`:
     the same round on the same partition gives the same B, in any process.
     """
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(data_seed)
-        return _train(model, task, dataset, cfg, device, data_seed, proximal_mu)
-
-
-def train_partition(
-    model: torch.nn.Module,
-    task,
-    partition_id: int,
-    server_round: int,
-    cfg: RunConfig,
-    device: torch.device,
-    proximal_mu: float = 0.0,
-) -> TrainResult:
-    """One round of `train` on this node's partition, with the round's data seed.
-
-    The seed depends on (run seed, round, partition) only, so a node that restarts, or the
-    SecAgg+ path, replays the same batches as the plain path would.
-    """
-    data_seed = cfg.adapter.seed * 1_000_003 + server_round * 1009 + partition_id
-    dataset = task.train_dataset(partition_id)
-    return train(model, task, dataset, cfg, device, data_seed=data_seed, proximal_mu=proximal_mu)
-
-
-def _train(model, task, dataset, cfg, device, data_seed, proximal_mu) -> TrainResult:
     start = time.perf_counter()
     if len(dataset) == 0:
         raise ValueError("this client has no training examples")
@@ -93,29 +92,56 @@ def _train(model, task, dataset, cfg, device, data_seed, proximal_mu) -> TrainRe
         shuffle=True,
         generator=torch.Generator().manual_seed(data_seed),
     )
-    steps = cfg.train.local_steps or max(1, math.ceil(cfg.train.local_epochs * len(loader)))
-    opt = _optimizer(cfg, params)
+    accum = cfg.train.grad_accum_steps
+    epoch_steps = math.ceil(len(loader) / accum)  # optimizer steps in one pass over the data
+    steps = cfg.train.local_steps or max(1, math.ceil(cfg.train.local_epochs * epoch_steps))
+    opt = _optimizer(cfg, params, cfg.train.lr if lr is None else lr)
     # fp16 gradients of a small loss underflow: scale the loss (bf16 has fp32's range).
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
     model.train()
     total = 0.0
-    for _, batch in zip(range(steps), _batches(loader), strict=False):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast(device, cfg.train.precision):
-            loss = task.loss(model, batch)
-        if proximal_mu > 0:
-            prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
-            loss = loss + 0.5 * proximal_mu * prox
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.train.max_grad_norm > 0:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        scaler.step(opt)
-        scaler.update()
-        total += float(loss.detach())
+    batches = _batches(loader)
+    with _seeded_rng(device, data_seed):
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            for _, batch in zip(range(accum), batches, strict=False):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with autocast(device, cfg.train.precision):
+                    loss = task.loss(model, batch)
+                if proximal_mu > 0:
+                    prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+                    loss = loss + 0.5 * proximal_mu * prox
+                scaler.scale(loss / accum).backward()  # x / 1 is exact: accum 1 is unchanged
+                total += float(loss.detach())
+            if cfg.train.max_grad_norm > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            scaler.step(opt)
+            scaler.update()
     model.eval()
-    return TrainResult(total / steps, steps, len(dataset), time.perf_counter() - start)
+    return TrainResult(total / (steps * accum), steps, len(dataset), time.perf_counter() - start)
+
+
+def train_partition(
+    model: torch.nn.Module,
+    task,
+    partition_id: int,
+    server_round: int,
+    cfg: RunConfig,
+    device: torch.device,
+    proximal_mu: float = 0.0,
+    lr: float | None = None,
+) -> TrainResult:
+    """One round of `train` on this node's partition, with the round's data seed and lr.
+
+    The seed depends on (run seed, round, partition) only, so a node that restarts, or the
+    SecAgg+ path, replays the same batches as the plain path would.
+    """
+    data_seed = cfg.adapter.seed * 1_000_003 + server_round * 1009 + partition_id
+    dataset = task.train_dataset(partition_id)
+    return train(
+        model, task, dataset, cfg, device, data_seed=data_seed, proximal_mu=proximal_mu, lr=lr
+    )
 
 
 def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

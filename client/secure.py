@@ -44,7 +44,8 @@ def secure_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         arrays = parameters_to_ndarrays(fitins.parameters)
         load_trainable_state(model, dict(zip(names, arrays, strict=True)))
         server_round = int(config[p.SERVER_ROUND])
-        result = train_partition(model, task, partition_id, server_round, cfg, device)
+        lr = float(config.get(p.LR, cfg.train.lr))
+        result = train_partition(model, task, partition_id, server_round, cfg, device, lr=lr)
         state = [v.numpy().copy() for v in cpu_state(model).values()]  # owned, not aliased
     release(device)
     fitres = FitRes(

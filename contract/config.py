@@ -107,6 +107,12 @@ class AdapterConfig(Section):
 class ChainConfig(Section):
     num_links: int = F(3, "chain links (merges)", gt=0)
     rounds_per_link: int = F(3, "federated rounds per link (K)", gt=0)
+    comm_budget_mb: float = F(
+        0.0,
+        "stop after the round whose cumulative MB up + down reaches this (0 = off); "
+        "the open link is merged",
+        ge=0,
+    )
 
 
 class StrategyConfig(Section):
@@ -138,7 +144,15 @@ class TrainConfig(Section):
     local_epochs: float = F(1.0, "epochs per round when local-steps = 0", gt=0)
     batch_size: int = F(8, "training batch size", gt=0)
     eval_batch_size: int = F(32, "evaluation batch size", gt=0)
-    lr: float = F(2e-3, "client learning rate", gt=0)
+    lr: float = F(2e-3, "client learning rate (the peak, with a schedule)", gt=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = F(
+        "constant", "client lr over the run's global rounds, set by the server each round"
+    )
+    lr_min: float = F(0.0, "cosine/linear: the lr of the last round", ge=0)
+    warmup_rounds: int = F(0, "rounds of linear warmup to lr before the schedule", ge=0)
+    grad_accum_steps: int = F(
+        1, "micro-batches averaged per optimizer step (effective batch: batch-size x this)", ge=1
+    )
     weight_decay: float = F(0.0, "client weight decay", ge=0)
     max_grad_norm: float = F(1.0, "gradient clipping norm (0 = off)", ge=0)
     optimizer: Literal["adamw", "adam", "sgd"] = F("adamw", "client optimizer")
@@ -155,6 +169,8 @@ class TrainConfig(Section):
     def _check_device(self) -> TrainConfig:
         if not valid_device_name(self.device):
             raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.lr_min > self.lr:
+            raise ValueError(f"lr-min: must not exceed lr={self.lr:g}, got {self.lr_min:g}")
         return self
 
 
@@ -215,6 +231,9 @@ class OutputConfig(Section):
     )
     export: bool = F(True, "write the PEFT adapter and merged model at the end")
     save_client_updates: bool = F(False, "keep every accepted client B per round (audits)")
+    tensorboard: bool = F(
+        True, "per-round scalars as TensorBoard events in the run's tb/ (if installed)"
+    )
 
     @model_validator(mode="after")
     def _check_server_device(self) -> OutputConfig:
@@ -294,6 +313,16 @@ class RunConfig(BaseModel):
                     "secure-aggregation: needs strategy fedavg, a B-only method, float32 "
                     "uploads, no client-ranks and no dp-clip (SecAgg+ runs its own rounds)"
                 )
+        if self.train.warmup_rounds >= self.num_rounds:
+            raise ValueError(
+                f"warmup-rounds: must be less than the run's {self.num_rounds} rounds "
+                f"(num-links x rounds-per-link), got {self.train.warmup_rounds}"
+            )
+        if self.chain.comm_budget_mb > 0 and self.secagg.secure_aggregation:
+            raise ValueError(
+                "comm-budget-mb: needs per-round byte counts, which SecAgg+ (one step per "
+                "link) does not give"
+            )
         if up.client_ranks and a.frozen_factor != "A":
             raise ValueError("client-ranks: needs frozen-factor 'A' (nested A rows)")
         if up.client_ranks in ("", NODE_RANKS):

@@ -36,6 +36,8 @@ RANK = "rank"
 ALPHA = "alpha"
 RUN_ID = "run-id"
 PROXIMAL_MU = "proximal-mu"  # FedProx puts it there itself
+LR = "lr"  # the round's client learning rate, set by the server (server/schedule.py)
+LOCAL_STEPS = "local-steps"  # informational: clients take theirs from the run config
 
 # Keys of the `links` record.
 LINKS_START = "start"

@@ -52,8 +52,9 @@ from tasks.corpus import SPLIT_SEED
 from tasks.devices import autocast, check_device, pick_device, place
 from tasks.partitioning import cap, stratified_cap
 
-from . import checkpoint, report
-from .outcome import EmptyRunRule, RunFailed
+from . import checkpoint, report, tracking
+from .outcome import STOPPED_BUDGET, EmptyRunRule, RunFailed, budget_reached, run_mb
+from .schedule import round_lr
 from .state import ChainState, RoundResult
 
 # RNG key of the central-eval-max subset (tasks.partitioning.cap_key never makes it).
@@ -69,6 +70,8 @@ RESUMABLE_CHANGES = {
     "server-device",
     "gradient-checkpointing",
     "export",
+    "comm-budget-mb",  # a run stopped by its budget continues with a larger one
+    "tensorboard",
 }
 
 
@@ -108,17 +111,20 @@ def run_chain(server: ChainServer, runner: LinkRunner) -> None:
     """The run, from wherever its ChainState stands (round 0, or a resumed checkpoint).
 
     `EmptyRunRule` (server/outcome.py) raises RunFailed when the first round, or a whole
-    link, accepts no client update."""
+    link, accepts no client update. Once `comm-budget-mb` is spent no round starts, and
+    the open link is merged with the rounds it has (outcome.py, rule (c))."""
     server.begin()
     num_links, rounds = server.cfg.schedule
     state = server.state
     rule = EmptyRunRule(state, server.cfg.strategy.round_timeout)
-    while state.chain_index < num_links:
+    while state.chain_index < num_links and (state.round_in_link or not server.over_budget()):
         link = runner.open_link(server)
-        while state.round_in_link < rounds:
+        while state.round_in_link < rounds and not server.over_budget():
             result = link.run_round(state.round_in_link + 1, state.arrays)
             rule.round(result, state)
             server.commit_round(result)
+        if state.round_in_link < rounds and not rule.in_link:
+            break  # over budget, and this link's rounds so far have nothing to merge
         try:
             rule.link(state)
         except RunFailed:
@@ -166,6 +172,8 @@ class ChainServer:
             self._restore()
         done = [h for h in self.state.history if h.get("round", 0) > 0 and not h.get("skipped")]
         self.privacy = PrivacyLedger(releases=len(done) if cfg.privacy.dp_clip > 0 else 0)
+        self.stopped: str | None = None  # why the run ended before its last round
+        self.scalars: tracking.RoundScalars | None = None  # opened by begin()
         self._round_start = time.perf_counter()
 
     # --- checkpoints -----------------------------------------------------------------
@@ -206,6 +214,7 @@ class ChainServer:
             "links_merged": len(s.links),
             "rounds": s.history,
             "exact_in_weight_space": self.cfg.strategy.name in EXACT_IN_WEIGHT_SPACE,
+            "stopped": self.stopped,
         }
         report.write_metrics(self.out_dir / "metrics.json", document)
 
@@ -262,6 +271,14 @@ class ChainServer:
             torch.cuda.empty_cache()  # activations: clients may share this GPU
         return metrics
 
+    def round_lr(self, global_round: int) -> float:
+        """The clients' lr in global round `global_round` (server/schedule.py)."""
+        return round_lr(self.cfg.train, global_round, self.cfg.num_rounds)
+
+    def over_budget(self) -> bool:
+        """Whether the run's traffic so far has reached `comm-budget-mb` (0: never)."""
+        return budget_reached(self.state.history, self.cfg.chain.comm_budget_mb)
+
     def link_config(self) -> dict:
         """The A-spec fields every client of this link needs (the chain index is added per
         message by strategies/)."""
@@ -279,10 +296,14 @@ class ChainServer:
         """Evaluate the base model once, as round 0 of a fresh run (which first clears what
         an earlier run left in the same directory: checkpoints, link log, rounds.jsonl)."""
         s = self.state
-        if s.global_round == 0 and not s.history:
+        fresh = s.global_round == 0 and not s.history
+        resumed_at = None if fresh else s.global_round
+        self.scalars = tracking.RoundScalars(self.out_dir, self.cfg.output.tensorboard, resumed_at)
+        if fresh:
             checkpoint.clear(self.out_dir)
             s.history.append({"round": 0, "link": 0, "central": self.central_eval()})
             report.write_rounds(self.rounds_path, s.history)
+            self.scalars.write(s.history[0])
             log(INFO, "base model | central %s", s.history[0]["central"])
         self.write_metrics()
         self._round_start = time.perf_counter()
@@ -295,7 +316,11 @@ class ChainServer:
         s.round_in_link += result.rounds
         s.global_round += result.rounds
         s.strategy_state = result.strategy_state
-        entry = {"round": s.global_round, "link": s.chain_index}
+        entry = {
+            "round": s.global_round,
+            "link": s.chain_index,
+            "lr": self.round_lr(s.global_round),
+        }
         if result.ledger is None:  # SecAgg+: no single reply is visible
             entry["secure"] = True
         else:
@@ -315,6 +340,8 @@ class ChainServer:
             log(INFO, report.round_line(entry))
         report.append_round(self.rounds_path, entry)
         checkpoint.save(self.out_dir, s)
+        if self.scalars is not None:
+            self.scalars.write(entry)
 
     def _ledger_entry(self, result: RoundResult) -> dict:
         ledger = result.ledger
@@ -369,7 +396,23 @@ class ChainServer:
         if len(rounds) >= 2:
             first, last = rounds[0]["central"], rounds[-1]["central"]
             log(INFO, "central eval: base %s -> final %s", first, last)
+        if self.over_budget() and self.state.global_round < self.cfg.num_rounds:
+            self.stopped = STOPPED_BUDGET
+            up, down = run_mb(history)
+            log(
+                INFO,
+                "communication budget reached: %.3f MB up + %.3f MB down >= comm-budget-mb %g; "
+                "the run stopped after round %d of %d (links merged: %d)",
+                up,
+                down,
+                self.cfg.chain.comm_budget_mb,
+                self.state.global_round,
+                self.cfg.num_rounds,
+                len(self.state.links),
+            )
         self.write_metrics()
+        if self.scalars is not None:
+            self.scalars.close()
         report.plot_history(self.out_dir / "metrics.png", history, self.cfg.schedule[1])
         if self.cfg.output.export:
             self._export()

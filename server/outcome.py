@@ -17,15 +17,28 @@ last line and exits 1. A failure under (b) keeps the last checkpoint, so `resume
 (with, say, a longer `round-timeout`, which may change on resume) continues the run.
 SecAgg+ hides single replies: its step (a whole link) counts as empty when it returns the
 arrays it started from.
+
+A run can also end early and *succeed*: (c) with `comm-budget-mb` B > 0, once the run's
+cumulative traffic after a round (MB = 1e6 bytes, up + down, as metrics.json counts it:
+train messages sent, replies accepted) reaches B, no further round starts. The link open
+at that moment is closed and merged with the rounds it has, so the exported model (PEFT
+adapter, merged model, both built from the merged links) holds every round the run paid
+for; a link whose rounds so far accepted no update is left unmerged (it would add
+nothing). metrics.json records `"stopped": "comm-budget"`; the ServerApp exits normally
+(launcher exit 0). Resuming such a run stops again at once (its history is over budget);
+resuming it with a larger `comm-budget-mb` (or 0) continues with the next link.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from .state import ChainState, RoundResult
 
 REASON_CHARS = 160  # of the first rejection reason quoted in the message
+STOPPED_BUDGET = "comm-budget"  # metrics.json "stopped" of a run ended by rule (c)
 
 
 class RunFailed(RuntimeError):
@@ -94,3 +107,14 @@ class EmptyRunRule:
                 "checkpoint)"
             )
         self.in_link = 0
+
+
+def run_mb(history: Sequence[dict]) -> tuple[float, float]:
+    """The run's cumulative MB up and down after its last round that counted bytes."""
+    last = next((h for h in reversed(history) if "bytes_up_total" in h), {})
+    return last.get("bytes_up_total", 0) / 1e6, last.get("bytes_down_total", 0) / 1e6
+
+
+def budget_reached(history: Sequence[dict], budget_mb: float) -> bool:
+    """Rule (c): the run's MB up + down has reached `budget_mb` (never when it is 0)."""
+    return budget_mb > 0 and sum(run_mb(history)) >= budget_mb

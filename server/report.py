@@ -26,7 +26,8 @@ from seedlora.serialize import atomic_write_bytes
 
 
 def round_line(entry: dict) -> str:
-    """`link 1 round 2/3 (global 5) | clients 8/8 | train loss 2.31 | central ppl 9.8 | ...`.
+    """`link 1 round 2/3 (global 5) | clients 8/8 | lr 0.002 | train loss 2.31 | central
+    ppl 9.8 | up 1.8 MB down 2.0 MB (run: up 9.0 MB down 10.1 MB) | 12.3s`.
 
     A run of one link (the baselines without chains, or num-links = 1) reads
     `round 5/9`: its rounds-per-link is the run's rounds."""
@@ -37,6 +38,8 @@ def round_line(entry: dict) -> str:
         f"link {entry['link']} {of} (global {entry['round']})" if chained else of,
         f"clients {entry['accepted']}/{entry['sent']}" + (" SKIPPED" if entry["skipped"] else ""),
     ]
+    if entry.get("lr") is not None:
+        parts.append(f"lr {entry['lr']:.4g}")
     if entry.get("train_loss") is not None:
         parts.append(f"train loss {entry['train_loss']:.4f}")
     metric = " ".join(f"{k} {v:.4g}" for k, v in central.items() if k != "num-examples")
@@ -96,12 +99,17 @@ def _ranges(values: list[int]) -> str:
     return "[" + ",".join(spans) + "]"
 
 
-def running_totals(history: Sequence[dict], up: int, down: int) -> dict[str, int]:
-    """The run's bytes up and down so far, this round (`up`, `down`) included."""
+def running_totals(history: Sequence[dict], up: int, down: int) -> dict[str, float]:
+    """The run's bytes up and down so far, this round (`up`, `down`) included, and the
+    same in MB (1e6 bytes; what `comm-budget-mb` caps)."""
     last = next((h for h in reversed(history) if "bytes_up_total" in h), {})
+    total_up = last.get("bytes_up_total", 0) + up
+    total_down = last.get("bytes_down_total", 0) + down
     return {
-        "bytes_up_total": last.get("bytes_up_total", 0) + up,
-        "bytes_down_total": last.get("bytes_down_total", 0) + down,
+        "bytes_up_total": total_up,
+        "bytes_down_total": total_down,
+        "mb_up_total": total_up / 1e6,
+        "mb_down_total": total_down / 1e6,
     }
 
 

@@ -16,6 +16,7 @@ The inner strategy sees one round number, the round within the link (from 1).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from logging import INFO
 
 import torch
@@ -24,6 +25,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from contract import protocol as p
+from contract.config import RunConfig
 from seedlora import a_digest
 from strategies import privacy
 from strategies.chain import LinkContext, LinkStrategy
@@ -63,23 +65,32 @@ class FlowerRounds:
             a_digest=a_digest(server.model),  # replies must echo it: same A as ours
             node_order=self.node_order,
         )
-        train = ConfigRecord({"lr": cfg.train.lr, "local-steps": cfg.train.local_steps})
-        return FlowerLink(self.grid, LinkStrategy(inner, ctx), train, cfg.strategy.round_timeout)
+        link = LinkStrategy(inner, ctx)
+        return FlowerLink(self.grid, link, server.round_lr, cfg)
 
 
 class FlowerLink:
     """One open link: runs its rounds through the grid."""
 
-    def __init__(self, grid: Grid, link: LinkStrategy, train: ConfigRecord, timeout: float):
-        self.grid, self.link, self.train, self.timeout = grid, link, train, timeout
+    def __init__(
+        self, grid: Grid, link: LinkStrategy, round_lr: Callable[[int], float], cfg: RunConfig
+    ):
+        self.grid, self.link, self.round_lr = grid, link, round_lr
+        self.timeout = cfg.strategy.round_timeout
+        self.local_steps = cfg.train.local_steps
         self.link.summary()
+
+    def train_config(self, link_round: int) -> ConfigRecord:
+        """The round's train config: the lr the server's schedule gives its global round."""
+        lr = self.round_lr(self.link.global_round(link_round))
+        return ConfigRecord({p.LR: lr, p.LOCAL_STEPS: self.local_steps})
 
     def run_round(self, link_round: int, arrays: dict[str, torch.Tensor]) -> RoundResult:
         grid, link = self.grid, self.link
         record = ArrayRecord(arrays)
         log(INFO, "link %d round %d", link.ctx.chain_index, link_round)
         clock = [time.perf_counter()]
-        messages = link.configure_train(link_round, record, self.train, grid)
+        messages = link.configure_train(link_round, record, self.train_config(link_round), grid)
         clock.append(time.perf_counter())
         replies = list(grid.send_and_receive(messages, timeout=self.timeout))
         clock.append(time.perf_counter())

@@ -61,6 +61,7 @@ class SecureLink:
         return {
             **self.server.link_config(),
             p.SERVER_ROUND: s.global_round + server_round,
+            p.LR: self.server.round_lr(s.global_round + server_round),
             p.CHAIN_INDEX: s.chain_index,
             p.LINKS_DIGEST: s.links.digest,
             p.SECURE_LINKS: self.links_blob,  # the legacy config is flat: all links
