@@ -37,7 +37,7 @@ from tasks.chat import ASSISTANT, conversation, encode_masked, has_template, pro
 from tasks.code_lm import COLUMNS, CodeLMTask
 from tasks.models import load_tokenizer
 from tasks.partitioning import cap, client_rows
-from tasks.sft_data import source_of
+from tasks.sft_data import with_source
 from tasks.sources import custom_pools, load_rows
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ class SFTTask(CodeLMTask):
     sample_count = SAMPLE_COUNT
 
     def __init__(self, config: TaskConfig) -> None:
-        super().__init__(config.model_copy(update={"dataset": source_of(config.dataset)}))
+        super().__init__(with_source(config))
 
     def train_dataset(self, partition_id: int) -> datasets.Dataset:
         return sft_dataset(self.config, partition_id, "train")

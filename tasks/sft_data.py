@@ -23,6 +23,7 @@ import json
 import textwrap
 from pathlib import Path
 
+from tasks.base import TaskConfig
 from tasks.corpus import SourceFile, split_corpus
 from tasks.models import asset_candidates
 
@@ -46,9 +47,12 @@ def shipped_path() -> Path:
     )
 
 
-def source_of(dataset: str) -> str:
-    """The data an sft run reads: `dataset`, or the shipped instruction file for ""."""
-    return dataset or str(shipped_path())
+def with_source(config: TaskConfig) -> TaskConfig:
+    """An sft config with `dataset` naming the data it reads: the shipped instruction file
+    for ""; other tasks' configs unchanged."""
+    if config.task != "sft" or config.dataset:
+        return config
+    return config.model_copy(update={"dataset": str(shipped_path())})
 
 
 def _first_paragraph(doc: str) -> str:

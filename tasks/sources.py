@@ -11,23 +11,11 @@ import datasets
 
 from tasks.base import TaskConfig
 from tasks.corpus import SPLIT_SEED
+from tasks.datafiles import file_builder
 from tasks.partitioning import GROUP, Pools, assign_groups
 
 EVAL_FRACTION = 0.1
 _EVAL_SPLITS = ("test", "validation")
-# file suffix -> the `datasets` builder that reads it
-FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
-def file_builder(dataset: str) -> str:
-    """The `datasets` builder of a local data file; the error names `dataset`."""
-    builder = FILE_BUILDERS.get(Path(dataset).suffix.lower())
-    if builder is None:
-        raise ValueError(
-            f"dataset {dataset!r}: a data file must end in {', '.join(FILE_BUILDERS)} "
-            "(or give a save_to_disk folder or a hub id)"
-        )
-    return builder
 
 
 def _load(dataset: str) -> datasets.Dataset | datasets.DatasetDict:
