@@ -59,11 +59,9 @@ def examples_dataset(
     targets = np.full((n, seq_len), -100, np.int64)
     for row, i in enumerate(keep):
         length = len(ids[i])
-        input_ids[row, :length], mask[row, :length], targets[row, :length] = (
-            ids[i],
-            1,
-            labels[i],
-        )
+        input_ids[row, :length] = ids[i]
+        mask[row, :length] = 1
+        targets[row, :length] = labels[i]
     seq = datasets.Sequence(datasets.Value("int64"))
     features = datasets.Features(dict.fromkeys(COLUMNS, seq))
     rows = {"input_ids": input_ids, "attention_mask": mask, "labels": targets}
