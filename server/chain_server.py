@@ -390,7 +390,8 @@ class ChainServer:
         self.write_metrics()
 
     def finish(self) -> None:
-        """Final summary, plot and exports (PEFT adapter of rank k*r, merged HF model)."""
+        """Final summary, plot, generated samples (a generative task) and exports (PEFT adapter
+        of rank k*r, merged HF model)."""
         history = self.state.history
         rounds = [h for h in history if h.get("central")]
         if len(rounds) >= 2:
@@ -414,8 +415,23 @@ class ChainServer:
         if self.scalars is not None:
             self.scalars.close()
         report.plot_history(self.out_dir / "metrics.png", history, self.cfg.schedule[1])
+        if self.task.sample_count:
+            self._write_samples()
         if self.cfg.output.export:
             self._export()
+
+    def _write_samples(self) -> None:
+        """The final model's completions of a few held-out prompts (the task's `samples`),
+        as samples.jsonl beside metrics.json, on the evaluation device (else the CPU)."""
+        if self.eval_device is None:  # no central evaluation: the float32 master
+            load_trainable_state(self.model, self.state.arrays)
+            model, device = self.model, torch.device("cpu")
+        else:
+            model, device = self.eval_model(), self.eval_device
+        with autocast(device, self.cfg.train.precision):
+            rows = self.task.samples(model, device)
+        path = report.write_jsonl(self.out_dir / report.SAMPLES, rows)
+        log(INFO, "%d generated samples written to %s", len(rows), path)
 
     def _export(self) -> None:
         tokenizer = self.task.load_tokenizer()  # merged-model/ loads with its tokenizer

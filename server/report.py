@@ -157,6 +157,7 @@ def adapter_line(
 
 
 ROUNDS = "rounds.jsonl"
+SAMPLES = "samples.jsonl"  # a generative task's final completions (Task.samples)
 
 
 def append_round(path: str | os.PathLike, entry: dict) -> None:
@@ -184,10 +185,13 @@ def read_rounds(path: str | os.PathLike) -> list[dict]:
     return entries
 
 
-def write_rounds(path: str | os.PathLike, entries: list[dict]) -> Path:
-    """Replace a rounds.jsonl file with `entries`, atomically."""
+def write_jsonl(path: str | os.PathLike, entries: list[dict]) -> Path:
+    """Replace a JSON-lines file (rounds.jsonl, samples.jsonl) with `entries`, atomically."""
     text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries)
     return atomic_write_bytes(path, text.encode())
+
+
+write_rounds = write_jsonl
 
 
 def write_metrics(path: str | os.PathLike, document: dict) -> Path:

@@ -45,23 +45,39 @@ class TaskConfig(BaseModel):
         loc_by_alias=False,  # errors name the python field
     )
 
-    task: Literal["code-lm", "code-cls"] = Field(
-        "code-lm", description="task: causal LM or package classification"
+    task: Literal["code-lm", "code-cls", "sft"] = Field(
+        "code-lm",
+        description="task: causal LM, package classification or instruction fine-tuning (sft)",
     )
     model_name: str = Field(
         EMBEDDED, description="`embedded` (shipped base), a hub model id or a local dir"
     )
     dataset: str = Field(
-        "", description='"" = stdlib corpus; else a hub dataset id or a save_to_disk dir'
+        "",
+        description='"" = shipped data (stdlib corpus; sft: tasks/assets/sft-stdlib.jsonl); else '
+        "a hub dataset id, a save_to_disk dir or a .json/.jsonl/.csv/.parquet file",
     )
     text_column: str = Field("text", description="text column of a custom dataset")
     label_column: str = Field(
         "label", description="label column of a custom classification dataset"
     )
+    prompt_column: str = Field("instruction", description="sft: prompt (instruction) column")
+    input_column: str = Field(
+        "input",
+        description='sft: optional column appended to the prompt where not empty ("" = none)',
+    )
+    response_column: str = Field(
+        "response", description="sft: response column (the loss covers only its tokens)"
+    )
+    messages_column: str = Field(
+        "",
+        description='sft: chat column (lists of {"role", "content"}; loss on assistant turns); '
+        '"" = prompt/response columns',
+    )
     partitioner: Literal["auto", "natural", "iid", "dirichlet"] = Field(
         "auto",
-        description="flwr-datasets partitioner; auto = natural (code-lm; iid for a dataset "
-        "without label-column) / dirichlet (code-cls)",
+        description="flwr-datasets partitioner; auto = natural (code-lm, sft; iid for a "
+        "dataset without label-column) / dirichlet (code-cls)",
     )
     dirichlet_alpha: float = Field(
         0.5, gt=0, description="Dirichlet concentration (smaller = more skewed)"
@@ -86,10 +102,23 @@ class TaskConfig(BaseModel):
 
     def split_of(self, columns: Sequence[str]) -> str:
         """The partitioner kind for a custom dataset with these columns: `auto` on code-lm
-        splits by natural ids of label-column, or IID when the data has no such column."""
-        if self.partitioner == "auto" and self.task == "code-lm":
+        and sft splits by natural ids of label-column, or IID when the data has no such
+        column."""
+        if self.partitioner == "auto" and self.task != "code-cls":
             return "natural" if self.label_column in columns else "iid"
         return self.split
+
+    def required_columns(self) -> dict[str, str]:
+        """Run-config key -> the column of a custom dataset the task reads (label-column
+        aside: whether it is needed depends on the split, see `split_of`)."""
+        if self.task != "sft":
+            return {"text-column": self.text_column}
+        if self.messages_column:
+            return {"messages-column": self.messages_column}
+        required = {"prompt-column": self.prompt_column, "response-column": self.response_column}
+        if self.input_column != type(self).model_fields["input_column"].default:
+            required["input-column"] = self.input_column  # a set one must exist; "" = none
+        return {k: v for k, v in required.items() if v}
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> TaskConfig:
@@ -107,6 +136,7 @@ class Task(ABC):
 
     modules_to_save: tuple[str, ...] = ()  # modules trained in full (new heads)
     metric_keys: tuple[str, ...] = ("loss",)  # what `evaluate` reports besides num-examples
+    sample_count = 0  # generated samples the server writes at the end of a run (`samples`)
 
     def __init__(self, config: TaskConfig) -> None:
         self.config = config
@@ -165,3 +195,8 @@ class Task(ABC):
                     sums[key] = sums.get(key, 0.0) + float(value)
         model.train(was_training)
         return self._metrics(sums, len(dataset))
+
+    def samples(self, model: torch.nn.Module, device: torch.device) -> list[dict[str, str]]:
+        """Up to `sample_count` outputs of the final model on held-out inputs, for people to
+        read beside the metrics (a generative task's greedy completions); none by default."""
+        return []

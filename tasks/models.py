@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # torch and transformers load on first use: a config check ne
 EMBEDDED = "embedded"
 ENV_VAR = "SEEDLORA_BASE_MODEL"
 DISTRIBUTION = "seedlora"
-_ASSET = Path("assets") / "base-model"
+_ASSETS = Path("assets")
 EMBEDDED_REFERENCE = "tasks/assets/base-model"  # the shipped base, from a checkout's root
 _HERE = Path(__file__).resolve().parent
 _WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -56,12 +56,20 @@ def _editable_source() -> Path | None:
     return Path(unquote(urlparse(url).path))
 
 
-def embedded_candidates() -> list[Path]:
-    """Places searched for the shipped base model, in order."""
-    found = [_HERE / _ASSET]
+def asset_candidates(name: str) -> list[Path]:
+    """Places searched for a shipped asset `tasks/assets/<name>`, in order: next to this
+    module, then in the source tree of an editable install (a `flwr run` copy of the app
+    holds only its *.py/*.toml/*.md/*.json files)."""
+    found = [_HERE / _ASSETS / name]
     src = _editable_source()
     if src is not None:
-        found.append(src / "tasks" / _ASSET)
+        found.append(src / "tasks" / _ASSETS / name)
+    return found
+
+
+def embedded_candidates() -> list[Path]:
+    """Places searched for the shipped base model, in order."""
+    found = asset_candidates("base-model")
     if os.environ.get(ENV_VAR):
         found.append(Path(os.environ[ENV_VAR]))
     return found

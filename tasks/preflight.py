@@ -19,7 +19,9 @@ from pathlib import Path
 
 from tasks.base import TaskConfig
 from tasks.corpus import split_corpus
+from tasks.datafiles import file_columns
 from tasks.models import resolve_model_path, target_modules_for
+from tasks.sft_data import with_source
 
 _HEADER_LIMIT = 100_000_000  # bytes; a safetensors header is far smaller
 
@@ -88,12 +90,16 @@ def check_targets(modules: Sequence[str], targets: str | Sequence[str]) -> None:
 
 
 def dataset_columns(dataset: str) -> list[str] | None:
-    """Columns of the training split of a `save_to_disk` folder (what tasks.sources
-    trains on); None for a hub id."""
+    """Columns of the training split of a `save_to_disk` folder or a data file (what
+    tasks.sources trains on); None for a hub id."""
     folder = Path(dataset).expanduser()
+    if folder.is_file():
+        return file_columns(folder, dataset)
     if not folder.exists():
-        if dataset.startswith(("/", ".", "~")) or dataset.count("/") > 1:
-            raise ValueError(f"dataset {dataset!r}: no such directory ({folder.absolute()})")
+        if dataset.startswith(("/", ".", "~")) or dataset.count("/") > 1 or Path(dataset).suffix:
+            raise ValueError(
+                f"dataset {dataset!r}: no such file or directory ({folder.absolute()})"
+            )
         return None  # a hub dataset id
     if (folder / "dataset_dict.json").is_file():
         splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
@@ -107,13 +113,15 @@ def dataset_columns(dataset: str) -> list[str] | None:
 
 
 def check_columns(config: TaskConfig, columns: Sequence[str]) -> None:
-    """text-column always; label-column when the task or the partitioner needs it."""
+    """The columns the task reads (text-column; sft: prompt-column and response-column, or
+    messages-column); label-column when the task or the partitioner needs it."""
     listing = ", ".join(columns)
-    if config.text_column not in columns:
-        raise ValueError(
-            f"text-column: {config.text_column!r} is not a column of dataset {config.dataset!r} "
-            f"(columns: {listing})"
-        )
+    for key, column in config.required_columns().items():
+        if column not in columns:
+            raise ValueError(
+                f"{key}: {column!r} is not a column of dataset {config.dataset!r} "
+                f"(columns: {listing})"
+            )
     split = config.split_of(columns)
     if config.label_column not in columns and (config.task == "code-cls" or split != "iid"):
         why = "code-cls predicts it" if config.task == "code-cls" else f"partitioner {split!r}"
@@ -165,6 +173,7 @@ def _stdlib_lm_ids(config: TaskConfig) -> int:
 def natural_ids(config: TaskConfig) -> int | None:
     """How many natural ids the config's split has, i.e. the most partitions (clients) it
     can serve; None when the split is not by natural ids (iid, dirichlet)."""
+    config = with_source(config)
     if config.dataset:
         columns = dataset_columns(config.dataset)
         if columns is None or config.split_of(columns) != "natural":
@@ -208,6 +217,7 @@ def check_task(
         names = parameter_names(folder)
         if names is not None:
             check_targets(module_names(names), targets(default_targets(folder)))
+    config = with_source(config)
     if config.dataset:
         columns = dataset_columns(config.dataset)
         if columns is not None:

@@ -7,8 +7,9 @@ import functools
 from tasks.base import Task, TaskConfig
 from tasks.code_cls import CodeClsTask
 from tasks.code_lm import CodeLMTask
+from tasks.sft import SFTTask
 
-TASKS: dict[str, type[Task]] = {"code-lm": CodeLMTask, "code-cls": CodeClsTask}
+TASKS: dict[str, type[Task]] = {"code-lm": CodeLMTask, "code-cls": CodeClsTask, "sft": SFTTask}
 
 
 @functools.lru_cache(maxsize=8)

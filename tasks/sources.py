@@ -1,4 +1,5 @@
-"""Custom datasets: a Hugging Face dataset id or a local `save_to_disk` directory."""
+"""Custom datasets: a Hugging Face dataset id, a local `save_to_disk` directory, or a local
+JSON / JSON Lines / CSV / Parquet file (loaded by the `datasets` builder of its suffix)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,21 @@ import datasets
 
 from tasks.base import TaskConfig
 from tasks.corpus import SPLIT_SEED
+from tasks.datafiles import file_builder
 from tasks.partitioning import GROUP, Pools, assign_groups
 
 EVAL_FRACTION = 0.1
 _EVAL_SPLITS = ("test", "validation")
+
+
+def _load(dataset: str) -> datasets.Dataset | datasets.DatasetDict:
+    path = Path(dataset).expanduser()
+    if path.is_dir():
+        return datasets.load_from_disk(str(path))
+    if path.is_file():  # one split, "train"; load_rows holds out its eval rows
+        return datasets.load_dataset(file_builder(dataset), data_files=str(path))
+    # hub id; needs network or a populated cache (HF_DATASETS_OFFLINE=1 otherwise)
+    return datasets.load_dataset(dataset)
 
 
 @functools.lru_cache(maxsize=4)
@@ -22,10 +34,7 @@ def load_rows(dataset: str) -> tuple[datasets.Dataset, datasets.Dataset]:
 
     The hold-out does not depend on the experiment seed, so all runs evaluate on the same rows.
     """
-    if Path(dataset).is_dir():
-        obj = datasets.load_from_disk(dataset)
-    else:  # hub id; needs network or a populated cache (HF_DATASETS_OFFLINE=1 otherwise)
-        obj = datasets.load_dataset(dataset)
+    obj = _load(dataset)
     if isinstance(obj, datasets.DatasetDict):
         evals = [k for k in _EVAL_SPLITS if k in obj]
         train_key = "train" if "train" in obj else sorted(obj)[0]
@@ -72,7 +81,8 @@ def custom_pools(config: TaskConfig) -> tuple[datasets.Dataset, datasets.Dataset
     """Row pools (train, eval, natural id column); natural/dirichlet split by `label_column`."""
     assert config.dataset is not None
     train, evals = load_rows(config.dataset)
-    require_column(train, config.text_column, "text-column")
+    for key, column in config.required_columns().items():
+        require_column(train, column, key)
     split = config.split_of(train.column_names)
     if split == "iid":
         return train, evals, config.label_column

@@ -36,6 +36,8 @@ def table(tiny_lm: str, tiny_text: str) -> list[tuple[list[str], str]]:
         (rc(f"{lm} {text} text-column='body'"), "text-column: 'body'"),
         (rc(f"{lm} {text} task='code-cls'"), "label-column: 'label'"),
         (rc("task='code-cls' num-classes=50"), "num-classes: 50"),
+        (rc("task='sft' prompt-column='question'"), "prompt-column: 'question'"),
+        (rc("task='sft' dataset='./no/such.jsonl'"), "no such file or directory"),
         (["--num-supernodes", "1000"], "--num-supernodes: 1000 clients"),
     ]
 
