@@ -235,3 +235,12 @@ def test_copied_side_model_is_independent():
     layer = next(layer for _, layer in adapter_layers(twin))
     layer.aside.clear()
     assert len(next(layer for _, layer in adapter_layers(side)).aside) == 1
+
+
+def test_seedlora_core_imports_no_bitsandbytes():
+    import subprocess
+    import sys
+
+    code = "import sys, seedlora.layer, seedlora.sidepath; print('bitsandbytes' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
