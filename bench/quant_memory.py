@@ -166,9 +166,7 @@ def measure(name: str, base: str, args) -> dict[str, Any]:
         times.append(time.perf_counter() - t)
         losses.append(float(loss))
     peak = torch.cuda.max_memory_allocated() - start
-    grads_only_b = all(
-        p.grad is None for n, p in model.named_parameters() if "lora_B" not in n
-    )
+    grads_only_b = all(p.grad is None for n, p in model.named_parameters() if "lora_B" not in n)
     row = {
         "shape": name,
         "base": base,

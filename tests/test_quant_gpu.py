@@ -90,4 +90,3 @@ def test_quantized_weights_take_less_memory_than_bf16(llama_dir):
     for q in ("8bit", "4bit"):
         sizes[q] = _bytes(_load(llama_dir, q))
     assert sizes["4bit"] < sizes["8bit"] < sizes["bf16"], sizes
-
