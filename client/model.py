@@ -7,6 +7,7 @@ get it here, from this process's `RESIDENT` model (client/resident.py).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ from contract import protocol as p
 from contract.config import RunConfig
 from seedlora import Link
 from tasks import build_task
+from tasks.devices import COMPUTE_DTYPES
 
 from .resident import ModelKey, ResidentModel, effective_chain_index
 
@@ -51,7 +53,20 @@ def model_key(cfg: RunConfig, task, config: Mapping[str, Any], device: torch.dev
         precision=cfg.train.precision,
         device=str(device),
         checkpointing=cfg.train.gradient_checkpointing,
+        quantization=cfg.train.quantization,
     )
+
+
+def base_loader(cfg: RunConfig, task, device: torch.device) -> Callable[[], torch.nn.Module]:
+    """What the resident model is built from: the task's float32 CPU W0, or with
+    `quantization` the quantized W0 on `device` (its unquantized layers in the run's
+    precision; 4bit layers compute in bf16 whatever it is)."""
+    q = cfg.train.quantization
+    if q == "none":
+        return task.load_model
+    dtype = COMPUTE_DTYPES[cfg.train.precision] or torch.float32
+    heads = tuple(cfg.adapter.heads(task.modules_to_save))
+    return functools.partial(task.load_quantized, q, device, dtype, heads)
 
 
 @contextlib.contextmanager
@@ -66,5 +81,6 @@ def link_model(
     for the length of one client's call; its trainable state is whatever the last client
     left: load the global state first. `links()` gives the links list named by the
     config's digest; it is called only when this process lacks that base."""
-    with RESIDENT.use(model_key(cfg, task, config, device), links, task.load_model) as model:
+    load = base_loader(cfg, task, device)
+    with RESIDENT.use(model_key(cfg, task, config, device), links, load) as model:
         yield model

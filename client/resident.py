@@ -17,6 +17,13 @@ gives the master the links it lacks and one copy to the device; the old device m
 freed before the new one is built, so a process holds one model on its device at a time.
 A client whose model changes shape (heterogeneous ranks: client.uploads.fit_rank) trains
 a `private_copy`, so nothing it does reaches the next client.
+
+A quantized run (`quantization` 8bit/4bit) has no master: `load` gives the quantized W0
+on the device once, and the merged links stay beside it as each adapter's frozen side path
+(seedlora/sidepath.py): `W_eff = Q(W0) + sum_j (alpha/r) B_j A_j`. W0 never changes, so
+a new key (a new link, another A) unwraps the old adapters and injects new ones on the same
+quantized layers, with the links list applied as side paths: the quantized base is loaded
+once per (task, quantization, device) and never copied.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from seedlora import CHAINED, Link, adapter_layers, prepare
+from seedlora import CHAINED, Link, adapter_layers, apply_link, links_digest, prepare, unwrap
+from seedlora.injection import keep_links_aside
 from tasks import TaskConfig
 from tasks.devices import place
 
@@ -58,6 +66,16 @@ class ModelKey:
     precision: str
     device: str
     checkpointing: bool
+    quantization: str = "none"  # 8bit/4bit: a quantized W0, links as side paths
+
+    @property
+    def aside(self) -> bool:
+        """Whether links stay beside the base (a quantized W0) instead of merged into it."""
+        return self.quantization != "none"
+
+    def frozen_base(self) -> tuple:
+        """What the quantized W0 depends on: it is reused while this stays the same."""
+        return (self.task, self.quantization, self.device)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """`seedlora.prepare` of `model` as this key says."""
@@ -144,6 +162,7 @@ class ResidentModel:
     def __init__(self) -> None:
         self.bases = BaseCache()
         self.builds = 0
+        self.frozen_loads = 0  # quantized W0 loaded (side-path mode)
         self._key: ModelKey | None = None
         self._model: nn.Module | None = None
         self._lock = threading.RLock()
@@ -169,7 +188,8 @@ class ResidentModel:
         """The resident model for `key`, built first if the key changed.
 
         `links()` (the full links list named by `key.links`) and `load()` (a fresh float32
-        CPU W0) are called only when the master must change. The caller loads the trainable
+        CPU W0; for a quantized key the quantized W0 on the device) are called only when
+        the master (the quantized W0) must change. The caller loads the trainable
         state; afterwards gradients are dropped and the model is back in eval mode.
         """
         with self._lock:
@@ -189,6 +209,9 @@ class ResidentModel:
         links: Callable[[], Sequence[Link]],
         load: Callable[[], nn.Module],
     ) -> None:
+        if key.aside:
+            self._build_aside(key, links, load)
+            return
         if self._model is not None:  # free the old device model before building the new one
             self._model = self._key = None
             _free_device_memory()
@@ -197,6 +220,41 @@ class ResidentModel:
         if key.checkpointing:
             enable_checkpointing(model)
         model = place(model, torch.device(key.device), key.precision)
+        model.eval()
+        self._model, self._key = model, key
+        self.builds += 1
+
+    def _build_aside(
+        self,
+        key: ModelKey,
+        links: Callable[[], Sequence[Link]],
+        load: Callable[[], nn.Module],
+    ) -> None:
+        """The side-path model of `key` on the (reused) quantized W0 (module docstring)."""
+        wanted = list(links())
+        if links_digest(wanted) != key.links:
+            raise ValueError(f"links do not hash to {key.links[:12]}")
+        old, old_key = self._model, self._key
+        self._model = self._key = None
+        base = None
+        reusable = old_key is not None and old_key.aside
+        if old is not None and reusable and old_key.frozen_base() == key.frozen_base():
+            base = unwrap(old)  # the same quantized layers, adapters and side paths gone
+        del old
+        if base is None:
+            self.bases.clear()  # no float master in side-path mode
+            _free_device_memory()
+            base = load()
+            self.frozen_loads += 1
+        model = key.prepare(base)
+        keep_links_aside(model)
+        for link in wanted:
+            apply_link(model, link)
+        for param in model.parameters():  # B is float32 already; heads become float32 masters
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
+        if key.checkpointing:
+            enable_checkpointing(model)
         model.eval()
         self._model, self._key = model, key
         self.builds += 1

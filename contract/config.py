@@ -164,6 +164,10 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = F(
         False, "recompute activations in backward (Hugging Face, non-reentrant): less memory"
     )
+    quantization: Literal["none", "8bit", "4bit"] = F(
+        "none",
+        "clients' frozen base: none | 8bit | 4bit (bitsandbytes, CUDA, nf4; links as side path)",
+    )
 
     @model_validator(mode="after")
     def _check_device(self) -> TrainConfig:
@@ -171,6 +175,11 @@ class TrainConfig(Section):
             raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.lr_min > self.lr:
             raise ValueError(f"lr-min: must not exceed lr={self.lr:g}, got {self.lr_min:g}")
+        if self.quantization != "none" and self.device == "cpu":
+            raise ValueError(
+                f"quantization: {self.quantization!r} needs a CUDA GPU (bitsandbytes), "
+                "but device is 'cpu'; set quantization='none' or device='auto'/'cuda'"
+            )
         return self
 
 
@@ -325,6 +334,12 @@ class RunConfig(BaseModel):
             )
         if up.client_ranks and a.frozen_factor != "A":
             raise ValueError("client-ranks: needs frozen-factor 'A' (nested A rows)")
+        quantized = self.train.quantization != "none"
+        if quantized and (a.method not in B_ONLY or a.frozen_factor != "A" or up.client_ranks):
+            raise ValueError(
+                f"quantization: {self.train.quantization!r} needs a B-only method (seedlora, "
+                "ffa) with frozen-factor 'A' and no client-ranks (links stay beside the base)"
+            )
         if up.client_ranks in ("", NODE_RANKS):
             return self
         try:

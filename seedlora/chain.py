@@ -231,7 +231,9 @@ def apply_link(model: nn.Module, link: Link) -> None:
 
     Each layer gets `W += (alpha/r) B_bar @ A_c`, computed in float32 on the weight's device
     and added in the weight's dtype (`merge_delta`, or `merge_swapped` for swapped roles).
-    Adapters, if injected, are untouched: only their `base` layers change.
+    Adapters, if injected, are untouched: only their `base` layers change, except that an
+    adapter in side-path mode (a quantized base: seedlora/sidepath.py) appends the link to
+    its side path and leaves the base as it is.
 
     Args:
         model: the model holding every layer named in `link.specs`, with or without
@@ -240,8 +242,12 @@ def apply_link(model: nn.Module, link: Link) -> None:
     """
     merge = merge_swapped if link.frozen == TRAINED_A else merge_delta
     for spec in link.specs:
-        base, factor = _base_layer(model, spec.layer), link.factors[spec.layer]
-        merge(base, spec, factor, link.alpha / spec.rank)
+        module, factor = model.get_submodule(spec.layer), link.factors[spec.layer]
+        scaling = link.alpha / spec.rank
+        if getattr(module, "aside", None) is not None:  # side-path mode (sidepath.py)
+            module.add_link(spec, factor, scaling)
+        else:
+            merge(_base_layer(model, spec.layer), spec, factor, scaling)
 
 
 def rebuild(model: nn.Module, links: Sequence[Link]) -> nn.Module:

@@ -114,6 +114,33 @@ def merge_adapters(model: nn.Module) -> None:
         layer.merge()
 
 
+def keep_links_aside(model: nn.Module) -> int:
+    """Put every B-only adapter in side-path mode: links merged from now on (`apply_link`,
+    `close_link`) stay beside the base as a stacked low-rank path (seedlora/sidepath.py).
+
+    Adapters over a quantized base are in that mode from the start; this makes any base
+    behave so (the CPU tests use plain float layers). Returns the adapters switched.
+    """
+    layers = [m for _, m in adapter_layers(model) if isinstance(m, SeedLoRALayer)]
+    if len(layers) != len(list(adapter_layers(model))):
+        raise ValueError("side paths need B-only adapters (frozen-factor A)")
+    for layer in layers:
+        layer.keep_links_aside()
+    return len(layers)
+
+
+def fold_aside(model: nn.Module) -> nn.Module:
+    """Merge every side path densely into its float base (`SeedLoRALayer.fold`): export.
+
+    The same `merge_delta` calls in the same order as the dense master's merges, so a base
+    that started as the master's W0 ends with the master's bits.
+    """
+    for _, layer in adapter_layers(model):
+        if isinstance(layer, SeedLoRALayer):
+            layer.fold()
+    return model
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """Replace each adapter by its base layer (call `merge_adapters` first to keep B A)."""
     for name, layer in list(adapter_layers(model)):

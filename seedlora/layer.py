@@ -5,8 +5,13 @@ gaussian kind A is a non-persistent buffer, so it is never in a saved or sent st
 the block kinds no A exists at all: `A x` is a slice of x.
 
 `forward` takes the fused path of `fused.BOnlyLinear` (one autograd node for base and
-adapter) unless adapter dropout is active or the base is trainable; `forward_reference`
-is the plain composition of torch ops that it must match.
+adapter) unless adapter dropout is active, the base is trainable or quantized (its weight
+is codes: the base layer's own forward dequantizes); `forward_reference` is the plain
+composition of torch ops that it must match.
+
+In side-path mode (`aside`, seedlora/sidepath.py: always for a quantized base) merged
+links are not added into the base weight but kept beside it, and `forward` adds them:
+`y = base(x) + x A_cat^T B_cat^T + (alpha/r) B (A x)`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .fused import BOnlyLinear
+from .sidepath import SidePath, is_quantized
 from .spec import ASpec
 
 
@@ -157,7 +163,40 @@ class SeedLoRALayer(nn.Module):
         like = wrap_frozen_base(self, base, alpha, spec, dropout, swapped=False)
         self.lora_B = nn.Parameter(torch.zeros(spec.n_out, spec.rank, **like))
         self.register_buffer("lora_A", None, persistent=False)
+        self.aside: SidePath | None = None
         self.set_spec(spec)
+        if is_quantized(base):
+            self.keep_links_aside()
+
+    def keep_links_aside(self) -> SidePath:
+        """Side-path mode from now on: `merge()` and `chain.apply_link` put links in
+        `self.aside` instead of the base weight (any base; a quantized one always)."""
+        if self.aside is None:
+            s, b = self.spec, self.lora_B
+            self.aside = SidePath(s.n_in, s.n_out, b.dtype, b.device)
+        return self.aside
+
+    def add_link(self, spec: ASpec, b: torch.Tensor, scaling: float) -> None:
+        """A merged link `scaling * B @ A(spec)`: into the side path, or into the base."""
+        if self.aside is not None:
+            self.aside.add(spec, b, scaling)
+        else:
+            merge_delta(self.base, spec, b, scaling)
+
+    def fold(self) -> None:
+        """Merge the side path's links densely into a float base (export), in link order.
+
+        Each link goes through `merge_delta`, the same function as the dense master's
+        merges, so a float base folds to the master's bits. Raises for a quantized base:
+        its codes cannot hold the links (the server's dense master exports instead).
+        """
+        if self.aside is None:
+            return
+        if is_quantized(self.base):
+            raise ValueError("cannot fold links into a quantized base; export the dense master")
+        for spec, b, scaling in self.aside.links:
+            merge_delta(self.base, spec, b, scaling)
+        self.aside = None
 
     def set_spec(self, spec: ASpec) -> None:
         """Switch to another A-spec (a new chain index: its A, cached once) and zero B."""
@@ -171,17 +210,26 @@ class SeedLoRALayer(nn.Module):
             self.lora_B.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`base(x) + (alpha/r) B (A x)`, through the fused node when it can.
+        """`base(x) + (alpha/r) B (A x)`, through the fused node when it can, plus the side
+        path's merged links `x A_cat^T B_cat^T` in side-path mode.
 
         Args:
             x: (..., n_in) in the base's dtype (or any dtype under autocast), on its device.
 
         Returns:
-            (..., n_out) in x's dtype (the autocast dtype under autocast).
+            (..., n_out) in x's dtype (the autocast dtype under autocast; a quantized base's
+            output dtype).
         """
+        y = self._adapted(x)
+        if self.aside is not None and len(self.aside):
+            y = y + self.aside(x).to(y.dtype)
+        return y
+
+    def _adapted(self, x: torch.Tensor) -> torch.Tensor:
+        """`base(x) + (alpha/r) B (A x)` without the side path."""
         weight, bias = self.base.weight, self.base.bias
         dropping = self.training and isinstance(self.dropout, nn.Dropout)
-        if not self.fused or dropping or weight.requires_grad:
+        if not self.fused or dropping or weight.requires_grad or is_quantized(self.base):
             return self.forward_reference(x)
         if isinstance(self.base, Conv1D):
             weight = weight.t()
@@ -218,7 +266,8 @@ class SeedLoRALayer(nn.Module):
         )
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The straightforward composition of torch ops (autograd records each one).
+        """The straightforward composition of torch ops (autograd records each one), without
+        the side path.
 
         Args:
             x: (..., n_in) in the base's dtype, on its device.
@@ -241,8 +290,9 @@ class SeedLoRALayer(nn.Module):
         )
 
     def merge(self) -> None:
-        """Fold the current `(alpha/r) B A` into the base weight and reset B to zero."""
-        merge_delta(self.base, self.spec, self.lora_B, self.scaling)
+        """Fold the current `(alpha/r) B A` into the base weight (into the side path in
+        side-path mode: a copy of B) and reset B to zero."""
+        self.add_link(self.spec, self.lora_B.detach().clone(), self.scaling)
         zero_(self.lora_B)
 
     def extra_repr(self) -> str:

@@ -135,6 +135,8 @@ class Task(ABC):
     """
 
     modules_to_save: tuple[str, ...] = ()  # modules trained in full (new heads)
+    model_kind: str = "causal"  # what `load_model` builds: "causal" or "seq-cls"
+    num_labels: int = 0  # seq-cls: the new head's size
     metric_keys: tuple[str, ...] = ("loss",)  # what `evaluate` reports besides num-examples
     sample_count = 0  # generated samples the server writes at the end of a run (`samples`)
 
@@ -146,6 +148,29 @@ class Task(ABC):
     @abstractmethod
     def load_model(self) -> torch.nn.Module:
         """Fresh pretrained base model, CPU float32."""
+
+    def load_quantized(
+        self,
+        quantization: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        skip: Sequence[str] = (),
+    ) -> torch.nn.Module:
+        """The pretrained base with bitsandbytes 8bit/4bit Linear layers, on the GPU `device`
+        (tasks/quantized.py); `dtype` for the layers left unquantized, `skip` the trained
+        heads. Raises a ValueError naming `quantization` without CUDA or bitsandbytes."""
+        from tasks.quantized import load_quantized
+
+        return load_quantized(
+            self.config.model_name,
+            self.model_kind,
+            quantization,
+            device,
+            dtype,
+            num_labels=self.num_labels,
+            seed=self.config.seed,
+            skip=skip,
+        )
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         """The base model's tokenizer (shared: do not modify), e.g. to ship beside exports."""

@@ -137,6 +137,7 @@ class CodeClsTask(Task):
     """Sequence classification with a new, fully trained head; metric: accuracy."""
 
     metric_keys = ("loss", "accuracy")
+    model_kind = "seq-cls"
 
     def __init__(self, config: TaskConfig) -> None:
         super().__init__(config)

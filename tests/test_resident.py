@@ -151,6 +151,7 @@ def test_any_other_key_change_rebuilds_on_the_same_master():
         {"dropout": 0.1},
         {"precision": "bf16"},
         {"checkpointing": True},
+        {"quantization": "4bit"},  # side-path mode (the loader stands in for the quantized W0)
     ]
     for change in changes:
         with resident.use(dataclasses.replace(key, **change), list, tiny_gpt2) as model:
