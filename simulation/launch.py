@@ -246,7 +246,7 @@ def launch(args: argparse.Namespace) -> int:
         return 2
     checked = time.monotonic()
     try:
-        check(app_dir, args.run_config, args.num_supernodes)
+        check(app_dir, args.run_config, args.num_supernodes, local=True)
     except PrecheckError as err:
         print(f"[launch] error: {err}", file=sys.stderr)
         return 2

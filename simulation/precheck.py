@@ -31,6 +31,7 @@ this is the place to learn which key, before `flwr run`.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import tomllib
@@ -126,8 +127,28 @@ def is_this_app(project: Mapping[str, Any]) -> bool:
     return (app.get("publisher"), app.get("components", {}).get("serverapp")) == THIS_APP
 
 
-def check_this_app(run_config: Mapping[str, Any], num_supernodes: int | None) -> None:
-    """Step 3 of the module docstring."""
+def gpu_visible() -> bool:
+    """Whether this machine shows an NVIDIA GPU to its processes, without importing torch
+    (its device nodes, unless CUDA_VISIBLE_DEVICES hides them all)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def check_local_clients(cfg: Any) -> None:
+    """What only a run whose clients start on this machine (the launcher's) can check."""
+    quantization = cfg.train.quantization
+    if quantization != "none" and not gpu_visible():
+        raise PrecheckError(
+            f"run-config key 'quantization': {quantization!r} needs a CUDA GPU "
+            "(bitsandbytes) and this machine shows none; set quantization=\"none\""
+        )
+
+
+def check_this_app(
+    run_config: Mapping[str, Any], num_supernodes: int | None, local: bool = False
+) -> None:
+    """Step 3 of the module docstring (`local`: the clients will run on this machine)."""
     from contract.config import RunConfig, RunConfigError
     from contract.preflight import check_nodes, check_run
     from server import rundir
@@ -140,14 +161,21 @@ def check_this_app(run_config: Mapping[str, Any], num_supernodes: int | None) ->
         rundir.check(cfg)
     except RunConfigError as err:
         raise PrecheckError(str(err)) from None
+    if local:
+        check_local_clients(cfg)
 
 
-def check(app_dir: Path, run_config: Sequence[str] | None, num_supernodes: int | None) -> None:
+def check(
+    app_dir: Path,
+    run_config: Sequence[str] | None,
+    num_supernodes: int | None,
+    local: bool = False,
+) -> None:
     """Everything above, for `app_dir` with these `--run-config` strings."""
     project = app_project(app_dir)
     fused = fused_config(project, parse_overrides(run_config))
     if is_this_app(project):
-        check_this_app(fused, num_supernodes)
+        check_this_app(fused, num_supernodes, local)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,3 +108,19 @@ def test_precheck_alone_names_what_flowers_code_15_does_not(capsys):
         precheck(["--app-dir", str(REPO), "--run-config", "rank=4", "--num-supernodes", "2"]) == 0
     )
     assert capsys.readouterr().out.strip() == "ok"
+
+
+def test_launcher_refuses_quantization_on_a_machine_without_a_gpu(monkeypatch, capsys):
+    """The launcher's clients run on this machine: a quantized base needs its GPU. The
+    check looks for device nodes (no torch import), and CUDA_VISIBLE_DEVICES="" hides them."""
+    from simulation import precheck
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert not precheck.gpu_visible()
+    assert main(["--run-config", "quantization='4bit'"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("[launch] error: run-config key 'quantization'") and "GPU" in err
+    monkeypatch.setattr(precheck, "gpu_visible", lambda: True)  # a GPU machine passes this
+    precheck.check(REPO, ["quantization='4bit'"], 2, local=True)
+    # `python -m simulation.precheck` cannot know where clients run: it does not ask
+    assert precheck.main(["--app-dir", str(REPO), "--run-config", "quantization='8bit'"]) == 0
