@@ -141,7 +141,7 @@ def check_local_clients(cfg: Any) -> None:
     if quantization != "none" and not gpu_visible():
         raise PrecheckError(
             f"run-config key 'quantization': {quantization!r} needs a CUDA GPU "
-            "(bitsandbytes) and this machine shows none; set quantization=\"none\""
+            '(bitsandbytes) and this machine shows none; set quantization="none"'
         )
 
 
