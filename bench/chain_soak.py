@@ -299,7 +299,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from simulation.local import resolved_config, run_local
+    from simulation.local import make_grid, resolved_config, run_local
 
     ap = parser(__doc__, NAME)
     ap.add_argument("--links", type=int, default=256, help="chain links (num-links)")
@@ -321,8 +321,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             grids.append(SoakGrid(grid, Path(tmp) / "grid.jsonl", run_dir))
             return grids[0]
 
+        grid = make_grid(overrides, a.clients)
+        grid.keep_replies = False  # the in-process grid's own record would grow every round
         began = time.perf_counter()
-        doc = run_local(overrides, a.clients, wrap_grid=wrap, out_dir=run_dir, fresh_cache=True)
+        doc = run_local(
+            overrides, a.clients, grid=grid, wrap_grid=wrap, out_dir=run_dir, fresh_cache=True
+        )
         wall = time.perf_counter() - began
         grids[0].look(None)
         rows = per_round(doc.metrics, grids[0].looks)
