@@ -70,15 +70,20 @@ def kind_of(path: Path, root: Path) -> str:
         return "link log"
     if rel.name.startswith("checkpoint"):
         return "checkpoint"
+    if rel.parts[0] == "tb":
+        return "tensorboard"
     return rel.name if rel.name in ("rounds.jsonl", "metrics.json") else "other"
 
 
-APPENDED = ("rounds.jsonl",)  # the run directory's only file written by appending
+def appended(path: Path) -> bool:
+    """The run directory's files written by appending: rounds.jsonl and TensorBoard's
+    event files (counted by their growth, not whole)."""
+    return path.name == "rounds.jsonl" or path.name.startswith("events.out.tfevents.")
 
 
 class DiskMeter:
     """Bytes written to a directory between two looks: a file created or replaced counts
-    whole, rounds.jsonl counts its growth (it is appended to), a file renamed (the same
+    whole, an appended file (`appended`) counts its growth, a file renamed (the same
     inode, size and mtime seen at another path) counts nothing. File systems reuse inode
     numbers at once, so only the name tells an append from a replacement."""
 
@@ -98,8 +103,8 @@ class DiskMeter:
             before = self.seen.get(path)
             if before == state or state in seen_states:
                 continue  # unchanged, or renamed
-            appended = path.name in APPENDED and before is not None and state[1] >= before[1]
-            size = state[1] - before[1] if appended else state[1]
+            grew = appended(path) and before is not None and state[1] >= before[1]
+            size = state[1] - before[1] if grew else state[1]
             kind = kind_of(path, self.root)
             written[kind] = written.get(kind, 0) + size
         self.seen = now

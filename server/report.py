@@ -2,8 +2,10 @@
 (with the run's bytes so far), metrics.json, rounds.jsonl and a plot.
 
 metrics.json is the run's document (config, links digest and count, every round's entry
-under "rounds"); it is rewritten whole, so the server writes it only when a run starts,
-at every link close and at the end, never every round. rounds.jsonl gets each round's
+under "rounds"); it is rewritten whole, so the server writes it in full only when a run
+starts, ends or fails, and at every link close a progress version of constant size (that
+link's rounds under "recent_rounds", `"in_progress": true`, and "rounds_file" naming
+rounds.jsonl), never every round. rounds.jsonl gets each round's
 entry as one JSON line when the round is committed (an append, fsync'd): the live
 record between link closes, and where `resume` gets the history back (the checkpoint
 does not carry it). On resume the file is rewritten once with the rounds the checkpoint

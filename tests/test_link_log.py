@@ -160,3 +160,29 @@ def test_a_round_logged_after_its_checkpoint_is_not_listed_twice(overrides, tmp_
     _, grid = run(overrides, out, resume=True)
     assert grid.rounds_sent == 1
     assert [r["round"] for r in report.read_rounds(out / report.ROUNDS)] == [0, 1, 2]
+
+
+def test_metrics_at_a_link_close_do_not_grow_with_the_chain(overrides, tmp_path, monkeypatch):
+    """A link close writes a progress metrics.json of constant size (that link's rounds and
+    a pointer to rounds.jsonl); the end writes every round."""
+    ov = {**overrides, "rounds-per-link": 2}
+    seen = []
+    real = ChainServer.write_metrics
+
+    def spy(self, progress=False):
+        real(self, progress)
+        text = (self.out_dir / "metrics.json").read_text()
+        seen.append((progress, len(text), json.loads(text)))
+
+    monkeypatch.setattr(ChainServer, "write_metrics", spy)
+    run(ov, tmp_path, **{"num-links": 4})
+    closes = [(size, doc) for progress, size, doc in seen if progress]
+    assert len(closes) == 4
+    for k, (_, doc) in enumerate(closes, start=1):
+        assert doc["in_progress"] and doc["links_merged"] == k and "rounds" not in doc
+        assert doc["rounds_so_far"] == 2 * k + 1 and doc["rounds_file"] == report.ROUNDS
+        assert [r["round"] for r in doc["recent_rounds"]] == [2 * k - 1, 2 * k]
+    sizes = [size for size, _ in closes]
+    assert max(sizes) - min(sizes) < 200, sizes  # digits and floats, not history
+    final = json.loads((tmp_path / "metrics.json").read_text())
+    assert [r["round"] for r in final["rounds"]] == list(range(9)) and "in_progress" not in final
