@@ -12,6 +12,12 @@ forward + backward + AdamW step per iteration, for these variants side by side i
   seedlora-<kind>        this project's `inject(...)` for gaussian / circulant / random-block,
                          on its fused fast path (seedlora.fused)
   seedlora-<kind>-reference  the same layers on the straightforward path (fused = False)
+  seedlora-<kind>-grouped    q/k/v and gate/up as one node each, sharing one `A x`
+                         (seedlora.grouped), and a fused AdamW on CUDA
+  seedlora-<kind>-graphed    the grouped layers with the whole step (forward, backward,
+                         fused capturable AdamW) captured once as a CUDA graph and replayed
+                         (seedlora.capture); CUDA only
+  floor-graphed          the floor under the same capture, so the comparison stays fair
 
 Every variant gets a fresh model from the same seed (so all start from the same loss), the
 same token batch and all seven projection types of a Qwen2 block as targets. Times are the
@@ -64,18 +70,34 @@ FLOOR = "floor"
 PEFT = "peft-lora"
 PEFT_FROZEN_A = "peft-lora-frozen-a"
 REFERENCE = "-reference"  # the straightforward layer (autograd over plain torch ops)
+GROUPED = "-grouped"  # sibling layers as one node (seedlora.grouped)
+GRAPHED = "-graphed"  # grouped, and the whole step one CUDA graph (seedlora.capture)
 VARIANTS: tuple[str, ...] = (
     FLOOR,
     PEFT,
     PEFT_FROZEN_A,
     *(f"seedlora-{k}{REFERENCE}" for k in SEED_KINDS),
     *(f"seedlora-{k}" for k in SEED_KINDS),
+    *(f"seedlora-{k}{GROUPED}" for k in SEED_KINDS),
+)
+# Only on CUDA (the default set there adds them).
+CUDA_VARIANTS: tuple[str, ...] = (
+    f"{FLOOR}{GRAPHED}",
+    *(f"seedlora-{k}{GRAPHED}" for k in SEED_KINDS),
 )
 # Diagnostic, not in the default set: circulant with B cast to the model's dtype (bf16 on the
 # GPU) instead of a float32 master copy, to price the casts that the float32 B costs.
 B_MODEL_DTYPE = "seedlora-circulant-b16"
-ALL_VARIANTS: tuple[str, ...] = (*VARIANTS, B_MODEL_DTYPE)
+ALL_VARIANTS: tuple[str, ...] = (*VARIANTS, *CUDA_VARIANTS, B_MODEL_DTYPE)
+
+
+def base_variant(variant: str) -> str:
+    """The variant without the step-mode suffix (`-grouped`, `-graphed`)."""
+    return variant.removesuffix(GROUPED).removesuffix(GRAPHED)
+
+
 MIB = 1024.0 * 1024.0
+PHASES = ("forward", "backward", "optimizer")
 
 
 @dataclass(frozen=True)
@@ -124,6 +146,7 @@ def layer_dims(shape: Shape) -> list[tuple[str, int, int]]:
 def expected_trainable(shape: Shape, variant: str) -> int:
     """Trainable parameters each variant should have: B is n_out*r, A is r*n_in per layer."""
     r = shape.rank
+    variant = base_variant(variant)
     if variant == FLOOR:
         return 0
     per_block = sum(n_out * r for _, _, n_out in layer_dims(shape))
@@ -161,6 +184,13 @@ def _grad_to_embeddings(module: nn.Module, inputs: Any, output: torch.Tensor) ->
 
 def prepare(variant: str, model: nn.Module, shape: Shape, seed: int) -> nn.Module:
     """Freeze `model` and attach the variant's adapter; returns the module to call."""
+    if variant != base_variant(variant):
+        model = prepare(base_variant(variant), model, shape, seed)
+        if variant.startswith("seedlora-"):
+            from seedlora.grouped import group_siblings
+
+            group_siblings(model)
+        return model
     if variant == FLOOR:
         model.requires_grad_(False)
         model.get_input_embeddings().register_forward_hook(_grad_to_embeddings)
@@ -289,11 +319,15 @@ def busy_ms(prof: Any, device: torch.device) -> tuple[float, int]:
     own CPU time.
     """
     cuda = device.type == "cuda"
-    total, calls = 0.0, 0
+    total, calls, kernels = 0.0, 0, 0.0
     for avg in prof.key_averages():
         if avg.key.startswith("aten::"):
             total += avg.self_device_time_total if cuda else avg.self_cpu_time_total
             calls += avg.count
+        elif cuda:
+            kernels += avg.self_device_time_total
+    if cuda and calls == 0:  # a graph replay: no aten ops, only its kernels
+        total = kernels
     return total / 1e3, calls
 
 
@@ -349,7 +383,12 @@ def measure(
     leftover = torch.cuda.memory_allocated() - unique_bytes([ids]) if cuda else 0
     model = prepare(variant, build_model(shape, device, args.seed), shape, args.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr) if params else None
+    graphed = variant.endswith(GRAPHED)
+    # The new step modes take a fused AdamW on CUDA (one kernel for every B); a captured
+    # step needs it capturable. The earlier rows keep torch's default (foreach).
+    fused_opt = cuda and variant != base_variant(variant)
+    opt_kwargs = {"fused": True, "capturable": graphed} if fused_opt else {}
+    opt = torch.optim.AdamW(params, lr=args.lr, **opt_kwargs) if params else None
     adapter_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params})
 
     def forward() -> torch.Tensor:
@@ -357,7 +396,7 @@ def measure(
 
     timer = Timer(device)
 
-    def step() -> torch.Tensor:
+    def eager_step() -> torch.Tensor:
         timer.mark()
         loss = forward()
         timer.mark()
@@ -368,6 +407,18 @@ def measure(
             opt.zero_grad(set_to_none=True)
         timer.mark()
         return loss.detach()
+
+    step = eager_step
+    if graphed:
+        from seedlora.capture import CapturedStep
+
+        captured = CapturedStep(lambda b: forward(), params, opt, {"input_ids": ids})
+
+        def step() -> torch.Tensor:
+            timer.mark()
+            loss = captured({"input_ids": ids}).clone()
+            timer.mark()
+            return loss
 
     if cuda:
         gc.collect()
@@ -411,9 +462,10 @@ def measure(
         "trainable_dtypes": adapter_dtypes,
         "times_ms": times,
         "median_ms": statistics.median(times),
+        "optimizer": f"AdamW({', '.join(f'{k}={v}' for k, v in opt_kwargs.items())})",
         "phase_median_ms": {
             name: statistics.median(p[i] for p in phases)
-            for i, name in enumerate(("forward", "backward", "optimizer"))
+            for i, name in enumerate(("replay",) if graphed else PHASES)
         },
         "peak_bytes": peak,
         "resident_bytes": resident,
@@ -455,17 +507,26 @@ def _ratio(a: float, b: float | None) -> float | None:
 
 
 FAST_FLOOR, FAST_PEFT = 1.25, 0.6  # the fast path's goals (issue: fast path)
+STEP_BUSY, STEP_PEFT = 1.25, 0.35  # the step modes' goals (issue 16: x floor busy, x PEFT)
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Ratios to the floor and to PEFT LoRA, and the goals beside each seedlora row.
 
     Every seedlora variant: time and memory <= PEFT's. The fused variants also: time <=
-    1.25x the floor and <= 0.6x PEFT, and the block kinds faster than gaussian.
+    1.25x the floor and <= 0.6x PEFT, and the block kinds faster than gaussian. The
+    grouped and graphed ones (issue 16): wall <= 1.25x the floor's GPU-busy time and
+    <= 0.35x PEFT's wall; block kinds no slower than gaussian in the same mode.
     """
     by = {r["variant"]: r for r in rows}
     floor, peft = by.get(FLOOR), by.get(PEFT)
+    floor_busy = floor and floor["busy_ms"]
+    floor_graphed = by.get(f"{FLOOR}{GRAPHED}")
     for r in rows:
+        r["time_x_floor_busy"] = _ratio(r["median_ms"], floor_busy)
+        r["time_x_floor_graphed"] = _ratio(
+            r["median_ms"], floor_graphed and floor_graphed["median_ms"]
+        )
         r["time_x_floor"] = _ratio(r["median_ms"], floor and floor["median_ms"])
         r["time_x_peft"] = _ratio(r["median_ms"], peft and peft["median_ms"])
         r["memory_x_floor"] = _ratio(r["peak_bytes"], floor and floor["peak_bytes"])
@@ -482,13 +543,18 @@ def add_ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
             g["time_le_0.6_peft"] = r["time_x_peft"] <= FAST_PEFT
             if floor is not None:
                 g["time_le_1.25_floor"] = r["time_x_floor"] <= FAST_FLOOR
-    gaussian = by.get("seedlora-gaussian")
-    for kind in ("circulant", "random-block"):
-        block = by.get(f"seedlora-{kind}")
-        if gaussian is not None and block is not None:
-            goals.setdefault(block["variant"], {})["faster_than_gaussian"] = (
-                block["median_ms"] < gaussian["median_ms"]
-            )
+        if r["variant"] != base_variant(r["variant"]):
+            g["time_le_0.35_peft"] = r["time_x_peft"] <= STEP_PEFT
+            if r["time_x_floor_busy"] is not None:
+                g["time_le_1.25_floor_busy"] = r["time_x_floor_busy"] <= STEP_BUSY
+    for mode in ("", GROUPED, GRAPHED):
+        gaussian = by.get(f"seedlora-gaussian{mode}")
+        for kind in ("circulant", "random-block"):
+            block = by.get(f"seedlora-{kind}{mode}")
+            if gaussian is not None and block is not None:
+                goals.setdefault(block["variant"], {})["faster_than_gaussian"] = (
+                    block["median_ms"] < gaussian["median_ms"]
+                )
     return goals
 
 
@@ -512,6 +578,8 @@ def table(rows: list[dict[str, Any]], goals: dict[str, Any]) -> str:
             ("time_le_1.25_floor", "<=1.25floor"),
             ("time_le_0.6_peft", "<=0.6PEFT"),
             ("faster_than_gaussian", "<gauss"),
+            ("time_le_1.25_floor_busy", "<=1.25busy"),
+            ("time_le_0.35_peft", "<=0.35PEFT"),
         ):
             if key in g:
                 marks.append(f"{label} {'ok' if g[key] else 'MISS'}")
@@ -593,7 +661,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=0,
         help="whole passes run first and thrown away (a process that is still warming up)",
     )
-    p.add_argument("--variants", nargs="+", choices=ALL_VARIANTS, default=list(VARIANTS))
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=ALL_VARIANTS,
+        help="default: every variant the device runs (the -graphed ones on CUDA only)",
+    )
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -630,6 +703,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
     preset, shape = resolve_shape(args)
+    if args.variants is None:
+        args.variants = [*VARIANTS, *(CUDA_VARIANTS if device.type == "cuda" else ())]
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(shape.vocab, (shape.batch, shape.seq), generator=gen).to(device)
 

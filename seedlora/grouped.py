@@ -242,6 +242,11 @@ def groupable(layers: Sequence[nn.Module]) -> bool:
     )
 
 
+def _b_only(module: nn.Module | None) -> bool:
+    """A `SeedLoRALayer` (known by its `fusable` check: layer.py imports this module)."""
+    return callable(getattr(module, "fusable", None))
+
+
 def group_siblings(
     model: nn.Module, siblings: Sequence[Sequence[str]] = SIBLINGS
 ) -> list[list[str]]:
@@ -254,13 +259,11 @@ def group_siblings(
     Returns:
         The groups made, as lists of full module names.
     """
-    from .layer import SeedLoRALayer
-
     made = []
     for parent_name, parent in model.named_modules():
         children = dict(parent.named_children())
         for names in siblings:
-            found = [(n, children[n]) for n in names if isinstance(children.get(n), SeedLoRALayer)]
+            found = [(n, children[n]) for n in names if _b_only(children.get(n))]
             layers = [m for _, m in found]
             if len(found) < 2 or not groupable(layers):
                 continue
