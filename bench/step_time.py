@@ -346,6 +346,22 @@ def top_ops(prof: Any, device: torch.device, n: int) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: -r["self_ms"])[:n]
 
 
+def sync_warnings(step: Callable[[], Any], timer: Any) -> list[str]:
+    """The host-device synchronisations one step makes (`torch.cuda.set_sync_debug_mode`
+    warns at each): a step that waits on the GPU mid-way cannot run ahead of it."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    timer.marks.clear()
+    return sorted({str(w.message)[:160] for w in caught if "synchroniz" in str(w.message)})
+
+
 class Timer:
     """Step and phase times: CUDA events on the GPU (no extra syncs), perf_counter on the CPU."""
 
@@ -453,6 +469,7 @@ def measure(
             peak = resident + cpu_peak_bytes(prof)
             memory_method = "resident tensors + torch.profiler CPU allocator high-water mark"
         del prof
+    syncs = sync_warnings(step, timer) if cuda else None
     saved = saved_for_backward_bytes(model, forward)
     loss_values = [float(v) for v in losses]
     row = {
@@ -477,6 +494,7 @@ def measure(
         "loss_first": loss_values[0],
         "loss_last": loss_values[-1],
         "busy_ms": busy,
+        "host_syncs": syncs,
         "aten_op_calls": op_calls,
         "top_ops": ops,
     }
@@ -725,7 +743,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 f"round {rnd} {variant:<24} {row['median_ms']:9.2f} ms ({phases}) "
                 f"busy {_fmt(row['busy_ms'], '.1f')} ms in {row['aten_op_calls']} ops  "
                 f"peak {row['peak_bytes'] / MIB:9.1f} MiB  "
-                f"leftover {row['leftover_bytes_at_start'] / MIB:.1f} MiB\n    top ops: {ops}",
+                f"leftover {row['leftover_bytes_at_start'] / MIB:.1f} MiB  "
+                f"syncs {row['host_syncs']}\n    top ops: {ops}",
                 flush=True,
             )
     rows = [merge_rounds(per_variant[v]) for v in args.variants]

@@ -37,6 +37,7 @@ class CapturedStep:
             only runs forward and backward, like the bench's no-adapter floor).
         example: a batch of the shapes every replayed batch must have.
         warmup: eager steps on a side stream before capture.
+        before_step: run between backward and the optimizer (gradient clipping), captured.
 
     Calling the object with a batch copies it into the static inputs, replays the graph
     and returns the loss (a tensor the next call overwrites: clone it to keep it).
@@ -49,6 +50,7 @@ class CapturedStep:
         optimizer: torch.optim.Optimizer | None,
         example: Batch,
         warmup: int = 3,
+        before_step: Callable[[], None] | None = None,
     ):
         self.static = {k: v.detach().clone() for k, v in example.items()}
         before = _snapshot(params, optimizer)
@@ -56,14 +58,14 @@ class CapturedStep:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmup):
-                _eager_step(loss_fn, self.static, optimizer)
+                _eager_step(loss_fn, self.static, optimizer, before_step)
         torch.cuda.current_stream().wait_stream(side)
         _restore(before, params, optimizer)
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.loss = _eager_step(loss_fn, self.static, optimizer, zero=False)
+            self.loss = _eager_step(loss_fn, self.static, optimizer, before_step, zero=False)
 
     def fits(self, batch: Batch) -> bool:
         """Whether `batch` has the captured names, shapes and dtypes (else: step eagerly)."""
@@ -83,12 +85,15 @@ def _eager_step(
     loss_fn: Callable[[Batch], torch.Tensor],
     batch: Batch,
     optimizer: torch.optim.Optimizer | None,
+    before_step: Callable[[], None] | None,
     zero: bool = True,
 ) -> torch.Tensor:
     if zero and optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
     loss = loss_fn(batch)
     loss.backward()
+    if before_step is not None:
+        before_step()
     if optimizer is not None:
         optimizer.step()
     return loss.detach()
