@@ -428,7 +428,11 @@ def measure(
     if graphed:
         from seedlora.capture import CapturedStep
 
-        captured = CapturedStep(lambda b: forward(), params, opt, {"input_ids": ids})
+        def batch_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            x = batch["input_ids"]
+            return model(input_ids=x, labels=x, use_cache=False).loss
+
+        captured = CapturedStep(batch_loss, params, opt, {"input_ids": ids})
 
         def step() -> torch.Tensor:
             timer.mark()
@@ -727,11 +731,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ids = torch.randint(shape.vocab, (shape.batch, shape.seq), generator=gen).to(device)
 
     per_variant: dict[str, list[dict[str, Any]]] = {v: [] for v in args.variants}
+    failed: dict[str, str] = {}
     discarded: dict[str, list[float]] = {v: [] for v in args.variants}
     for rnd in range(args.discard_rounds + args.rounds):
         order = args.variants if rnd % 2 == 0 else args.variants[::-1]
         for variant in order:
-            row = measure(variant, shape, ids, args)
+            if variant in failed:
+                continue
+            try:
+                row = measure(variant, shape, ids, args)
+            except RuntimeError as err:  # a capture that fails must not lose the other rows
+                if variant not in CUDA_VARIANTS:
+                    raise
+                failed[variant] = f"{type(err).__name__}: {err}"[:2000]
+                print(f"round {rnd} {variant}: FAILED {failed[variant]}", flush=True)
+                release(device)
+                continue
             release(device)
             if rnd < args.discard_rounds:
                 discarded[variant].append(row["median_ms"])
@@ -747,7 +762,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 f"syncs {row['host_syncs']}\n    top ops: {ops}",
                 flush=True,
             )
-    rows = [merge_rounds(per_variant[v]) for v in args.variants]
+    rows = [merge_rounds(per_variant[v]) for v in args.variants if v not in failed]
     for row in rows:
         row["discarded_round_median_ms"] = discarded[row["variant"]]
     goals = add_ratios(rows)
@@ -770,6 +785,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "optimizer": "torch.optim.AdamW over trainable params (none for the floor)",
         },
         "variants": rows,
+        "failed": failed,
         "goals": goals,
     }
     name = args.name or f"step_time_{device.type}"
