@@ -156,8 +156,7 @@ class SiblingGroup:
     """
 
     def __init__(self, members: Sequence[nn.Module]):
-        self.members = list(members)
-        self.index = {id(m): i for i, m in enumerate(self.members)}
+        self.members = list(members)  # looked up by identity: a deepcopy stays consistent
         self._plans: dict[tuple, tuple[tuple, Plan]] = {}
         self._x: torch.Tensor | None = None
         self._stamp: tuple = ()
@@ -211,7 +210,7 @@ class SiblingGroup:
         Sharing is decided on x as the model passed it (before any cast), so a float32 x
         under bf16 autocast is cast once for the whole group.
         """
-        i = self.index[id(member)]
+        i = next(j for j, m in enumerate(self.members) if m is member)
         if self._x is x and i in self._pending and self._stamp == self._versions(x):
             y = self._pending.pop(i)
             if not self._pending:

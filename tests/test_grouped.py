@@ -111,3 +111,20 @@ def test_grouped_under_autocast_matches_ungrouped():
     for g, w in zip(got, want, strict=True):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g, w, rtol=5e-2, atol=5e-2)
+
+
+def test_a_deep_copy_of_a_grouped_model_runs_its_own_groups():
+    """Clients copy resident models: the copy's groups must hold the copy's layers."""
+    ids = torch.randint(97, (2, 9), generator=torch.Generator().manual_seed(0))
+    model = adapted("circulant", 0)
+    group_siblings(model)
+    clone = copy.deepcopy(model)
+    attn = clone.model.layers[0].self_attn
+    assert (
+        attn.q_proj.group is attn.k_proj.group is not model.model.layers[0].self_attn.q_proj.group
+    )
+    assert all(
+        m is getattr(attn, n)
+        for m, n in zip(attn.q_proj.group.members, ("q_proj", "k_proj", "v_proj"), strict=True)
+    )
+    torch.testing.assert_close(step(clone, ids)[0], step(model, ids)[0], rtol=0, atol=0)
