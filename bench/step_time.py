@@ -319,15 +319,11 @@ def busy_ms(prof: Any, device: torch.device) -> tuple[float, int]:
     own CPU time.
     """
     cuda = device.type == "cuda"
-    total, calls, kernels = 0.0, 0, 0.0
+    total, calls = 0.0, 0
     for avg in prof.key_averages():
         if avg.key.startswith("aten::"):
             total += avg.self_device_time_total if cuda else avg.self_cpu_time_total
             calls += avg.count
-        elif cuda:
-            kernels += avg.self_device_time_total
-    if cuda and calls == 0:  # a graph replay: no aten ops, only its kernels
-        total = kernels
     return total / 1e3, calls
 
 
