@@ -5,6 +5,13 @@ number of local steps (or epochs), gradient clipping, and FedProx's proximal ter
 `mu/2 * ||theta - theta_global||^2` on the trainable state when mu > 0 (B-space).
 Data order is seeded by (seed, round, partition), so reruns and resumes are identical.
 
+`step-mode` picks how a step runs: `eager` (one autograd node per adapter), `grouped`
+(q/k/v and gate/up share one `A x` and one node: seedlora/grouped.py), or `graphed` (grouped,
+and on CUDA the round's steps replay one CUDA graph of forward, backward, clipping and a
+fused capturable AdamW: seedlora/capture.py; a batch of another shape takes a plain step).
+Capture warms up on the round's first batch and undoes the warm-up, so the first replay is
+the first step; dropout draws, if any, differ from the eager path's.
+
 The lr is the one the server sent for the round (server/schedule.py), `lr` of the run
 config when none came. With `grad-accum-steps` k, one optimizer step takes k micro-batches
 of `batch-size` and backpropagates `loss_j / k` for each, so the gradient it applies is
@@ -20,6 +27,7 @@ optimizer steps, so a round reads local-steps x k micro-batches.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from collections.abc import Iterator, Mapping
@@ -29,6 +37,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from contract.config import RunConfig
+from seedlora.capture import CapturedStep
+from seedlora.grouped import group_siblings, ungroup
 from tasks.devices import autocast
 
 
@@ -46,12 +56,29 @@ def _batches(loader: DataLoader) -> Iterator[dict]:
 
 
 def _optimizer(
-    cfg: RunConfig, params: list[torch.nn.Parameter], lr: float
+    cfg: RunConfig, params: list[torch.nn.Parameter], lr: float, capturable: bool = False
 ) -> torch.optim.Optimizer:
+    """The run's optimizer; `capturable`: fused and stepping on the device (for a graph)."""
     if cfg.train.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=cfg.train.weight_decay)
     cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=lr, weight_decay=cfg.train.weight_decay)
+    extra = {"fused": True, "capturable": True} if capturable else {}
+    return cls(params, lr=lr, weight_decay=cfg.train.weight_decay, **extra)
+
+
+def _graphable(cfg: RunConfig, device: torch.device, proximal_mu: float) -> bool:
+    """Whether this round's steps can replay one captured CUDA graph (step-mode graphed):
+    one micro-batch a step, no proximal term (its anchor is per round), no fp16 loss
+    scaler (it syncs to skip steps), an optimizer that steps on the device."""
+    t = cfg.train
+    return (
+        t.step_mode == "graphed"
+        and device.type == "cuda"
+        and t.grad_accum_steps == 1
+        and proximal_mu == 0
+        and t.precision != "fp16"
+        and t.optimizer in ("adamw", "adam")
+    )
 
 
 @contextlib.contextmanager
@@ -95,31 +122,56 @@ def train(
     accum = cfg.train.grad_accum_steps
     epoch_steps = math.ceil(len(loader) / accum)  # optimizer steps in one pass over the data
     steps = cfg.train.local_steps or max(1, math.ceil(cfg.train.local_epochs * epoch_steps))
-    opt = _optimizer(cfg, params, cfg.train.lr if lr is None else lr)
+    graphable = _graphable(cfg, device, proximal_mu)
+    opt = _optimizer(cfg, params, cfg.train.lr if lr is None else lr, capturable=graphable)
     # fp16 gradients of a small loss underflow: scale the loss (bf16 has fp32's range).
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
     model.train()
-    total = 0.0
+    if cfg.train.step_mode == "eager":
+        ungroup(model)
+    else:
+        group_siblings(model)
+
+    def loss_of(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        with autocast(device, cfg.train.precision):
+            return task.loss(model, batch)
+
+    def clip() -> None:
+        if cfg.train.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+
+    # Losses summed on the device in float64 (a Python float's sum, without a host sync
+    # per micro-batch), read once at the end.
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    captured: CapturedStep | None = None
     batches = _batches(loader)
     with _seeded_rng(device, data_seed):
         for _ in range(steps):
+            if graphable:
+                batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+                if captured is None:
+                    captured = CapturedStep(loss_of, params, opt, batch, before_step=clip)
+                if captured.fits(batch):
+                    total += captured(batch)
+                    continue
+                batches = itertools.chain([batch], batches)  # another shape: a plain step
             opt.zero_grad(set_to_none=True)
             for _, batch in zip(range(accum), batches, strict=False):
                 batch = {k: v.to(device) for k, v in batch.items()}
-                with autocast(device, cfg.train.precision):
-                    loss = task.loss(model, batch)
+                loss = loss_of(batch)
                 if proximal_mu > 0:
                     prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
                     loss = loss + 0.5 * proximal_mu * prox
                 scaler.scale(loss / accum).backward()  # x / 1 is exact: accum 1 is unchanged
-                total += float(loss.detach())
+                total += loss.detach()
             if cfg.train.max_grad_norm > 0:
                 scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            clip()
             scaler.step(opt)
             scaler.update()
     model.eval()
-    return TrainResult(total / (steps * accum), steps, len(dataset), time.perf_counter() - start)
+    mean = float(total) / (steps * accum)
+    return TrainResult(mean, steps, len(dataset), time.perf_counter() - start)
 
 
 def train_partition(

@@ -168,6 +168,12 @@ class TrainConfig(Section):
         "none",
         "clients' frozen base: none | 8bit | 4bit (bitsandbytes, CUDA, nf4; links as side path)",
     )
+    step_mode: Literal["eager", "grouped", "graphed"] = F(
+        "grouped",
+        "eager (a node per adapter) | grouped (q/k/v, gate/up share one A x and one node) | "
+        "graphed (grouped, and on CUDA each round's steps replay one captured CUDA graph when "
+        "batches keep one shape, grad-accum-steps = 1, no FedProx, not fp16, adam/adamw)",
+    )
 
     @model_validator(mode="after")
     def _check_device(self) -> TrainConfig:
@@ -175,6 +181,11 @@ class TrainConfig(Section):
             raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.lr_min > self.lr:
             raise ValueError(f"lr-min: must not exceed lr={self.lr:g}, got {self.lr_min:g}")
+        if self.step_mode == "graphed" and self.device == "cpu":
+            raise ValueError(
+                "step-mode: 'graphed' captures CUDA graphs, but device is 'cpu'; "
+                "set step-mode='grouped' or device='auto'/'cuda'"
+            )
         if self.quantization != "none" and self.device == "cpu":
             raise ValueError(
                 f"quantization: {self.quantization!r} needs a CUDA GPU (bitsandbytes), "

@@ -22,6 +22,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .fused import BOnlyLinear
+from .grouped import SiblingGroup
 from .sidepath import SidePath, is_quantized
 from .spec import ASpec
 
@@ -157,6 +158,7 @@ class SeedLoRALayer(nn.Module):
     """
 
     fused: bool = True
+    group: SiblingGroup | None = None  # set by grouped.group_siblings
 
     def __init__(self, base: nn.Module, spec: ASpec, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -206,6 +208,8 @@ class SeedLoRALayer(nn.Module):
         self._offset = spec.offset() if spec.is_block else 0
         self._cols = None if a is not None or spec.contiguous() else spec.columns()
         self._cast: dict[tuple, torch.Tensor] = {}
+        if self.group is not None:
+            self.group.clear()
         with torch.no_grad():
             self.lora_B.zero_()
 
@@ -225,16 +229,30 @@ class SeedLoRALayer(nn.Module):
             y = y + self.aside(x).to(y.dtype)
         return y
 
+    def fusable(self) -> bool:
+        """Whether `forward` can take a fused node (`BOnlyLinear` or the group's)."""
+        dropping = self.training and isinstance(self.dropout, nn.Dropout)
+        weight = self.base.weight
+        return (
+            self.fused and not dropping and not weight.requires_grad and not is_quantized(self.base)
+        )
+
     def _adapted(self, x: torch.Tensor) -> torch.Tensor:
         """`base(x) + (alpha/r) B (A x)` without the side path."""
-        weight, bias = self.base.weight, self.base.bias
-        dropping = self.training and isinstance(self.dropout, nn.Dropout)
-        if not self.fused or dropping or weight.requires_grad or is_quantized(self.base):
+        if not self.fusable():
             return self.forward_reference(x)
+        device = x.device.type
+        autocast = torch.is_autocast_enabled(device)
+        group = self.group
+        if group is not None and all(m.fusable() for m in group.members):
+            if not autocast:
+                return group.output(self, x, x.dtype)
+            with torch.autocast(device, enabled=False):
+                return group.output(self, x, torch.get_autocast_dtype(device))
+        weight, bias = self.base.weight, self.base.bias
         if isinstance(self.base, Conv1D):
             weight = weight.t()
-        device = x.device.type
-        if torch.is_autocast_enabled(device):
+        if autocast:
             # Do what autocast would do for a linear layer, then run the node outside it.
             dtype = torch.get_autocast_dtype(device)
             with torch.autocast(device, enabled=False):

@@ -68,7 +68,8 @@ def test_every_variant_timed_with_memory(result: tuple[dict, Path]) -> None:
     assert rows["floor"]["time_x_floor"] == pytest.approx(1.0)
     assert rows["peft-lora"]["memory_x_peft"] == pytest.approx(1.0)
     ours = {v for v in VARIANTS if v.startswith("seedlora-")}
-    assert set(data["goals"]) == ours and len(ours) == 6
+    assert set(data["goals"]) == ours and len(ours) == 9
+    assert "time_le_0.35_peft" in data["goals"]["seedlora-circulant-grouped"]
     assert "time_le_1.25_floor" in data["goals"]["seedlora-circulant"]
     assert "time_le_1.25_floor" not in data["goals"]["seedlora-circulant-reference"]
     assert "environment" in data and data["config"]["preset"] == "tiny"

@@ -82,3 +82,18 @@ def test_train_uses_the_lr_it_is_given_not_the_run_configs():
         states.append(local.cpu_state(model))
     for name in states[0]:
         torch.testing.assert_close(states[1][name], 3.0 * states[0][name], rtol=1e-4, atol=1e-7)
+
+
+def test_grouped_step_mode_trains_the_eager_b():
+    """step-mode grouped (q/k/v and gate/up as one node each) gives eager's B and loss."""
+    eager, eager_result = train_b(8, 1, **{"local-steps": 3, "step-mode": "eager"})
+    grouped, grouped_result = train_b(8, 1, **{"local-steps": 3, "step-mode": "grouped"})
+    assert grouped_result.loss == pytest.approx(eager_result.loss, rel=1e-6)
+    assert max(float(v.abs().max()) for k, v in eager.items() if "lora_B" in k) > 1e-3
+    for name, value in eager.items():
+        torch.testing.assert_close(grouped[name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_graphed_step_mode_needs_a_gpu_named():
+    with pytest.raises(ValueError, match="step-mode"):
+        RunConfig.from_flower({"step-mode": "graphed", "device": "cpu"})

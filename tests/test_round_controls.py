@@ -30,9 +30,9 @@ def spy_optimizer_lrs(monkeypatch) -> list[float]:
     seen: list[float] = []
     build = local._optimizer
 
-    def spy(cfg, params, lr):
+    def spy(cfg, params, lr, **options):
         seen.append(lr)
-        return build(cfg, params, lr)
+        return build(cfg, params, lr, **options)
 
     monkeypatch.setattr(local, "_optimizer", spy)
     return seen
