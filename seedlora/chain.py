@@ -243,7 +243,7 @@ def apply_link(model: nn.Module, link: Link) -> None:
     merge = merge_swapped if link.frozen == TRAINED_A else merge_delta
     for spec in link.specs:
         module, factor = model.get_submodule(spec.layer), link.factors[spec.layer]
-        scaling = link.alpha / spec.rank
+        scaling = spec.scaling(link.alpha)
         if getattr(module, "aside", None) is not None:  # side-path mode (sidepath.py)
             module.add_link(spec, factor, scaling)
         else:

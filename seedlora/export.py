@@ -61,7 +61,7 @@ def _stack(links: Sequence[Link], layer: str) -> tuple[torch.Tensor, torch.Tenso
         trained = link.factors[layer].float().cpu()
         frozen = spec.dense()  # A, or B^T when the roles are swapped
         b, a = (frozen.t(), trained) if link.frozen == TRAINED_A else (trained, frozen)
-        bs.append(b * (link.alpha / spec.rank))
+        bs.append(b * spec.scaling(link.alpha))
         as_.append(a)
     return torch.cat(bs, dim=1), torch.cat(as_, dim=0)
 
