@@ -22,10 +22,12 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .core import CORE, b_spec, merge_core
 from .injection import adapter_layers
 from .layer import merge_delta
+from .roles import ADAPTERS, frozen_of, trained_factor
 from .spec import ASpec
-from .swapped import ADAPTERS, TRAINED_A, frozen_of, merge_swapped, trained_factor
+from .swapped import TRAINED_A, merge_swapped
 
 EMPTY_DIGEST = hashlib.sha256(b"seedlora-links-v1").hexdigest()
 
@@ -197,6 +199,8 @@ def _frozen_digest(layers: tuple[tuple[ASpec, str], ...]) -> str:
     for spec, role in layers:
         h.update(role.encode())
         h.update(spec.digest().encode())
+        if role == CORE:  # B0 is derived from A0's spec, but hash what was drawn
+            h.update(b_spec(spec).digest().encode())
     return h.hexdigest()
 
 
@@ -243,6 +247,9 @@ def apply_link(model: nn.Module, link: Link) -> None:
     merge = merge_swapped if link.frozen == TRAINED_A else merge_delta
     for spec in link.specs:
         module, factor = model.get_submodule(spec.layer), link.factors[spec.layer]
+        if link.frozen == CORE:  # W += s B0 R A0 (seedcore; never in side-path mode)
+            merge_core(_base_layer(model, spec.layer), spec, factor, link.alpha)
+            continue
         scaling = spec.scaling(link.alpha)
         if getattr(module, "aside", None) is not None:  # side-path mode (sidepath.py)
             module.add_link(spec, factor, scaling)

@@ -61,8 +61,8 @@ def project(x: torch.Tensor, spec: ASpec, a: torch.Tensor | None) -> torch.Tenso
 def wrap_frozen_base(
     adapter: nn.Module, base: nn.Module, alpha: float, spec: ASpec, dropout: float, swapped: bool
 ) -> dict:
-    """Attach a frozen base, the scale `spec.scaling(alpha)` and dropout; check the spec's shape against
-    the layer (`spec.n_in` is the layer's n_out for a frozen B^T when `swapped`).
+    """Attach a frozen base, the scale `spec.scaling(alpha)` and dropout; check the spec's
+    shape against the layer (`spec.n_in` is the layer's n_out for a frozen B^T when `swapped`).
 
     Returns the trained factor's tensor options: float32 (a master copy) under a bf16/fp16
     base, so the wire and the average do not depend on the client's precision; float64
