@@ -140,7 +140,7 @@ def test_mixed_ranks_end_to_end_is_exact(overrides, tmp_path):
         bs = [arrays[f"{name}.lora_B"] for _, _, _, arrays in uploads]
         assert [b.shape[1] for b in bs] == parts  # each client uploaded n_out * r_i
         a_list = [nested(spec, r).dense() for r in parts]
-        expected = mean_update(a_list, bs, weights, 8.0 / 4)  # alpha / r_max for everyone
+        expected = mean_update(a_list, bs, weights, spec.scaling(8.0))  # r_max for everyone
         got = layer.base.weight.double() - pristine.get_submodule(name).weight.double()
         errors.append(relative_error(got.T, expected))
     print(f"mixed ranks: end-to-end max relative error {max(errors):.2e}")
