@@ -44,8 +44,10 @@ class Link:
         specs: the A-spec of every adapted layer, in model order, all at one chain index.
         factors: layer name -> B_bar: (n_out, r), float32 on the CPU as `record_link`
             makes it. With swapped roles (`frozen == "B"`) the specs describe the frozen
-            B^T and the factors are the averaged A_bar: (r, n_in).
-        frozen: "A" (default) or "B" (swapped roles).
+            B^T and the factors are the averaged A_bar: (r, n_in); for a seeded core
+            (`frozen == "AB"`, seedlora/core.py) the specs describe A0 (B0 is derived from
+            them) and the factors are R_bar: (r, r).
+        frozen: "A" (default), "B" (swapped roles) or "AB" (seedcore).
     """
 
     alpha: float
@@ -233,8 +235,9 @@ def _base_layer(model: nn.Module, name: str) -> nn.Module:
 def apply_link(model: nn.Module, link: Link) -> None:
     """Merge one link into `model`'s base weights, in place.
 
-    Each layer gets `W += (alpha/r) B_bar @ A_c`, computed in float32 on the weight's device
-    and added in the weight's dtype (`merge_delta`, or `merge_swapped` for swapped roles).
+    Each layer gets `W += s B_bar @ A_c` (s = `spec.scaling(alpha)`), computed in float32 on
+    the weight's device and added in the weight's dtype (`merge_delta`, `merge_swapped` for
+    swapped roles, `merge_core`: `W += s B0 R_bar A0` for seedcore).
     Adapters, if injected, are untouched: only their `base` layers change, except that an
     adapter in side-path mode (a quantized base: seedlora/sidepath.py) appends the link to
     its side path and leaves the base as it is.
