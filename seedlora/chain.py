@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .core import CORE, b_spec, merge_core
+from .core import CORE, b_spec, core_scaling, merge_core
 from .injection import adapter_layers
 from .layer import merge_delta
 from .roles import ADAPTERS, frozen_of, trained_factor
@@ -197,12 +197,14 @@ def record_link(model: nn.Module, factors: Mapping[str, torch.Tensor] | None = N
 
 @functools.lru_cache(maxsize=16)
 def _frozen_digest(layers: tuple[tuple[ASpec, str], ...]) -> str:
-    h = hashlib.sha256(b"seedlora-frozen-v1")
+    h = hashlib.sha256(b"seedlora-frozen-v2")  # v2: the scale s per unit alpha is hashed
     for spec, role in layers:
         h.update(role.encode())
         h.update(spec.digest().encode())
         if role == CORE:  # B0 is derived from A0's spec, but hash what was drawn
             h.update(b_spec(spec).digest().encode())
+        scale = core_scaling(spec, 1.0) if role == CORE else spec.scaling(1.0)
+        h.update(repr(scale).encode())
     return h.hexdigest()
 
 
@@ -212,7 +214,9 @@ def a_digest(model: nn.Module) -> str:
     Equal digests mean every party derived the same A, bit for bit, from the same specs:
     A is drawn by torch's CPU generator, so another torch version could draw another A from
     the same spec, and averaging B factors made for different A's would be silently
-    inexact. Clients echo it and the server rejects a reply whose digest differs from its
+    inexact. The scale per unit alpha is hashed too, so a client whose code scales a gaussian
+    factor otherwise (before `ASpec.gain`) is rejected instead of training on another base.
+    Clients echo it and the server rejects a reply whose digest differs from its
     own. Computed once per link and process (cached by the specs); a reduced-rank
     (nested) adapter counts as the full-rank spec it is a slice of.
 
