@@ -29,7 +29,15 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from seedlora.names import B_ONLY, CHAINED, Codec, Kind, Method, method_kind, valid_device_name
+from seedlora.names import (
+    B_ONLY,
+    CHAINED,
+    Codec,
+    KindSetting,
+    Method,
+    method_kind,
+    valid_device_name,
+)
 from tasks.base import TaskConfig
 
 Strategy = Literal[
@@ -67,12 +75,16 @@ class Section(BaseModel):
 
 
 class AdapterConfig(Section):
-    method: Method = F("seedlora", "seedlora (chains) | ffa | fedit | full (baselines)")
-    a_kind: Kind = F(
-        "circulant", "frozen A: gaussian | circulant | random-block (ffa: always gaussian)"
+    method: Method = F("seedlora", "seedlora | seedcore (chains) | ffa | fedit | full (baselines)")
+    a_kind: KindSetting = F(
+        "auto",
+        "frozen factors: auto (seedlora: circulant; seedcore, ffa: gaussian) | gaussian | "
+        "circulant | random-block (ffa: always gaussian)",
     )
     rank: int = F(8, "adapter rank r", gt=0)
-    alpha: float = F(16.0, "adapter scale numerator: W = W0 + (alpha/r) B A", gt=0)
+    alpha: float = F(
+        16.0, "adapter scale numerator: W = W0 + (alpha/r) B A (gaussian: x sqrt(r/n))", gt=0
+    )
     adapter_dropout: float = F(0.0, "dropout on the adapter input", ge=0, lt=1)
     seed: int = F(
         0, "public seed of every A (and of data order, partitioning, node sampling)", ge=0
@@ -85,8 +97,8 @@ class AdapterConfig(Section):
 
     @property
     def kind(self) -> str:
-        """The frozen factor's kind the method uses: a-kind, or gaussian for ffa (FFA-LoRA's
-        one fixed gaussian A; seedlora.methods.method_kind)."""
+        """The frozen factor's kind the method uses: a-kind, the method's own for "auto",
+        gaussian for ffa (FFA-LoRA's one fixed gaussian A; seedlora.names.method_kind)."""
         return method_kind(self.method, None if self.method == "ffa" else self.a_kind)
 
     def targets(self, default: Sequence[str]) -> str | list[str]:
@@ -323,7 +335,7 @@ class RunConfig(BaseModel):
         if up.client_ranks and a.method not in B_ONLY:
             raise ValueError(f"client-ranks: needs a B-only method, not {a.method!r}")
         if a.frozen_factor != "A" and a.method not in B_ONLY:
-            raise ValueError(f"frozen-factor: needs a seeded method, not {a.method!r}")
+            raise ValueError(f"frozen-factor: needs seedlora or ffa, not {a.method!r}")
         if self.privacy.dp_clip > 0 and st.name not in ("fedavg", "fedprox"):
             raise ValueError(f"dp-clip: DP needs strategy fedavg or fedprox, not {st.name!r}")
         if self.secagg.secure_aggregation:

@@ -42,6 +42,8 @@ _EXPORTS = {
     "project": "layer",
     "B_ONLY": "names",
     "CHAINED": "names",
+    "LINKED": "names",
+    "CoreLoRALayer": "core",
     "Method": "names",
     "prepare": "methods",
     "BLOCK_KINDS": "names",
@@ -56,8 +58,10 @@ __all__ = [
     "B_ONLY",
     "CHAINED",
     "Chain",
+    "CoreLoRALayer",
     "EMPTY_DIGEST",
     "KINDS",
+    "LINKED",
     "Link",
     "Method",
     "SeedLoRALayer",
@@ -104,6 +108,7 @@ if TYPE_CHECKING:
         rebuild,
         record_link,
     )
+    from .core import CoreLoRALayer
     from .export import atomic_dir, export_merged, export_peft
     from .federate import close_link, round_average
     from .injection import (
@@ -117,5 +122,5 @@ if TYPE_CHECKING:
     )
     from .layer import SeedLoRALayer, merge_delta, project
     from .methods import prepare
-    from .names import B_ONLY, BLOCK_KINDS, CHAINED, KINDS, Method
+    from .names import B_ONLY, BLOCK_KINDS, CHAINED, KINDS, LINKED, Method
     from .spec import ASpec, derive_seed

@@ -22,10 +22,12 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .core import CORE, b_spec, core_scaling, merge_core
 from .injection import adapter_layers
 from .layer import merge_delta
+from .roles import ADAPTERS, frozen_of, trained_factor
 from .spec import ASpec
-from .swapped import ADAPTERS, TRAINED_A, frozen_of, merge_swapped, trained_factor
+from .swapped import TRAINED_A, merge_swapped
 
 EMPTY_DIGEST = hashlib.sha256(b"seedlora-links-v1").hexdigest()
 
@@ -42,8 +44,10 @@ class Link:
         specs: the A-spec of every adapted layer, in model order, all at one chain index.
         factors: layer name -> B_bar: (n_out, r), float32 on the CPU as `record_link`
             makes it. With swapped roles (`frozen == "B"`) the specs describe the frozen
-            B^T and the factors are the averaged A_bar: (r, n_in).
-        frozen: "A" (default) or "B" (swapped roles).
+            B^T and the factors are the averaged A_bar: (r, n_in); for a seeded core
+            (`frozen == "AB"`, seedlora/core.py) the specs describe A0 (B0 is derived from
+            them) and the factors are R_bar: (r, r).
+        frozen: "A" (default), "B" (swapped roles) or "AB" (seedcore).
     """
 
     alpha: float
@@ -193,10 +197,14 @@ def record_link(model: nn.Module, factors: Mapping[str, torch.Tensor] | None = N
 
 @functools.lru_cache(maxsize=16)
 def _frozen_digest(layers: tuple[tuple[ASpec, str], ...]) -> str:
-    h = hashlib.sha256(b"seedlora-frozen-v1")
+    h = hashlib.sha256(b"seedlora-frozen-v2")  # v2: the scale s per unit alpha is hashed
     for spec, role in layers:
         h.update(role.encode())
         h.update(spec.digest().encode())
+        if role == CORE:  # B0 is derived from A0's spec, but hash what was drawn
+            h.update(b_spec(spec).digest().encode())
+        scale = core_scaling(spec, 1.0) if role == CORE else spec.scaling(1.0)
+        h.update(repr(scale).encode())
     return h.hexdigest()
 
 
@@ -206,7 +214,9 @@ def a_digest(model: nn.Module) -> str:
     Equal digests mean every party derived the same A, bit for bit, from the same specs:
     A is drawn by torch's CPU generator, so another torch version could draw another A from
     the same spec, and averaging B factors made for different A's would be silently
-    inexact. Clients echo it and the server rejects a reply whose digest differs from its
+    inexact. The scale per unit alpha is hashed too, so a client whose code scales a gaussian
+    factor otherwise (before `ASpec.gain`) is rejected instead of training on another base.
+    Clients echo it and the server rejects a reply whose digest differs from its
     own. Computed once per link and process (cached by the specs); a reduced-rank
     (nested) adapter counts as the full-rank spec it is a slice of.
 
@@ -229,8 +239,9 @@ def _base_layer(model: nn.Module, name: str) -> nn.Module:
 def apply_link(model: nn.Module, link: Link) -> None:
     """Merge one link into `model`'s base weights, in place.
 
-    Each layer gets `W += (alpha/r) B_bar @ A_c`, computed in float32 on the weight's device
-    and added in the weight's dtype (`merge_delta`, or `merge_swapped` for swapped roles).
+    Each layer gets `W += s B_bar @ A_c` (s = `spec.scaling(alpha)`), computed in float32 on
+    the weight's device and added in the weight's dtype (`merge_delta`, `merge_swapped` for
+    swapped roles, `merge_core`: `W += s B0 R_bar A0` for seedcore).
     Adapters, if injected, are untouched: only their `base` layers change, except that an
     adapter in side-path mode (a quantized base: seedlora/sidepath.py) appends the link to
     its side path and leaves the base as it is.
@@ -243,7 +254,10 @@ def apply_link(model: nn.Module, link: Link) -> None:
     merge = merge_swapped if link.frozen == TRAINED_A else merge_delta
     for spec in link.specs:
         module, factor = model.get_submodule(spec.layer), link.factors[spec.layer]
-        scaling = link.alpha / spec.rank
+        if link.frozen == CORE:  # W += s B0 R A0 (seedcore; never in side-path mode)
+            merge_core(_base_layer(model, spec.layer), spec, factor, link.alpha)
+            continue
+        scaling = spec.scaling(link.alpha)
         if getattr(module, "aside", None) is not None:  # side-path mode (sidepath.py)
             module.add_link(spec, factor, scaling)
         else:

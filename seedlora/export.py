@@ -2,8 +2,10 @@
 
 A chain of k links is one LoRA adapter of rank k*r, because
 `sum_j s_j B_j A_j = [s_1 B_1 ... s_k B_k] @ [A_1; ...; A_k]`. The export folds each
-link's scale s_j = alpha/r into its B block and sets PEFT's lora_alpha = rank, so
-PEFT's own scale is 1 and `PeftModel.from_pretrained(W0, path)` gives the chained model.
+link's scale s_j (`ASpec.scaling`: alpha/r times the gaussian gain) into its B block and
+sets PEFT's lora_alpha = rank, so PEFT's own scale is 1 and
+`PeftModel.from_pretrained(W0, path)` gives the chained model. A seedcore link
+`s B0 R A0` exports as the block `(s B0 R, A0)`: R is folded into B.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .chain import Link
+from .core import CORE, core_scaling, lift
 from .injection import merge_adapters, unwrap
 from .swapped import TRAINED_A
 
@@ -53,15 +56,19 @@ def atomic_dir(path: str | os.PathLike, write: Callable[[Path], object]) -> Path
 def _stack(links: Sequence[Link], layer: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(B_cat * scale: (n_out, k r), A_cat: (k r, n_in)) for one layer over k links.
 
-    Float32 on the CPU; each link's B block is scaled by its alpha/r.
+    Float32 on the CPU; each link's B block is scaled by its s (B0 R for a core link).
     """
     bs, as_ = [], []
     for link in links:
         spec = next(s for s in link.specs if s.layer == layer)
         trained = link.factors[layer].float().cpu()
+        if link.frozen == CORE:  # fold R into B: B = B0 R
+            bs.append(lift(spec, trained).float() * core_scaling(spec, link.alpha))
+            as_.append(spec.dense())
+            continue
         frozen = spec.dense()  # A, or B^T when the roles are swapped
         b, a = (frozen.t(), trained) if link.frozen == TRAINED_A else (trained, frozen)
-        bs.append(b * (link.alpha / spec.rank))
+        bs.append(b * spec.scaling(link.alpha))
         as_.append(a)
     return torch.cat(bs, dim=1), torch.cat(as_, dim=0)
 

@@ -13,9 +13,11 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from .core import CORE, CoreLoRALayer
 from .layer import SeedLoRALayer, layer_shape
+from .roles import ADAPTERS
 from .spec import ASpec, Kind
-from .swapped import ADAPTERS, TRAINED_A, SwappedLoRALayer, frozen_spec
+from .swapped import TRAINED_A, SwappedLoRALayer, frozen_spec
 
 Targets = str | Sequence[str]
 
@@ -35,8 +37,8 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def adapter_layers(
     model: nn.Module,
-) -> Iterator[tuple[str, SeedLoRALayer | SwappedLoRALayer]]:
-    """(module name, layer) for every adapter (either role), in model order."""
+) -> Iterator[tuple[str, SeedLoRALayer | SwappedLoRALayer | CoreLoRALayer]]:
+    """(module name, layer) for every adapter (any role), in model order."""
     for name, module in model.named_modules():
         if isinstance(module, ADAPTERS):
             yield name, module
@@ -56,7 +58,8 @@ def inject(
     frozen: str = "A",
 ) -> list[str]:
     """Freeze `model`, wrap every matching Linear/Conv1D in a `SeedLoRALayer` (or, with
-    `frozen="B"`, a `SwappedLoRALayer`: seeded B, trained A).
+    `frozen="B"`, a `SwappedLoRALayer`: seeded B, trained A; with `frozen="AB"`, a
+    `CoreLoRALayer`: seeded A0 and B0, trained r x r core R).
 
     Each adapter gets the spec `(kind, seed, chain_index, rank, module name, shape)` and a
     zero trained factor, float32 on the layer's device (float64 under a float64 base).
@@ -64,7 +67,7 @@ def inject(
     Returns the adapted module names. Raises if nothing matches, so a typo in the target
     list fails loudly instead of training nothing.
     """
-    if frozen not in ("A", TRAINED_A):
+    if frozen not in ("A", TRAINED_A, CORE):
         raise ValueError(f"frozen-factor: expected 'A' or 'B', got {frozen!r}")
     model.requires_grad_(False)
     names = [
@@ -82,6 +85,9 @@ def inject(
         if frozen == TRAINED_A:
             spec = frozen_spec(kind, seed, chain_index, rank, name, base)
             _set_submodule(model, name, SwappedLoRALayer(base, spec, alpha, dropout))
+        elif frozen == CORE:
+            spec = ASpec(kind, seed, chain_index, rank, name, n_in, n_out)
+            _set_submodule(model, name, CoreLoRALayer(base, spec, alpha, dropout))
         else:
             spec = ASpec(kind, seed, chain_index, rank, name, n_in, n_out)
             _set_submodule(model, name, SeedLoRALayer(base, spec, alpha, dropout))

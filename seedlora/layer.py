@@ -62,8 +62,8 @@ def project(x: torch.Tensor, spec: ASpec, a: torch.Tensor | None) -> torch.Tenso
 def wrap_frozen_base(
     adapter: nn.Module, base: nn.Module, alpha: float, spec: ASpec, dropout: float, swapped: bool
 ) -> dict:
-    """Attach a frozen base, the scale alpha/r and dropout; check the spec's shape against
-    the layer (`spec.n_in` is the layer's n_out for a frozen B^T when `swapped`).
+    """Attach a frozen base, the scale `spec.scaling(alpha)` and dropout; check the spec's
+    shape against the layer (`spec.n_in` is the layer's n_out for a frozen B^T when `swapped`).
 
     Returns the trained factor's tensor options: float32 (a master copy) under a bf16/fp16
     base, so the wire and the average do not depend on the client's precision; float64
@@ -73,11 +73,10 @@ def wrap_frozen_base(
     want = (n_out, n_in) if swapped else (n_in, n_out)
     if (spec.n_in, spec.n_out) != want:
         raise ValueError(f"spec shape {(spec.n_in, spec.n_out)} != layer {want}")
-    rank = spec.rank
     adapter.base = base
     base.requires_grad_(False)
     adapter.alpha = float(alpha)
-    adapter.scaling = adapter.alpha / rank
+    adapter.scaling = spec.scaling(adapter.alpha)
     adapter.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
     dtype = torch.float64 if base.weight.dtype == torch.float64 else torch.float32
     return {"dtype": dtype, "device": base.weight.device}

@@ -4,6 +4,8 @@ The same Flower pipeline trains and ships whatever `prepare` marks trainable, so
 benchmarks compare methods side by side:
 
 - `seedlora`: B-only adapters on a seeded A that changes with the chain index (exact).
+- `seedcore`: seeded A0 and B0 that change with the chain index, only an r x r core R
+              trained and sent (exact, r^2 numbers per layer; seedlora/core.py).
 - `ffa`:      B-only on one fixed gaussian A, no chain (FFA-LoRA; exact, rank r only).
 - `fedit`:    ordinary LoRA (PEFT), A and B both trained and averaged separately (FedIT;
               not exact: mean(B_i) mean(A_i) != mean(B_i A_i)).
@@ -18,8 +20,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .core import CORE
 from .injection import Targets, _matches, inject
-from .names import B_ONLY, CHAINED, Method, method_kind  # noqa: F401 - re-exported
+from .names import B_ONLY, CHAINED, LINKED, Method, method_kind  # noqa: F401 - re-exported
 
 
 def _any_conv1d(model: nn.Module, targets: Targets) -> bool:
@@ -45,13 +48,18 @@ def prepare(
     """Make `model` trainable the way `method` does; returns the model to train.
 
     `kind` is the frozen factor's kind (`spec.KINDS`); None takes the method's own:
-    circulant for seedlora, gaussian for ffa. ffa *is* one fixed gaussian A (FFA-LoRA), so
-    any other kind is refused rather than ignored. fedit and full have no seeded factor
-    and ignore it. Raises ValueError on an unknown method or a kind ffa cannot take.
+    circulant for seedlora, gaussian for ffa and seedcore (whose A0 and B0 share it). ffa
+    *is* one fixed gaussian A (FFA-LoRA), so any other kind is refused rather than
+    ignored. fedit and full have no seeded factor and ignore it. Raises ValueError on an
+    unknown method or a kind ffa cannot take.
     """
-    if method in B_ONLY:
+    if method in LINKED:
         chained = method in CHAINED
         kind = method_kind(method, kind)
+        if method == "seedcore":
+            if frozen != "A":
+                raise ValueError("frozen-factor: seedcore freezes both factors; leave it 'A'")
+            frozen = CORE
         inject(
             model,
             targets,
@@ -81,4 +89,4 @@ def prepare(
             return get_peft_model(model, config)
     if method == "full":
         return model.requires_grad_(True)
-    raise ValueError(f"method: unknown {method!r}; expected seedlora, ffa, fedit or full")
+    raise ValueError(f"method: unknown {method!r}; expected seedlora, seedcore, ffa, fedit or full")

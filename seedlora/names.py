@@ -8,21 +8,27 @@ from __future__ import annotations
 
 from typing import Literal
 
-Method = Literal["seedlora", "ffa", "fedit", "full"]
-CHAINED: frozenset[str] = frozenset({"seedlora"})  # A moves on with the chain index
-B_ONLY: frozenset[str] = frozenset({"seedlora", "ffa"})  # B merges exactly, as a link
+Method = Literal["seedlora", "seedcore", "ffa", "fedit", "full"]
+CHAINED: frozenset[str] = frozenset({"seedlora", "seedcore"})  # A moves on with the chain index
+B_ONLY: frozenset[str] = frozenset({"seedlora", "ffa"})  # one trained factor, B (or A)
+# the trained factor merges exactly into the base, as a link
+LINKED: frozenset[str] = frozenset({*B_ONLY, "seedcore"})
 
 Kind = Literal["gaussian", "circulant", "random-block"]
 KINDS: tuple[str, ...] = ("gaussian", "circulant", "random-block")
 BLOCK_KINDS: tuple[str, ...] = ("circulant", "random-block")
+KindSetting = Literal["auto", "gaussian", "circulant", "random-block"]  # auto: the method's
 
 Codec = Literal["float32", "float16", "bfloat16", "int8"]
 CODECS: tuple[str, ...] = ("float32", "float16", "bfloat16", "int8")
 
 
 def method_kind(method: str, kind: str | None = None) -> str:
-    """The frozen factor's kind `method` uses: `kind`, or the method's own when None
-    (seedlora: circulant, ffa: gaussian). ffa refuses any kind but gaussian."""
+    """The frozen factor's kind `method` uses: `kind`, or the method's own when None or
+    "auto" (seedlora: circulant; ffa and seedcore: gaussian, since a block A0 and B0 would
+    train only an r x r block of W per link). ffa refuses any kind but gaussian."""
+    if kind == "auto":
+        kind = None
     if method == "ffa":
         if kind not in (None, "gaussian"):
             raise ValueError(
@@ -30,7 +36,9 @@ def method_kind(method: str, kind: str | None = None) -> str:
                 "(pass kind=None or 'gaussian', or use method seedlora for block kinds)"
             )
         return "gaussian"
-    return "circulant" if kind is None else kind
+    if kind is None:
+        return "gaussian" if method == "seedcore" else "circulant"
+    return kind
 
 
 def valid_device_name(name: str) -> bool:

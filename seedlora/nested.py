@@ -54,6 +54,10 @@ class NestedSpec(ASpec):
         """The r_max spec's std, 1/sqrt(r_max): the slice keeps the full A's entries."""
         return self.full().std
 
+    def scaling(self, alpha: float) -> float:
+        """The r_max spec's scale, (alpha / r_max) * gain(r_max): every slice shares it."""
+        return self.full().scaling(alpha)
+
     def offset(self) -> int:
         """First column of this slice of the r_max block (block kinds only)."""
         return (self.full().offset() + self.first) % self.n_in

@@ -39,7 +39,8 @@ class ASpec:
     """Everything needed to derive the frozen A (r x n_in) of one layer at one chain index.
 
     gaussian:     A_ij ~ N(0, 1/r) from the seeded generator (std 1/sqrt(r), the choice of
-                  asymmetric LoRA and RAC-LoRA).
+                  asymmetric LoRA and RAC-LoRA); used at the scale `scaling(alpha)`, which
+                  brings its rows to unit norm like the block kinds' (see `gain`).
     circulant:    A = [0 | I_r | 0] starting at column (chain_index * r) mod n_in (c3LA).
     random-block: A = [0 | I_r | 0] at a seeded column offset, a multiple of r (r-c3LA).
     Block columns wrap around modulo n_in, so every column is reachable.
@@ -87,6 +88,28 @@ class ASpec:
     def std(self) -> float:
         """Gaussian entry std: 1/sqrt(r) (the asymmetric-LoRA / RAC-LoRA choice)."""
         return 1.0 / math.sqrt(self.rank)
+
+    @property
+    def gain(self) -> float:
+        """The factor that makes a gaussian A act like a block A: sqrt(r / n_in) (1 for blocks).
+
+        A block A's rows are unit vectors e_j, so a step dB moves W by dB A with
+        ||dB A|| = ||dB||. A gaussian row has E||a||^2 = n_in * (1/r), so the same step
+        moved W sqrt(n_in/r) times further (x4.9 to x9.8 on the embedded model at r = 8),
+        and a learning rate tuned on blocks diverged. Applying gain at use (A itself, and so
+        its digest, is unchanged) gives the rows of gain * A unit norm in expectation, so
+        one default learning rate fits every kind. With swapped roles `n_in` is the layer's
+        n_out and the same argument holds for B's columns.
+        """
+        return 1.0 if self.is_block else math.sqrt(self.rank / self.n_in)
+
+    def scaling(self, alpha: float) -> float:
+        """The adapter's scale s in `W = W0 + s B A`: (alpha / r) * gain.
+
+        Every use of A goes through it: the layer's forward, merges, links and the PEFT
+        export, so a link rebuilds to the same W everywhere.
+        """
+        return alpha / self.rank * self.gain
 
     def next(self) -> ASpec:
         """The spec of the same layer at the next chain index."""

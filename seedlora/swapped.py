@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .layer import SeedLoRALayer, add_low_rank, describe, layer_shape, wrap_frozen_base, zero_
+from .layer import add_low_rank, describe, layer_shape, wrap_frozen_base, zero_
 from .spec import ASpec, Kind
 
 TRAINED_A = "B"  # value of `frozen` (run-config frozen-factor) that selects this layer
@@ -106,20 +106,3 @@ class SwappedLoRALayer(nn.Module):
 
     def extra_repr(self) -> str:
         return "frozen B, " + describe(self.spec, self.alpha)
-
-
-ADAPTERS = (SeedLoRALayer, SwappedLoRALayer)
-
-
-def trained_factor(layer: nn.Module) -> torch.Tensor:
-    """The factor an adapter trains and sends (the parameter itself, not a copy).
-
-    Returns:
-        `lora_B`: (n_out, r), or `lora_A`: (r, n_in) when the roles are swapped.
-    """
-    return layer.lora_A if isinstance(layer, SwappedLoRALayer) else layer.lora_B
-
-
-def frozen_of(layer: nn.Module) -> str:
-    """Which factor an adapter keeps frozen: "A" (default) or "B" (swapped roles)."""
-    return TRAINED_A if isinstance(layer, SwappedLoRALayer) else "A"

@@ -43,7 +43,8 @@ from seedlora import (
     trainable_state,
 )
 from seedlora.export import peft_task_type
-from seedlora.methods import B_ONLY
+from seedlora.methods import LINKED
+from seedlora.roles import is_factor_key
 from seedlora.serialize import atomic_write_bytes, state_to_bytes
 from strategies.privacy import PrivacyLedger
 from strategies.registry import EXACT_IN_WEIGHT_SPACE
@@ -390,7 +391,7 @@ class ChainServer:
         load_trainable_state(self.model, s.arrays)
         s.chain_index += 1
         s.round_in_link = 0
-        if self.cfg.adapter.method in B_ONLY:
+        if self.cfg.adapter.method in LINKED:
             link = close_link(self.model)  # record, merge, next A with B = 0
             digest = s.links.append(link)
             s.arrays = trainable_state(self.model)
@@ -458,8 +459,7 @@ class ChainServer:
         if method == "full":
             export_merged(self.model, self.out_dir / "merged-model", tokenizer=tokenizer)
             return
-        factors = ("lora_B", "lora_A")  # the trained factor of either role
-        heads = {k: v for k, v in self.state.arrays.items() if not k.endswith(factors)}
+        heads = {k: v for k, v in self.state.arrays.items() if not is_factor_key(k)}
         try:
             export_peft(
                 self.task.load_model(),

@@ -63,7 +63,7 @@ def test_merged_base_is_the_weighted_mean_of_client_updates(overrides, tmp_path,
         spec = ASpec(kind, 0, 0, 4, name, layer.spec.n_in, layer.spec.n_out)
         a = spec.dense().double()
         mean = sum(
-            w / total * 2.0 * r[p.ARRAYS][f"{name}.lora_B"].numpy()
+            w / total * spec.scaling(8.0) * r[p.ARRAYS][f"{name}.lora_B"].numpy()
             for w, r in zip(weights, replies, strict=True)
         )
         expected = torch.from_numpy(mean).double() @ a

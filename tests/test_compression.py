@@ -126,7 +126,7 @@ def test_compressed_uploads_average_exactly_what_was_received(overrides, tmp_pat
         spec = ASpec("gaussian", 0, 0, 4, name, layer.spec.n_in, layer.spec.n_out)
         bs = [d[f"{name}.lora_B"] for d in decoded]
         a_list = [nested(spec, b.shape[1]).dense() for b in bs]
-        expected = mean_update(a_list, bs, weights, 8.0 / 4)
+        expected = mean_update(a_list, bs, weights, spec.scaling(8.0))
         got = layer.base.weight.double() - pristine.get_submodule(name).weight.double()
         errors.append(relative_error(got.T, expected))
     print(f"{codec} {ranks or 'full rank'}: end-to-end max relative error {max(errors):.2e}")

@@ -58,7 +58,7 @@ def test_two_supernodes_run_and_average_exactly(deployment, tmp_path, tiny_lm_di
             w / total * tensors[f"{i}/{spec.layer}.lora_B"].double() for i, w in weights.items()
         )
         a = spec.dense().double()
-        scale = link.alpha / spec.rank
+        scale = spec.scaling(link.alpha)
         errors.append(
             relative_error(scale * link.factors[spec.layer].double() @ a, scale * mean_b @ a)
         )

@@ -61,7 +61,7 @@ def test_a_round_and_a_link_close_merge_the_mean_update(kind):
     load_trainable_state(model, round_average(states, weights))
     a = layer.spec.dense()
     link = close_link(model)
-    exact = mean_update([a] * 5, [s["0.lora_B"] for s in states], weights, 2.0)
+    exact = mean_update([a] * 5, [s["0.lora_B"] for s in states], weights, layer.scaling)
     assert relative_error(layer.base.weight - w0, exact) <= 1e-6
     assert link.chain_index == 0 and layer.spec.chain_index == 1
     assert torch.count_nonzero(layer.lora_B) == 0

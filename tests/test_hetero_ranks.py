@@ -62,7 +62,7 @@ def test_shrunk_client_computes_the_padded_full_model(arch, kind):
     x = torch.randint(0, 97, (2, 9))
     assert torch.allclose(small(x).logits, full(x).logits, atol=1e-5)  # tail folded in
     for (_, s), (_, f) in zip(adapter_layers(small), adapter_layers(full), strict=True):
-        assert s.lora_B.shape[1] == 2 and s.scaling == f.scaling == 2.0
+        assert s.lora_B.shape[1] == 2 and s.scaling == f.scaling == f.spec.scaling(8.0)
         with torch.no_grad():  # the client's training moves only its 2 columns
             s.lora_B.normal_(0, 0.3, generator=gen)
             f.lora_B.copy_(pad_rank(s.lora_B, f.lora_B, 1))
@@ -140,7 +140,7 @@ def test_mixed_ranks_end_to_end_is_exact(overrides, tmp_path):
         bs = [arrays[f"{name}.lora_B"] for _, _, _, arrays in uploads]
         assert [b.shape[1] for b in bs] == parts  # each client uploaded n_out * r_i
         a_list = [nested(spec, r).dense() for r in parts]
-        expected = mean_update(a_list, bs, weights, 8.0 / 4)  # alpha / r_max for everyone
+        expected = mean_update(a_list, bs, weights, spec.scaling(8.0))  # r_max for everyone
         got = layer.base.weight.double() - pristine.get_submodule(name).weight.double()
         errors.append(relative_error(got.T, expected))
     print(f"mixed ranks: end-to-end max relative error {max(errors):.2e}")

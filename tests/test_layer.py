@@ -32,7 +32,7 @@ def test_forward_matches_dense_formula_and_merge(kind, layer_type):
     with torch.no_grad():
         layer.lora_B.normal_()
     x = torch.randn(3, 5, 12)
-    expected = base(x) + 2.0 * x @ spec.dense().T @ layer.lora_B.T
+    expected = base(x) + spec.scaling(8.0) * x @ spec.dense().T @ layer.lora_B.T
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
     out = layer(x)
     layer.merge()
@@ -149,7 +149,7 @@ def test_float64_merge_is_exact_in_float64():
             with torch.no_grad():
                 layer.lora_B.copy_(torch.randn(40, 8, dtype=torch.float64, generator=GEN))
             w0 = base.weight.detach().clone()
-            delta = 2.0 * layer.lora_B.detach() @ layer.spec.dense().double()
+            delta = layer.spec.scaling(16.0) * layer.lora_B.detach() @ layer.spec.dense().double()
             expected = w0 + (delta.T if isinstance(base, Conv1D) else delta)
             layer.merge()
             err = float((base.weight - expected).abs().max())

@@ -44,7 +44,7 @@ def test_same_output_and_merge_as_peft(arch, kind):
     with torch.no_grad():
         for name, layer in adapter_layers(ours):
             module = peft.base_model.model.get_submodule(name)
-            module.lora_A["default"].weight.copy_(layer.spec.dense())
+            module.lora_A["default"].weight.copy_(layer.spec.dense() * layer.spec.gain)
             module.lora_B["default"].weight.copy_(layer.lora_B)
     err = relative_error(ours(IDS).logits, peft(IDS).logits)
     print(f"{kind}: forward vs PEFT {err:.2e}")

@@ -47,9 +47,10 @@ def test_clipped_noised_round_end_to_end(overrides, tmp_path):
     for name, layer in adapter_layers(server.model):
         mean = sum(r[f"{name}.lora_B"].double() for r in replies) / len(replies)
         noise.append((link.factors[name].double() - mean).flatten())
-        a = ASpec("gaussian", 0, 0, 4, name, layer.spec.n_in, layer.spec.n_out).dense()
+        spec = ASpec("gaussian", 0, 0, 4, name, layer.spec.n_in, layer.spec.n_out)
         got = layer.base.weight.double() - server.task.load_model().get_submodule(name).weight
-        expected = 2.0 * link.factors[name].double() @ a.double()  # noised B, through A
+        a = spec.dense().double()
+        expected = spec.scaling(8.0) * link.factors[name].double() @ a  # noised B, through A
         assert relative_error(got.T.double(), expected) <= 1e-6
     std = float(torch.cat(noise).std())
     print(f"DP noise std {std:.4g} (expected {z * clip / 3:.4g})")

@@ -114,7 +114,7 @@ def test_swapped_end_to_end_is_exact(overrides, tmp_path, kind):
         assert isinstance(layer, SwappedLoRALayer)
         b = frozen_spec(kind, 0, 0, 4, name, layer.base).dense().t()
         a_list = [torch.from_numpy(r["arrays"][f"{name}.lora_A"].numpy()) for r in replies]
-        expected = mean_update(a_list, [b] * len(a_list), weights, 8.0 / 4)
+        expected = mean_update(a_list, [b] * len(a_list), weights, layer.scaling)
         got = layer.base.weight.double() - pristine.get_submodule(name).weight.double()
         errors.append(relative_error(got.T, expected))
     print(f"swapped {kind}: end-to-end max relative error {max(errors):.2e}")
