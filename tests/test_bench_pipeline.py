@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -134,9 +135,11 @@ def test_chain_soak_records_time_bytes_and_cache_per_round(tmp_path, tiny_lm_dir
     rows, summary = doc["rounds"], doc["summary"]
     assert [r["round"] for r in rows] == list(range(1, 9)) and summary["links"] == 4
     assert all(r["round_time_s"] > 0 for r in rows) and summary["round_time_ratio"] > 0
-    # A round commit writes one checkpoint and one rounds.jsonl line, whatever the link.
+    # A round commit writes one checkpoint, one rounds.jsonl line and, where TensorBoard is
+    # installed, that round's events, whatever the link.
     commits = [r for r in rows if not r["closes_link"]]
-    assert {tuple(sorted(r["bytes_by_kind"])) for r in commits} == {("checkpoint", "rounds.jsonl")}
+    kinds = ("checkpoint", "rounds.jsonl") + (("tensorboard",) if find_spec("tensorboard") else ())
+    assert {tuple(sorted(r["bytes_by_kind"])) for r in commits} == {kinds}
     assert {r["bytes_by_kind"]["checkpoint"] for r in commits} == {summary["checkpoint_bytes"]}
     # A link close adds one link file; the clients' cache grows by one file per link.
     link = summary["link_file_bytes"]
