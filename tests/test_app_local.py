@@ -35,6 +35,13 @@ def overrides(tiny_lm_dir, tiny_text_dir):
     }
 
 
+def weighted_replies(grid: LocalGrid) -> tuple[list, list[int], int]:
+    """The train replies' contents, their example counts and the counts' sum."""
+    replies = [r.content for r in grid.replies]
+    weights = [r[p.METRICS][p.NUM_EXAMPLES] for r in replies]
+    return replies, weights, sum(weights)
+
+
 def run(overrides, tmp_path, num_nodes=3, prepare=None, **extra) -> tuple[ChainServer, LocalGrid]:
     ov = {**overrides, **extra}
     grid = LocalGrid(build_client_app(ov), num_nodes)
@@ -55,9 +62,7 @@ def metrics(tmp_path) -> dict:
 def test_merged_base_is_the_weighted_mean_of_client_updates(overrides, tmp_path, kind):
     server, grid = run(overrides, tmp_path, **{"a-kind": kind})
     pristine = server.task.load_model()
-    replies = [r.content for r in grid.replies]
-    weights = [r[p.METRICS][p.NUM_EXAMPLES] for r in replies]
-    total = sum(weights)
+    replies, weights, total = weighted_replies(grid)
     errors = []
     for name, layer in adapter_layers(server.model):
         spec = ASpec(kind, 0, 0, 4, name, layer.spec.n_in, layer.spec.n_out)

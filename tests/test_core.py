@@ -33,7 +33,7 @@ from seedlora.spec import ASpec
 from server.report import adapter_summary
 from simulation.tiny import GPT2_TARGETS, tiny_gpt2
 from tests import test_app_local as app_tests
-from tests.test_app_local import run
+from tests.test_app_local import run, weighted_replies
 
 overrides = app_tests.overrides  # the in-process app fixture (tiny LM, tiny dataset)
 IDS = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(0))
@@ -189,9 +189,7 @@ def test_seedcore_end_to_end_is_exact(overrides, tmp_path, kind):
     the clients' s B0 R_i A0, and the replies carried r x r numbers per layer."""
     server, grid = run(overrides, tmp_path, method="seedcore", **{"a-kind": kind})
     pristine = server.task.load_model()
-    replies = [r.content for r in grid.replies]
-    weights = [r[p.METRICS][p.NUM_EXAMPLES] for r in replies]
-    total = sum(weights)
+    replies, weights, total = weighted_replies(grid)
     errors = []
     for name, layer in adapter_layers(server.model):
         assert isinstance(layer, CoreLoRALayer)
