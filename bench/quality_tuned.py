@@ -2,8 +2,9 @@
 
 `python -m bench.quality_tuned` runs, per (task, split) cell and method:
 
-1. a sweep: one run per lr of the method's grid (`LR_GRIDS`, 4 values on a log grid; the
-   seeded core needs larger steps), seed `--seeds`[0], scored on the *validation* half of
+1. a sweep: one run per lr of the method's grid (`--lr-points`, default 4, values on a
+   log grid over `LR_RANGES`: 1e-3..1e-2, the seeded core 1e-2..5e-2 as it needs larger
+   steps), seed `--seeds`[0], scored on the *validation* half of
    the central held-out set (`central-eval-split = "validation"`: a fixed seeded half,
    class-stratified for code-cls, the same in every run);
 2. the chosen lr: the best final validation metric of the sweep (lowest perplexity,
@@ -56,11 +57,11 @@ def _log_grid(low: float, high: float, n: int = 4) -> list[float]:
     return [float(f"{low * (high / low) ** (i / (n - 1)):.3g}") for i in range(n)]
 
 
-# lr grids by base method: the block and gaussian A kinds share one grid since the gaussian
+# lr ranges by base method: the block and gaussian A kinds share one grid since the gaussian
 # factor is scaled by sqrt(r / n_in) at use; the r x r core of seedcore needs ~10x the lr.
-LR_GRIDS: dict[str, list[float]] = {
-    **{m: _log_grid(1e-3, 1e-2) for m in ("c3la", "r-c3la", "rac-lora", "ffa", "fedit")},
-    "seedcore": _log_grid(1e-2, 5e-2),
+LR_RANGES: dict[str, tuple[float, float]] = {
+    **{m: (1e-3, 1e-2) for m in ("c3la", "r-c3la", "rac-lora", "ffa", "fedit")},
+    "seedcore": (1e-2, 5e-2),
 }
 TOLERANCE = 0.02  # "within 2% of FedIT's quality"
 BYTES_RATIO, CORE_BYTES_RATIO, SEEDS_NEEDED, CELLS_NEEDED = 0.5, 0.05, 3, 3
@@ -76,8 +77,9 @@ def default_methods(base: dict[str, Any]) -> list[str]:
 
 
 def lr_grid(args: argparse.Namespace, method: str) -> list[float]:
-    """The sweep of `method`: `--lrs` if given, else its base method's grid."""
-    return args.lrs or LR_GRIDS[quality.split_variant(method)[0]]
+    """The sweep of `method`: `--lrs` if given, else `--lr-points` values on its base
+    method's log range (`LR_RANGES`)."""
+    return args.lrs or _log_grid(*LR_RANGES[quality.split_variant(method)[0]], args.lr_points)
 
 
 def _run(
@@ -391,6 +393,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if quality.split_variant(m)[0] == "central":
             raise ValueError("--methods: central has no federated cell to tune in")
     a.lrs = [float(x) for x in a.lrs.split(",")] if a.lrs else []
+    if a.lr_points < 2 and not a.lrs:
+        raise ValueError("--lr-points: at least 2")
     a.seeds = [int(s) for s in a.seeds.split(",")] if "," in a.seeds else list(range(int(a.seeds)))
     if a.ablation and ("code-lm:iid" not in a.cells or "c3la" not in a.methods):
         raise ValueError("--ablation: needs cell code-lm:iid and method c3la")

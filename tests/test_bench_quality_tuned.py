@@ -9,21 +9,11 @@ import math
 import pytest
 
 from bench import quality, quality_tuned
-
-TINY = [
-    "num-links=1",
-    "rounds-per-link=1",
-    "local-steps=1",
-    "rank=4",
-    "alpha=8.0",
-    "seq-len=32",
-    "max-train-blocks=8",
-    "max-eval-blocks=8",
-]
+from tests.test_bench_pipeline import TINY_QUALITY
 
 
 def _args(tmp_path, model: str, data: str, *more: str):
-    sets = [f"model-name={model}", f"dataset={data}", *TINY]
+    sets = [f"model-name={model}", f"dataset={data}", *TINY_QUALITY]
     argv = ["--cells", "code-lm:iid", "--methods", "c3la,fedit", "--lrs", "1e-3,3e-2"]
     argv += ["--seeds", "1", "--clients", "2", "--out", str(tmp_path), "--name", "t", *more]
     return quality_tuned.parse(argv + [x for kv in sets for x in ("--set", kv)])
@@ -115,7 +105,9 @@ def test_options_and_default_methods():
         {"num-links": 6, "rounds-per-link": 1, "upload-codec": "int8"},
     )
     assert quality_tuned.lr_grid(args, "seedcore") == [0.01, 0.0171, 0.0292, 0.05]
-    assert len(quality_tuned.lr_grid(args, "fedit")) == 4
+    assert quality_tuned.lr_grid(args, "fedit") == [0.001, 0.00215, 0.00464, 0.01]
+    three = quality_tuned.parse(["--lr-points", "3"])
+    assert quality_tuned.lr_grid(three, "c3la@r16") == [0.001, 0.00316, 0.01]
     with pytest.raises(ValueError, match="--cells"):
         quality_tuned.parse(["--cells", "code-lm:natural"])
     with pytest.raises(ValueError, match="--ablation"):
