@@ -371,6 +371,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cells", default=",".join(CELLS), help="task:split list")
     ap.add_argument("--methods", default="", help="default: default_methods(run config)")
     ap.add_argument("--lrs", default="", help="one lr grid for every method (a,b,...)")
+    ap.add_argument("--lr-points", type=int, default=4, help="values per method's lr grid")
     ap.add_argument(
         "--seeds", default="3", help="N (0..N-1) or a list a,b; the sweep uses the first"
     )
