@@ -112,3 +112,36 @@ def test_options_and_default_methods():
         quality_tuned.parse(["--cells", "code-lm:natural"])
     with pytest.raises(ValueError, match="--ablation"):
         quality_tuned.parse(["--ablation", "--cells", "code-cls:iid"])
+
+
+def test_ablation_varies_one_knob_at_a_time_at_equal_total_rounds():
+    args = quality_tuned.parse(["--ablation", "--seeds", "1"])
+    chosen = {"code-lm:iid": {"c3la": {"lr": 4e-3}}}
+    points = quality_tuned.ablation_plan(args, chosen)
+    knobs = {(p.tags["knob"], p.tags["value"]) for p in points}
+    assert knobs == {
+        ("lr", 2e-3),
+        ("lr", 8e-3),
+        ("alpha", 8.0),
+        ("alpha", 32.0),
+        ("rounds-per-link", 1),
+        ("rounds-per-link", 6),
+    }
+    base = quality.BASE
+    for p in points:
+        ov = p.overrides
+        assert ov["central-eval-split"] == "test" and ov["a-kind"] == "circulant"
+        assert (
+            ov["num-links"] * ov["rounds-per-link"] == base["num-links"] * base["rounds-per-link"]
+        )
+        changed = {
+            k for k in ("lr", "alpha", "rounds-per-link") if ov[k] != {**base, "lr": 4e-3}[k]
+        }
+        assert changed == {p.tags["knob"]}
+    assert quality_tuned.ablation_plan(quality_tuned.parse([]), chosen) == []  # not asked
+    rows = [{**quality_tuned._run(args, "code-lm:iid", "c3la", 0, 2e-3, "ablation").tags}]
+    rows[0] |= {"knob": "lr", "value": 2e-3, "final": 50.0, "metric": "ppl", "base": 100.0}
+    rows[0] |= {"total_bytes_up": 1e6, "wall_time_s": 1.0}
+    table = quality_tuned.ablation_table(rows, [])
+    assert table[0]["knob"] == "lr" and table[0]["final_mean"] == 50.0
+    assert table[-1]["value"] == "moot"  # the optimizer is fresh every round
