@@ -91,7 +91,10 @@ def test_goal_needs_both_subgoals_all_cells_and_three_seeds():
     assert worse["exact_within_2pct_at_half_bytes"]["cells_met"] == 2 and not worse["met"]
     no_core = quality_tuned.goal(_summary(core_ppl=40.1))  # seedcore never reaches FedIT
     assert no_core["exact_within_2pct_at_half_bytes"]["met"] and not no_core["met"]
-    assert quality_tuned.goal(_summary(seeds=1))["met"] is False
+    one_seed = quality_tuned.goal(_summary(seeds=1))
+    assert one_seed["met"] is False and one_seed["complete"] is False
+    (c3la,) = [c for c in one_seed["cells"][0]["candidates"] if c["method"] == "c3la"]
+    assert c3la["bytes_ratio_vs_fedit"] == 0.4 and not c3la["enough_seeds"] and not c3la["counts"]
     assert quality_tuned.goal(_summary()[:-4])["met"] is False  # 3 cells: incomplete
 
 
