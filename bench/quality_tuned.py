@@ -4,9 +4,9 @@
 
 1. a sweep: one run per lr of the method's grid (`--lr-points`, default 4, values on a
    log grid over `LR_RANGES`: 1e-3..1e-2, the seeded core 1e-2..5e-2 as it needs larger
-   steps), seed `--seeds`[0], scored on the *validation* half of
-   the central held-out set (`central-eval-split = "validation"`: a fixed seeded half,
-   class-stratified for code-cls, the same in every run);
+   steps), seed `--seeds`[0], scored on the *validation* half of the central held-out set
+   (`central-eval-split = "validation"`: a fixed seeded half of the set as capped by
+   `max-eval-blocks`, class-stratified for code-cls, the same in every run);
 2. the chosen lr: the best final validation metric of the sweep (lowest perplexity,
    highest accuracy; diverged or failed runs do not count);
 3. the final runs: every seed at the chosen lr, scored on the other (*test*) half
