@@ -14,6 +14,7 @@ Methods (suffixes @r<rank> and @lr<lr> change one variant's rank or lr, e.g. `c3
   rac-lora  seedlora chains, gaussian A (RAC-LoRA-style chain)
   ffa       FFA-LoRA: B-only on one fixed gaussian A, no chain
   fedit     FedIT: plain LoRA, A and B both trained and averaged
+  seedcore  seeded-core chains: W = W0 + s B0 R A0, only the r x r core R trained and sent
   c3la@r4   c3la at half the rank: at equal rank a B-only upload is sum(n_out) r, already
             9/16 of FedIT's sum(n_out + n_in) r on GPT-2, so "half the bytes" needs a lower rank
   central   the ceiling: one client holding the pooled data (clients x max-train-blocks
@@ -37,13 +38,14 @@ from bench.common import figure, parser, with_sets, write_result
 from simulation.sweep import GridResult, Point, run_grid
 
 NAME = "quality"
-CHAINS = ("c3la", "r-c3la", "rac-lora")
+CHAINS = ("c3la", "r-c3la", "rac-lora", "seedcore")
 VARIANTS: dict[str, dict[str, Any]] = {
     "c3la": {"method": "seedlora", "a-kind": "circulant"},
     "r-c3la": {"method": "seedlora", "a-kind": "random-block"},
     "rac-lora": {"method": "seedlora", "a-kind": "gaussian"},
     "ffa": {"method": "ffa"},
     "fedit": {"method": "fedit"},
+    "seedcore": {"method": "seedcore"},
     "central": {"method": "seedlora", "a-kind": "circulant"},
 }
 METHODS = (*CHAINS, "c3la@r4", "ffa", "fedit", "central")
@@ -70,18 +72,29 @@ BASE: dict[str, Any] = {
 
 
 def split_variant(name: str) -> tuple[str, dict[str, Any]]:
-    """`c3la@r4@lr0.001` -> ("c3la", {"rank": 4, "lr": 0.001}); `fedit` -> ("fedit", {})."""
+    """`c3la@r4@lr0.001` -> ("c3la", {"rank": 4, "lr": 0.001}); `fedit` -> ("fedit", {}).
+
+    Suffixes: @r<rank>, @lr<lr>, @int8 (int8 uploads), @L<links>x<rounds> (a chain of that
+    many links of that many rounds each, e.g. @L6x1)."""
     base, *suffixes = name.split("@")
     if base not in VARIANTS:
         raise ValueError(f"unknown method {name!r}; expected one of {sorted(VARIANTS)}")
     changes: dict[str, Any] = {}
     for suffix in suffixes:
+        links, _, rounds = suffix[1:].partition("x")
         if suffix.startswith("lr"):
             changes["lr"] = float(suffix[2:])
         elif suffix.startswith("r"):
             changes["rank"] = int(suffix[1:])
+        elif suffix == "int8":
+            changes["upload-codec"] = "int8"
+        elif suffix.startswith("L") and links.isdigit() and rounds.isdigit():
+            changes |= {"num-links": int(links), "rounds-per-link": int(rounds)}
         else:
-            raise ValueError(f"method {name!r}: suffix @{suffix} is not @r<rank> or @lr<lr>")
+            raise ValueError(
+                f"method {name!r}: suffix @{suffix} is not @r<rank>, @lr<lr>, @int8 or "
+                "@L<links>x<rounds>"
+            )
     return base, changes
 
 

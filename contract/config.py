@@ -258,6 +258,11 @@ class OutputConfig(Section):
     central_eval_max: int = F(
         0, "central evaluation on a fixed seeded subset of this many examples (0 = all)", ge=0
     )
+    central_eval_split: Literal["all", "validation", "test"] = F(
+        "all",
+        "central evaluation on: all | validation (a fixed seeded half of the held-out set, "
+        "for choosing hyper-parameters) | test (the other half, for reporting)",
+    )
     server_device: str = F(
         "auto", "central evaluation on: auto (first GPU if visible) | cpu | cuda | cuda:N"
     )

@@ -51,7 +51,7 @@ from strategies.registry import EXACT_IN_WEIGHT_SPACE
 from tasks import build_task, portable_name
 from tasks.corpus import SPLIT_SEED
 from tasks.devices import autocast, check_device, pick_device, place
-from tasks.partitioning import cap, stratified_cap
+from tasks.partitioning import cap, held_out_half, stratified_cap
 
 from . import checkpoint, report, tracking
 from .outcome import STOPPED_BUDGET, EmptyRunRule, RunFailed, budget_reached, run_mb
@@ -60,6 +60,8 @@ from .state import ChainState, RoundResult
 
 # RNG key of the central-eval-max subset (tasks.partitioning.cap_key never makes it).
 CENTRAL_SUBSET_KEY = (SPLIT_SEED, 0, 1)
+# RNG key of the central-eval-split halves (likewise never a cap_key).
+CENTRAL_HALF_KEY = (SPLIT_SEED, 0, 2)
 
 # Config keys that may change when a run is resumed; all others must match the checkpoint.
 RESUMABLE_CHANGES = {
@@ -78,16 +80,31 @@ RESUMABLE_CHANGES = {
 
 def central_set(task, cfg: RunConfig):
     """The central evaluation set: the task's held-out set (capped by max-eval-blocks),
-    or with `central-eval-max` a fixed seeded subset of that many examples, the same in
-    every run (as the central set is); stratified by label when labels are classes."""
+    or with `central-eval-split` one fixed seeded half of it (validation or test, the two
+    disjoint), then with `central-eval-max` a fixed seeded subset of that many examples,
+    the same in every run (as the central set is); stratified by label when labels are
+    classes."""
     data = task.eval_dataset(None)
+    classes = isinstance(data.features.get("labels"), datasets.Value)  # one class per row
+    if cfg.output.central_eval_split != "all":
+        column = "labels" if classes else None
+        data = _plain(
+            data,
+            lambda d: held_out_half(d, cfg.output.central_eval_split, column, CENTRAL_HALF_KEY),
+        )
     limit = cfg.output.central_eval_max
     if not limit or len(data) <= limit:
         return data
-    if not isinstance(data.features.get("labels"), datasets.Value):
+    if not classes:
         return cap(data, limit, CENTRAL_SUBSET_KEY)
+    return _plain(data, lambda d: stratified_cap(d, limit, "labels", CENTRAL_SUBSET_KEY))
+
+
+def _plain(data: datasets.Dataset, pick) -> datasets.Dataset:
+    """`pick(data)` run on the rows without their torch format (so it reads plain values),
+    the format put back on what it returns."""
     fmt = data.format
-    picked = stratified_cap(data.with_format(None), limit, "labels", CENTRAL_SUBSET_KEY)
+    picked = pick(data.with_format(None))
     return picked.with_format(
         fmt["type"],
         columns=fmt["columns"],

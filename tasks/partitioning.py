@@ -186,3 +186,26 @@ def stratified_cap(
             if pool and len(keep) < limit:
                 keep.append(int(pool.pop()))
     return dataset.select(np.sort(keep))
+
+
+def held_out_half(
+    dataset: datasets.Dataset, which: str, column: str | None, seed: int | Sequence[int]
+) -> datasets.Dataset:
+    """One of two disjoint seeded halves of a held-out set: "validation" (for choosing
+    hyper-parameters) or "test" (for the number reported), so a tuned result is not
+    selected on the rows that score it. With `column` (class labels) each value's rows are
+    shuffled and dealt alternately, so both halves keep every class; otherwise the rows are
+    shuffled and cut in two (validation gets the extra row of an odd count)."""
+    if which not in ("validation", "test"):
+        raise ValueError(f"expected 'validation' or 'test', got {which!r}")
+    rng = np.random.default_rng(seed)
+    if column is None:
+        groups = [list(range(len(dataset)))]
+    else:
+        by_value: dict[Hashable, list[int]] = {}
+        for i, v in enumerate(dataset[column]):
+            by_value.setdefault(v, []).append(i)
+        groups = [ix for _, ix in sorted(by_value.items())]
+    start = int(which == "test")
+    keep = [int(i) for ix in groups for i in rng.permutation(ix)[start::2]]
+    return dataset.select(sorted(keep))

@@ -21,19 +21,21 @@ from simulation.tiny import save_text_dataset
 SMALL = ["--set", "rounds-per-link=2", "--set", "local-steps=1", "--name", "s"]
 
 
+# The smallest quality run: one round of one local step (bench.quality, bench.quality_tuned).
+TINY_QUALITY = [
+    "num-links=1",
+    "rounds-per-link=1",
+    "local-steps=1",
+    "rank=4",
+    "alpha=8.0",
+    "seq-len=32",
+    "max-train-blocks=8",
+    "max-eval-blocks=8",
+]
+
+
 def _quality_args(out: Path, model: str, data: str, methods: list[str], *more: str):
-    sets = [
-        f"model-name={model}",
-        f"dataset={data}",
-        "num-links=1",
-        "rounds-per-link=1",
-        "local-steps=1",
-        "rank=4",
-        "alpha=8.0",
-        "seq-len=32",
-        "max-train-blocks=8",
-        "max-eval-blocks=8",
-    ]
+    sets = [f"model-name={model}", f"dataset={data}", *TINY_QUALITY]
     grid = ["--tasks", "code-lm", "--partitionings", "iid", "--seeds", "1", "--clients", "2"]
     argv = [*grid, "--methods", ",".join(methods), "--out", str(out), "--name", "q", *more]
     return quality.parse(argv + [x for kv in sets for x in ("--set", kv)])

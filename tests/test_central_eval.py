@@ -97,3 +97,33 @@ def test_auto_evaluates_on_the_gpu_in_the_run_precision(overrides, tmp_path):
     )
     reference = cpu.central_eval()
     assert abs(metrics["loss"] - reference["loss"]) < 0.02 * reference["loss"]
+
+
+def _rows(data) -> list[tuple[int, ...]]:
+    return [tuple(r.tolist()) for r in data[:]["input_ids"]]
+
+
+def test_central_eval_split_halves_are_disjoint_and_cover_the_held_out_set(overrides, tmp_path):
+    full = ChainServer(RunConfig.from_flower(overrides), RUN_ID, tmp_path).eval_set
+    task = build_task(RunConfig.from_flower(overrides).task_config())
+    halves = {
+        which: central_set(task, RunConfig.from_flower({**overrides, "central-eval-split": which}))
+        for which in ("validation", "test")
+    }
+    val, test = _rows(halves["validation"]), _rows(halves["test"])
+    assert len(val) + len(test) == len(full) and 0 <= len(val) - len(test) <= 1
+    assert sorted(val + test) == sorted(_rows(full))
+    again = RunConfig.from_flower({**overrides, "central-eval-split": "validation", "seed": 7})
+    assert _rows(central_set(task, again)) == val  # fixed: not the experiment seed's
+    with pytest.raises(RunConfigError, match="central-eval-split"):
+        RunConfig.from_flower({"central-eval-split": "train"})
+
+
+def test_central_eval_split_keeps_classes_in_both_halves():
+    base = {"task": "code-cls", "num-classes": 4}
+    task = build_task(RunConfig.from_flower(base).task_config())
+    every = [int(v) for v in task.eval_dataset(None)[:]["labels"]]
+    for which in ("validation", "test"):
+        cfg = RunConfig.from_flower({**base, "central-eval-split": which})
+        labels = [int(v) for v in central_set(task, cfg)[:]["labels"]]
+        assert set(labels) == set(every) and abs(len(labels) - len(every) / 2) <= 2
