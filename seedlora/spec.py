@@ -34,6 +34,13 @@ def seeded_generator(*parts: object) -> torch.Generator:
     return gen
 
 
+# The rule `ASpec.scaling` follows, recorded in every checkpoint: links merged under another
+# rule rebuild to another base, so a run resumes only under the rule it was started with.
+# Before it (no record) the scale was alpha / r for every kind; for block kinds gain = 1, so
+# only a gaussian factor's links differ.
+SCALE_RULE = "alpha/r * sqrt(r/n_in) for gaussian"
+
+
 @dataclass(frozen=True)
 class ASpec:
     """Everything needed to derive the frozen A (r x n_in) of one layer at one chain index.

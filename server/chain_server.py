@@ -46,6 +46,7 @@ from seedlora.export import peft_task_type
 from seedlora.methods import LINKED
 from seedlora.roles import is_factor_key
 from seedlora.serialize import atomic_write_bytes, state_to_bytes
+from seedlora.spec import SCALE_RULE
 from strategies.privacy import PrivacyLedger
 from strategies.registry import EXACT_IN_WEIGHT_SPACE
 from tasks import build_task, portable_name
@@ -201,6 +202,13 @@ class ChainServer:
         changed = sorted(k for k in ours if k not in RESUMABLE_CHANGES and ours[k] != theirs.get(k))
         if changed:
             raise RunConfigError(f"resume: run-config differs from the checkpoint in {changed}")
+        if ckpt.scale != SCALE_RULE and self.cfg.adapter.kind == "gaussian":
+            raise RunConfigError(
+                "resume: this run's links were merged under another adapter scale "
+                f"({ckpt.scale or 'alpha/r, before the gaussian gain'}; now {SCALE_RULE}), "
+                "so they would rebuild to another base; start a fresh run (another run-name)"
+            )
+        ckpt.scale = SCALE_RULE  # block kinds: gain 1, the same links under either rule
         for link in ckpt.links:
             apply_link(self.model, link)
         set_chain_index(self.model, ckpt.chain_index)

@@ -153,6 +153,7 @@ def save(directory: str | os.PathLike, ckpt: ChainState) -> Path:
         "strategy": tags,
         "links_merged": len(ckpt.links),
         "links_digest": ckpt.links.digest,
+        "scale": ckpt.scale,
     }
     data = state_to_bytes(tensors, meta)
     _remove_stale_temps(directory)
@@ -201,6 +202,7 @@ def _read(path: Path) -> ChainState:
             global_round=int(meta["global_round"]),
             strategy_state=_unpack_strategy(tensors, meta["strategy"]),
             history=history,
+            scale=meta.get("scale", ""),
         )
     except CorruptFileError:
         raise

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from seedlora.chain import Chain
+from seedlora.spec import SCALE_RULE
 from strategies.ledger import RoundLedger
 
 
@@ -24,6 +25,7 @@ class ChainState:
     global_round: int = 0  # rounds done in the whole run
     strategy_state: dict[str, object] = field(default_factory=dict)  # inner B-space state
     history: list[dict] = field(default_factory=list)  # one entry per round (metrics.json)
+    scale: str = SCALE_RULE  # the scale rule the links were merged under ("" = before it)
 
     def __post_init__(self) -> None:
         self.links = Chain.of(self.links)  # a plain list is hashed once, here

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from client.app import build_client_app
-from contract.config import RunConfig
+from contract.config import RunConfig, RunConfigError
+from seedlora.spec import SCALE_RULE
 from server import checkpoint, report
 from server.chain_server import ChainServer, run_chain
 from server.rounds import FlowerRounds
@@ -186,3 +187,23 @@ def test_metrics_at_a_link_close_do_not_grow_with_the_chain(overrides, tmp_path,
     assert max(sizes) - min(sizes) < 200, sizes  # digits and floats, not history
     final = json.loads((tmp_path / "metrics.json").read_text())
     assert [r["round"] for r in final["rounds"]] == list(range(9)) and "in_progress" not in final
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "circulant"])
+def test_resume_refuses_links_merged_under_another_scale(overrides, tmp_path, kind):
+    """A checkpoint from before the gaussian gain (no scale recorded) rebuilds to another base
+    for a gaussian A: resuming it is refused, naming `resume`; block kinds (gain 1) resume
+    and record the current rule."""
+    ov = {**overrides, "a-kind": kind}
+    run(ov, tmp_path)
+    old = checkpoint.load(tmp_path)
+    old.scale = ""  # what a checkpoint written before the rule holds
+    checkpoint.save(tmp_path, old)
+    resumed = RunConfig.from_flower({**ov, "resume": True})
+    if kind == "gaussian":
+        with pytest.raises(RunConfigError, match="resume: .*another adapter scale"):
+            ChainServer(resumed, RUN_ID, tmp_path)
+        assert checkpoint.load(tmp_path).scale == ""  # nothing was overwritten
+    else:
+        server = ChainServer(resumed, RUN_ID, tmp_path)
+        assert server.state.scale == SCALE_RULE and len(server.state.links) == 2
