@@ -35,6 +35,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .report import running_totals
 from .state import ChainState, RoundResult
 
 REASON_CHARS = 160  # of the first rejection reason quoted in the message
@@ -111,8 +112,8 @@ class EmptyRunRule:
 
 def run_mb(history: Sequence[dict]) -> tuple[float, float]:
     """The run's cumulative MB up and down after its last round that counted bytes."""
-    last = next((h for h in reversed(history) if "bytes_up_total" in h), {})
-    return last.get("bytes_up_total", 0) / 1e6, last.get("bytes_down_total", 0) / 1e6
+    totals = running_totals(history, 0, 0)
+    return totals["mb_up_total"], totals["mb_down_total"]
 
 
 def budget_reached(history: Sequence[dict], budget_mb: float) -> bool:
