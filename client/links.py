@@ -139,6 +139,14 @@ class LinkCache:
         return chain
 
 
+def checked_links(links: Callable[[], Sequence[Link]], digest: str) -> list[Link]:
+    """`links()` as a list; ValueError unless they hash to `digest`."""
+    wanted = list(links())
+    if links_digest(wanted) != digest:
+        raise ValueError(f"links do not hash to {digest[:12]}")
+    return wanted
+
+
 class BaseCache:
     """This process's float32 CPU master of the global base: W0 plus the links applied so far.
 
@@ -176,9 +184,7 @@ class BaseCache:
         """
         if self._model is not None and key == self._key and digest == self._digest:
             return self._model
-        wanted = list(links())
-        if links_digest(wanted) != digest:
-            raise ValueError(f"links do not hash to {digest[:12]}")
+        wanted = checked_links(links, digest)
         have = len(self._links)
         extends = (
             self._model is not None

@@ -39,12 +39,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from seedlora import CHAINED, Link, adapter_layers, apply_link, links_digest, prepare, unwrap
+from seedlora import CHAINED, Link, adapter_layers, apply_link, prepare, unwrap
 from seedlora.injection import keep_links_aside
 from tasks import TaskConfig
 from tasks.devices import place
 
-from .links import BaseCache
+from .links import BaseCache, checked_links
 
 
 @dataclass(frozen=True)
@@ -231,9 +231,7 @@ class ResidentModel:
         load: Callable[[], nn.Module],
     ) -> None:
         """The side-path model of `key` on the (reused) quantized W0 (module docstring)."""
-        wanted = list(links())
-        if links_digest(wanted) != key.links:
-            raise ValueError(f"links do not hash to {key.links[:12]}")
+        wanted = checked_links(links, key.links)
         old, old_key = self._model, self._key
         self._model = self._key = None
         base = None
