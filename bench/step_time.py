@@ -18,6 +18,10 @@ forward + backward + AdamW step per iteration, for these variants side by side i
                          fused capturable AdamW) captured once as a CUDA graph and replayed
                          (seedlora.capture); CUDA only
   floor-graphed          the floor under the same capture, so the comparison stays fair
+  <variant>-liger        the same with Liger kernels in the frozen base (liger-kernel:
+                         RMSNorm, SwiGLU, RoPE, and the fused linear cross-entropy on eager
+                         steps only: it reads the token count with `.item()`, which a
+                         captured step cannot); CUDA only
 
 Every variant gets a fresh model from the same seed (so all start from the same loss), the
 same token batch and all seven projection types of a Qwen2 block as targets. Times are the
@@ -72,6 +76,7 @@ PEFT_FROZEN_A = "peft-lora-frozen-a"
 REFERENCE = "-reference"  # the straightforward layer (autograd over plain torch ops)
 GROUPED = "-grouped"  # sibling layers as one node (seedlora.grouped)
 GRAPHED = "-graphed"  # grouped, and the whole step one CUDA graph (seedlora.capture)
+LIGER = "-liger"  # Liger's Triton kernels in the frozen base (last suffix)
 VARIANTS: tuple[str, ...] = (
     FLOOR,
     PEFT,
@@ -85,15 +90,59 @@ CUDA_VARIANTS: tuple[str, ...] = (
     f"{FLOOR}{GRAPHED}",
     *(f"seedlora-{k}{GRAPHED}" for k in SEED_KINDS),
 )
+# Liger kernels: CUDA only and not in the default set (`--variants`, or `--liger`).
+LIGER_VARIANTS: tuple[str, ...] = (
+    f"{FLOOR}{LIGER}",
+    f"{FLOOR}{GRAPHED}{LIGER}",
+    *(f"seedlora-{k}{GROUPED}{LIGER}" for k in SEED_KINDS),
+    *(f"seedlora-{k}{GRAPHED}{LIGER}" for k in SEED_KINDS),
+)
 # Diagnostic, not in the default set: circulant with B cast to the model's dtype (bf16 on the
 # GPU) instead of a float32 master copy, to price the casts that the float32 B costs.
 B_MODEL_DTYPE = "seedlora-circulant-b16"
-ALL_VARIANTS: tuple[str, ...] = (*VARIANTS, *CUDA_VARIANTS, B_MODEL_DTYPE)
+ALL_VARIANTS: tuple[str, ...] = (*VARIANTS, *CUDA_VARIANTS, *LIGER_VARIANTS, B_MODEL_DTYPE)
 
 
 def base_variant(variant: str) -> str:
-    """The variant without the step-mode suffix (`-grouped`, `-graphed`)."""
-    return variant.removesuffix(GROUPED).removesuffix(GRAPHED)
+    """The variant without its step-mode and kernel suffixes (`-grouped`, `-graphed`,
+    `-liger`)."""
+    return variant.removesuffix(LIGER).removesuffix(GROUPED).removesuffix(GRAPHED)
+
+
+def is_graphed(variant: str) -> bool:
+    return variant.removesuffix(LIGER).endswith(GRAPHED)
+
+
+def apply_liger(model: nn.Module, fused_cross_entropy: bool) -> Callable[[], None]:
+    """Liger's kernels in `model`'s frozen base; returns what undoes the module-level part.
+
+    liger-kernel patches the instance (RMSNorm, SwiGLU MLP and, with `fused_cross_entropy`,
+    the LM head + loss as one chunked kernel) and also globals of the model's transformers
+    module (RoPE, and the RMSNorm/MLP classes for models built later): those are restored
+    once the variant is measured, so the variants after it run unpatched.
+    """
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model.config.model_type)
+    if apply is None:
+        raise ValueError(f"liger-kernel has no kernels for {model.config.model_type!r}")
+    module = sys.modules[type(model).__module__]
+    saved = dict(vars(module))
+    apply(
+        model=model,
+        rope=True,
+        rms_norm=True,
+        swiglu=True,
+        cross_entropy=False,
+        fused_linear_cross_entropy=fused_cross_entropy,
+    )
+
+    def restore() -> None:
+        for name, value in saved.items():
+            if vars(module).get(name) is not value:
+                setattr(module, name, value)
+
+    return restore
 
 
 MIB = 1024.0 * 1024.0
@@ -115,11 +164,14 @@ class Shape:
     rank: int
     alpha: float
     dtype: str
+    arch: str = "qwen2"  # the transformers model class: qwen2 (tied embeddings) or llama
 
 
 PRESETS: dict[str, Shape] = {
     # Qwen2.5-0.5B's shape (random init, never downloaded) at a client's batch.
     "qwen2.5-0.5b": Shape(896, 4864, 24, 14, 2, 151936, 8, 512, 16, 32.0, "bfloat16"),
+    # Llama-2-7B's config.json (no GQA, untied embeddings) at a 7B client's batch.
+    "llama2-7b": Shape(4096, 11008, 32, 32, 32, 32000, 4, 512, 16, 32.0, "bfloat16", "llama"),
     # Small enough for a 2-core CPU to time all variants in well under a minute.
     "small": Shape(256, 1024, 4, 4, 2, 4096, 4, 128, 16, 32.0, "float32"),
     # For the test: seconds, but every code path of the full run.
@@ -156,10 +208,11 @@ def expected_trainable(shape: Shape, variant: str) -> int:
 
 
 def build_model(shape: Shape, device: torch.device, seed: int) -> nn.Module:
-    """A Qwen2 causal LM from a config written here, random init on `device`, then cast."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """A Qwen2 or Llama causal LM from a config written here, random init on `device` in the
+    preset's dtype (a 7B model initialised in float32 would need 27 GB more)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    config = Qwen2Config(
+    config = (Qwen2Config if shape.arch == "qwen2" else LlamaConfig)(
         vocab_size=shape.vocab,
         hidden_size=shape.hidden,
         intermediate_size=shape.intermediate,
@@ -167,14 +220,15 @@ def build_model(shape: Shape, device: torch.device, seed: int) -> nn.Module:
         num_attention_heads=shape.heads,
         num_key_value_heads=shape.kv_heads,
         max_position_embeddings=max(shape.seq, 32768),
-        tie_word_embeddings=True,
+        tie_word_embeddings=shape.arch == "qwen2",
         use_cache=False,
         attn_implementation="sdpa",
     )
     torch.manual_seed(seed)
+    dtype = getattr(torch, shape.dtype)
     with torch.device(device):
-        model = Qwen2ForCausalLM(config)
-    return model.to(getattr(torch, shape.dtype)).train()
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.to(dtype).train()
 
 
 def _grad_to_embeddings(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
@@ -184,6 +238,8 @@ def _grad_to_embeddings(module: nn.Module, inputs: Any, output: torch.Tensor) ->
 
 def prepare(variant: str, model: nn.Module, shape: Shape, seed: int) -> nn.Module:
     """Freeze `model` and attach the variant's adapter; returns the module to call."""
+    if variant.endswith(LIGER):  # the kernels are applied in `measure` (they need undoing)
+        return prepare(variant.removesuffix(LIGER), model, shape, seed)
     if variant != base_variant(variant):
         model = prepare(base_variant(variant), model, shape, seed)
         if variant.startswith("seedlora-"):
@@ -394,8 +450,27 @@ def measure(
     # What an earlier variant left behind would inflate this one's peak: record it.
     leftover = torch.cuda.memory_allocated() - unique_bytes([ids]) if cuda else 0
     model = prepare(variant, build_model(shape, device, args.seed), shape, args.seed)
+    graphed = is_graphed(variant)
+    restore = apply_liger(model, not graphed) if variant.endswith(LIGER) else None
+    try:
+        return _measure(variant, model, graphed, shape, ids, args, leftover)
+    finally:
+        if restore is not None:
+            restore()
+
+
+def _measure(
+    variant: str,
+    model: nn.Module,
+    graphed: bool,
+    shape: Shape,
+    ids: torch.Tensor,
+    args: argparse.Namespace,
+    leftover: int,
+) -> dict[str, Any]:
+    device = ids.device
+    cuda = device.type == "cuda"
     params = [p for p in model.parameters() if p.requires_grad]
-    graphed = variant.endswith(GRAPHED)
     # The new step modes take a fused AdamW on CUDA (one kernel for every B); a captured
     # step needs it capturable. The earlier rows keep torch's default (foreach).
     fused_opt = cuda and variant != base_variant(variant)
@@ -421,6 +496,7 @@ def measure(
         return loss.detach()
 
     step = eager_step
+    capture_ms: list[float] = []  # warm-up steps + capture, once per graphed variant
     if graphed:
         from seedlora.capture import CapturedStep
 
@@ -432,7 +508,10 @@ def measure(
 
         def step() -> torch.Tensor:
             if not captured:
+                start = time.perf_counter()
                 captured.append(CapturedStep(batch_loss, params, opt, {"input_ids": ids}))
+                torch.cuda.synchronize()
+                capture_ms.append((time.perf_counter() - start) * 1e3)
             timer.mark()
             loss = captured[0]({"input_ids": ids}).clone()
             timer.mark()
@@ -488,6 +567,7 @@ def measure(
             name: statistics.median(p[i] for p in phases)
             for i, name in enumerate(("replay",) if graphed else PHASES)
         },
+        "capture_ms": capture_ms[0] if capture_ms else None,
         "peak_bytes": peak,
         "resident_bytes": resident,
         "peak_above_resident_bytes": peak - resident,
@@ -530,6 +610,7 @@ def _ratio(a: float, b: float | None) -> float | None:
 
 FAST_FLOOR, FAST_PEFT = 1.25, 0.6  # the fast path's goals (issue: fast path)
 STEP_BUSY, STEP_PEFT = 1.25, 0.35  # the step modes' goals (issue 16: x floor busy, x PEFT)
+STEP_FLOOR_7B = 1.05  # and at the 7B shape: wall x the (eager) floor's wall
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -569,7 +650,9 @@ def add_ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
             g["time_le_0.35_peft"] = r["time_x_peft"] <= STEP_PEFT
             if r["time_x_floor_busy"] is not None:
                 g["time_le_1.25_floor_busy"] = r["time_x_floor_busy"] <= STEP_BUSY
-    for mode in ("", GROUPED, GRAPHED):
+            if r["time_x_floor"] is not None:
+                g["time_le_1.05_floor"] = r["time_x_floor"] <= STEP_FLOOR_7B
+    for mode in ("", GROUPED, GRAPHED, f"{GROUPED}{LIGER}", f"{GRAPHED}{LIGER}"):
         gaussian = by.get(f"seedlora-gaussian{mode}")
         for kind in ("circulant", "random-block"):
             block = by.get(f"seedlora-{kind}{mode}")
@@ -602,6 +685,7 @@ def table(rows: list[dict[str, Any]], goals: dict[str, Any]) -> str:
             ("faster_than_gaussian", "<gauss"),
             ("time_le_1.25_floor_busy", "<=1.25busy"),
             ("time_le_0.35_peft", "<=0.35PEFT"),
+            ("time_le_1.05_floor", "<=1.05floor"),
         ):
             if key in g:
                 marks.append(f"{label} {'ok' if g[key] else 'MISS'}")
@@ -689,6 +773,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=ALL_VARIANTS,
         help="default: every variant the device runs (the -graphed ones on CUDA only)",
     )
+    p.add_argument("--liger", action="store_true", help="add the -liger variants (CUDA)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -727,6 +812,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     preset, shape = resolve_shape(args)
     if args.variants is None:
         args.variants = [*VARIANTS, *(CUDA_VARIANTS if device.type == "cuda" else ())]
+        args.variants += list(LIGER_VARIANTS) if args.liger else []
+    if device.type != "cuda" and any(v.endswith(LIGER) for v in args.variants):
+        raise SystemExit("--variants: the -liger variants run Triton kernels, CUDA only")
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(shape.vocab, (shape.batch, shape.seq), generator=gen).to(device)
 
@@ -741,7 +829,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             try:
                 row = measure(variant, shape, ids, args)
             except RuntimeError as err:  # a capture that fails must not lose the other rows
-                if variant not in CUDA_VARIANTS:
+                if variant not in (*CUDA_VARIANTS, *LIGER_VARIANTS):
                     raise
                 failed[variant] = f"{type(err).__name__}: {err}"[:2000]
                 print(f"round {rnd} {variant}: FAILED {failed[variant]}", flush=True)

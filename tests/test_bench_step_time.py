@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,50 @@ def test_b_only_layer_saves_less_than_peft(result: tuple[dict, Path]) -> None:
     peft = rows["peft-lora"]["saved_for_backward_bytes"]
     for name in ("peft-lora-frozen-a", "seedlora-circulant", "seedlora-random-block"):
         assert rows[name]["saved_for_backward_bytes"] < peft, name
+
+
+def test_llama_preset_builds_untied_llama_in_its_dtype() -> None:
+    """The 7B preset is Llama-2-7B's shape: a Llama model (no GQA, untied head), built in
+    bf16 directly; checked here on a tiny copy of the preset."""
+    import torch
+
+    from bench.step_time import build_model
+
+    shape = replace(
+        PRESETS["llama2-7b"], hidden=64, intermediate=128, layers=1, heads=4, kv_heads=4
+    )
+    model = build_model(shape, torch.device("cpu"), 0)
+    assert model.config.model_type == "llama"
+    assert model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_liger_variants_refused_on_cpu(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="CUDA only"):
+        main(["--preset", "tiny", "--variants", "floor-liger", "--out", str(tmp_path)])
+
+
+@pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="Liger's Triton kernels need a CUDA GPU"
+)
+def test_liger_variants_match_and_leave_transformers_unpatched(tmp_path: Path) -> None:
+    """The Liger rows start from the plain rows' loss (the same model, kernels that compute
+    the same function), and the patching of transformers' module is undone after each."""
+    pytest.importorskip("liger_kernel")
+    import transformers.models.qwen2.modeling_qwen2 as qwen2
+
+    rope, mlp = qwen2.apply_rotary_pos_emb, qwen2.Qwen2MLP
+    graphed = "seedlora-circulant-graphed"
+    variants = ["floor", "floor-liger", graphed, f"{graphed}-liger"]
+    main(
+        ["--device", "cuda", "--preset", "tiny", "--warmup", "1", "--steps", "2",
+         "--top-ops", "0", "--variants", *variants, "--out", str(tmp_path), "--name", "t",
+         "--no-plot"]
+    )  # fmt: skip
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "t.json").read_text())["variants"]}
+    assert list(rows) == variants
+    first = rows["floor"]["loss_first"]
+    for name in variants[1:]:
+        assert rows[name]["loss_first"] == pytest.approx(first, rel=1e-4), name
+    assert rows["seedlora-circulant-graphed-liger"]["capture_ms"] > 0
+    assert qwen2.apply_rotary_pos_emb is rope and qwen2.Qwen2MLP is mlp
