@@ -18,10 +18,9 @@ forward + backward + AdamW step per iteration, for these variants side by side i
                          fused capturable AdamW) captured once as a CUDA graph and replayed
                          (seedlora.capture); CUDA only
   floor-graphed          the floor under the same capture, so the comparison stays fair
-  <variant>-liger        the same with Liger kernels in the frozen base (liger-kernel:
-                         RMSNorm, SwiGLU, RoPE, and the fused linear cross-entropy on eager
-                         steps only: it reads the token count with `.item()`, which a
-                         captured step cannot); CUDA only
+  <variant>-liger        the same with Liger's RMSNorm and SwiGLU kernels in the frozen
+                         base, as a client with `base-kernels = "liger"` has them
+                         (tasks.kernels); CUDA only
 
 Every variant gets a fresh model from the same seed (so all start from the same loss), the
 same token batch and all seven projection types of a Qwen2 block as targets. Times are the
@@ -111,38 +110,6 @@ def base_variant(variant: str) -> str:
 
 def is_graphed(variant: str) -> bool:
     return variant.removesuffix(LIGER).endswith(GRAPHED)
-
-
-def apply_liger(model: nn.Module, fused_cross_entropy: bool) -> Callable[[], None]:
-    """Liger's kernels in `model`'s frozen base; returns what undoes the module-level part.
-
-    liger-kernel patches the instance (RMSNorm, SwiGLU MLP and, with `fused_cross_entropy`,
-    the LM head + loss as one chunked kernel) and also globals of the model's transformers
-    module (RoPE, and the RMSNorm/MLP classes for models built later): those are restored
-    once the variant is measured, so the variants after it run unpatched.
-    """
-    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-
-    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model.config.model_type)
-    if apply is None:
-        raise ValueError(f"liger-kernel has no kernels for {model.config.model_type!r}")
-    module = sys.modules[type(model).__module__]
-    saved = dict(vars(module))
-    apply(
-        model=model,
-        rope=True,
-        rms_norm=True,
-        swiglu=True,
-        cross_entropy=False,
-        fused_linear_cross_entropy=fused_cross_entropy,
-    )
-
-    def restore() -> None:
-        for name, value in saved.items():
-            if vars(module).get(name) is not value:
-                setattr(module, name, value)
-
-    return restore
 
 
 MIB = 1024.0 * 1024.0
@@ -238,8 +205,10 @@ def _grad_to_embeddings(module: nn.Module, inputs: Any, output: torch.Tensor) ->
 
 def prepare(variant: str, model: nn.Module, shape: Shape, seed: int) -> nn.Module:
     """Freeze `model` and attach the variant's adapter; returns the module to call."""
-    if variant.endswith(LIGER):  # the kernels are applied in `measure` (they need undoing)
-        return prepare(variant.removesuffix(LIGER), model, shape, seed)
+    if variant.endswith(LIGER):
+        from tasks.kernels import use_liger
+
+        return use_liger(prepare(variant.removesuffix(LIGER), model, shape, seed))
     if variant != base_variant(variant):
         model = prepare(base_variant(variant), model, shape, seed)
         if variant.startswith("seedlora-"):
@@ -451,25 +420,6 @@ def measure(
     leftover = torch.cuda.memory_allocated() - unique_bytes([ids]) if cuda else 0
     model = prepare(variant, build_model(shape, device, args.seed), shape, args.seed)
     graphed = is_graphed(variant)
-    restore = apply_liger(model, not graphed) if variant.endswith(LIGER) else None
-    try:
-        return _measure(variant, model, graphed, shape, ids, args, leftover)
-    finally:
-        if restore is not None:
-            restore()
-
-
-def _measure(
-    variant: str,
-    model: nn.Module,
-    graphed: bool,
-    shape: Shape,
-    ids: torch.Tensor,
-    args: argparse.Namespace,
-    leftover: int,
-) -> dict[str, Any]:
-    device = ids.device
-    cuda = device.type == "cuda"
     params = [p for p in model.parameters() if p.requires_grad]
     # The new step modes take a fused AdamW on CUDA (one kernel for every B); a captured
     # step needs it capturable. The earlier rows keep torch's default (foreach).

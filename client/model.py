@@ -54,6 +54,7 @@ def model_key(cfg: RunConfig, task, config: Mapping[str, Any], device: torch.dev
         device=str(device),
         checkpointing=cfg.train.gradient_checkpointing,
         quantization=cfg.train.quantization,
+        kernels=cfg.train.base_kernels,
     )
 
 

@@ -43,6 +43,7 @@ from seedlora import CHAINED, Link, adapter_layers, apply_link, prepare, unwrap
 from seedlora.injection import keep_links_aside
 from tasks import TaskConfig
 from tasks.devices import place
+from tasks.kernels import use_liger
 
 from .links import BaseCache, checked_links
 
@@ -67,6 +68,7 @@ class ModelKey:
     device: str
     checkpointing: bool
     quantization: str = "none"  # 8bit/4bit: a quantized W0, links as side paths
+    kernels: str = "torch"  # the frozen base's RMSNorm/MLP kernels (tasks.kernels)
 
     @property
     def aside(self) -> bool:
@@ -217,8 +219,7 @@ class ResidentModel:
             _free_device_memory()
         master = self.bases.get(key.task, key.links, links, load)
         model = _own_trainable(key.prepare(shared_copy(master)))
-        if key.checkpointing:
-            enable_checkpointing(model)
+        _finish(model, key)
         model = place(model, torch.device(key.device), key.precision)
         model.eval()
         self._model, self._key = model, key
@@ -251,11 +252,18 @@ class ResidentModel:
         for param in model.parameters():  # B is float32 already; heads become float32 masters
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.float()
-        if key.checkpointing:
-            enable_checkpointing(model)
+        _finish(model, key)
         model.eval()
         self._model, self._key = model, key
         self.builds += 1
+
+
+def _finish(model: nn.Module, key: ModelKey) -> None:
+    """What the key asks of a built model besides its adapters: checkpointing, kernels."""
+    if key.checkpointing:
+        enable_checkpointing(model)
+    if key.kernels == "liger":
+        use_liger(model)
 
 
 def effective_chain_index(method: str, chain_index: int) -> int:

@@ -186,6 +186,11 @@ class TrainConfig(Section):
         "graphed (grouped, and on CUDA each round's steps replay one captured CUDA graph when "
         "batches keep one shape, grad-accum-steps = 1, no FedProx, not fp16, adam/adamw)",
     )
+    base_kernels: Literal["torch", "liger"] = F(
+        "torch",
+        "frozen base's RMSNorm and SwiGLU MLP: torch | liger (liger-kernel's Triton kernels; "
+        "CUDA, the [liger] extra, Llama/Qwen/Mistral-style models)",
+    )
 
     @model_validator(mode="after")
     def _check_device(self) -> TrainConfig:
@@ -197,6 +202,11 @@ class TrainConfig(Section):
             raise ValueError(
                 "step-mode: 'graphed' captures CUDA graphs, but device is 'cpu'; "
                 "set step-mode='grouped' or device='auto'/'cuda'"
+            )
+        if self.base_kernels == "liger" and self.device == "cpu":
+            raise ValueError(
+                "base-kernels: 'liger' runs Triton kernels on a CUDA GPU, but device is "
+                "'cpu'; set base-kernels='torch' or device='auto'/'cuda'"
             )
         if self.quantization != "none" and self.device == "cpu":
             raise ValueError(

@@ -31,6 +31,7 @@ this is the place to learn which key, before `flwr run`.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import sys
@@ -137,11 +138,20 @@ def gpu_visible() -> bool:
 
 def check_local_clients(cfg: Any) -> None:
     """What only a run whose clients start on this machine (the launcher's) can check."""
-    quantization = cfg.train.quantization
-    if quantization != "none" and not gpu_visible():
+    t = cfg.train
+    for key, value, off, what in (
+        ("quantization", t.quantization, "none", "bitsandbytes"),
+        ("base-kernels", t.base_kernels, "torch", "liger-kernel's Triton kernels"),
+    ):
+        if value != off and not gpu_visible():
+            raise PrecheckError(
+                f"run-config key '{key}': {value!r} needs a CUDA GPU ({what}) and this "
+                f'machine shows none; set {key}="{off}"'
+            )
+    if t.base_kernels == "liger" and importlib.util.find_spec("liger_kernel") is None:
         raise PrecheckError(
-            f"run-config key 'quantization': {quantization!r} needs a CUDA GPU "
-            '(bitsandbytes) and this machine shows none; set quantization="none"'
+            "run-config key 'base-kernels': 'liger' needs liger-kernel, which is not "
+            "installed: pip install -c constraints.txt -e '.[liger]'"
         )
 
 

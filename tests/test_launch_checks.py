@@ -124,3 +124,25 @@ def test_launcher_refuses_quantization_on_a_machine_without_a_gpu(monkeypatch, c
     precheck.check(REPO, ["quantization='4bit'"], 2, local=True)
     # `python -m simulation.precheck` cannot know where clients run: it does not ask
     assert precheck.main(["--app-dir", str(REPO), "--run-config", "quantization='8bit'"]) == 0
+
+
+def test_launcher_refuses_liger_kernels_without_a_gpu_or_the_package(monkeypatch, capsys):
+    """base-kernels = "liger" runs Triton kernels in the local clients: a GPU and
+    liger-kernel must be there, and each missing one is named before anything starts."""
+    import importlib.util
+
+    from simulation import precheck
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert main(["--run-config", "base-kernels='liger'"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("[launch] error: run-config key 'base-kernels'") and "GPU" in err
+    monkeypatch.setattr(precheck, "gpu_visible", lambda: True)
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "liger_kernel" else real_find(name, *a),
+    )
+    with pytest.raises(precheck.PrecheckError, match=r"'base-kernels'.*\[liger\]"):
+        precheck.check(REPO, ["base-kernels='liger'"], 2, local=True)
