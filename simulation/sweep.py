@@ -121,6 +121,8 @@ def run_grid(
         done[point.key] = row
         with results.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps({"key": point.key, "row": row}) + "\n")
+        if workers > 1:  # runs finish out of order: say which one this was
+            print(f"    done {dict(point.tags) or point.key}", flush=True)
     rows = [done[point.key] for point in plan if point.key in done]
     return GridResult(rows, failed, [point for point in plan if point.key not in done])
 
