@@ -70,7 +70,7 @@ BASE: dict[str, Any] = {
     "device": "cpu",
 }
 # Per task, over BASE; a `--set` of the same key wins. code-cls's held-out set is 2033
-# snippets of 8 classes (627 of one package, 2 of another); at max-eval-blocks 64 the
+# snippets of 8 classes (1254 of one package, 4 of another); at max-eval-blocks 64 the
 # central validation and test halves were 34 and 30 snippets, one snippet 3 points of
 # accuracy. 1024, capped class-stratified (tasks.partitioning.stratified_cap), gives halves
 # of 514 and 510 with every snippet of the six smaller classes and 257-258 of each of the

@@ -29,6 +29,14 @@ The goal (issue 15) is judged from the final runs' summary rows by `goal` and re
 under `goal.met`; the Pareto plots (`<name>-<task>-<split>.png`) draw the central test
 metric after each round against the cumulative uploaded MB, one line per method. Runs are
 appended to `<name>.runs.jsonl`; `--resume` skips those done.
+
+`--workers N` runs N runs at once, each in its own spawned process (`run_grid(...,
+workers=N)`) at `--threads` torch threads with its own link cache and run directory; each
+row is appended as its run finishes and rows keep plan order, so the numbers are the
+serial ones. `--time-budget S` starts no run after S seconds (sweep and final phases
+together); runs already started finish and are written, the rest wait for `--resume`.
+`--set device=cuda` trains on the GPU and, as `server-device` follows `device`
+(`quality.task_config`), evaluates there too; the workers share the GPU.
 """
 
 from __future__ import annotations
