@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import figure, parser, with_sets, write_result
-from simulation.sweep import GridResult, Point, run_grid
+from simulation.sweep import GridResult, Point, parse_sets, run_grid
 
 NAME = "quality"
 CHAINS = ("c3la", "r-c3la", "rac-lora", "seedcore")
@@ -69,6 +69,13 @@ BASE: dict[str, Any] = {
     "export": False,
     "device": "cpu",
 }
+# Per task, over BASE; a `--set` of the same key wins. code-cls's held-out set is 2033
+# snippets of 8 classes (1254 of one package, 4 of another); at max-eval-blocks 64 the
+# central validation and test halves were 34 and 30 snippets, one snippet 3 points of
+# accuracy. 1024, capped class-stratified (tasks.partitioning.stratified_cap), gives halves
+# of 514 and 510 with every snippet of the six smaller classes and 257-258 of each of the
+# two largest (either holds 25% of a half, where the largest is 62% of the uncapped set).
+TASK_BASE: dict[str, dict[str, Any]] = {"code-cls": {"max-eval-blocks": 1024}}
 
 
 def split_variant(name: str) -> tuple[str, dict[str, Any]]:
@@ -98,12 +105,23 @@ def split_variant(name: str) -> tuple[str, dict[str, Any]]:
     return base, changes
 
 
+def task_config(args: argparse.Namespace, task: str) -> dict[str, Any]:
+    """The run config of `task`'s runs: `args.base` (BASE with `--set` over it), TASK_BASE's
+    keys for the task that `--set` does not name, and `server-device` following `device`
+    unless set (central evaluation where the clients train: on a GPU machine `auto` would
+    put it on the GPU even for CPU runs)."""
+    named = set(parse_sets(getattr(args, "set", None) or []))
+    extra = {k: v for k, v in TASK_BASE.get(task, {}).items() if k not in named}
+    return {"server-device": args.base.get("device", "auto"), **args.base, **extra}
+
+
 def point(args: argparse.Namespace, task: str, part: str, method: str, seed: int) -> Point:
     """One run: `central` is one node holding all clients' training blocks (IID) and taking
     all their local steps, so its optimizer-step budget equals a federated run's."""
     base, changes = split_variant(method)
     central, clients = base == "central", args.clients
-    ov = {**args.base, "task": task, "partitioner": "iid" if central else part, "seed": seed}
+    ov = task_config(args, task) | {"task": task, "seed": seed}
+    ov["partitioner"] = "iid" if central else part
     ov |= {"min-available-nodes": 1 if central else min(2, clients), **VARIANTS[base], **changes}
     if central:
         ov["local-steps"] *= clients
@@ -128,9 +146,18 @@ def plan(args: argparse.Namespace, full: bool = False) -> list[Point]:
     return points
 
 
-def run_point(point: Point, fresh_cache: bool = False) -> dict:
-    """Train one configuration in this process; its row of the JSON."""
+def run_point(point: Point, fresh_cache: bool = False, threads: int | None = None) -> dict:
+    """Train one configuration in this process; its row of the JSON. `threads` sets torch's
+    threads first (a worker process of `run_grid(..., workers=N)` starts with torch's
+    default); `fresh_cache` gives the run a link cache of its own (concurrent runs must not
+    share one: client/uploads.py keys error-feedback residuals by run id and node id, and
+    every in-process run has the same run id)."""
     from simulation.local import run_local
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
     ov, metric = point.overrides, METRIC[point.overrides["task"]]
     start = time.perf_counter()

@@ -29,16 +29,25 @@ The goal (issue 15) is judged from the final runs' summary rows by `goal` and re
 under `goal.met`; the Pareto plots (`<name>-<task>-<split>.png`) draw the central test
 metric after each round against the cumulative uploaded MB, one line per method. Runs are
 appended to `<name>.runs.jsonl`; `--resume` skips those done.
+
+`--workers N` runs N runs at once, each in its own spawned process (`run_grid(...,
+workers=N)`) at `--threads` torch threads with its own link cache and run directory; each
+row is appended as its run finishes and rows keep plan order, so the numbers are the
+serial ones. `--time-budget S` starts no run after S seconds (sweep and final phases
+together); runs already started finish and are written, the rest wait for `--resume`.
+`--set device=cuda` trains on the GPU and, as `server-device` follows `device`
+(`quality.task_config`), evaluates there too; the workers share the GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +59,7 @@ NAME = "quality_tuned"
 CELLS = ("code-lm:iid", "code-lm:dirichlet", "code-cls:iid", "code-cls:dirichlet")
 # Methods of this project whose average is exact (int8 uploads round, so they are not).
 EXACT = ("c3la", "r-c3la", "rac-lora", "seedcore")
+OPTIONS = ("cells", "methods", "seeds", "clients", "workers", "threads", "time_budget")
 
 
 def _log_grid(low: float, high: float, n: int = 4) -> list[float]:
@@ -328,8 +338,22 @@ def pareto(rows: Sequence[dict], task: str, part: str, path: Path) -> Path | Non
     return path
 
 
+def _tasks(args: argparse.Namespace) -> list[str]:
+    return sorted({cell.split(":")[0] for cell in args.cells})
+
+
 def _lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def runner(args: argparse.Namespace) -> Callable[[Point], dict]:
+    """What runs a point: `bench.quality.run_point` in this process, or with `--workers` > 1
+    the same in a worker process, at `--threads` torch threads and with a link cache of its
+    own (concurrent runs must not share one; each run already writes to its own temporary
+    run directory)."""
+    if args.workers == 1:
+        return quality.run_point
+    return functools.partial(quality.run_point, fresh_cache=True, threads=args.threads)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -338,20 +362,26 @@ def run(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     results, started = args.out / f"{args.name}.runs.jsonl", time.perf_counter()
-    sweep = sweep_plan(args)
-    grid = run_grid(sweep, quality.run_point, results, resume=args.resume, limit=args.limit)
+    budget = args.time_budget
+    grid_options = {
+        "workers": args.workers,
+        "deadline": None if budget is None else time.monotonic() + budget,
+    }
+    sweep, run_one = sweep_plan(args), runner(args)
+    grid = run_grid(sweep, run_one, results, resume=args.resume, limit=args.limit, **grid_options)
     chosen = choose(grid.rows)
     rest = final_plan(args, chosen) + ablation_plan(args, chosen)
     limit = None if args.limit is None else max(0, args.limit - _lines(results))
-    grid = run_grid(sweep + rest, quality.run_point, results, resume=True, limit=limit)
+    grid = run_grid(sweep + rest, run_one, results, resume=True, limit=limit, **grid_options)
     summary = summarize(grid.rows, chosen)
     payload = {
         "benchmark": NAME,
         "protocol": __doc__,
         "partial": args.partial,
         "cells_run": sorted({f"{r['task']}:{r['panel']}" for r in grid.rows}),
-        "options": {k: getattr(args, k) for k in ("cells", "methods", "seeds", "clients")},
+        "options": {k: getattr(args, k) for k in OPTIONS},
         "run_config": args.base,
+        "run_config_by_task": {t: quality.task_config(args, t) for t in _tasks(args)},
         "note": args.note,
         "lr_grid": {m: lr_grid(args, m) for m in args.methods},
         "chosen": chosen,
@@ -360,6 +390,7 @@ def run(args: argparse.Namespace) -> dict:
         "ablation": ablation_table(grid.rows, summary) if args.ablation else [],
         "planned_runs": len(sweep) + len(rest),
         "completed_runs": len(grid.rows),
+        "not_run": len(grid.not_run),
         "failed_runs": grid.failed,
         "grid_seconds_this_call": time.perf_counter() - started,
         "runs": grid.rows,
@@ -382,7 +413,15 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--ablation", action="store_true", help="add the one-knob ablation (c3la)")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    ap.add_argument("--workers", type=int, default=1, help="runs at once, each in its own process")
+    ap.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="S",
+        help="start no run after S seconds (started runs finish and are written)",
+    )
     ap.add_argument("--partial", action="store_true", help="label the result a partial run")
     ap.add_argument("--note", default="")
     ap.add_argument("--resume", action="store_true", help="skip runs in <name>.runs.jsonl")
@@ -398,6 +437,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for m in a.methods:
         if quality.split_variant(m)[0] == "central":
             raise ValueError("--methods: central has no federated cell to tune in")
+    if a.workers < 1:
+        raise ValueError("--workers: at least 1")
     a.lrs = [float(x) for x in a.lrs.split(",")] if a.lrs else []
     if a.lr_points < 2 and not a.lrs:
         raise ValueError("--lr-points: at least 2")

@@ -1,5 +1,6 @@
-"""Grids of runs: points (run-config overrides) run one after another, each row appended
-to a results file as it finishes, so that a grid cut short resumes where it stopped.
+"""Grids of runs: points (run-config overrides) run one after another, or in worker
+processes (`run_grid(..., workers=N)`), each row appended to a results file as it
+finishes, so that a grid cut short resumes where it stopped.
 
 `python -m simulation.sweep` is one such grid: strategies x A kinds x seeds through the Ray
 simulation, one table and plot (`--resume` skips the runs already in `sweep.jsonl`):
@@ -24,14 +25,10 @@ import json
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from seedlora.serialize import atomic_write_bytes
-
-from .inprocess import simulate
 
 
 def parse_sets(items: Iterable[str]) -> dict[str, Any]:
@@ -79,13 +76,25 @@ def run_grid(
     *,
     resume: bool = False,
     limit: int | None = None,
+    workers: int = 1,
+    deadline: float | None = None,
 ) -> GridResult:
     """Run `run(point)` for each point of `plan`, appending `{"key", "row"}` (the row being
     the point's tags plus what `run` returned) to the JSON-lines file `results` after each.
 
     `resume` keeps the rows already in `results` and skips their points (otherwise the file
     starts empty); `limit` stops after that many new runs. A point that raises is reported
-    and the grid goes on."""
+    and the grid goes on.
+
+    `workers` > 1 runs the points in that many spawned processes, started in plan order, at
+    most `workers` at a time; this process appends each row as its run finishes (so a kill
+    loses only the runs in flight) and `rows` stay in plan order. `run` and the points must
+    pickle (a module-level function, or a functools.partial of one), and concurrent runs
+    must not share a directory: give each its own run dir and caches. A worker that dies
+    (out of memory, a crash) fails the runs then in flight; the grid goes on in a new pool.
+
+    `deadline` (a `time.monotonic()` value): no run starts after it; runs already started
+    finish and are written, the rest are in `not_run`."""
     plan = list({point.key: point for point in plan}.values())
     done: dict[str, dict] = {}
     if resume and results.exists():
@@ -97,20 +106,98 @@ def run_grid(
         results.parent.mkdir(parents=True, exist_ok=True)
         results.write_text("")
     todo = [point for point in plan if point.key not in done]
+    todo = todo[:limit] if limit is not None else todo
+    runs = _serial(todo, run, deadline) if workers <= 1 else _parallel(todo, run, workers, deadline)
     failed = []
-    for i, point in enumerate(todo[:limit] if limit is not None else todo):
-        print(f"[{i + 1}/{len(todo)}] {dict(point.tags) or point.key}", flush=True)
+    for point, outcome in runs:
         try:
-            row = json.loads(json.dumps({**point.tags, **run(point)}))
+            if isinstance(outcome, BaseException):
+                raise outcome
+            row = json.loads(json.dumps({**point.tags, **outcome}))
         except Exception as err:  # noqa: BLE001 - one failed run must not lose the others
             failed.append({**point.tags, "error": f"{type(err).__name__}: {err}"})
-            print(f"    FAILED: {type(err).__name__}: {err}", flush=True)
+            print(f"    FAILED {dict(point.tags)}: {type(err).__name__}: {err}", flush=True)
             continue
         done[point.key] = row
         with results.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps({"key": point.key, "row": row}) + "\n")
+        if workers > 1:  # runs finish out of order: say which one this was
+            print(f"    done {dict(point.tags) or point.key}", flush=True)
     rows = [done[point.key] for point in plan if point.key in done]
     return GridResult(rows, failed, [point for point in plan if point.key not in done])
+
+
+# A finished run: its point and what `run` returned, or the exception it raised.
+Outcome = tuple[Point, dict | BaseException]
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
+def _started(i: int, total: int, point: Point) -> None:
+    print(f"[{i + 1}/{total}] {dict(point.tags) or point.key}", flush=True)
+
+
+def _out_of_time(left: int) -> None:
+    print(f"time budget spent: {left} run(s) not started", flush=True)
+
+
+def _serial(
+    todo: list[Point], run: Callable[[Point], dict], deadline: float | None
+) -> Iterator[Outcome]:
+    """The runs one after another in this process, each outcome (its dict or the exception
+    it raised) as it finishes."""
+    for i, point in enumerate(todo):
+        if _past(deadline):
+            _out_of_time(len(todo) - i)
+            return
+        _started(i, len(todo), point)
+        try:
+            outcome: dict | BaseException = run(point)
+        except Exception as err:  # noqa: BLE001 - reported by run_grid
+            outcome = err
+        yield point, outcome
+
+
+def _parallel(
+    todo: list[Point], run: Callable[[Point], dict], workers: int, deadline: float | None
+) -> Iterator[Outcome]:
+    """The runs in `workers` spawned processes (spawn: nothing of this process's state, a
+    CUDA context included, is inherited), each outcome as it finishes."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    def new_pool() -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+    queue = list(enumerate(todo))[::-1]  # popped from the end: plan order
+    pool, running = new_pool(), {}
+    try:
+        while queue or running:
+            while queue and len(running) < workers and not _past(deadline):
+                i, point = queue.pop()
+                _started(i, len(todo), point)
+                running[pool.submit(run, point)] = point
+            if not running:
+                _out_of_time(len(queue))
+                return
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            broken = any(isinstance(f.exception(), BrokenProcessPool) for f in finished)
+            if broken:  # the pool fails every run in flight: collect them all, start anew
+                finished, _ = wait(running)
+            for future in finished:
+                point = running.pop(future)
+                yield point, future.exception() or future.result()
+            if broken:
+                pool.shutdown(wait=False)
+                pool = new_pool()
+    finally:
+        if running:  # stopped early (an interrupt): end the runs in flight, not wait for them
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.terminate()
+        pool.shutdown(wait=not running, cancel_futures=True)
 
 
 def final_metric(metrics: dict) -> dict:
@@ -211,6 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="outputs/sweep")
     parser.add_argument("--resume", action="store_true", help="skip runs already in sweep.jsonl")
     args = parser.parse_args(argv)
+    # here, not at the top: run_grid's worker processes import this module and need
+    # neither torch nor Flower for it
+    from seedlora.serialize import atomic_write_bytes
+
+    from . import inprocess
+
     base, out = parse_sets(args.set), Path(args.out)
     plan = []
     axes = (args.strategies.split(","), args.kinds.split(","), args.seeds.split(","))
@@ -242,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         if holds_run(out / point.tags["name"]):  # a failed or cut run: continue it
             overrides["resume"] = True
         started = time.perf_counter()
-        metrics = simulate(overrides, point.nodes, args.num_cpus, args.num_gpus)
+        metrics = inprocess.simulate(overrides, point.nodes, args.num_cpus, args.num_gpus)
         row = {
             "strategy": overrides["strategy"],
             "kind": overrides["a-kind"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 
 import pytest
 
@@ -148,3 +149,37 @@ def test_ablation_varies_one_knob_at_a_time_at_equal_total_rounds():
     table = quality_tuned.ablation_table(rows, [])
     assert table[0]["knob"] == "lr" and table[0]["final_mean"] == 50.0
     assert table[-1]["value"] == "moot"  # the optimizer is fresh every round
+
+
+def test_workers_run_points_picklably_with_their_own_cache_and_threads():
+    """--workers > 1: quality.run_point with a private link cache at --threads, as a
+    callable a spawned worker can unpickle; --workers 1 is today's in-process run."""
+    args = quality_tuned.parse(["--workers", "3", "--threads", "2"])
+    run = pickle.loads(pickle.dumps(quality_tuned.runner(args)))
+    assert run.func is quality.run_point and run.keywords == {"fresh_cache": True, "threads": 2}
+    assert quality_tuned.runner(quality_tuned.parse([])) is quality.run_point
+    with pytest.raises(ValueError, match="--workers"):
+        quality_tuned.parse(["--workers", "0"])
+
+
+def test_code_cls_eval_size_and_server_device_follow_the_run_config():
+    args = quality_tuned.parse(["--set", "device=cuda"])
+    cls, lm = quality.task_config(args, "code-cls"), quality.task_config(args, "code-lm")
+    assert cls["max-eval-blocks"] == 1024 and lm["max-eval-blocks"] == 64
+    assert cls["server-device"] == lm["server-device"] == "cuda"  # follows device
+    sweep = quality_tuned.sweep_plan(args)
+    assert {p.overrides["server-device"] for p in sweep} == {"cuda"}
+    assert {p.overrides["max-eval-blocks"] for p in sweep if p.tags["task"] == "code-cls"} == {1024}
+    named = quality_tuned.parse(["--set", "max-eval-blocks=16", "--set", "server-device=cpu"])
+    assert quality.task_config(named, "code-cls")["max-eval-blocks"] == 16  # --set wins
+    assert quality.task_config(named, "code-lm")["server-device"] == "cpu"
+    assert quality.task_config(quality_tuned.parse([]), "code-lm")["server-device"] == "cpu"
+
+
+def test_a_spent_time_budget_starts_no_run_and_still_writes_the_result(tmp_path):
+    argv = ["--cells", "code-lm:iid", "--methods", "c3la,fedit", "--seeds", "1"]
+    args = quality_tuned.parse([*argv, "--time-budget", "0", "--out", str(tmp_path)])
+    payload = quality_tuned.run(args)
+    assert payload["completed_runs"] == 0 and payload["not_run"] == 8  # 2 methods x 4 lrs
+    assert payload["options"]["time_budget"] == 0 and payload["goal"]["met"] is False
+    assert (tmp_path / "quality_tuned.runs.jsonl").read_text() == ""

@@ -229,14 +229,14 @@ def test_sweep_keeps_finished_rows_and_prints_a_table(tmp_path, monkeypatch, cap
     """A failed run is reported and the others kept: sweep.json holds the finished rows,
     the table their mean and spread over seeds; the exit code says a run failed."""
     from server.outcome import RunFailed
-    from simulation import sweep
+    from simulation import inprocess, sweep
 
     def simulate(overrides, *args):
         if overrides["strategy"] == "fedadam" and overrides["seed"] == 1:
             raise RunFailed("round 1 accepted no client update (2 sent, 2 rejected)")
         return fake_metrics(60.0 + overrides["seed"] * 2)
 
-    monkeypatch.setattr(sweep, "simulate", simulate)
+    monkeypatch.setattr(inprocess, "simulate", simulate)
     argv = ["--strategies", "fedavg,fedadam", "--seeds", "0,1", "--out", str(tmp_path)]
     assert sweep.main(argv) == 1
     out = capsys.readouterr().out
