@@ -75,7 +75,11 @@ BASE: dict[str, Any] = {
 # accuracy. 1024, capped class-stratified (tasks.partitioning.stratified_cap), gives halves
 # of 514 and 510 with every snippet of the six smaller classes and 257-258 of each of the
 # two largest (either holds 25% of a half, where the largest is 62% of the uncapped set).
-TASK_BASE: dict[str, dict[str, Any]] = {"code-cls": {"max-eval-blocks": 1024}}
+# code-lm at 256 blocks of seq-len tokens: halves of 128 blocks (16k tokens at 128), not 32.
+TASK_BASE: dict[str, dict[str, Any]] = {
+    "code-cls": {"max-eval-blocks": 1024},
+    "code-lm": {"max-eval-blocks": 256},
+}
 
 
 def split_variant(name: str) -> tuple[str, dict[str, Any]]:

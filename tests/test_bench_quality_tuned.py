@@ -165,7 +165,7 @@ def test_workers_run_points_picklably_with_their_own_cache_and_threads():
 def test_code_cls_eval_size_and_server_device_follow_the_run_config():
     args = quality_tuned.parse(["--set", "device=cuda"])
     cls, lm = quality.task_config(args, "code-cls"), quality.task_config(args, "code-lm")
-    assert cls["max-eval-blocks"] == 1024 and lm["max-eval-blocks"] == 64
+    assert cls["max-eval-blocks"] == 1024 and lm["max-eval-blocks"] == 256
     assert cls["server-device"] == lm["server-device"] == "cuda"  # follows device
     sweep = quality_tuned.sweep_plan(args)
     assert {p.overrides["server-device"] for p in sweep} == {"cuda"}
