@@ -131,7 +131,11 @@ _KEY = ModelKey(
 )
 
 
-def test_any_other_key_change_rebuilds_on_the_same_master():
+def test_any_other_key_change_rebuilds_on_the_same_master(monkeypatch):
+    import client.resident
+
+    liger: list[torch.nn.Module] = []  # base-kernels: the build patches its model
+    monkeypatch.setattr(client.resident, "use_liger", liger.append)
     resident = ResidentModel()
     key = _KEY
     with resident.use(key, list, tiny_gpt2) as first:
@@ -151,12 +155,14 @@ def test_any_other_key_change_rebuilds_on_the_same_master():
         {"dropout": 0.1},
         {"precision": "bf16"},
         {"checkpointing": True},
+        {"kernels": "liger"},
         {"quantization": "4bit"},  # side-path mode (the loader stands in for the quantized W0)
     ]
     for change in changes:
         with resident.use(dataclasses.replace(key, **change), list, tiny_gpt2) as model:
             assert model is not first, change
     assert resident.builds == 1 + len(changes)
+    assert len(liger) == 1  # only the build whose key asked for the kernels
     assert resident.bases.loads == 1  # the same W0 and links: the master is reused
     assert {f.name for f in dataclasses.fields(ModelKey)} == {"task", "links", "device"} | {
         k for c in changes for k in c
