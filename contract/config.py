@@ -156,7 +156,7 @@ class TrainConfig(Section):
     local_epochs: float = F(1.0, "epochs per round when local-steps = 0", gt=0)
     batch_size: int = F(8, "training batch size", gt=0)
     eval_batch_size: int = F(32, "evaluation batch size", gt=0)
-    lr: float = F(2e-3, "client learning rate (the peak, with a schedule)", gt=0)
+    lr: float = F(1e-2, "client learning rate (the peak, with a schedule)", gt=0)
     lr_schedule: Literal["constant", "cosine", "linear"] = F(
         "constant", "client lr over the run's global rounds, set by the server each round"
     )
