@@ -328,15 +328,14 @@ def pareto(rows: Sequence[dict], task: str, part: str, path: Path) -> Path | Non
             if _finite(s.get(r["metric"])):
                 points.append((mb, s[r["metric"]]))
         lines.setdefault(r["method"], []).append(points)
+    colors = plt_colors(len(lines))
     with figure(path, figsize=(7, 5)) as (_, ax):
         for i, (method, runs) in enumerate(sorted(lines.items())):
             n = min(len(p) for p in runs)
             xs = [sum(p[k][0] for p in runs) / len(runs) for k in range(n)]
             ys = [sum(p[k][1] for p in runs) / len(runs) for k in range(n)]
             style = "s--" if method == "fedit" else "o-"
-            ax.plot(
-                xs, ys, style, color=f"C{i % 10}", markersize=3, label=f"{method} (n={len(runs)})"
-            )
+            ax.plot(xs, ys, style, color=colors[i], markersize=3, label=f"{method} (n={len(runs)})")
         ax.axhline(finals[0]["base"], color="grey", linestyle=":", label="base model")
         ax.set_xscale("log")
         ax.set_xlabel("cumulative uploaded MB (all clients)")
@@ -349,6 +348,14 @@ def pareto(rows: Sequence[dict], task: str, part: str, path: Path) -> Path | Non
 
 def _tasks(args: argparse.Namespace) -> list[str]:
     return sorted({cell.split(":")[0] for cell in args.cells})
+
+
+def plt_colors(n: int) -> list[Any]:
+    """`n` distinct colours (tab20 has 20; the default cycle repeats after 10)."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    return [cmap(i % 20) for i in range(n)]
 
 
 def _lines(path: Path) -> int:
