@@ -86,7 +86,8 @@ def split_variant(name: str) -> tuple[str, dict[str, Any]]:
     """`c3la@r4@lr0.001` -> ("c3la", {"rank": 4, "lr": 0.001}); `fedit` -> ("fedit", {}).
 
     Suffixes: @r<rank>, @lr<lr>, @int8 (int8 uploads), @L<links>x<rounds> (a chain of that
-    many links of that many rounds each, e.g. @L6x1)."""
+    many links of that many rounds each, e.g. @L6x1), @fB (frozen-factor B: B seeded and
+    frozen, A trained and sent, sum(n_in) r numbers a round instead of sum(n_out) r)."""
     base, *suffixes = name.split("@")
     if base not in VARIANTS:
         raise ValueError(f"unknown method {name!r}; expected one of {sorted(VARIANTS)}")
@@ -99,11 +100,13 @@ def split_variant(name: str) -> tuple[str, dict[str, Any]]:
             changes["rank"] = int(suffix[1:])
         elif suffix == "int8":
             changes["upload-codec"] = "int8"
+        elif suffix == "fB":
+            changes["frozen-factor"] = "B"
         elif suffix.startswith("L") and links.isdigit() and rounds.isdigit():
             changes |= {"num-links": int(links), "rounds-per-link": int(rounds)}
         else:
             raise ValueError(
-                f"method {name!r}: suffix @{suffix} is not @r<rank>, @lr<lr>, @int8 or "
+                f"method {name!r}: suffix @{suffix} is not @r<rank>, @lr<lr>, @int8, @fB or "
                 "@L<links>x<rounds>"
             )
     return base, changes

@@ -92,6 +92,10 @@ def default_methods(base: dict[str, Any]) -> list[str]:
     # embedded GPT-2; at 7/8 of r it is 0.49x, under the goal's 0.5x.
     half = f"@r{base['rank'] * 7 // 8}"
     chains = ["c3la", "r-c3la", "rac-lora", "seedcore", f"c3la{half}", f"rac-lora{half}"]
+    # The other role: B seeded and frozen, A trained, sum(n_in) r numbers a round, 0.44x
+    # FedIT's on the embedded GPT-2 (its MLP widens 192 -> 768), 0.49x at 9/8 of r.
+    swapped = f"@fB@r{base['rank'] * 9 // 8}"
+    chains += ["c3la@fB", "rac-lora@fB", f"c3la{swapped}", f"rac-lora{swapped}"]
     return [*chains, "ffa", "fedit", f"c3la{r2}", "c3la@int8", f"c3la{r2}@int8", f"c3la{longer}"]
 
 

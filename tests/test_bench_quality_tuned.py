@@ -109,6 +109,9 @@ def test_options_and_default_methods():
         {"num-links": 6, "rounds-per-link": 1, "upload-codec": "int8"},
     )
     assert "c3la@r7" in args.methods and "rac-lora@r7" in args.methods  # 0.49x FedIT's bytes
+    assert "rac-lora@fB@r9" in args.methods  # the other role, 0.49x FedIT's bytes
+    swapped = {"frozen-factor": "B", "rank": 9}
+    assert quality.split_variant("rac-lora@fB@r9") == ("rac-lora", swapped)
     # 5 points a method; the widened grids keep the first run's points (its runs reused)
     assert quality_tuned.lr_grid(args, "seedcore") == [0.00585, 0.01, 0.0171, 0.0292, 0.05]
     assert quality_tuned.lr_grid(args, "fedit") == [0.00215, 0.00464, 0.01, 0.0215, 0.0464]
