@@ -109,6 +109,8 @@ class CoreLoRALayer(nn.Module):
         self.lora_R = nn.Parameter(torch.zeros(spec.rank, spec.rank, **like))
         self.register_buffer("frozen_A", None, persistent=False)
         self.register_buffer("frozen_B", None, persistent=False)
+        # block kinds: the rows B scatters into; a buffer, so `.to(device)` moves it too
+        self.register_buffer("rows", None, persistent=False)
         self.set_spec(spec)
 
     def set_spec(self, spec: ASpec) -> None:
@@ -119,7 +121,7 @@ class CoreLoRALayer(nn.Module):
         self.scaling = core_scaling(spec, self.alpha)
         self.frozen_A = None if spec.is_block else spec.dense().to(device)
         self.frozen_B = None if bs.is_block else bs.dense().t().contiguous().to(device)
-        self._rows = bs.columns().to(device) if bs.is_block else None
+        self.rows = bs.columns().to(device) if bs.is_block else None
         zero_(self.lora_R)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,7 +133,7 @@ class CoreLoRALayer(nn.Module):
         h = F.linear(h, r) * self.scaling  # (..., r)
         if self.frozen_B is not None:
             return y + F.linear(h, self.frozen_B.to(h.dtype)).to(y.dtype)
-        return y.index_add(-1, self._rows, h.to(y.dtype))
+        return y.index_add(-1, self.rows, h.to(y.dtype))
 
     def delta_weight(self) -> torch.Tensor:
         """The dense update `s B0 R A0`: (n_out, n_in), float32 on R's device, detached.

@@ -70,6 +70,8 @@ class SwappedLoRALayer(nn.Module):
         like = wrap_frozen_base(self, base, alpha, spec, dropout, swapped=True)
         self.lora_A = nn.Parameter(torch.zeros(spec.rank, spec.n_out, **like))
         self.register_buffer("frozen_B", None, persistent=False)
+        # block kinds: the rows B scatters into; a buffer, so `.to(device)` moves it too
+        self.register_buffer("rows", None, persistent=False)
         self.set_spec(spec)
 
     def set_spec(self, spec: ASpec) -> None:
@@ -77,7 +79,7 @@ class SwappedLoRALayer(nn.Module):
         self.spec = spec
         device = self.base.weight.device
         self.frozen_B = None if spec.is_block else spec.dense().t().contiguous().to(device)
-        self._rows = spec.columns().to(device) if spec.is_block else None
+        self.rows = spec.columns().to(device) if spec.is_block else None
         with torch.no_grad():
             self.lora_A.zero_()
 
@@ -89,7 +91,7 @@ class SwappedLoRALayer(nn.Module):
         h = F.linear(self.dropout(x).to(a.dtype), a) * self.scaling
         if self.frozen_B is not None:
             return y + F.linear(h, self.frozen_B.to(h.dtype)).to(y.dtype)
-        return y.index_add(-1, self._rows, h.to(y.dtype))
+        return y.index_add(-1, self.rows, h.to(y.dtype))
 
     def delta_weight(self) -> torch.Tensor:
         """The dense update `(alpha/r) B A`: (n_out, n_in), float32, on A's device, detached.

@@ -148,3 +148,21 @@ def test_rank_is_bounded_by_n_out_only_when_a_is_trained(kind):
     narrow = torch.nn.Sequential(torch.nn.Linear(100, 1))
     with pytest.raises(ValueError, match="rank: 10 exceeds"):
         inject(narrow, ["0"], kind=kind, seed=0, rank=10, alpha=20.0, frozen="B")
+
+
+@pytest.mark.parametrize("layer_cls", ["swapped", "core"])
+def test_block_rows_follow_the_module_to_another_device(layer_cls):
+    """A block B scatters into rows held as an index tensor: it must move with the module
+    (it was a plain attribute, left on the CPU by `.to("cuda")`, and index_add failed)."""
+    from seedlora.core import CoreLoRALayer
+    from seedlora.spec import ASpec
+
+    base = torch.nn.Linear(24, 32)
+    if layer_cls == "swapped":
+        layer = SwappedLoRALayer(base, frozen_spec("circulant", 0, 0, 4, "l", base), 8.0)
+    else:
+        layer = CoreLoRALayer(base, ASpec("circulant", 0, 0, 4, "l", 24, 32), 8.0)
+    assert layer.rows is not None and layer.rows.device.type == "cpu"
+    layer.to("meta")
+    assert layer.rows.device.type == "meta"
+    assert "rows" not in layer.state_dict()  # derived from the seed, never saved or sent
