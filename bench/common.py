@@ -41,16 +41,23 @@ THROUGHPUT_RUN: dict[str, Any] = {
 }
 
 
+def _git(*args: str) -> str:
+    out = subprocess.run(
+        ["git", *args],
+        cwd=Path(__file__).resolve().parent,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip()
+
+
 def git_commit() -> str:
+    """HEAD's short hash, with "+changes" when tracked files differ from it (a copied
+    working tree, such as the GPU machine's, can carry an older .git than its files)."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return out.stdout.strip()
+        commit = _git("rev-parse", "--short", "HEAD")
+        return commit + ("+changes" if _git("status", "--porcelain", "-uno") else "")
     except (OSError, subprocess.CalledProcessError):
         return os.environ.get("SEEDLORA_COMMIT", "unknown")
 
