@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .layer import add_low_rank, describe, project, wrap_frozen_base, zero_
+from .layer import add_low_rank, describe, expand, frozen_b, project, wrap_frozen_base, zero_
 from .spec import ASpec
 
 CORE = "AB"  # a link's `frozen` when both factors are seeded (seedcore)
@@ -120,8 +120,7 @@ class CoreLoRALayer(nn.Module):
         self.spec = spec
         self.scaling = core_scaling(spec, self.alpha)
         self.frozen_A = None if spec.is_block else spec.dense().to(device)
-        self.frozen_B = None if bs.is_block else bs.dense().t().contiguous().to(device)
-        self.rows = bs.columns().to(device) if bs.is_block else None
+        self.frozen_B, self.rows = frozen_b(bs, device)
         zero_(self.lora_R)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,9 +130,7 @@ class CoreLoRALayer(nn.Module):
         r = self.lora_R
         h = project(self.dropout(x), self.spec, self.frozen_A).to(r.dtype)
         h = F.linear(h, r) * self.scaling  # (..., r)
-        if self.frozen_B is not None:
-            return y + F.linear(h, self.frozen_B.to(h.dtype)).to(y.dtype)
-        return y.index_add(-1, self.rows, h.to(y.dtype))
+        return expand(y, h, self.frozen_B, self.rows)
 
     def delta_weight(self) -> torch.Tensor:
         """The dense update `s B0 R A0`: (n_out, n_in), float32 on R's device, detached.

@@ -59,6 +59,26 @@ def project(x: torch.Tensor, spec: ASpec, a: torch.Tensor | None) -> torch.Tenso
     return x.index_select(-1, spec.columns().to(x.device))
 
 
+def frozen_b(spec: ASpec, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dense B, rows) of a seeded frozen B whose transposed spec is `spec` (r, n_out): for
+    the gaussian kind B (n_out, r) and no rows; for a block kind no dense B (it is
+    `[0; I_r; 0]`) and the r output rows `B h` scatters into. Both on `device`; hold them
+    as buffers, so they follow the module to another device."""
+    if spec.is_block:
+        return None, spec.columns().to(device)
+    return spec.dense().t().contiguous().to(device), None
+
+
+def expand(
+    y: torch.Tensor, h: torch.Tensor, b: torch.Tensor | None, rows: torch.Tensor | None
+) -> torch.Tensor:
+    """`y + B h` over the last dimension, in y's dtype: a matmul with the dense B, or for a
+    block B (`b` None) a scatter-add of h (..., r) into `rows` of y (..., n_out)."""
+    if b is not None:
+        return y + F.linear(h, b.to(h.dtype)).to(y.dtype)
+    return y.index_add(-1, rows, h.to(y.dtype))
+
+
 def wrap_frozen_base(
     adapter: nn.Module, base: nn.Module, alpha: float, spec: ASpec, dropout: float, swapped: bool
 ) -> dict:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .layer import add_low_rank, describe, layer_shape, wrap_frozen_base, zero_
+from .layer import add_low_rank, describe, expand, frozen_b, layer_shape, wrap_frozen_base, zero_
 from .spec import ASpec, Kind
 
 TRAINED_A = "B"  # value of `frozen` (run-config frozen-factor) that selects this layer
@@ -77,9 +77,7 @@ class SwappedLoRALayer(nn.Module):
     def set_spec(self, spec: ASpec) -> None:
         """Switch to another B-spec (a new chain index: its B) and zero A."""
         self.spec = spec
-        device = self.base.weight.device
-        self.frozen_B = None if spec.is_block else spec.dense().t().contiguous().to(device)
-        self.rows = spec.columns().to(device) if spec.is_block else None
+        self.frozen_B, self.rows = frozen_b(spec, self.base.weight.device)
         with torch.no_grad():
             self.lora_A.zero_()
 
@@ -89,9 +87,7 @@ class SwappedLoRALayer(nn.Module):
         y = self.base(x)
         a = self.lora_A
         h = F.linear(self.dropout(x).to(a.dtype), a) * self.scaling
-        if self.frozen_B is not None:
-            return y + F.linear(h, self.frozen_B.to(h.dtype)).to(y.dtype)
-        return y.index_add(-1, self.rows, h.to(y.dtype))
+        return expand(y, h, self.frozen_B, self.rows)
 
     def delta_weight(self) -> torch.Tensor:
         """The dense update `(alpha/r) B A`: (n_out, n_in), float32, on A's device, detached.
