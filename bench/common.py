@@ -152,7 +152,7 @@ def run_child(
     `num_gpus`, `init_args` (Ray), `probe` (a simulation.probe log of the client calls and
     grid waits). Returns `completed`, `process_wall_s` and the child's result (its wall
     clock `start`/`end`, `run_wall_s`, `torch_threads`, `metrics`) or `why` and `log_tail`."""
-    from simulation.processes import run, tail
+    from contract.processes import run, tail
 
     tag = spec["overrides"]["run-name"]
     spec_path, result = workdir / f"{tag}.spec.json", workdir / f"{tag}.result.json"

@@ -1,123 +1,102 @@
-"""The ClientApp: rebuild the global base from the links, train or evaluate B, reply.
+"""The ClientApp: a thin relay to the node's resident trainer (client/trainer.py).
 
-The same app runs in Ray simulation and on a real `flower-supernode`: its data
-partition comes from the node config (`partition-id`, `num-partitions`), its device
-from the run config (`device`, default auto: the GPU Ray assigned, else the CPU).
+In a deployment Flower starts a fresh `flwr-clientapp` process for every message, so a
+model built there would be rebuilt, and the data re-tokenized, for every message. The
+data owner therefore runs `python -m client.node`, which keeps a node worker
+(client/worker.py) beside the SuperNode and tells the SuperNode where it listens (node
+config `worker-socket`); this app hands each train or evaluate message to that worker
+over the Unix socket and returns its reply. Its import path is Flower and the standard
+library only: no torch, no transformers.
+
+Without `worker-socket` (the simulation, the in-process harness, a plain
+`flower-supernode`) the trainer runs in this process, as it always did: in the simulation
+the Ray actor lives across messages, so its resident model does too. A deployed node
+started without the worker says so once in its log, naming the command. With
+`worker-socket` set and no worker answering, the message fails naming the command rather
+than building the model here beside a worker that may hold the device (the server logs
+the error; the node's next message tries the worker again). A worker that does not answer
+within the round's `round-timeout` fails the message the same way.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import time
-from collections.abc import Iterator, Mapping
+import sys
+from collections.abc import Mapping
+from logging import INFO, WARNING
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 
 from contract import protocol as p
-from contract.config import RunConfig
-from seedlora import a_digest, load_trainable_state
-from tasks.devices import autocast, check_device, pick_device
+from contract import worker_wire as wire
 
-from .links import LinkCache, default_cache_dir
-from .local import as_floats, cpu_state, release, train_partition
-from .model import link_model, node_task
-from .secure import secure_mod
-from .uploads import fit_rank, pack, residuals
+ROUND_TIMEOUT = "round-timeout"  # run config: how long the server waits for a reply
+DEFAULT_TIMEOUT_S = 600.0  # contract.config's default round-timeout
 
 
-@contextlib.contextmanager
-def _prepare(msg: Message, context: Context, cfg: RunConfig) -> Iterator[tuple]:
-    """(task, model on device with the global state loaded, partition id, device), for the
-    length of this message's work; the model is this process's resident one."""
-    task, partition_id = node_task(context, cfg)
-    config = msg.content[p.CONFIG]
-    cache = LinkCache(
-        context.node_config.get("cache-dir", default_cache_dir()), cfg.task.model_name
-    )
-    record = msg.content.config_records.get(p.LINKS)
-    links = functools.partial(cache.resolve, record, str(config[p.LINKS_DIGEST]))
-    device = check_device(pick_device(cfg.train.device))
-    try:
-        with link_model(cfg, task, config, links, device) as model:
-            load_trainable_state(model, msg.content[p.ARRAYS].to_torch_state_dict())
-            yield task, model, partition_id, device
-    finally:
-        release(device)
+def _in_ray_actor() -> bool:
+    """True in the simulation's Ray actors, which keep the trainer alive themselves."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
-def _reply(
-    msg: Message, context: Context, partition_id: int, records: dict, digest: str
-) -> Message:
-    config = msg.content[p.CONFIG]
-    echo = p.echo_record(config, context.run_id, partition_id, digest)
-    return Message(RecordDict({**records, p.ECHO: echo}), reply_to=msg)
+class Relay:
+    """Hands train and evaluate messages to the node worker, or to a trainer in this
+    process when the node config names none. `overrides` (dash keys) win over the run
+    config (see server.app)."""
 
+    def __init__(self, overrides: Mapping[str, Any] | None = None):
+        self.overrides = dict(overrides or {})
+        self._trainer: ClientApp | None = None
+        self._told = False
 
-def train_b(msg: Message, context: Context, cfg: RunConfig) -> Message:
-    """Train this link's B (and heads) on the local partition; reply with them."""
-    t0, started = time.perf_counter(), time.time()
-    config = msg.content[p.CONFIG]
-    with _prepare(msg, context, cfg) as (task, resident, partition_id, device):
-        digest = a_digest(resident)  # of the link's full-rank A's, once per link (cached)
-        model = fit_rank(resident, cfg, context.node_config, partition_id)
-        received = {}  # compressed uploads send trained - received; float32 sends the state
-        if cfg.upload.upload_codec != "float32":
-            received = {k: v.clone() for k, v in cpu_state(model).items()}  # may alias
-        server_round = int(config[p.SERVER_ROUND])
-        mu = float(config.get(p.PROXIMAL_MU, 0.0))
-        lr = float(config.get(p.LR, cfg.train.lr))  # the server's schedule sets it per round
-        result = train_partition(model, task, partition_id, server_round, cfg, device, mu, lr)
-        link = (int(config[p.CHAIN_INDEX]), str(config[p.LINKS_DIGEST]), server_round)
-        # ArrayRecord serialises, so the reply owns its bytes before the model is released
-        # (cpu_state of a float32 CPU model aliases the resident parameters).
-        arrays = ArrayRecord(pack(cpu_state(model), received, cfg, residuals(context), link))
-        del model
-    bytes_down = sum(r.count_bytes() for r in msg.content.array_records.values())
-    metrics = MetricRecord(
-        {
-            p.NUM_EXAMPLES: result.num_examples,
-            p.TRAIN_LOSS: result.loss,
-            p.TRAIN_TIME: time.perf_counter() - t0,
-            p.TRAIN_START: started,
-            p.BYTES_UP: arrays.count_bytes(),
-            p.BYTES_DOWN: bytes_down,
-            **({p.DP_WEIGHT: 1.0} if cfg.privacy.dp_clip > 0 else {}),
-        }
-    )
-    records = {p.ARRAYS: arrays, p.METRICS: metrics}
-    return _reply(msg, context, partition_id, records, digest)
+    def trainer(self) -> ClientApp:
+        if self._trainer is None:
+            from .trainer import build_trainer_app  # torch and the model: only here
 
+            self._trainer = build_trainer_app(self.overrides)
+        return self._trainer
 
-def evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
-    """Evaluate the global model (base + links + global B) on the local held-out files."""
-    with (
-        _prepare(msg, context, cfg) as (task, model, partition_id, device),
-        autocast(device, cfg.train.precision),
-    ):
-        digest = a_digest(model)
-        dataset = task.eval_dataset(partition_id)
-        metrics = task.evaluate(model, dataset, cfg.train.eval_batch_size, device)
-    records = {p.METRICS: MetricRecord(as_floats(metrics))}
-    return _reply(msg, context, partition_id, records, digest)
+    def __call__(self, msg: Message, context: Context) -> Message:
+        path = context.node_config.get(wire.WORKER_SOCKET)
+        if not path:
+            if not self._told and not _in_ray_actor():
+                log(
+                    INFO,
+                    "no node worker (node config %r unset): training in this ClientApp "
+                    "process, which rebuilds the model every message; start the node with "
+                    "`%s` to keep it resident",
+                    wire.WORKER_SOCKET,
+                    wire.NODE_COMMAND,
+                )
+                self._told = True
+            return self.trainer()(msg, context)
+        context.run_config = {**context.run_config, **self.overrides}
+        timeout = float(context.run_config.get(ROUND_TIMEOUT, DEFAULT_TIMEOUT_S))
+        try:
+            reply, state = wire.exchange(str(path), msg, context, timeout)
+        except wire.WorkerError as err:
+            log(WARNING, "%s", err)
+            raise
+        context.state = state  # SecAgg+ keeps its stage in the node state
+        return reply
 
 
 def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
-    """A ClientApp; `overrides` (dash keys) win over the run config (see server.app)."""
+    """The ClientApp: train and evaluate through the `Relay`, and the partition query
+    (strategies/sampling.py) answered here, since it needs no model."""
     client_app = ClientApp()
+    relay = Relay(overrides)
 
-    def config(context: Context) -> RunConfig:
-        return RunConfig.from_flower({**context.run_config, **(overrides or {})})
-
-    @client_app.train(mods=[secure_mod(config)])
+    @client_app.train()
     def _train(msg: Message, context: Context) -> Message:
-        return train_b(msg, context, config(context))
+        return relay(msg, context)
 
     @client_app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
-        return evaluate(msg, context, config(context))
+        return relay(msg, context)
 
     @client_app.query(p.PARTITION_ACTION)
     def _partition(msg: Message, context: Context) -> Message:

@@ -1,4 +1,4 @@
-"""The process tree below a pid, from /proc: what the launcher (simulation/processes.py)
+"""The process tree below a pid, from /proc: what the process runner (contract/processes.py)
 and the ServerApp's launcher watchdog (server/watchdog.py) both need to stop a run.
 
 It lives here, below both, because server/ and simulation/ must not share code any other

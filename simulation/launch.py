@@ -66,7 +66,7 @@ from types import FrameType
 from typing import IO, Any
 
 from simulation.precheck import PrecheckError, check
-from simulation.processes import die_with_parent, start, stop_process_tree, tail
+from contract.processes import die_with_parent, start, stop_process_tree, tail
 
 CONNECTION = "launch"  # name of the SuperLink connection in the private FLWR_HOME
 STARTUP_TIMEOUT_S = 60.0

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import collections
+import functools
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,6 +23,24 @@ if TYPE_CHECKING:  # the config is validated without loading torch or datasets
 # partitions). At the default caps a dataset is about 1 MB (256 blocks x 128 tokens x 3
 # int64 columns), so 512 partitions per process cost up to ~1 GB.
 DATASET_CACHE = 1024
+D = TypeVar("D")
+
+# Datasets this process tokenized, by split ("train", "eval", "central"): a node worker
+# reports them, so a benchmark can check that each node tokenizes its partition once.
+TOKENIZED: collections.Counter[str] = collections.Counter()
+
+
+def dataset_cache(build: Callable[[TaskConfig, int | None, str], D]) -> Callable[..., D]:
+    """`build(config, partition_id, which)` cached per process (DATASET_CACHE entries),
+    counting in TOKENIZED what it makes."""
+
+    @functools.lru_cache(maxsize=DATASET_CACHE)
+    @functools.wraps(build)
+    def cached(config: TaskConfig, partition_id: int | None, which: str) -> D:
+        TOKENIZED["central" if partition_id is None else which] += 1
+        return build(config, partition_id, which)
+
+    return cached
 
 
 def _kebab(name: str) -> str:

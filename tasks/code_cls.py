@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tasks.base import DATASET_CACHE, Task, TaskConfig
+from tasks.base import Task, TaskConfig, dataset_cache
 from tasks.blocks import pack
 from tasks.code_lm import federated_token_ids
 from tasks.corpus import split_corpus
@@ -103,7 +103,7 @@ def class_names(config: TaskConfig) -> tuple[str, ...]:
     return tuple(label_names(train, evals, config.label_column))
 
 
-@functools.lru_cache(maxsize=DATASET_CACHE)
+@dataset_cache
 def cls_dataset(config: TaskConfig, partition_id: int | None, which: str) -> datasets.Dataset:
     """Capped client (or central, partition_id=None) dataset of `which` in {"train", "eval"}."""
     part, limit, rng_key = client_rows(

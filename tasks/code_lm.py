@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tasks.base import DATASET_CACHE, Task, TaskConfig
+from tasks.base import Task, TaskConfig, dataset_cache
 from tasks.blocks import encode, pack
 from tasks.corpus import split_corpus
 from tasks.models import EMBEDDED, embedded_seen_packages, load_causal_lm, load_tokenizer
@@ -78,7 +78,7 @@ def _stdlib_pools(config: TaskConfig) -> tuple[datasets.Dataset, datasets.Datase
     return pools[0], pools[1], natural_by
 
 
-@functools.lru_cache(maxsize=DATASET_CACHE)
+@dataset_cache
 def lm_dataset(config: TaskConfig, partition_id: int | None, which: str) -> datasets.Dataset:
     """Capped client (or central, partition_id=None) dataset of `which` in {"train", "eval"}."""
     part, limit, rng_key = client_rows(

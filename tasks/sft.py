@@ -25,14 +25,13 @@ At the end of a run the server writes a few greedy completions of held-out promp
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
 import torch
 
-from tasks.base import DATASET_CACHE, TaskConfig
+from tasks.base import TaskConfig, dataset_cache
 from tasks.chat import ASSISTANT, conversation, encode_masked, has_template, prompt_text
 from tasks.code_lm import COLUMNS, CodeLMTask
 from tasks.models import load_tokenizer
@@ -68,7 +67,7 @@ def examples_dataset(
     return datasets.Dataset.from_dict(rows, features=features).with_format("torch")
 
 
-@functools.lru_cache(maxsize=DATASET_CACHE)
+@dataset_cache
 def sft_dataset(config: TaskConfig, partition_id: int | None, which: str) -> datasets.Dataset:
     """Capped client (or central, partition_id=None) examples of `which` ("train", "eval");
     `config.dataset` already names the data (SFTTask resolves "")."""

@@ -31,7 +31,7 @@ from simulation.launch import (
     wait_until_ready,
     write_flower_config,
 )
-from simulation.processes import descendants, start, stop_process_tree
+from contract.processes import descendants, start, stop_process_tree
 from tests.certs import Tls
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,6 +159,30 @@ class Federation:
             cmd += ["--auth-supernode-private-key", str(auth_key)]
         env = {**self.env, "SEEDLORA_CACHE": str(cache)} if cache else None
         return self._start(name, cmd, env)
+
+    def start_node(
+        self, name: str, partitions: str, num_partitions: int, *extra: str
+    ) -> subprocess.Popen:
+        """The data owner's command (`python -m client.node`): a node worker and one
+        SuperNode per partition in `partitions` ("0" or "0,1"); logs in `root/name/`."""
+        cmd = [
+            sys.executable,
+            "-m",
+            "client.node",
+            "--superlink",
+            f"127.0.0.1:{self.port}",
+            "--insecure",
+            "--partition-id",
+            partitions,
+            "--num-partitions",
+            str(num_partitions),
+            "--socket",
+            str(self.root / f"{name}.sock"),
+            "--log-dir",
+            str(self.root / name),
+            *extra,
+        ]
+        return self._start(name, cmd)
 
     def kill(self, name: str) -> None:
         """SIGKILL a process and its children (its process group): a machine dying."""

@@ -9,7 +9,7 @@ import pytest
 
 from simulation.launch import free_port
 from simulation.local_superlink import managed_pids
-from simulation.processes import alive, descendants
+from contract.processes import alive, descendants
 
 REPO = Path(__file__).resolve().parents[1]
 

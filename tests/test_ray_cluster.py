@@ -27,7 +27,7 @@ import pytest
 
 from simulation.launch import OFFLINE_ENV, free_port
 from simulation.probe import CLIENT, GRID, read
-from simulation.processes import stop_process_tree, wait_gone
+from contract.processes import stop_process_tree, wait_gone
 
 REPO = Path(__file__).resolve().parents[1]
 # Ray replaces 127.0.0.1 by the machine's address unless told this is a one-machine

@@ -93,7 +93,7 @@ def test_launcher_sigkill_leaves_no_process_and_no_second_writer(
     SuperLink, the simulation, Ray and its actors all end, and the run folder is free."""
     from contract.config import RunConfig
     from server import rundir
-    from simulation.processes import descendants, wait_gone
+    from contract.processes import descendants, wait_gone
     from tests.processes import wait_for
 
     overrides = tiny_overrides(tiny_lm_dir, tiny_text_dir, tmp_path, "killed")

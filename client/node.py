@@ -1,0 +1,182 @@
+"""One command per data owner: the node worker and its SuperNode(s), started and stopped
+together.
+
+    python -m client.node --superlink HOST:9092 --insecure --partition-id 0 --num-partitions 2
+
+starts a node worker (client/worker.py: the resident trainer) and one `flower-supernode`
+per partition id (`--partition-id 0,1` serves two partitions of one machine with one
+worker and one resident base), each told where the worker listens (node config
+`worker-socket`). It then watches them: a worker that dies is restarted (it catches up
+from the link cache like a fresh node; the message it was serving is lost, and the server
+counts that node's reply as missing for that round only); a SuperNode that exits ends the
+command. Ctrl-C or SIGTERM stops everything; every child also gets a parent-death signal,
+so a SIGKILL of this command stops the worker and the SuperNodes too (Linux: `prctl`;
+elsewhere only Ctrl-C and SIGTERM clean up). Arguments after `--` go to every
+`flower-supernode` unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+from contract import worker_wire as wire
+from contract.processes import start, stop_process_tree
+
+log = logging.getLogger("seedlora.node")
+POLL_S = 0.2
+READY_TIMEOUT_S = 120.0  # the worker binds its socket before importing the trainer
+MAX_QUICK_RESTARTS = 5  # a worker dying this often within QUICK_S is broken: stop
+QUICK_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--superlink", required=True, help="the SuperLink's Fleet API host:port")
+    parser.add_argument("--insecure", action="store_true", help="no TLS (tests, one machine)")
+    parser.add_argument("--root-certificates", help="CA certificate of the SuperLink (TLS)")
+    parser.add_argument("--partition-id", required=True, help="this node's partition(s): 0 or 0,1")
+    parser.add_argument("--num-partitions", required=True, type=int)
+    parser.add_argument("--node-config", default="", help="more node config (key=value ...)")
+    parser.add_argument("--cache-dir", help="link cache (default ~/.cache/seedlora)")
+    parser.add_argument("--socket", type=Path, help="the worker's socket (default: per pid)")
+    parser.add_argument("--log-dir", type=Path, help="worker.log and supernode-<i>.log here")
+    parser.add_argument("--worker-app", default=None, help=argparse.SUPPRESS)  # tests/bench
+    args = parser.parse_args(argv)
+    try:
+        args.partitions = [int(p) for p in str(args.partition_id).split(",")]
+    except ValueError:
+        parser.error(f"--partition-id: {args.partition_id!r} is not an integer or a list 0,1")
+    bad = [p for p in args.partitions if not 0 <= p < args.num_partitions]
+    if bad:
+        parser.error(f"--partition-id: {bad} not in 0..{args.num_partitions - 1}")
+    if not args.insecure and not args.root_certificates:
+        parser.error("--insecure or --root-certificates: say how to reach the SuperLink")
+    return args, extra
+
+
+class Node:
+    """The worker and the SuperNodes of one data owner, and what keeps them running."""
+
+    def __init__(self, args: argparse.Namespace, extra: list[str]):
+        self.args, self.extra = args, extra
+        self.socket = args.socket or wire.socket_dir() / f"worker-{os.getpid()}.sock"
+        self.logs = args.log_dir
+        self.worker: subprocess.Popen | None = None
+        self.supernodes: list[subprocess.Popen] = []
+        self.restarts: list[float] = []
+
+    def _log(self, name: str) -> Path | None:
+        if self.logs is None:
+            return None
+        self.logs.mkdir(parents=True, exist_ok=True)
+        return self.logs / f"{name}.log"
+
+    def start_worker(self) -> None:
+        cmd = [sys.executable, "-m", "client.worker", "--socket", str(self.socket)]
+        if self.args.worker_app:
+            cmd += ["--app", self.args.worker_app]
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
+        self.worker = start(cmd, self._append_log("worker"))
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not self.socket.exists():
+            if self.worker.poll() is not None:
+                raise SystemExit(f"the node worker exited with code {self.worker.returncode}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the node worker did not listen on {self.socket}")
+            time.sleep(0.05)
+        log.info("node worker pid %d listens on %s", self.worker.pid, self.socket)
+
+    def _append_log(self, name: str) -> Path | None:
+        path = self._log(name)
+        if path is not None and path.exists():  # a restarted worker keeps the old log
+            path.rename(path.with_suffix(f".{int(time.time() * 1000)}.log"))
+        return path
+
+    def node_config(self, partition: int) -> str:
+        parts = [
+            f"partition-id={partition}",
+            f"num-partitions={self.args.num_partitions}",
+            f"{wire.WORKER_SOCKET}='{self.socket}'",  # a TOML literal string
+        ]
+        if self.args.cache_dir:
+            parts.append(f"cache-dir='{self.args.cache_dir}'")
+        return " ".join([*parts, self.args.node_config]).strip()
+
+    def start_supernodes(self) -> None:
+        binary = str(Path(sys.executable).parent / "flower-supernode")
+        tls = ["--insecure"] if self.args.insecure else []
+        if self.args.root_certificates:
+            tls = ["--root-certificates", self.args.root_certificates]
+        for i, partition in enumerate(self.args.partitions):
+            cmd = [binary, *tls, "--superlink", self.args.superlink, "--port", str(free_port())]
+            cmd += ["--node-config", self.node_config(partition), *self.extra]
+            self.supernodes.append(start(cmd, self._log(f"supernode-{i}")))
+            log.info("supernode pid %d serves partition %d", self.supernodes[-1].pid, partition)
+
+    def watch(self) -> int:
+        """Restart a dead worker; return when a SuperNode exits (its exit code)."""
+        while True:
+            for proc in self.supernodes:
+                if proc.poll() is not None:
+                    log.error("supernode pid %d exited with code %d", proc.pid, proc.returncode)
+                    return proc.returncode or 1
+            assert self.worker is not None
+            if self.worker.poll() is not None:
+                now = time.monotonic()
+                self.restarts = [t for t in self.restarts if now - t < QUICK_S] + [now]
+                if len(self.restarts) > MAX_QUICK_RESTARTS:
+                    log.error("the worker died %d times in %.0f s", len(self.restarts), QUICK_S)
+                    return 1
+                log.warning("node worker exited with code %s: restarting", self.worker.returncode)
+                self.start_worker()
+            time.sleep(POLL_S)
+
+    def stop(self) -> None:
+        for proc in [*self.supernodes, *([self.worker] if self.worker else [])]:
+            stop_process_tree(proc)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
+
+
+def _raise_exit(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s node %(message)s")
+    signal.signal(signal.SIGTERM, _raise_exit)
+    node = Node(args, extra)
+    try:
+        node.start_worker()
+        node.start_supernodes()
+        return node.watch()
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        node.stop()
+        log.info("stopped the worker and %d supernode(s)", len(node.supernodes))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

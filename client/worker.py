@@ -1,0 +1,146 @@
+"""The node worker: the long-lived process that keeps a data owner's trainer resident.
+
+Flower starts a fresh `flwr-clientapp` process for every message and nothing in it
+survives the message. The worker is started once per machine (or GPU) by
+`python -m client.node`, beside the SuperNodes it serves; their ClientApps relay each
+train and evaluate message to it over a Unix socket (contract/worker_wire.py). So the
+model is built once per link, each partition tokenized once per run, and the link cache
+and the resident model (client/model.py) live as long as the worker, exactly as in a
+simulation's Ray actor: the code that trains is the same (client/trainer.py), only the
+keeper differs.
+
+Messages are served in turn, one at a time, on the one resident model: several nodes of a
+machine share its base and its device, and a second model beside the first would only
+halve what each gets. A relay that gives up (its `round-timeout`) closes the connection;
+the worker's late reply is dropped and the next message is served as usual.
+
+    python -m client.worker --socket PATH
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from contract import worker_wire as wire
+
+log = logging.getLogger("seedlora.worker")
+TRAINER = "client.trainer:build_trainer_app"
+
+
+def load_app(ref: str) -> ClientApp:
+    """The ClientApp a `module:factory` reference builds (the trainer, or a test's app)."""
+    module, _, factory = ref.partition(":")
+    return getattr(importlib.import_module(module), factory)()
+
+
+def stats() -> dict:
+    """What this process built so far: device models and tokenized datasets by split."""
+    from tasks.base import TOKENIZED
+
+    from .model import RESIDENT
+
+    return {"builds": RESIDENT.builds, "tokenized": dict(TOKENIZED)}
+
+
+class Worker:
+    """Serves relayed messages with one ClientApp, one message at a time."""
+
+    def __init__(self, app: ClientApp, stats: Callable[[], dict] = dict):
+        self.app, self.stats = app, stats
+        self.turn = threading.Lock()  # one message at a time on the resident model
+        self.served = 0
+
+    def handle(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                msg, context, _ = wire.read_request(conn)
+            except wire.WorkerError as err:
+                log.warning("refused a relay: %s", err)
+                with contextlib.suppress(OSError):
+                    wire.write_error(conn, str(err))
+                return
+            except (ConnectionError, OSError) as err:
+                log.warning("a relay went away before its message arrived: %s", err)
+                return
+            try:
+                reply = self._serve(msg, context)
+            except Exception as err:  # noqa: BLE001 - the relay reports it to the server
+                log.exception("failed: %s", msg.metadata.message_type)
+                with contextlib.suppress(OSError):
+                    wire.write_error(conn, f"{type(err).__name__}: {err}")
+                return
+            try:
+                wire.write_reply(conn, reply, context.state)
+            except OSError as err:  # the relay gave up (timeout) or its process ended
+                log.warning("reply to partition %s not delivered: %s", _partition(context), err)
+
+    def _serve(self, msg: Message, context: Context) -> Message:
+        with self.turn:
+            t0 = time.perf_counter()
+            reply = self.app(msg, context)
+            self.served += 1
+            line = {
+                "served": self.served,
+                "type": msg.metadata.message_type,
+                "partition": _partition(context),
+                "run": context.run_id,
+                "seconds": round(time.perf_counter() - t0, 3),
+                **self.stats(),
+            }
+            log.info("message %s", json.dumps(line))
+            return reply
+
+
+def _partition(context: Context) -> object:
+    return context.node_config.get("partition-id")
+
+
+def listen(path: Path) -> socket.socket:
+    """A Unix socket at `path` that only this user can open (a stale file is replaced)."""
+    wire.socket_dir(path.parent)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # the socket file is created 0600
+    try:
+        server.bind(str(path))
+    finally:
+        os.umask(old)
+    server.listen(64)
+    return server
+
+
+def serve(server: socket.socket, worker: Worker) -> None:
+    """Accept relays forever, each on its own thread (they queue on `worker.turn`)."""
+    while True:
+        conn, _ = server.accept()
+        threading.Thread(target=worker.handle, args=(conn,), daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--socket", required=True, type=Path, help="where to listen")
+    parser.add_argument("--app", default=TRAINER, help="module:factory of the ClientApp served")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(message)s")
+    server = listen(args.socket)  # relays may connect now; they wait for the trainer
+    worker = Worker(load_app(args.app), stats if args.app == TRAINER else dict)
+    log.info("ready on %s (pid %d, protocol %d)", args.socket, os.getpid(), wire.PROTOCOL)
+    serve(server, worker)
+
+
+if __name__ == "__main__":
+    main()
