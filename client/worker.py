@@ -90,6 +90,7 @@ class Worker:
     def _serve(self, msg: Message, context: Context) -> Message:
         with self.turn:
             t0 = time.perf_counter()
+            log.info("start %s partition %s", msg.metadata.message_type, _partition(context))
             reply = self.app(msg, context)
             self.served += 1
             line = {
