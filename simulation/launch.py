@@ -65,8 +65,8 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from simulation.precheck import PrecheckError, check
 from contract.processes import die_with_parent, start, stop_process_tree, tail
+from simulation.precheck import PrecheckError, check
 
 CONNECTION = "launch"  # name of the SuperLink connection in the private FLWR_HOME
 STARTUP_TIMEOUT_S = 60.0

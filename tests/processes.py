@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from contract.processes import descendants, start, stop_process_tree
 from simulation.launch import (
     CONNECTION,
     OFFLINE_ENV,
@@ -31,7 +32,6 @@ from simulation.launch import (
     wait_until_ready,
     write_flower_config,
 )
-from contract.processes import descendants, start, stop_process_tree
 from tests.certs import Tls
 
 REPO = Path(__file__).resolve().parents[1]

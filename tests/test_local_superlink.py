@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from contract.processes import alive, descendants
 from simulation.launch import free_port
 from simulation.local_superlink import managed_pids
-from contract.processes import alive, descendants
 
 REPO = Path(__file__).resolve().parents[1]
 

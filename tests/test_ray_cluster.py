@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
+from contract.processes import stop_process_tree, wait_gone
 from simulation.launch import OFFLINE_ENV, free_port
 from simulation.probe import CLIENT, GRID, read
-from contract.processes import stop_process_tree, wait_gone
 
 REPO = Path(__file__).resolve().parents[1]
 # Ray replaces 127.0.0.1 by the machine's address unless told this is a one-machine
