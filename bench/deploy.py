@@ -24,6 +24,7 @@ once per split.
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 import time
@@ -34,6 +35,7 @@ from bench.common import QWEN25_05B, parser, with_sets, write_result
 from bench.gpu_sim import LLAMA2_7B, launch
 from simulation.federation import Federation, wait_for
 from simulation.tiny import save_random_lm, save_text_dataset
+from tasks.models import ENV_VAR, asset_candidates
 
 GPU_RUN: dict[str, Any] = {
     "partitioner": "iid",
@@ -147,6 +149,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layout", default="host", help="host,node: one worker per machine / node")
     ap.add_argument("--work", type=Path, default=Path("/tmp/seedlora-bench-deploy"))
     args = ap.parse_args(argv)
+    # The embedded base for every process, also where the project is not pip-installed
+    # (the GPU machine) or a stray egg-info hides the editable install's source tree.
+    os.environ.setdefault(ENV_VAR, str(asset_candidates("base-model")[0]))
     preset = PRESETS[args.preset]
     gpu = preset["shape"] is not None
     work = args.work / f"{args.preset}-{int(time.time())}"
