@@ -65,6 +65,9 @@ def train_b(msg: Message, context: Context, cfg: RunConfig) -> Message:
     config = msg.content[p.CONFIG]
     with _prepare(msg, context, cfg) as (task, resident, partition_id, device):
         digest = a_digest(resident)  # of the link's full-rank A's, once per link (cached)
+        received_eval = None  # the model as received, before this client trains it
+        if config.get(p.EVALUATE_RECEIVED, False):
+            received_eval = _evaluate(task, resident, partition_id, device, cfg)
         model = fit_rank(resident, cfg, context.node_config, partition_id)
         received = {}  # compressed uploads send trained - received; float32 sends the state
         if cfg.upload.upload_codec != "float32":
@@ -91,20 +94,25 @@ def train_b(msg: Message, context: Context, cfg: RunConfig) -> Message:
         }
     )
     records = {p.ARRAYS: arrays, p.METRICS: metrics}
+    if received_eval is not None:
+        records[p.RECEIVED_EVAL] = received_eval
     return _reply(msg, context, partition_id, records, digest)
 
 
 def evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Evaluate the global model (base + links + global B) on the local held-out files."""
-    with (
-        _prepare(msg, context, cfg) as (task, model, partition_id, device),
-        autocast(device, cfg.train.precision),
-    ):
+    with _prepare(msg, context, cfg) as (task, model, partition_id, device):
         digest = a_digest(model)
+        records = {p.METRICS: _evaluate(task, model, partition_id, device, cfg)}
+    return _reply(msg, context, partition_id, records, digest)
+
+
+def _evaluate(task, model, partition_id: int, device, cfg: RunConfig) -> MetricRecord:
+    """The metrics of `model` on this partition's held-out data."""
+    with autocast(device, cfg.train.precision):
         dataset = task.eval_dataset(partition_id)
         metrics = task.evaluate(model, dataset, cfg.train.eval_batch_size, device)
-    records = {p.METRICS: MetricRecord(as_floats(metrics))}
-    return _reply(msg, context, partition_id, records, digest)
+    return MetricRecord(as_floats(metrics))
 
 
 def build_trainer_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:

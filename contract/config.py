@@ -131,6 +131,12 @@ class StrategyConfig(Section):
     name: Strategy = F("fedavg", "aggregation rule (see Strategies)", key="strategy")
     fraction_train: float = F(1.0, "fraction of nodes sampled for training", gt=0, le=1)
     fraction_evaluate: float = F(0.5, "fraction of nodes sampled for evaluation", ge=0, le=1)
+    client_eval: Literal["with-train", "separate"] = F(
+        "with-train",
+        "with-train: each train message also evaluates the model it brings (one message a "
+        "round; metrics of the previous round's model; the last round evaluates apart) | "
+        "separate: an evaluate message after each round's aggregate",
+    )
     min_available_nodes: int = F(2, "wait for this many connected nodes", ge=1)
     min_replies: int = F(1, "fewer valid replies than this: the round is skipped", ge=1)
     round_timeout: float = F(600.0, "seconds to wait for replies in a round", gt=0)

@@ -17,6 +17,7 @@ CONFIG = "config"
 METRICS = "metrics"
 LINKS = "links"
 ECHO = "echo"
+RECEIVED_EVAL = "received-eval"  # train reply: metrics of the model the client received
 
 # Message type of the server's question "which partition are you?" (strategies/sampling.py)
 # and the ClientApp's query action that answers it, with an `echo` record holding only
@@ -38,6 +39,9 @@ RUN_ID = "run-id"
 PROXIMAL_MU = "proximal-mu"  # FedProx puts it there itself
 LR = "lr"  # the round's client learning rate, set by the server (server/schedule.py)
 LOCAL_STEPS = "local-steps"  # informational: clients take theirs from the run config
+# Train config: evaluate the received global model on the local held-out data before
+# training, and reply with its metrics in RECEIVED_EVAL (one message a round instead of two).
+EVALUATE_RECEIVED = "evaluate-received"
 
 # Keys of the `links` record.
 LINKS_START = "start"
