@@ -207,3 +207,33 @@ def test_resume_refuses_links_merged_under_another_scale(overrides, tmp_path, ki
     else:
         server = ChainServer(resumed, RUN_ID, tmp_path)
         assert server.state.scale == SCALE_RULE and len(server.state.links) == 2
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "random-block", "circulant"])
+def test_resume_refuses_a_run_made_under_another_a_rule(overrides, tmp_path, kind):
+    """A checkpoint from before the A rule was recorded (legacy torch generator) derives
+    other A's for a drawn kind: resuming it is refused, naming the A rule and what to do;
+    circulant draws nothing, so it resumes and records the current rule. A link of the log
+    made under the old rule is refused likewise."""
+    from seedlora.spec import A_RULE
+    from tests.test_a_rule import legacy_file
+
+    ov = {**overrides, "a-kind": kind}
+    run(ov, tmp_path)
+    old = checkpoint.load(tmp_path)
+    old.a_rule = ""  # what a checkpoint written before the rule holds
+    checkpoint.save(tmp_path, old)
+    resumed = RunConfig.from_flower({**ov, "resume": True})
+    if kind == "circulant":
+        server = ChainServer(resumed, RUN_ID, tmp_path)
+        assert server.state.a_rule == A_RULE and len(server.state.links) == 2
+        return
+    with pytest.raises(RunConfigError, match="resume: this run's checkpoint was made under A rule"):
+        ChainServer(resumed, RUN_ID, tmp_path)
+    assert checkpoint.load(tmp_path).a_rule == ""  # nothing was overwritten
+    old.a_rule = A_RULE
+    checkpoint.save(tmp_path, old)
+    path = checkpoint.link_path(tmp_path, 0)
+    path.write_bytes(legacy_file(old.links[0], 0, old.links.prefix_digest(0)))
+    with pytest.raises(RunConfigError, match="resume: link 0 was made under A rule 'torch-v1'"):
+        ChainServer(resumed, RUN_ID, tmp_path)
