@@ -61,6 +61,8 @@ def check_a_rule(
             f"{' and '.join(ruled)} A's under A rule {A_RULE!r}: its A's differ, so its links "
             f"would rebuild to another base; {remedy}"
         )
+
+
 # The rule `ASpec.scaling` follows, recorded in every checkpoint: links merged under another
 # rule rebuild to another base, so a run resumes only under the rule it was started with.
 # Before it (no record) the scale was alpha / r for every kind; for block kinds gain = 1, so
