@@ -97,8 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         row["ratio"] = row["exact_s"] / row["legacy_s"]
         print(row, flush=True)
         rows.append(row)
-    workers = min(os.cpu_count() or 1, draws.MAX_WORKERS)
-    payload = {"rank": args.rank, "workers": workers, "rows": rows, **checks()}
+    payload = {"rank": args.rank, "workers": draws.default_workers(), "rows": rows, **checks()}
     print({k: v for k, v in payload.items() if k != "rows"})
     write_result(args.name, payload, args.out)
     return 0

@@ -149,6 +149,13 @@ def _turns(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return cos, sin
 
 
+def default_workers() -> int:
+    """Threads `normals` uses by default: the CPUs this process may run on, at most
+    `MAX_WORKERS`."""
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    return max(1, min(len(usable) if usable else os.cpu_count() or 1, MAX_WORKERS))
+
+
 def _fill(out: np.ndarray, key: int, first: int, pairs: int) -> None:
     """Write the normals of pairs first .. first + pairs - 1 into `out` (all of them)."""
     radius = _radii(_words(key, 2 * first, pairs, step=2))
@@ -162,12 +169,12 @@ def normals(key: int, count: int, workers: int | None = None) -> np.ndarray:
     every machine (module docstring); entry j is `reference_normals(key, count)[j]`.
 
     Chunks of `CHUNK` pairs are independent (the stream is counter-based), so they run on
-    up to `workers` threads (default: the CPUs, at most `MAX_WORKERS`; numpy releases the
-    GIL); the bits do not depend on it."""
+    up to `workers` threads (default `default_workers()`; numpy releases the GIL); the bits
+    do not depend on it."""
     pairs = (count + 1) // 2
     out = np.empty(2 * pairs, dtype=np.float64)
     starts = range(0, pairs, CHUNK)
-    workers = min(len(starts), workers or min(os.cpu_count() or 1, MAX_WORKERS))
+    workers = min(len(starts), workers or default_workers())
     if workers <= 1:
         for first in starts:
             _fill(out, key, first, min(CHUNK, pairs - first))
