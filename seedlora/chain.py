@@ -26,10 +26,20 @@ from .core import CORE, b_spec, core_scaling, merge_core
 from .injection import adapter_layers
 from .layer import merge_delta
 from .roles import ADAPTERS, frozen_of, trained_factor
-from .spec import ASpec
+from .spec import A_RULE, LEGACY_A_RULE, RULED_KINDS, ASpec, check_a_rule
 from .swapped import TRAINED_A, merge_swapped
 
 EMPTY_DIGEST = hashlib.sha256(b"seedlora-links-v1").hexdigest()
+A_RULE_KEY = "a-rule"  # a link header's record of the A rule (absent: no A drawn, or legacy)
+LINK_REMEDY = (
+    "use the seedlora version that made it, or start a fresh run (another run-name) and "
+    "delete this node's link cache ($SEEDLORA_CACHE)"
+)
+
+
+def _ruled(specs: Iterable[ASpec]) -> bool:
+    """Whether any of `specs` draws its A by the A rule (a gaussian or random-block kind)."""
+    return any(s.kind in RULED_KINDS for s in specs)
 
 
 @dataclass(frozen=True)
@@ -61,9 +71,15 @@ class Link:
         return self.specs[0].chain_index
 
     def header(self) -> dict:
-        """JSON-able description of everything but the tensor values."""
-        header = {"alpha": self.alpha, "specs": [asdict(s) for s in self.specs]}
-        return {**header, "frozen": self.frozen} if self.frozen != "A" else header
+        """JSON-able description of everything but the tensor values: alpha, the specs, the
+        frozen role unless "A", and the A rule (`A_RULE_KEY`) when a spec's A depends on it
+        (a circulant link's header, and so its digest, is the same under every rule)."""
+        header: dict = {"alpha": self.alpha, "specs": [asdict(s) for s in self.specs]}
+        if self.frozen != "A":
+            header["frozen"] = self.frozen
+        if _ruled(self.specs):
+            header[A_RULE_KEY] = A_RULE
+        return header
 
     def digest(self, previous: str) -> str:
         """sha256(previous digest, header, B bytes in spec order): a hash chain."""
@@ -84,9 +100,13 @@ class Link:
                 one per spec; stored as given (no cast or move).
 
         Returns:
-            The link. Raises KeyError if a spec's layer has no factor.
+            The link. Raises KeyError if a spec's layer has no factor, and
+            seedlora.spec.ARuleError if it was made under another A rule (a header without
+            one: the legacy rule) and has a kind whose A depends on it.
         """
         specs = tuple(ASpec(**s) for s in header["specs"])
+        what = f"link {specs[0].chain_index}" if specs else "a link"
+        check_a_rule(header.get(A_RULE_KEY), (s.kind for s in specs), what, LINK_REMEDY)
         missing = [s.layer for s in specs if s.layer not in factors]
         if missing:
             raise KeyError(f"link {specs[0].chain_index}: missing factors for {missing[:5]}")
@@ -198,6 +218,9 @@ def record_link(model: nn.Module, factors: Mapping[str, torch.Tensor] | None = N
 @functools.lru_cache(maxsize=16)
 def _frozen_digest(layers: tuple[tuple[ASpec, str], ...]) -> str:
     h = hashlib.sha256(b"seedlora-frozen-v2")  # v2: the scale s per unit alpha is hashed
+    ruled = _ruled(spec for spec, _ in layers)
+    if ruled:
+        h.update(A_RULE.encode())
     for spec, role in layers:
         h.update(role.encode())
         h.update(spec.digest().encode())
@@ -205,23 +228,33 @@ def _frozen_digest(layers: tuple[tuple[ASpec, str], ...]) -> str:
             h.update(b_spec(spec).digest().encode())
         scale = core_scaling(spec, 1.0) if role == CORE else spec.scaling(1.0)
         h.update(repr(scale).encode())
-    return h.hexdigest()
+    return f"{A_RULE}:{h.hexdigest()}" if ruled else h.hexdigest()
+
+
+def a_digest_rule(digest: str) -> str:
+    """The A rule an `a_digest` names: its "<rule>:" prefix, `LEGACY_A_RULE` without one (a
+    digest before the rule was recorded, or one that depends on no rule)."""
+    rule, sep, _ = digest.rpartition(":")
+    return rule if sep else LEGACY_A_RULE
 
 
 def a_digest(model: nn.Module) -> str:
     """sha256 over the A-spec and the frozen factor itself of every adapter, in model order.
 
     Equal digests mean every party derived the same A, bit for bit, from the same specs:
-    A is drawn by torch's CPU generator, so another torch version could draw another A from
-    the same spec, and averaging B factors made for different A's would be silently
-    inexact. The scale per unit alpha is hashed too, so a client whose code scales a gaussian
-    factor otherwise (before `ASpec.gain`) is rejected instead of training on another base.
-    Clients echo it and the server rejects a reply whose digest differs from its
-    own. Computed once per link and process (cached by the specs); a reduced-rank
-    (nested) adapter counts as the full-rank spec it is a slice of.
+    averaging B factors made for different A's would be silently inexact. A depends on the
+    A rule (seedlora/spec.py `A_RULE`), so when a spec's kind draws by it (gaussian,
+    random-block) the rule is hashed and also prefixed in clear ("exact-v2:<hex>",
+    `a_digest_rule`), which lets the server tell a node running another rule from one
+    that drew another A under the same rule. The scale per unit alpha is hashed too, so a
+    client whose code scales a gaussian factor otherwise (before `ASpec.gain`) is rejected
+    instead of training on another base. Clients echo it and the server rejects a reply
+    whose digest differs from its own. Computed once per link and process (cached by the
+    specs); a reduced-rank (nested) adapter counts as the full-rank spec it is a slice of.
 
     Returns:
-        The hex digest; "" for a model without adapters (fedit, full).
+        "<A rule>:<hex digest>", or the hex digest alone when no spec draws by the rule
+        (circulant); "" for a model without adapters (fedit, full).
     """
     layers = []
     for _, layer in adapter_layers(model):

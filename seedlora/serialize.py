@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from .chain import Link
+from .spec import ARuleError
 
 
 class CorruptFileError(ValueError):
@@ -82,7 +83,7 @@ def links_from_bytes(data: bytes) -> tuple[int, list[Link]]:
     """(position of the first link in the whole list, links) from `links_to_bytes` output.
 
     The links' factors are float32 CPU tensors. Raises CorruptFileError on anything
-    unparsable or incomplete.
+    unparsable or incomplete, seedlora.spec.ARuleError on a link made under another A rule.
     """
     tensors, meta = state_from_bytes(data)
     try:
@@ -92,6 +93,8 @@ def links_from_bytes(data: bytes) -> tuple[int, list[Link]]:
             prefix = f"{start + i}/"
             factors = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             links.append(Link.from_header(header, factors))
+    except ARuleError:  # readable, but made under another A rule: say so, not "corrupt"
+        raise
     except (KeyError, TypeError, ValueError) as err:
         raise CorruptFileError(f"bad links payload: {err}") from err
     return start, links
@@ -117,11 +120,14 @@ def link_to_bytes(link: Link, index: int, prefix_digest: str) -> bytes:
 
 def link_from_bytes(data: bytes) -> tuple[int, str, Link]:
     """(index, prefix digest, link) from `link_to_bytes` output; the link's factors are float32
-    CPU tensors. Raises CorruptFileError on anything unparsable or incomplete."""
+    CPU tensors. Raises CorruptFileError on anything unparsable or incomplete,
+    seedlora.spec.ARuleError on a link made under another A rule."""
     tensors, meta = state_from_bytes(data)
     try:
         index, prefix = int(meta["index"]), str(meta["prefix-digest"])
         return index, prefix, Link.from_header(meta["link"], tensors)
+    except ARuleError:
+        raise
     except (KeyError, TypeError, ValueError) as err:
         raise CorruptFileError(f"bad link file: {err}") from err
 

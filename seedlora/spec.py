@@ -1,19 +1,24 @@
 """The A-spec: the small public description from which every party derives a frozen A.
 
 A is never sent. Server and clients rebuild it from `(kind, seed, chain_index, rank,
-layer, shape)`, so it must be bit-identical everywhere: it is drawn on the CPU, in
-float32, from a `torch.Generator` seeded by a sha256 of the spec (never the global RNG,
-never Python's salted `hash`), and only then cast or moved.
+layer, shape)`, so it must be bit-identical everywhere: the gaussian entries and the
+random block's offset come from an integer stream seeded by a sha256 of the spec (never
+the global RNG, never Python's salted `hash`), turned into normals with integer and
+exactly rounded float64 operations only (seedlora/draws.py), and only then cast to float32
+and moved. The rule that derivation follows is `A_RULE`; links, checkpoints and A digests
+record it, and a record made under another rule is refused (`check_a_rule`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import torch
 
+from .draws import below, normals
 from .names import BLOCK_KINDS, KINDS, Kind  # noqa: F401 - re-exported
 
 
@@ -23,15 +28,39 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
 
 
-def seeded_generator(*parts: object) -> torch.Generator:
-    """A CPU generator seeded from `parts`; independent of `torch.manual_seed`.
+# How A is derived from its spec, recorded in every link, checkpoint and A digest that
+# depends on it. "exact-v2": the splitmix64 stream and exact Box-Muller of seedlora/draws.py.
+# A record without one was made under `LEGACY_A_RULE`: torch.Generator's `randn` (whose
+# float32 math follows the CPU's SIMD path) and `randint` for the random block.
+A_RULE = "exact-v2"
+LEGACY_A_RULE = "torch-v1"
+RULED_KINDS: tuple[str, ...] = ("gaussian", "random-block")  # circulant draws nothing
 
-    Draws from it (on the CPU, float32) give the same bits on every machine, unlike a GPU
-    generator or the global RNG.
+
+class ARuleError(ValueError):
+    """A link, checkpoint or reply made under another A rule: its A's are not ours."""
+
+
+def check_a_rule(
+    rule: str | None,
+    kinds: Iterable[str],
+    what: str,
+    remedy: str = "run one seedlora version on the server and every client",
+) -> None:
+    """Refuse `what` (a link, a checkpoint) made under `rule` (None or "": no record, so the
+    legacy rule) when it has a kind whose A depends on the rule (`RULED_KINDS`).
+
+    Raises:
+        ARuleError: naming both rules and `remedy`, what the reader should do.
     """
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(derive_seed(*parts))
-    return gen
+    rule = rule or LEGACY_A_RULE
+    ruled = sorted(set(kinds) & set(RULED_KINDS))
+    if rule != A_RULE and ruled:
+        raise ARuleError(
+            f"{what} was made under A rule {rule!r}, but this seedlora derives "
+            f"{' and '.join(ruled)} A's under A rule {A_RULE!r}: its A's differ, so its links "
+            f"would rebuild to another base; {remedy}"
+        )
 
 
 # The rule `ASpec.scaling` follows, recorded in every checkpoint: links merged under another
@@ -45,11 +74,13 @@ SCALE_RULE = "alpha/r * sqrt(r/n_in) for gaussian"
 class ASpec:
     """Everything needed to derive the frozen A (r x n_in) of one layer at one chain index.
 
-    gaussian:     A_ij ~ N(0, 1/r) from the seeded generator (std 1/sqrt(r), the choice of
+    gaussian:     A_ij ~ N(0, 1/r) from the seeded draws (std 1/sqrt(r), the choice of
                   asymmetric LoRA and RAC-LoRA); used at the scale `scaling(alpha)`, which
                   brings its rows to unit norm like the block kinds' (see `gain`).
     circulant:    A = [0 | I_r | 0] starting at column (chain_index * r) mod n_in (c3LA).
-    random-block: A = [0 | I_r | 0] at a seeded column offset, a multiple of r (r-c3LA).
+    random-block: A = [0 | I_r | 0] at a seeded column offset, a multiple of r (r-c3LA):
+                  block floor(w n_b / 2^64) of the n_b = ceil(n_in / r), w the spec's
+                  first stream word (`draws.below`).
     Block columns wrap around modulo n_in, so every column is reachable.
 
     Attributes:
@@ -128,8 +159,8 @@ class ASpec:
             return (self.chain_index * self.rank) % self.n_in
         if self.kind == "random-block":
             num_blocks = math.ceil(self.n_in / self.rank)
-            gen = seeded_generator("random-block", self.seed, self.chain_index, self.layer)
-            return int(torch.randint(num_blocks, (1,), generator=gen).item()) * self.rank
+            key = derive_seed("random-block", self.seed, self.chain_index, self.layer)
+            return below(key, num_blocks) * self.rank
         raise ValueError(f"a-kind: {self.kind!r} has no block offset")
 
     def columns(self) -> torch.Tensor:
@@ -143,13 +174,14 @@ class ASpec:
     def dense(self) -> torch.Tensor:
         """A: (r, n_in), float32 on the CPU; callers cast and move it.
 
-        The gaussian draw uses a fresh seeded CPU generator, so it is bit-identical
-        everywhere. Block kinds only build it for export and checks.
+        Gaussian: z = `draws.normals` of the spec's key, r * n_in of them in row-major
+        order, and A = float32(z * std) (float64 product, one rounding each), so it is
+        bit-identical everywhere. Block kinds only build it for export and checks.
         """
         if self.kind == "gaussian":
-            gen = seeded_generator("gaussian", self.seed, self.chain_index, self.layer)
-            a = torch.randn((self.rank, self.n_in), generator=gen, dtype=torch.float32)
-            return a * self.std
+            key = derive_seed("gaussian", self.seed, self.chain_index, self.layer)
+            z = normals(key, self.rank * self.n_in).reshape(self.rank, self.n_in)
+            return torch.from_numpy((z * self.std).astype("float32"))
         a = torch.zeros((self.rank, self.n_in), dtype=torch.float32)
         a[torch.arange(self.rank), self.columns()] = 1.0
         return a

@@ -46,7 +46,7 @@ from seedlora.export import peft_task_type
 from seedlora.methods import LINKED
 from seedlora.roles import is_factor_key
 from seedlora.serialize import atomic_write_bytes, state_to_bytes
-from seedlora.spec import SCALE_RULE
+from seedlora.spec import A_RULE, SCALE_RULE, ARuleError, check_a_rule
 from strategies.privacy import PrivacyLedger
 from strategies.registry import EXACT_IN_WEIGHT_SPACE
 from tasks import build_task, portable_name
@@ -63,6 +63,8 @@ from .state import ChainState, RoundResult
 CENTRAL_SUBSET_KEY = (SPLIT_SEED, 0, 1)
 # RNG key of the central-eval-split halves (likewise never a cap_key).
 CENTRAL_HALF_KEY = (SPLIT_SEED, 0, 2)
+# What to do with a checkpoint made under another A rule (seedlora.spec.check_a_rule).
+RESUME = "start a fresh run (another run-name), or resume it with the seedlora that made it"
 
 # Config keys that may change when a run is resumed; all others must match the checkpoint.
 RESUMABLE_CHANGES = {
@@ -197,7 +199,12 @@ class ChainServer:
 
     # --- checkpoints -----------------------------------------------------------------
     def _restore(self) -> None:
-        ckpt = checkpoint.load(self.out_dir)
+        try:  # a checkpoint or link made under another A rule derives other A's
+            ckpt = checkpoint.load(self.out_dir)
+            check_a_rule(ckpt.a_rule, [self.cfg.adapter.kind], "this run's checkpoint", RESUME)
+        except ARuleError as err:
+            raise RunConfigError(f"resume: {err}") from None
+        ckpt.a_rule = A_RULE  # circulant: no A drawn, the same links under either rule
         ours, theirs = self.state.config, ckpt.config
         changed = sorted(k for k in ours if k not in RESUMABLE_CHANGES and ours[k] != theirs.get(k))
         if changed:

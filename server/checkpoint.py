@@ -42,6 +42,7 @@ from seedlora.serialize import (
     state_from_bytes,
     state_to_bytes,
 )
+from seedlora.spec import ARuleError
 
 from .state import ChainState
 
@@ -154,6 +155,7 @@ def save(directory: str | os.PathLike, ckpt: ChainState) -> Path:
         "links_merged": len(ckpt.links),
         "links_digest": ckpt.links.digest,
         "scale": ckpt.scale,
+        "a_rule": ckpt.a_rule,
     }
     data = state_to_bytes(tensors, meta)
     _remove_stale_temps(directory)
@@ -203,8 +205,9 @@ def _read(path: Path) -> ChainState:
             strategy_state=_unpack_strategy(tensors, meta["strategy"]),
             history=history,
             scale=meta.get("scale", ""),
+            a_rule=meta.get("a_rule", ""),
         )
-    except CorruptFileError:
+    except (CorruptFileError, ARuleError):  # ARuleError: readable, made under another rule
         raise
     except (KeyError, TypeError, ValueError) as err:
         raise CorruptFileError(f"{path}: incomplete checkpoint ({err})") from err
@@ -212,7 +215,11 @@ def _read(path: Path) -> ChainState:
 
 def load(directory: str | os.PathLike) -> ChainState:
     """The newest readable checkpoint in `directory` with its links from the log (its
-    `history` is empty: server/report.py keeps it); falls back to `.prev` if corrupt."""
+    `history` is empty: server/report.py keeps it); falls back to `.prev` if corrupt.
+
+    A link made under another A rule is no corruption: its seedlora.spec.ARuleError is
+    raised as it is (the state's own `a_rule` is checked by the caller, who knows the
+    run's kind)."""
     directory = Path(directory)
     errors = []
     for name in (FILE, PREVIOUS):

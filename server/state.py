@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from seedlora.chain import Chain
-from seedlora.spec import SCALE_RULE
+from seedlora.spec import A_RULE, SCALE_RULE
 from strategies.ledger import RoundLedger
 
 
@@ -26,6 +26,7 @@ class ChainState:
     strategy_state: dict[str, object] = field(default_factory=dict)  # inner B-space state
     history: list[dict] = field(default_factory=list)  # one entry per round (metrics.json)
     scale: str = SCALE_RULE  # the scale rule the links were merged under ("" = before it)
+    a_rule: str = A_RULE  # the rule A was derived by (seedlora.spec; "" = before the record)
 
     def __post_init__(self) -> None:
         self.links = Chain.of(self.links)  # a plain list is hashed once, here

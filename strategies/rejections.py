@@ -29,8 +29,8 @@ class ForeignReply(ReplyRejected):
 
 class ForeignA(ReplyRejected):
     """The reply was trained on another frozen factor: the client derived an A whose digest
-    differs from the server's for the same A-spec (e.g. another torch version's generator),
-    so averaging it would be silently inexact."""
+    differs from the server's for the same A-spec (another A rule, seedlora.spec.A_RULE,
+    or another A under the same rule), so averaging it would be silently inexact."""
 
 
 class BadMetrics(ReplyRejected):

@@ -16,6 +16,7 @@ import numpy as np
 from flwr.app import Message
 
 from contract import protocol as p
+from seedlora.chain import a_digest_rule
 
 from .rejections import (
     BadArrays,
@@ -52,11 +53,18 @@ def _check_echo(content, exp: Expectation) -> None:
     if echo.get(p.LINKS_DIGEST) != exp.links_digest:
         raise ForeignReply(f"foreign links digest {str(echo.get(p.LINKS_DIGEST))[:12]}")
     if exp.a_digest and echo.get(p.A_DIGEST) != exp.a_digest:
-        got = echo.get(p.A_DIGEST)
+        got = str(echo.get(p.A_DIGEST) or "")
+        ours, theirs = a_digest_rule(exp.a_digest), a_digest_rule(got)
+        if got and theirs != ours:
+            raise ForeignA(
+                f"A rule {theirs!r} of the client differs from the server's {ours!r}: it "
+                "derives another A from the same A-spec, so its B cannot be averaged; run one "
+                "seedlora version on the server and every client"
+            )
         raise ForeignA(
-            f"A digest {str(got)[:12] if got else 'missing'} differs from the server's "
-            f"{exp.a_digest[:12]}: the client derived another A from the same A-spec "
-            "(another torch version?), so its B cannot be averaged exactly"
+            f"A digest {got[-12:] if got else 'missing'} differs from the server's "
+            f"{exp.a_digest[-12:]} under the same A rule {ours!r}: the client derived another "
+            "A from the same A-spec, so its B cannot be averaged exactly"
         )
 
 

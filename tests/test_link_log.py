@@ -12,6 +12,7 @@ from seedlora.spec import SCALE_RULE
 from server import checkpoint, report
 from server.chain_server import ChainServer, run_chain
 from server.rounds import FlowerRounds
+from server.state import ChainState
 from simulation.local import RUN_ID, LocalGrid
 
 pytestmark = pytest.mark.integration  # federated rounds in process (the unit tests of the
@@ -189,17 +190,24 @@ def test_metrics_at_a_link_close_do_not_grow_with_the_chain(overrides, tmp_path,
     assert [r["round"] for r in final["rounds"]] == list(range(9)) and "in_progress" not in final
 
 
+def resume_as_before(overrides, out, kind: str, **before) -> tuple[RunConfig, ChainState]:
+    """Run a chain of `kind`, then make its checkpoint look as one written before a rule was
+    recorded (`before`: the ChainState fields, e.g. scale=""); the resume config and state."""
+    ov = {**overrides, "a-kind": kind}
+    run(ov, out)
+    old = checkpoint.load(out)
+    for field, value in before.items():
+        setattr(old, field, value)
+    checkpoint.save(out, old)
+    return RunConfig.from_flower({**ov, "resume": True}), old
+
+
 @pytest.mark.parametrize("kind", ["gaussian", "circulant"])
 def test_resume_refuses_links_merged_under_another_scale(overrides, tmp_path, kind):
     """A checkpoint from before the gaussian gain (no scale recorded) rebuilds to another base
     for a gaussian A: resuming it is refused, naming `resume`; block kinds (gain 1) resume
     and record the current rule."""
-    ov = {**overrides, "a-kind": kind}
-    run(ov, tmp_path)
-    old = checkpoint.load(tmp_path)
-    old.scale = ""  # what a checkpoint written before the rule holds
-    checkpoint.save(tmp_path, old)
-    resumed = RunConfig.from_flower({**ov, "resume": True})
+    resumed, _ = resume_as_before(overrides, tmp_path, kind, scale="")
     if kind == "gaussian":
         with pytest.raises(RunConfigError, match="resume: .*another adapter scale"):
             ChainServer(resumed, RUN_ID, tmp_path)
@@ -207,3 +215,28 @@ def test_resume_refuses_links_merged_under_another_scale(overrides, tmp_path, ki
     else:
         server = ChainServer(resumed, RUN_ID, tmp_path)
         assert server.state.scale == SCALE_RULE and len(server.state.links) == 2
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "random-block", "circulant"])
+def test_resume_refuses_a_run_made_under_another_a_rule(overrides, tmp_path, kind):
+    """A checkpoint from before the A rule was recorded (legacy torch generator) derives
+    other A's for a drawn kind: resuming it is refused, naming the A rule and what to do;
+    circulant draws nothing, so it resumes and records the current rule. A link of the log
+    made under the old rule is refused likewise."""
+    from seedlora.spec import A_RULE
+    from tests.test_a_rule import legacy_file
+
+    resumed, old = resume_as_before(overrides, tmp_path, kind, a_rule="")
+    if kind == "circulant":
+        server = ChainServer(resumed, RUN_ID, tmp_path)
+        assert server.state.a_rule == A_RULE and len(server.state.links) == 2
+        return
+    with pytest.raises(RunConfigError, match="resume: this run's checkpoint was made under A rule"):
+        ChainServer(resumed, RUN_ID, tmp_path)
+    assert checkpoint.load(tmp_path).a_rule == ""  # nothing was overwritten
+    old.a_rule = A_RULE
+    checkpoint.save(tmp_path, old)
+    path = checkpoint.link_path(tmp_path, 0)
+    path.write_bytes(legacy_file(old.links[0], 0, old.links.prefix_digest(0)))
+    with pytest.raises(RunConfigError, match="resume: link 0 was made under A rule 'torch-v1'"):
+        ChainServer(resumed, RUN_ID, tmp_path)

@@ -276,13 +276,23 @@ def test_a_reply_on_another_a_is_a_foreign_a():
 
     from strategies.rejections import ForeignA
 
-    exp = replace(EXP, a_digest="a" * 64)
-    same = reply(echo={**GOOD_ECHO, p.A_DIGEST: "a" * 64})
+    exp = replace(EXP, a_digest="exact-v2:" + "a" * 64)
+    same = reply(echo={**GOOD_ECHO, p.A_DIGEST: "exact-v2:" + "a" * 64})
     assert check_envelope(same, exp) is same
-    for echo, got in [(GOOD_ECHO, "missing"), ({**GOOD_ECHO, p.A_DIGEST: "b" * 64}, "b" * 12)]:
+    other = {**GOOD_ECHO, p.A_DIGEST: "exact-v2:" + "b" * 64}  # the same rule, another A
+    for echo, got in [(GOOD_ECHO, "missing"), (other, "b" * 12)]:
         with pytest.raises(ForeignA) as caught:
             check_envelope(reply(echo=echo), exp)
         assert caught.value.reason.startswith(f"A digest {got} differs from the server's aaaa")
+        assert "under the same A rule 'exact-v2'" in caught.value.reason
+    # a node on another seedlora: no rule in its digest (before the record) or another one
+    for echo_digest, rule in [("a" * 64, "torch-v1"), ("exact-v3:" + "a" * 64, "exact-v3")]:
+        with pytest.raises(
+            ForeignA,
+            match=f"A rule '{rule}' of the client differs from the "
+            "server's 'exact-v2'.*one seedlora version",
+        ):
+            check_envelope(reply(echo={**GOOD_ECHO, p.A_DIGEST: echo_digest}), exp)
     assert check_envelope(reply(), EXP)  # no digest expected (fedit, full): not checked
 
 
