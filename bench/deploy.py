@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import QWEN25_05B, parser, with_sets, write_result
-from bench.gpu_sim import LLAMA2_7B, launch
+from bench.gpu_sim import LLAMA2_7B, TINY_RUN, TINY_SHAPE, launch
 from simulation.federation import Federation, wait_for
 from simulation.tiny import save_random_lm, save_text_dataset
 from tasks.models import ENV_VAR, asset_candidates
@@ -48,9 +48,10 @@ GPU_RUN: dict[str, Any] = {
     "export": False,
 }
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpu-default": {"shape": None, "run": {"fraction-evaluate": 1.0}},
-    "qwen-0.36b": {"shape": {**QWEN25_05B, "vocab_size": 0}, "run": GPU_RUN},
-    "llama2-7b": {"shape": LLAMA2_7B, "run": GPU_RUN},
+    "cpu-default": {"shape": None, "gpu": False, "run": {"fraction-evaluate": 1.0}},
+    "tiny": {"shape": TINY_SHAPE, "gpu": False, "run": {**GPU_RUN, **TINY_RUN}},
+    "qwen-0.36b": {"shape": {**QWEN25_05B, "vocab_size": 0}, "gpu": True, "run": GPU_RUN},
+    "llama2-7b": {"shape": LLAMA2_7B, "gpu": True, "run": GPU_RUN},
 }
 BASE_RUN = {"num-links": 2, "rounds-per-link": 3}
 FLOOR_WORK = {"local-steps": 1, "batch-size": 1, "max-eval-blocks": 1, "eval-batch-size": 1}
@@ -153,15 +154,15 @@ def main(argv: list[str] | None = None) -> None:
     # (the GPU machine) or a stray egg-info hides the editable install's source tree.
     os.environ.setdefault(ENV_VAR, str(asset_candidates("base-model")[0]))
     preset = PRESETS[args.preset]
-    gpu = preset["shape"] is not None
+    gpu = preset["gpu"]
     work = args.work / f"{args.preset}-{int(time.time())}"
     base = {**BASE_RUN, **preset["run"], "output-dir": str(work / "outputs")}
     (work / "outputs").mkdir(parents=True)
-    if gpu:
+    if preset["shape"] is not None:
         model = work / "model"
         shape = {k: v for k, v in preset["shape"].items() if k != "vocab_size"}
         save_random_lm(model, shape)
-        save_text_dataset(work / "text", min_chars=2_000_000)
+        save_text_dataset(work / "text", min_chars=2_000_000 if gpu else 50_000)
         base.update({"model-name": str(model), "dataset": str(work / "text")})
     base = with_sets(base, args)
     rows = []

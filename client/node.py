@@ -30,7 +30,7 @@ from pathlib import Path
 from types import FrameType
 
 from contract import worker_wire as wire
-from contract.processes import start, stop_process_tree
+from contract.processes import executable, start, stop_process_tree
 
 log = logging.getLogger("seedlora.node")
 POLL_S = 0.2
@@ -123,7 +123,7 @@ class Node:
         return " ".join([*parts, self.args.node_config]).strip()
 
     def start_supernodes(self) -> None:
-        binary = str(Path(sys.executable).parent / "flower-supernode")
+        binary = executable("flower-supernode")
         tls = ["--insecure"] if self.args.insecure else []
         if self.args.root_certificates:
             tls = ["--root-certificates", self.args.root_certificates]

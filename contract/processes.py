@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,20 @@ from typing import Any
 from contract.proctree import alive, descendants  # noqa: F401 - re-exported
 
 STOP_GRACE_S = 10.0
+
+
+def executable(name: str) -> str:
+    """A console script (`flwr`, `flower-supernode`): the one next to this interpreter, so
+    the CLI matches the imported flwr, else the first on PATH."""
+    local = Path(sys.executable).parent / name
+    if local.is_file():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"`{name}` not found; is flwr[simulation] installed?")
+    return found
+
+
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 

@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from contract.processes import descendants, start, stop_process_tree
+from contract.processes import descendants, executable, start, stop_process_tree
 from simulation.launch import (
     CONNECTION,
     OFFLINE_ENV,
@@ -36,8 +36,7 @@ from simulation.launch import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-FLWR = str(BIN / "flwr")
+FLWR = executable("flwr")
 
 
 def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
@@ -105,7 +104,7 @@ class Federation:
 
     def start_superlink(self) -> subprocess.Popen:
         cmd = [
-            str(BIN / "flower-superlink"),
+            executable("flower-superlink"),
             *self._tls_args(),
             "--host",
             "127.0.0.1",
@@ -148,7 +147,7 @@ class Federation:
         """A SuperNode holding one partition; `cache` gives it its own link cache."""
         tls = ["--insecure"] if self.tls is None else ["--root-certificates", str(self.tls.ca)]
         cmd = [
-            str(BIN / "flower-supernode"),
+            executable("flower-supernode"),
             *tls,
             "--superlink",
             f"127.0.0.1:{self.port}",

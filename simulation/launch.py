@@ -65,7 +65,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from contract.processes import die_with_parent, start, stop_process_tree, tail
+from contract.processes import die_with_parent, executable, start, stop_process_tree, tail
 from simulation.precheck import PrecheckError, check
 
 CONNECTION = "launch"  # name of the SuperLink connection in the private FLWR_HOME
@@ -134,14 +134,10 @@ class LaunchError(RuntimeError):
 
 
 def _executable(name: str) -> str:
-    """Prefer the script next to this interpreter so the CLI matches the imported flwr."""
-    local = Path(sys.executable).parent / name
-    if local.is_file():
-        return str(local)
-    found = shutil.which(name)
-    if found is None:
-        raise LaunchError(f"`{name}` not found; is flwr[simulation] installed?")
-    return found
+    try:
+        return executable(name)
+    except FileNotFoundError as err:
+        raise LaunchError(str(err)) from None
 
 
 def free_port() -> int:
