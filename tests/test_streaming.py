@@ -14,18 +14,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import (
-    FedAdagrad,
-    FedAdam,
-    FedAvg,
-    FedAvgM,
-    FedMedian,
-    FedProx,
-    FedTrimmedAvg,
-    FedYogi,
-    Krum,
-    MultiKrum,
-)
+from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from contract import protocol as p
@@ -36,6 +25,7 @@ from simulation.local import LocalGrid
 from strategies import exchange
 from strategies.chain import LinkContext, LinkStrategy
 from strategies.intake import StreamedMean, buffering_reason
+from strategies.registry import EXACT_IN_WEIGHT_SPACE, build_strategy
 
 SHAPES = {"l.lora_B": (6, 2), "head.bias": (3,)}
 DIGEST = "d" * 64
@@ -126,21 +116,18 @@ def client_states(count: int, seed: int = 0) -> list[tuple[int, dict, int, float
     ]
 
 
-def link(inner=None, name: str = "fedavg", **checks) -> LinkStrategy:
-    """A LinkStrategy on link 1 whose round sent zeros (what the checks expect)."""
+def fresh_link(name: str = "fedavg", inner=None, **checks) -> LinkStrategy:
+    """A LinkStrategy on link 1 around `inner` (default: the registry's `name`)."""
+    section = StrategyConfig(name=name, max_num_examples=1000, server_momentum=0.9, **checks)
+    ctx = LinkContext(11, 1, [], {}, 0, 0, {}, section)
+    return LinkStrategy(inner or build_strategy(section), ctx)
+
+
+def link(name: str = "fedavg", inner=None, **checks) -> LinkStrategy:
+    """`fresh_link` whose round sent zeros (what the checks expect)."""
     from strategies.chain import SentRound
 
-    ctx = LinkContext(
-        run_id=11,
-        chain_index=1,
-        links=[],
-        link_config={},
-        round_offset=0,
-        rounds_done=0,
-        node_links={},
-        checks=StrategyConfig(name=name, max_num_examples=1000, **checks),
-    )
-    strategy = LinkStrategy(inner or FedAvg(), ctx)
+    strategy = fresh_link(name, inner, **checks)
     strategy.digest = DIGEST
     zeros = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
     record = ArrayRecord({k: Array(v) for k, v in zeros.items()})
@@ -157,36 +144,29 @@ def aggregate(strategy: LinkStrategy, clients, order) -> tuple[dict, dict]:
     return {k: a.numpy() for k, a in arrays.items()}, dict(metrics)
 
 
-STREAMED = {
-    "fedavg": FedAvg,
-    "fedprox": FedProx,
-    "fedavgm": lambda: FedAvgM(server_momentum=0.9),
-    "fedadam": FedAdam,
-    "fedyogi": FedYogi,
-    "fedadagrad": FedAdagrad,
-}
+STREAMED = sorted(EXACT_IN_WEIGHT_SPACE)
 
 
-@pytest.mark.parametrize("name", sorted(STREAMED))
+@pytest.mark.parametrize("name", STREAMED)
 def test_a_streamed_round_is_the_same_in_any_arrival_order(name):
     clients = client_states(7)
     results = []
     rng = np.random.default_rng(3)
     orders = [list(range(7)), list(range(7))[::-1]] + [list(rng.permutation(7)) for _ in range(4)]
     for order in orders:
-        strategy = link(STREAMED[name](), name)
+        strategy = link(name)
         assert strategy.buffering is None  # this rule streams
         arrays, metrics = aggregate(strategy, clients, order)
         results.append(({k: v.tobytes() for k, v in arrays.items()}, metrics))
     assert all(r == results[0] for r in results[1:])
 
 
-@pytest.mark.parametrize("name", sorted(STREAMED))
+@pytest.mark.parametrize("name", STREAMED)
 def test_a_streamed_round_equals_flowers_average_of_every_reply(name):
     """The same two rounds streamed and buffered (the inner strategy given every reply,
     as before): the server optimizer sees the same average within float32 rounding."""
     clients = [client_states(5, seed=1), client_states(5, seed=2)]
-    streamed, buffered = link(STREAMED[name](), name), link(STREAMED[name](), name)
+    streamed, buffered = link(name), link(name)
     buffered.buffering = "every reply, as before streaming"
     for server_round, round_clients in enumerate(clients, start=1):
         got = []
@@ -233,30 +213,28 @@ def test_rejected_replies_are_never_added():
     assert ledger.accepted == 3 and [r.node_id for r in ledger.rejected] == [300, 301, 302]
 
 
-ROBUST = {
-    "fedmedian": (FedMedian, {}),
-    "fedtrimmedavg": (lambda: FedTrimmedAvg(beta=0.2), {"trim_beta": 0.2}),
-    "krum": (Krum, {}),
-    "multikrum": (lambda: MultiKrum(num_nodes_to_select=2), {"krum_select": 2}),
-    "outlier-mad": (FedAvg, {"outlier_mad": 3.0}),
+ROBUST = {  # rule -> (registry name, strategy-section fields)
+    "fedmedian": ("fedmedian", {}),
+    "fedtrimmedavg": ("fedtrimmedavg", {"trim_beta": 0.2}),
+    "krum": ("krum", {}),
+    "multikrum": ("multikrum", {"krum_select": 2}),
+    "outlier-mad": ("fedavg", {"outlier_mad": 3.0}),
 }
 
 
 @pytest.mark.parametrize("rule", sorted(ROBUST))
 def test_rules_that_need_every_reply_still_get_every_reply(rule):
-    factory, checks = ROBUST[rule]
-    name = "fedavg" if rule == "outlier-mad" else rule
-    inner = factory()
+    name, checks = ROBUST[rule]
+    strategy = link(name, **checks)
     seen = []
-    original = inner.aggregate_train
+    original = strategy.inner.aggregate_train
 
     def recording(server_round, replies):
         replies = list(replies)
         seen.append(sorted(m.metadata.src_node_id for m in replies))
         return original(server_round, replies)
 
-    inner.aggregate_train = recording
-    strategy = link(inner, name, **checks)
+    strategy.inner.aggregate_train = recording
     assert strategy.buffering is not None
     clients = client_states(6)
     aggregate(strategy, clients, range(6))
@@ -325,11 +303,6 @@ def exchange_round(strategy: LinkStrategy, nodes: int, arrival=None, alive=None,
     return {k: a.numpy().tobytes() for k, a in arrays.items()}, measured
 
 
-def fresh_link(inner=None, name="fedavg") -> LinkStrategy:
-    ctx = LinkContext(11, 1, [], {}, 0, 0, {}, StrategyConfig(name=name, max_num_examples=1000))
-    return LinkStrategy(inner or FedAvg(min_available_nodes=1), ctx)
-
-
 def test_a_round_through_the_grid_is_the_same_in_any_arrival_order():
     """push, pull one reply at a time in a permuted order, add up: one result."""
     rng = np.random.default_rng(5)
@@ -354,7 +327,7 @@ def test_the_streaming_path_holds_no_reply_past_its_turn():
     exchange_round(fresh_link(), 8, alive=alive)
     assert len(alive) == 8 and max(alive) <= 1, alive
     alive.clear()
-    exchange_round(fresh_link(FedMedian(min_available_nodes=1), "fedmedian"), 8, alive=alive)
+    exchange_round(fresh_link("fedmedian"), 8, alive=alive)
     assert alive == list(range(8)), alive  # the list grows: what streaming avoids
 
 
