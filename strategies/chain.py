@@ -213,6 +213,8 @@ class LinkStrategy(Strategy):
             return None, None
         self._warn_if_trimming_nothing(taken.accepted)
         accepted = verdict.accepted
+        if self.buffering is None:
+            log(INFO, "round %d: %d replies summed as they came", global_round, taken.accepted)
         arrays, metrics = self.inner.aggregate_train(self.link_round(server_round), accepted)
         if arrays is not None and ctx.checks.name in ("krum", "multikrum"):
             self._note_single_kept(global_round, accepted, arrays)
