@@ -140,11 +140,11 @@ class SoakGrid(TimedGrid):
             }
         )
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout=None) -> list[Message]:
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
         if messages and messages[0].metadata.message_type.startswith("train"):
             self.look(int(messages[0].content[p.CONFIG][p.SERVER_ROUND]))
-        return super().send_and_receive(messages, timeout=timeout)
+        return super().push_messages(messages)
 
 
 def per_round(doc: dict, looks: list[dict]) -> list[dict]:

@@ -253,6 +253,9 @@ class ChainServer:
         }
         if progress:
             del document["rounds"]
+        else:
+            document["refused_nodes"] = report.refused_nodes(s.history)
+        if progress:
             document |= {
                 "in_progress": True,
                 "rounds_file": report.ROUNDS,
@@ -400,6 +403,7 @@ class ChainServer:
             "rejected": [{"node": r.node_id, "reason": r.reason} for r in ledger.rejected],
             "skipped": ledger.skipped,
             "lost": ledger.lost,
+            "refused": ledger.refused,
             "outliers": ledger.outliers,
             "bytes_up": ledger.bytes_up,
             "bytes_down": ledger.bytes_down,
@@ -440,6 +444,15 @@ class ChainServer:
         if len(rounds) >= 2:
             first, last = rounds[0]["central"], rounds[-1]["central"]
             log(INFO, "central eval: base %s -> final %s", first, last)
+        for r in report.refused_nodes(history):
+            log(
+                WARNING,
+                "node %s: every reply of link %d rejected (%d): %s",
+                r["node"],
+                r["link"],
+                r["replies"],
+                r["reason"],
+            )
         if self.over_budget() and self.state.global_round < self.cfg.num_rounds:
             self.stopped = STOPPED_BUDGET
             up, down = run_mb(history)

@@ -29,7 +29,9 @@ from seedlora.serialize import atomic_write_bytes
 
 def round_line(entry: dict) -> str:
     """`link 1 round 2/3 (global 5) | clients 8/8 | lr 0.002 | train loss 2.31 | central
-    ppl 9.8 | up 1.8 MB down 2.0 MB (run: up 9.0 MB down 10.1 MB) | 12.3s`.
+    ppl 9.8 | up 1.8 MB down 2.0 MB (run: up 9.0 MB down 10.1 MB) | 12.3s`, with
+    `every reply of the link rejected: node 103 (2 replies: <reason>)` after the clients
+    when a node's train replies in this link were all rejected so far.
 
     A run of one link (the baselines without chains, or num-links = 1) reads
     `round 5/9`: its rounds-per-link is the run's rounds."""
@@ -40,6 +42,8 @@ def round_line(entry: dict) -> str:
         f"link {entry['link']} {of} (global {entry['round']})" if chained else of,
         f"clients {entry['accepted']}/{entry['sent']}" + (" SKIPPED" if entry["skipped"] else ""),
     ]
+    if entry.get("refused"):
+        parts.append(refused_text(entry["refused"]))
     if entry.get("lr") is not None:
         parts.append(f"lr {entry['lr']:.4g}")
     if entry.get("train_loss") is not None:
@@ -53,6 +57,26 @@ def round_line(entry: dict) -> str:
     parts.append(traffic)
     parts.append(f"{entry['wall_time']:.1f}s")
     return " | ".join(parts)
+
+
+def refused_text(refused: Sequence[dict]) -> str:
+    """`every reply of the link rejected: node 103 (2 replies: client error: boom)`."""
+    named = "; ".join(
+        f"node {r['node']} ({r['replies']} repl{'y' if r['replies'] == 1 else 'ies'}: "
+        f"{r['reason']})"
+        for r in refused
+    )
+    return f"every reply of the link rejected: {named}"
+
+
+def refused_nodes(history: Sequence[dict]) -> list[dict]:
+    """The run's nodes whose every train reply in a link was rejected: each link's last
+    round's `refused` list, with the link (for metrics.json's `refused_nodes`)."""
+    last: dict[int, list[dict]] = {}
+    for entry in history:
+        if "refused" in entry:
+            last[entry["link"]] = entry["refused"]
+    return [{"link": link, **r} for link, refused in sorted(last.items()) for r in refused]
 
 
 def compact_names(names: Sequence[str]) -> str:

@@ -7,16 +7,22 @@ the link's A-spec and catch-up links to every message and checks every reply. A 
 what Flower's `Strategy.start` does for one round, written out so the chain loop owns
 the round counter:
 
-    configure_train -> send/receive -> aggregate_train
-    configure_evaluate -> send/receive -> aggregate_evaluate
+    configure_train -> push, then each reply as it arrives: check, add up -> aggregate
+    configure_evaluate -> push, pull every reply -> aggregate_evaluate
 
-The inner strategy sees one round number, the round within the link (from 1).
+`train_exchange` is the round's train half: Flower's `push_messages`, then
+`pull_messages` every 50 ms (strategies/exchange.py; Flower's own `send_and_receive`
+waits 3 s between pulls on a SuperLink), each reply checked and added to the round's
+sum the moment it arrives (strategies/intake.py), so the server aggregates while the
+slower clients train and holds no reply past its turn. The inner strategy sees one
+round number, the round within the link (from 1).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from logging import INFO
 
 import torch
@@ -27,7 +33,7 @@ from flwr.serverapp import Grid
 from contract import protocol as p
 from contract.config import RunConfig
 from seedlora import a_digest
-from strategies import privacy
+from strategies import exchange, privacy
 from strategies.chain import LinkContext, LinkStrategy
 from strategies.registry import build_strategy
 from strategies.sampling import NodeOrder
@@ -92,13 +98,12 @@ class FlowerLink:
         clock = [time.perf_counter()]
         messages = link.configure_train(link_round, record, self.train_config(link_round), grid)
         clock.append(time.perf_counter())
-        replies = list(grid.send_and_receive(messages, timeout=self.timeout))
-        clock.append(time.perf_counter())
-        aggregated, _ = link.aggregate_train(link_round, replies)
+        aggregated, measured = train_exchange(grid, link, link_round, messages, self.timeout)
         record = aggregated if aggregated is not None else record
-        clock.append(time.perf_counter())
+        now = time.perf_counter()
+        clock += [now - measured.closing, now]  # the train exchange ends at the last reply
         messages = link.configure_evaluate(link_round, record, ConfigRecord(), grid)
-        link.aggregate_evaluate(link_round, grid.send_and_receive(messages, timeout=self.timeout))
+        link.aggregate_evaluate(link_round, exchange.send_and_receive(grid, messages, self.timeout))
         clock.append(time.perf_counter())
         steps = ("configure", "train_exchange", "aggregate", "evaluate_exchange")
         phases = {k: b - a for k, a, b in zip(steps, clock, clock[1:], strict=False)}
@@ -106,26 +111,69 @@ class FlowerLink:
             arrays=record.to_torch_state_dict(),
             ledger=link.ledger(link_round),
             strategy_state=save_state(link.inner),
-            phases={**phases, **client_phases(replies, phases["train_exchange"])},
+            phases={**phases, **measured.phases(phases["train_exchange"])},
         )
 
 
-def client_phases(replies: list[Message], exchange: float) -> dict[str, float]:
-    """The clients' share of a train exchange, from what their replies report.
+@dataclass
+class TrainExchange:
+    """What a round's train exchange measured: the clients' spans [start, start +
+    train-time] (from their replies' metrics), the seconds spent checking and adding up
+    replies as they came (`intake`, inside the exchange: it overlaps the clients still
+    training), and closing the round after the last reply (`closing`: the sum's
+    division and the inner strategy's aggregate; the round's `aggregate` phase)."""
+
+    spans: list[tuple[float, float]] = field(default_factory=list)
+    intake: float = 0.0
+    closing: float = 0.0
+
+    def phases(self, exchange: float) -> dict[str, float]:
+        """The clients' share of the train exchange (`client_phases`), and `intake`."""
+        return {**client_phases(self.spans, exchange), "intake": self.intake}
+
+
+def train_exchange(
+    grid: Grid,
+    link: LinkStrategy,
+    link_round: int,
+    messages: Iterable[Message],
+    timeout: float,
+) -> tuple[ArrayRecord | None, TrainExchange]:
+    """One round's train exchange: push `messages`, pull every 50 ms until each is
+    answered or `timeout` s passed, each reply checked and added up as it arrives
+    (`LinkStrategy.open_train`); then the round's aggregate (None: nothing to take)."""
+    measured = TrainExchange()
+    intake = link.open_train(link_round)
+    for reply in exchange.replies(grid, messages, timeout):
+        began = time.perf_counter()
+        measured.spans += client_span(reply)
+        intake.add(reply)
+        measured.intake += time.perf_counter() - began
+    began = time.perf_counter()
+    aggregated, _ = link.close_train(link_round, intake)
+    measured.closing = time.perf_counter() - began
+    return aggregated, measured
+
+
+def client_span(reply: Message) -> list[tuple[float, float]]:
+    """[(start, start + train-time)] as a reply reports it, [] when it does not."""
+    if reply.has_error() or p.METRICS not in reply.content.metric_records:
+        return []
+    metrics = reply.content[p.METRICS]
+    took, start = metrics.get(p.TRAIN_TIME), metrics.get(p.TRAIN_START)
+    if isinstance(took, int | float) and isinstance(start, int | float):
+        return [(float(start), float(start) + float(took))]
+    return []
+
+
+def client_phases(spans: list[tuple[float, float]], exchange: float) -> dict[str, float]:
+    """The clients' share of a train exchange, from the spans their replies report.
 
     `client_train_sum` / `client_train_max`: the clients' own train-time (their critical
     path is the sum over the concurrent clients); `client_busy`: the wall time during which
     at least one client was training (the union of their [start, start + train-time]
     intervals: comparable on one machine, not across machines with skewed clocks);
     `idle`: the rest of the exchange (scheduling, transfer, waiting)."""
-    spans = []
-    for msg in replies:
-        if msg.has_error() or p.METRICS not in msg.content.metric_records:
-            continue
-        metrics = msg.content[p.METRICS]
-        took, start = metrics.get(p.TRAIN_TIME), metrics.get(p.TRAIN_START)
-        if isinstance(took, int | float) and isinstance(start, int | float):
-            spans.append((float(start), float(start) + float(took)))
     if not spans:
         return {}
     busy, end = 0.0, float("-inf")

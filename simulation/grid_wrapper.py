@@ -1,5 +1,7 @@
 """A Flower Grid that hands every call to another one: the base of the grids that add to it
-(simulation.inprocess.StoppableGrid, simulation.probe.TimedGrid)."""
+(simulation.inprocess.StoppableGrid, simulation.probe.TimedGrid). Its `send_and_receive`
+is a push and pulls through this grid's own `push_messages` / `pull_messages`
+(strategies/exchange.py), so what a subclass adds to those two sees every message."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ from collections.abc import Iterable
 
 from flwr.app import Message
 from flwr.serverapp import Grid
+
+from strategies import exchange
 
 
 class GridWrapper(Grid):
@@ -35,4 +39,4 @@ class GridWrapper(Grid):
         return self.inner.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout=None) -> list[Message]:
-        return list(self.inner.send_and_receive(messages, timeout=timeout))
+        return exchange.send_and_receive(self, messages, timeout)

@@ -18,7 +18,6 @@ import json
 import os
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -61,7 +60,6 @@ def backend_config(
 # Flower's defaults for ray.init in a simulation (flwr.supercore.constant).
 RAY_DEFAULTS = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": True}
 STOP_JOIN_S = 60.0  # how long to wait for a stopped ServerApp thread to end
-POLL_S = 0.1
 
 
 class SimulationFailed(RuntimeError):
@@ -95,8 +93,8 @@ def start_ray(backend: Mapping[str, Any]) -> None:
 
 
 class StoppableGrid(GridWrapper):
-    """The ServerApp's grid, whose `send_and_receive` gives up once `stop` is set (the
-    simulation engine is gone); it remembers the thread that uses it."""
+    """The ServerApp's grid, whose pushes and pulls (so every exchange) give up once
+    `stop` is set (the simulation engine is gone); it remembers the thread that uses it."""
 
     def __init__(self, inner: Grid, stop: threading.Event):
         super().__init__(inner)
@@ -119,20 +117,6 @@ class StoppableGrid(GridWrapper):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         self._seen()
         return self.inner.pull_messages(message_ids)
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout=None) -> list[Message]:
-        """Flower's InMemoryGrid loop (push, then pull until every reply or the timeout),
-        checking `stop` at every poll."""
-        pending = set(self.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while pending and (deadline is None or time.monotonic() < deadline):
-            got = list(self.pull_messages(pending))
-            replies += got
-            pending -= {m.metadata.reply_to_message_id for m in got}
-            if pending:
-                time.sleep(POLL_S)
-        return replies
 
 
 def simulate(

@@ -14,6 +14,7 @@ import copy
 import json
 import os
 import tempfile
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +26,19 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from strategies import exchange
+
 RUN_ID = 4242
 
 
 class LocalGrid(Grid):
-    """Node ids 101, 102, ...; node i holds partition i of n."""
+    """Node ids 101, 102, ...; node i holds partition i of n.
+
+    `push_messages` queues messages; each `pull_messages` runs the ClientApp of the next
+    queued message among the asked ids and returns its reply, one per pull, as a
+    transport delivers replies while other clients still train. `arrival` (a test's
+    hook) picks the order: it gets the queued ids of a pull and returns them reordered,
+    the first answered now; an empty list answers none (a client that stays silent)."""
 
     def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict | None = None):
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, 0, 0
@@ -48,6 +57,8 @@ class LocalGrid(Grid):
         self.keep_replies = True  # off for long runs: 4 clients x 512 rounds held 460 MB
         self.rounds_sent = 0
         self.fail_after: int | None = None  # raise after this many train rounds (crash test)
+        self.queued: dict[str, Message] = {}  # pushed, not yet answered: id -> message
+        self.arrival: Callable[[list[str]], list[str]] | None = None
 
     def set_run(self, run: Run) -> None:  # pragma: no cover - not used by ServerApps here
         raise NotImplementedError
@@ -62,30 +73,39 @@ class LocalGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self.apps)
 
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # pragma: no cover
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # pragma: no cover
-        raise NotImplementedError
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout=None) -> list[Message]:
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
         if messages and messages[0].metadata.message_type.startswith("train"):
             if self.fail_after is not None and self.rounds_sent >= self.fail_after:
                 raise KeyboardInterrupt("simulated server crash")
             self.rounds_sent += 1
-        replies = []
+        ids = []
         for msg in messages:
-            node = msg.metadata.dst_node_id
-            try:
-                reply = self.apps[node](msg, self.contexts[node])
-            except Exception as err:  # noqa: BLE001 - a client error becomes an error reply
-                reply = Message(Error(code=0, reason=repr(err)), reply_to=msg)
-            if reply is not None:
-                replies.append(reply)
-                if self.keep_replies and msg.metadata.message_type.startswith("train"):
-                    self.replies.append(reply)
-        return replies
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())  # as InMemoryGrid does
+            self.queued[msg.metadata.message_id] = msg
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        asked = set(message_ids)
+        due = [i for i in self.queued if i in asked]  # in the order they were pushed
+        due = self.arrival(due) if self.arrival else due
+        if not due:
+            return []
+        msg = self.queued.pop(due[0])
+        node = msg.metadata.dst_node_id
+        try:
+            reply = self.apps[node](msg, self.contexts[node])
+        except Exception as err:  # noqa: BLE001 - a client error becomes an error reply
+            reply = Message(Error(code=0, reason=repr(err)), reply_to=msg)
+        if reply is None:
+            return []
+        if self.keep_replies and msg.metadata.message_type.startswith("train"):
+            self.replies.append(reply)
+        return [reply]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout=None) -> list[Message]:
+        return exchange.send_and_receive(self, messages, timeout)
 
 
 class CopyingGrid(LocalGrid):
@@ -97,8 +117,8 @@ class CopyingGrid(LocalGrid):
     def run(self) -> Run:
         return Run.create_empty(RUN_ID)
 
-    def send_and_receive(self, messages, *, timeout=None):
-        return super().send_and_receive([copy.deepcopy(m) for m in messages], timeout=timeout)
+    def push_messages(self, messages):
+        return super().push_messages([copy.deepcopy(m) for m in messages])
 
 
 def scaled_update(honest: ClientApp, factor: float):

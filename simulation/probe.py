@@ -3,9 +3,10 @@
 `probed_client_app` wraps a ClientApp and appends one JSON line per call (wall-clock start
 and end, process, the GPU Ray assigned, the Ray cluster it ran in, device memory after the
 call and its peak, the reply's own train time). `TimedGrid` wraps the ServerApp's grid and
-records each `send_and_receive`. Both write to one JSON-lines file (each record is one
-`write` in append mode, so concurrent Ray actors on one machine do not interleave), and
-`read` loads it back. Wall-clock times are comparable across processes of one machine.
+records each exchange (a push and the pulls that answer it). Both write to one JSON-lines
+file (each record is one `write` in append mode, so concurrent Ray actors on one machine
+do not interleave), and `read` loads it back. Wall-clock times are comparable across
+processes of one machine.
 """
 
 from __future__ import annotations
@@ -120,24 +121,48 @@ def probed_client_app(inner: ClientApp, log: str | os.PathLike) -> ClientApp:
 
 
 class TimedGrid(GridWrapper):
-    """A grid that records how long each `send_and_receive` took (the server waiting)."""
+    """A grid that records each exchange (the server waiting): from a push to the reply
+    to its last message, with the number sent and answered. An exchange left with
+    messages unanswered (past round-timeout) is recorded at the next push."""
 
     def __init__(self, inner: Grid, log: str | os.PathLike):
         super().__init__(inner)
         self.log = Path(log)
+        self.open: list[dict[str, Any]] = []  # exchanges with replies still due
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout=None) -> list[Message]:
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
         start = time.time()
-        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
-        record = {
-            "kind": GRID,
-            "message_type": messages[0].metadata.message_type if messages else None,
-            "round": _round(messages[0]) if messages else None,
-            "sent": len(messages),
-            "replies": len(replies),
-            "start": start,
-            "end": time.time(),
-        }
-        _append(self.log, record)
-        return replies
+        ids = list(self.inner.push_messages(messages))
+        for batch in self.open:
+            self._record(batch)
+        self.open = [
+            {
+                "kind": GRID,
+                "message_type": messages[0].metadata.message_type if messages else None,
+                "round": _round(messages[0]) if messages else None,
+                "sent": len(messages),
+                "replies": 0,
+                "start": start,
+                "end": time.time(),
+                "due": {i for i in ids if i},
+            }
+        ]
+        if not self.open[0]["due"]:
+            self._record(self.open.pop())
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        got = list(self.inner.pull_messages(message_ids))
+        for batch in self.open:
+            answered = {m.metadata.reply_to_message_id for m in got} & batch["due"]
+            batch["due"] -= answered
+            batch["replies"] += len(answered)
+            batch["end"] = time.time() if answered else batch["end"]
+        for batch in [b for b in self.open if not b["due"]]:
+            self.open.remove(batch)
+            self._record(batch)
+        return got
+
+    def _record(self, batch: dict[str, Any]) -> None:
+        _append(self.log, {k: v for k, v in batch.items() if k != "due"})

@@ -8,7 +8,9 @@
                  links a node lacks
     aggregate_*  the replies -> the reply pipeline (replies.py): check, unpack, check
                  arrays, screen outliers; fewer than `min_replies` accepted replies skip
-                 the round (global B unchanged), else the inner strategy aggregates them
+                 the round (global B unchanged), else the inner strategy aggregates them.
+                 Train replies can be taken one at a time as they arrive (`open_train`,
+                 intake.py): the rules exact in weight space add them up and drop them
     every hook   the round's `RoundLedger` (ledger.py), which the server reads
 
 Round numbers. The hooks receive `server_round`, the caller's count of this instance's
@@ -37,7 +39,8 @@ from contract import protocol as p
 from contract.config import StrategyConfig, UploadConfig
 from seedlora.chain import Chain, Link
 
-from .ledger import Rejection, RoundLedger, client_updates
+from .intake import StreamedMean, TrainIntake, buffering_reason, log_path
+from .ledger import Refusals, Rejection, RoundLedger
 from .outgoing import Outgoing
 from .outliers import OutlierScreen
 from .registry import kept_replies, trims_nothing
@@ -103,6 +106,8 @@ class LinkStrategy(Strategy):
         self.ledgers: dict[int, RoundLedger] = {}  # keyed by global round
         self.sent = SentRound()
         self._warned_trim = False
+        self.buffering = buffering_reason(ctx.checks, inner)  # None: rounds stream
+        self.refusals = Refusals()
         self.outgoing = Outgoing(links, ctx.link_config, ctx.chain_index, ctx.node_links)
 
     # --- round numbers and bookkeeping -----------------------------------------------
@@ -155,6 +160,7 @@ class LinkStrategy(Strategy):
     # --- Strategy interface --------------------------------------------------------
     def summary(self) -> None:
         log(INFO, "link %d: %s", self.ctx.chain_index, type(self.inner).__name__)
+        log_path(self.ctx.chain_index, self.buffering)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -167,43 +173,62 @@ class LinkStrategy(Strategy):
         self.sent = SentRound(p.arrays_signature(arrays), sent_arrays, nodes)
         return out
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        ledger, global_round = self.ledger(server_round), self.global_round(server_round)
-        replies = list(replies)
-        uploaded = {id(m): p.record_bytes(m) for m in replies}  # as sent, before unpacking
-        ledger.lost = note_lost(self.sent.nodes, replies, global_round)
+    def open_train(self, server_round: int) -> TrainIntake:
+        """The round's train intake: `add` each reply as it arrives, then `close_train`
+        (intake.py: streamed for the rules exact in weight space, else buffered)."""
         ctx, sent = self.ctx, self.sent
         pipeline = train_pipeline(
             self._expectation(sent.signature),
             Unpack(sent.arrays, ctx.upload.upload_codec, bool(ctx.upload.client_ranks)),
             OutlierScreen(ctx.checks.outlier_mad, ctx.checks.outlier_action, sent.arrays),
         )
-        verdict = pipeline(replies)
-        accepted = self._receive(verdict)
+        stream = None if self.buffering else StreamedMean(self.inner.weighted_by_key)
+        return TrainIntake(pipeline, stream, ctx.keep_updates)
+
+    def close_train(
+        self, server_round: int, intake: TrainIntake
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The round's aggregate from its intake (None: fewer than min-replies accepted),
+        with the round's ledger filled in."""
+        ledger, global_round = self.ledger(server_round), self.global_round(server_round)
+        ctx, taken = self.ctx, intake.close()
+        verdict = taken.verdict
+        ledger.lost = note_lost(self.sent.nodes, taken.replied, global_round)
+        self.outgoing.note_replies(verdict.checked, verdict.rejected_nodes)
         ledger.rejected.extend(own_rejections(verdict.rejected, ledger.lost))
+        ledger.refused = self.refusals.count(verdict.checked, ledger.rejected)
         ledger.outliers.extend(verdict.outliers)
-        ledger.accepted = len(accepted)
-        if ctx.keep_updates:
-            ledger.updates = client_updates(accepted)
-        ledger.bytes_up = sum(uploaded[id(m)] for m in accepted)
-        if len(accepted) < ctx.checks.min_replies:
+        ledger.accepted = taken.accepted
+        ledger.updates = taken.updates
+        ledger.bytes_up = taken.bytes_up
+        if taken.accepted < ctx.checks.min_replies:
             log(
                 WARNING,
                 "round %d skipped: %d valid replies < min-replies %d; global B unchanged",
                 global_round,
-                len(accepted),
+                taken.accepted,
                 ctx.checks.min_replies,
             )
             ledger.skipped = True
             return None, None
-        self._warn_if_trimming_nothing(len(accepted))
+        self._warn_if_trimming_nothing(taken.accepted)
+        accepted = verdict.accepted
+        if self.buffering is None:
+            log(INFO, "round %d: %d replies summed as they came", global_round, taken.accepted)
         arrays, metrics = self.inner.aggregate_train(self.link_round(server_round), accepted)
         if arrays is not None and ctx.checks.name in ("krum", "multikrum"):
             self._note_single_kept(global_round, accepted, arrays)
         ledger.train_metrics = dict(metrics or {})
         return (as_float32(arrays) if arrays is not None else None), metrics
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's hook: every reply of the round through `open_train`, then closed."""
+        intake = self.open_train(server_round)
+        for reply in replies:
+            intake.add(reply)
+        return self.close_train(server_round, intake)
 
     def _warn_if_trimming_nothing(self, replies: int) -> None:
         """Once per link: fedtrimmedavg with too few replies to cut any is a plain mean."""

@@ -8,9 +8,10 @@ rewritten in place, or raises `ReplyRejected` with the reason):
     check_arrays     train only: keys, shapes, dtypes and finite values of what was sent
 
 The envelope comes first so that nothing foreign is ever decoded. A rejected reply is
-logged with its node id and reason. The replies that pass are sorted by partition id
-(so that sums are reproducible), and the round's list then goes through the outlier
-screen (strategies/outliers.py), which may flag, drop or clip.
+logged with its node id and reason. `ReplyPipeline.check` runs the steps on one reply,
+as it arrives (strategies/intake.py); a round that buffers its replies then sorts the
+passed ones by partition id (so that sums are reproducible) and puts them through the
+outlier screen (strategies/outliers.py), which may flag, drop or clip (`verdict`).
 """
 
 from __future__ import annotations
@@ -70,24 +71,35 @@ class ReplyPipeline:
     steps: Sequence[Step]
     screen: Screen | None = None
 
-    def __call__(self, replies: Iterable[Message]) -> Verdict:
-        passed, rejected = [], []
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            try:
-                for step in self.steps:
-                    reply = step(reply)
-            except ReplyRejected as err:
-                rejected.append(Rejection(node, err.reason))
-                _log_rejection(rejected[-1])
-            else:
-                passed.append(reply)
-        passed.sort(key=_partition_order)
+    def check(self, reply: Message) -> Message | Rejection:
+        """One reply through every step: the reply (its arrays possibly rewritten), or its
+        rejection, logged."""
+        node = reply.metadata.src_node_id
+        try:
+            for step in self.steps:
+                reply = step(reply)
+        except ReplyRejected as err:
+            rejection = Rejection(node, err.reason)
+            _log_rejection(rejection)
+            return rejection
+        return reply
+
+    def verdict(self, passed: list[Message], rejected: list[Rejection]) -> Verdict:
+        """The round's verdict once every reply went through `check`: the passed ones
+        sorted by partition id, then screened."""
+        passed = sorted(passed, key=_partition_order)
         checked = [m.metadata.src_node_id for m in passed]
         if self.screen is None:
             return Verdict(passed, rejected, checked)
         kept, outliers = self.screen(passed)
         return Verdict(kept, rejected, checked, outliers)
+
+    def __call__(self, replies: Iterable[Message]) -> Verdict:
+        passed, rejected = [], []
+        for reply in replies:
+            out = self.check(reply)
+            (rejected if isinstance(out, Rejection) else passed).append(out)
+        return self.verdict(passed, rejected)
 
 
 def train_pipeline(exp: Expectation, unpack: Unpack, screen: OutlierScreen) -> ReplyPipeline:
@@ -135,14 +147,12 @@ def own_rejections(rejected: Sequence[Rejection], lost: Sequence[int]) -> list[R
     return out
 
 
-def note_lost(
-    sent_nodes: Iterable[int], replies: Sequence[Message], global_round: int
-) -> list[int]:
+def note_lost(sent_nodes: Iterable[int], replied: Iterable[int], global_round: int) -> list[int]:
     """The sampled nodes that sent nothing of their own (crashed, cut off, or past
     round-timeout; Flower's 'node unavailable' error comes from the SuperLink's id), sorted
     and logged: the round goes on with the others, and a late reply is never counted in a
-    later round."""
-    lost = sorted(set(sent_nodes) - {m.metadata.src_node_id for m in replies})
+    later round. `replied`: the nodes a reply came from."""
+    lost = sorted(set(sent_nodes) - set(replied))
     if lost:
         log(
             WARNING,

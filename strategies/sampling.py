@@ -37,6 +37,8 @@ from flwr.serverapp import Grid
 from contract import protocol as p
 from seedlora.spec import derive_seed
 
+from .exchange import send_and_receive
+
 
 @contextmanager
 def seeded_sampling(seed: int, phase: str, global_round: int) -> Iterator[None]:
@@ -93,7 +95,7 @@ class NodeOrder:
         queries = [
             Message(RecordDict(), dst_node_id=n, message_type=p.PARTITION_QUERY) for n in new
         ]
-        self.learn(grid.send_and_receive(queries, timeout=self.timeout))
+        self.learn(send_and_receive(grid, queries, self.timeout))
         named = sum(n in self.partitions for n in new)
         log(INFO, "node sampling: %d of %d new nodes named their partition", named, len(new))
 

@@ -142,18 +142,30 @@ def test_bad_reply_is_rejected_and_changes_nothing(overrides, tmp_path, kind):
     assert dirty.state.links[0].factors  # a real chain was built
 
 
-def test_a_reply_on_another_a_is_rejected_with_its_reason(overrides, tmp_path):
+def test_a_reply_on_another_a_is_rejected_with_its_reason(overrides, tmp_path, caplog):
     """A client whose A digest differs from the server's (same A-spec, another A: e.g.
-    another torch version) is rejected and named; the others are averaged."""
+    another torch version) is rejected and named; the others are averaged. Every reply
+    of its link rejected, it is named with the reason in the round line and the run's
+    summary (metrics.json `refused_nodes`, the last lines of the log)."""
+    import logging
 
     def poison(grid):
         grid.apps[103] = faulty("a-digest", grid.apps[103])
 
-    run(overrides, tmp_path, prepare=poison)
-    entry = metrics(tmp_path)["rounds"][1]
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        run(overrides, tmp_path, prepare=poison)
+    doc = metrics(tmp_path)
+    entry = doc["rounds"][1]
     assert entry["accepted"] == 2 and [r["node"] for r in entry["rejected"]] == [103]
     reason = entry["rejected"][0]["reason"]
     assert reason.startswith("A digest ffffffffffff differs from the server's"), reason
+    assert entry["refused"] == [{"node": 103, "replies": 1, "reason": reason}]
+    assert doc["refused_nodes"] == [{"link": 0, "node": 103, "replies": 1, "reason": reason}]
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(
+        f"every reply of the link rejected: node 103 (1 reply: {reason})" in x for x in lines
+    )
+    assert f"node 103: every reply of link 0 rejected (1): {reason}" in lines
 
 
 @pytest.mark.integration
