@@ -160,9 +160,10 @@ def _restore(
 def reset_optimizer(optimizer: torch.optim.Optimizer) -> None:
     """Every state tensor zeroed in place: Adam(W)'s moments and step counts start from zero,
     so the next step is a fresh optimizer's first, at the addresses a graph reads."""
-    with torch.no_grad():
-        for t in _state_tensors(optimizer).values():
-            t.zero_()
+    tensors = list(_state_tensors(optimizer).values())
+    if tensors:
+        with torch.no_grad():
+            torch._foreach_zero_(tensors)  # one launch per device and dtype, not per tensor
 
 
 class Layout:
