@@ -10,7 +10,14 @@ Data order is seeded by (seed, round, partition), so reruns and resumes are iden
 and on CUDA the round's steps replay one CUDA graph of forward, backward, clipping and a
 fused capturable AdamW: seedlora/capture.py; a batch of another shape takes a plain step).
 Capture warms up on the round's first batch and undoes the warm-up, so the first replay is
-the first step; dropout draws, if any, differ from the eager path's.
+the first step; dropout draws, if any, differ from the eager path's. The graph and its
+AdamW are kept with the model (`seedlora.capture.kept_step`), so a process that trains one
+link's resident model for many clients and rounds captures once: each round the received
+B and heads are already in the same tensors, the moments and step counts are zeroed in
+place and the round's lr written into the lr tensor the graph reads. A new model (a new
+link), a regrouped one or another loss, precision, clipping or optimizer captures anew; so
+does a round whose first batch has another shape, and every round of a private copy
+(heterogeneous ranks: client.uploads.fit_rank), which lives for one round.
 
 The lr is the one the server sent for the round (server/schedule.py), `lr` of the run
 config when none came. With `grad-accum-steps` k, one optimizer step takes k micro-batches
@@ -37,7 +44,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from contract.config import RunConfig
-from seedlora.capture import CapturedStep
+from seedlora.capture import CapturedStep, KeptStep, kept_step
 from seedlora.grouped import group_siblings, ungroup
 from tasks.devices import autocast
 
@@ -56,7 +63,10 @@ def _batches(loader: DataLoader) -> Iterator[dict]:
 
 
 def _optimizer(
-    cfg: RunConfig, params: list[torch.nn.Parameter], lr: float, capturable: bool = False
+    cfg: RunConfig,
+    params: list[torch.nn.Parameter],
+    lr: float | torch.Tensor,
+    capturable: bool = False,
 ) -> torch.optim.Optimizer:
     """The run's optimizer; `capturable`: fused and stepping on the device (for a graph)."""
     if cfg.train.optimizer == "sgd":
@@ -79,6 +89,37 @@ def _graphable(cfg: RunConfig, device: torch.device, proximal_mu: float) -> bool
         and t.precision != "fp16"
         and t.optimizer in ("adamw", "adam")
     )
+
+
+def _kept_step(
+    model: torch.nn.Module,
+    task,
+    cfg: RunConfig,
+    device: torch.device,
+    params: list[torch.nn.Parameter],
+    lr: float,
+) -> KeptStep:
+    """The model's kept graphed step (module docstring), begun at `lr`. Besides the model,
+    a capture bakes in the loss (the task), the autocast precision, the clipping norm and
+    the optimizer's kind and weight decay; the lr is a float32 tensor on the device."""
+    t = cfg.train
+    config = (
+        type(task),
+        getattr(task, "config", None),
+        t.precision,
+        t.max_grad_norm,
+        t.optimizer,
+        t.weight_decay,
+        str(device),
+    )
+
+    def optimizer() -> torch.optim.Optimizer:
+        lr_tensor = torch.tensor(lr, dtype=torch.float32, device=device)
+        return _optimizer(cfg, params, lr_tensor, capturable=True)
+
+    kept = kept_step(model, config, params, optimizer)
+    kept.begin(lr)
+    return kept
 
 
 @contextlib.contextmanager
@@ -122,15 +163,18 @@ def train(
     accum = cfg.train.grad_accum_steps
     epoch_steps = math.ceil(len(loader) / accum)  # optimizer steps in one pass over the data
     steps = cfg.train.local_steps or max(1, math.ceil(cfg.train.local_epochs * epoch_steps))
-    graphable = _graphable(cfg, device, proximal_mu)
-    opt = _optimizer(cfg, params, cfg.train.lr if lr is None else lr, capturable=graphable)
-    # fp16 gradients of a small loss underflow: scale the loss (bf16 has fp32's range).
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+    lr = cfg.train.lr if lr is None else lr
     model.train()
     if cfg.train.step_mode == "eager":
         ungroup(model)
     else:
         group_siblings(model)
+    kept = None
+    if _graphable(cfg, device, proximal_mu):
+        kept = _kept_step(model, task, cfg, device, params, lr)
+    opt = kept.optimizer if kept is not None else _optimizer(cfg, params, lr)
+    # fp16 gradients of a small loss underflow: scale the loss (bf16 has fp32's range).
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
 
     def loss_of(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         with autocast(device, cfg.train.precision):
@@ -147,10 +191,10 @@ def train(
     batches = _batches(loader)
     with _seeded_rng(device, data_seed):
         for _ in range(steps):
-            if graphable:
+            if kept is not None:
                 batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
                 if captured is None:
-                    captured = CapturedStep(loss_of, params, opt, batch, before_step=clip)
+                    captured = kept.ready(loss_of, batch, before_step=clip)
                 if captured.fits(batch):
                     total += captured(batch)
                     continue

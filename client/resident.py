@@ -8,7 +8,8 @@ checkpointing if the run asks, and placed on the device in the run's precision
 (`tasks.devices.place`: the frozen base is the cast of the float32 rebuilt base, exactly as
 a fresh build). Between clients only the trainable state (B and heads) is swapped in
 (`seedlora.load_trainable_state`); optimizer state and activations live for one call, and
-gradients are dropped after it.
+gradients are dropped after it, except that step-mode graphed keeps its CUDA graph and
+AdamW with the model until the model goes (client/local.py).
 
 The model is rebuilt only when what defines it changes, its `ModelKey`: the task (what the
 base is), the links digest, method, A kind/seed/rank/alpha, chain index, targets, heads,
@@ -40,6 +41,7 @@ import torch
 from torch import nn
 
 from seedlora import CHAINED, Link, adapter_layers, apply_link, prepare, unwrap
+from seedlora.capture import forget
 from seedlora.injection import keep_links_aside
 from tasks import TaskConfig
 from tasks.devices import place
@@ -176,6 +178,8 @@ class ResidentModel:
     def clear(self) -> None:
         """Forget the device model and the master (the next `use` builds from W0)."""
         with self._lock:
+            if self._model is not None:
+                forget(self._model)  # its kept CUDA graph (client.local), if any
             self._model = self._key = None
             self.bases.clear()
             _free_device_memory()
@@ -215,6 +219,7 @@ class ResidentModel:
             self._build_aside(key, links, load)
             return
         if self._model is not None:  # free the old device model before building the new one
+            forget(self._model)
             self._model = self._key = None
             _free_device_memory()
         master = self.bases.get(key.task, key.links, links, load)
@@ -235,6 +240,8 @@ class ResidentModel:
         wanted = checked_links(links, key.links)
         old, old_key = self._model, self._key
         self._model = self._key = None
+        if old is not None:  # unwrap may give the same object back: no stale graph on it
+            forget(old)
         base = None
         reusable = old_key is not None and old_key.aside
         if old is not None and reusable and old_key.frozen_base() == key.frozen_base():

@@ -10,19 +10,38 @@ busy time. What capture needs, and what this module assumes:
 - no host-device synchronisation inside the step (no `.item()`, no data-dependent
   shapes): the B-only nodes (`seedlora.fused`, `seedlora.grouped`) issue none;
 - an optimizer whose step runs on the device: `torch.optim.AdamW(..., capturable=True)`,
-  fused or foreach; its learning rate is baked into the graph, so a new lr needs a new
-  capture (or a tensor lr).
+  fused or foreach; a float learning rate is baked into the graph, a tensor one (on the
+  device) is read from its address at every replay.
 
 Capture runs a few warm-up steps on a side stream first (cuBLAS workspaces, the
 optimizer's state, autograd's caches); they would move B and the optimizer state, so both
 are put back afterwards and the first replay is the first step, as the eager loop's is.
+The warm-up draws from a forked RNG, so a replay's dropout draws depend on the RNG state
+at the replay only (the same for a fresh capture and a kept one).
+
+A capture costs ~0.6-0.9 s on a 7B model, about half a 10-step round, so `KeptStep` keeps
+the graph and its optimizer for every round of one model (one link's resident model):
+
+    round t:  B, heads <- received (in place: the same tensors)
+              m, v, step <- 0 (in place)          lr tensor <- lr_t (in place)
+              replay the graph once per step
+
+which is what a fresh capture with a fresh AdamW at lr_t would run. `kept_step` gives a
+model's kept step while nothing the graph points into has changed (`Layout`), else a new
+one. A tensor lr is a float32: the step equals a float lr's exactly when lr is a float32
+number, and otherwise within lr's float32 rounding (2^-24 relative).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import itertools
+import weakref
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import torch
+from torch import nn
+
+from .injection import adapter_layers
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -56,7 +75,7 @@ class CapturedStep:
         before = _snapshot(params, optimizer)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.random.fork_rng(devices=[side.device]), torch.cuda.stream(side):
             for _ in range(warmup):
                 _eager_step(loss_fn, self.static, optimizer, before_step)
         torch.cuda.current_stream().wait_stream(side)
@@ -136,3 +155,127 @@ def _restore(
                 t.copy_(state[key])
             else:
                 t.zero_()
+
+
+def reset_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Every state tensor zeroed in place: Adam(W)'s moments and step counts start from zero,
+    so the next step is a fresh optimizer's first, at the addresses a graph reads."""
+    tensors = list(_state_tensors(optimizer).values())
+    if tensors:
+        with torch.no_grad():
+            torch._foreach_zero_(tensors)  # one launch per device and dtype, not per tensor
+
+
+class Layout:
+    """What a captured step's kernels point into, compared by identity and address.
+
+    A graph holds raw addresses, so it stays valid while the model keeps every parameter
+    and buffer as the same tensor at the same address (`.data =` moves one) with the same
+    `requires_grad`, and every adapter its A-spec and sibling group (they own the (s A)^T
+    and column tensors made on a first forward: `set_spec`, `ungroup` then `group_siblings`
+    make new ones). Holding the objects keeps their ids from being reused meanwhile.
+    """
+
+    def __init__(self, model: nn.Module):
+        tensors = [*model.parameters(), *model.buffers()]
+        adapters = (
+            (getattr(m, "spec", None), getattr(m, "group", None)) for _, m in adapter_layers(model)
+        )
+        self.objects: list[object] = [*tensors, *itertools.chain.from_iterable(adapters)]
+        self.marks = [(t.data_ptr(), t.requires_grad) for t in tensors]
+
+    def same(self, other: Layout) -> bool:
+        return (
+            self.marks == other.marks
+            and len(self.objects) == len(other.objects)
+            and all(a is b for a, b in zip(self.objects, other.objects, strict=True))
+        )
+
+
+class KeptStep:
+    """A captured step and the optimizer it steps, kept across runs of steps (rounds) on one
+    model (module docstring), so capture is paid once.
+
+    Per run: load the trainable state into the same parameters in place, `begin(lr)`, then
+    `ready(loss_fn, first_batch, ...)` gives the captured step, capturing only when there is
+    none yet or the batch has another shape (the old graph is freed first).
+
+    Args:
+        params: the trained parameters.
+        optimizer: on `params`, capturable, its lr a tensor on the device in every group.
+        config: whatever else the capture bakes in (loss, precision, clipping, optimizer
+            kind): a kept step is reused only under an equal config.
+        layout: the model's layout now.
+
+    Attributes:
+        captures: graphs captured so far.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        config: Hashable,
+        layout: Layout,
+    ):
+        if not all(isinstance(g["lr"], torch.Tensor) for g in optimizer.param_groups):
+            raise ValueError("a kept step needs the optimizer's lr as a tensor (graphs read it)")
+        self.params = list(params)
+        self.optimizer = optimizer
+        self.config = config
+        self.layout = layout
+        self.step: CapturedStep | None = None
+        self.captures = 0
+
+    def begin(self, lr: float) -> None:
+        """A new run at `lr`: moments and step counts zeroed, the lr written, in place."""
+        reset_optimizer(self.optimizer)
+        for group in self.optimizer.param_groups:
+            group["lr"].fill_(lr)
+
+    def ready(
+        self,
+        loss_fn: Callable[[Batch], torch.Tensor],
+        example: Batch,
+        before_step: Callable[[], None] | None = None,
+    ) -> CapturedStep:
+        """The captured step for batches like `example` (`CapturedStep`'s arguments)."""
+        if self.step is None or not self.step.fits(example):
+            self.step = None  # the old graph's memory goes back before the new capture
+            self.step = CapturedStep(
+                loss_fn, self.params, self.optimizer, example, before_step=before_step
+            )
+            self.captures += 1
+        return self.step
+
+
+# A model's kept step, dropped with the model (weakly keyed; a KeptStep holds the model's
+# tensors and submodules, never the model itself).
+_KEPT: weakref.WeakKeyDictionary[nn.Module, KeptStep] = weakref.WeakKeyDictionary()
+
+
+def kept_step(
+    model: nn.Module,
+    config: Hashable,
+    params: Sequence[torch.Tensor],
+    optimizer: Callable[[], torch.optim.Optimizer],
+) -> KeptStep:
+    """`model`'s kept step if it has one under an equal `config` and the same `Layout`,
+    else a new one on `optimizer()` (any old one forgotten first)."""
+    layout = Layout(model)
+    kept = _KEPT.get(model)
+    if kept is not None and kept.config == config and kept.layout.same(layout):
+        return kept
+    forget(model)
+    kept = _KEPT[model] = KeptStep(params, optimizer(), config, layout)
+    return kept
+
+
+def kept_for(model: nn.Module) -> KeptStep | None:
+    """`model`'s kept step, if any (for inspection: `captures`)."""
+    return _KEPT.get(model)
+
+
+def forget(model: nn.Module) -> None:
+    """Drop `model`'s kept step: its graph's memory pool and optimizer state go back now."""
+    _KEPT.pop(model, None)

@@ -251,6 +251,9 @@ def group_siblings(
 ) -> list[list[str]]:
     """Give the B-only adapters that one parent calls on one tensor a shared `SiblingGroup`.
 
+    Layers already grouped together keep their group (and its plans): calling this every
+    round changes nothing, so a CUDA graph captured over the group's tensors stays valid.
+
     Args:
         model: a model with `SeedLoRALayer`s (from `inject`).
         siblings: name sets; children of one parent named in one set form a group.
@@ -266,11 +269,22 @@ def group_siblings(
             layers = [m for _, m in found]
             if len(found) < 2 or not groupable(layers):
                 continue
-            group = SiblingGroup(layers)
-            for layer in layers:
-                layer.group = group
+            if not _grouped_as(layers):
+                group = SiblingGroup(layers)
+                for layer in layers:
+                    layer.group = group
             made.append([f"{parent_name}.{n}" if parent_name else n for n, _ in found])
     return made
+
+
+def _grouped_as(layers: Sequence[nn.Module]) -> bool:
+    """Whether `layers` already share one group of exactly these members."""
+    group = layers[0].group
+    return (
+        group is not None
+        and len(group.members) == len(layers)
+        and all(m is x and x.group is group for m, x in zip(group.members, layers, strict=True))
+    )
 
 
 def ungroup(model: nn.Module) -> None:

@@ -128,3 +128,24 @@ def test_a_deep_copy_of_a_grouped_model_runs_its_own_groups():
         for m, n in zip(attn.q_proj.group.members, ("q_proj", "k_proj", "v_proj"), strict=True)
     )
     torch.testing.assert_close(step(clone, ids)[0], step(model, ids)[0], rtol=0, atol=0)
+
+
+def test_grouping_again_keeps_the_groups_and_their_plans():
+    """client.local groups the model every round: a second call must keep each group and
+    its plans (a kept CUDA graph reads their tensors); after `ungroup` new groups come."""
+    ids = torch.randint(97, (2, 9), generator=torch.Generator().manual_seed(0))
+    model = adapted("gaussian", 0)
+    first = group_siblings(model)
+    want = step(model, ids)[0]  # builds each group's plan
+    groups = {n: layer.group for n, layer in adapter_layers(model) if layer.group is not None}
+    plans = {id(g): g.plan(torch.empty(0, 24)) for g in groups.values()}
+    assert len(groups) == 10 and all(g._plans for g in groups.values())
+    assert group_siblings(model) == first  # the same groups are reported
+    for name, layer in adapter_layers(model):
+        if name in groups:
+            assert layer.group is groups[name]
+            assert layer.group.plan(torch.empty(0, 24)) is plans[id(layer.group)]
+    torch.testing.assert_close(step(model, ids)[0], want, rtol=0, atol=0)
+    ungroup(model)
+    group_siblings(model)
+    assert all(layer.group is not groups[n] for n, layer in adapter_layers(model) if n in groups)

@@ -1,11 +1,12 @@
-"""client.local's optimizer loop: gradient accumulation and the lr it trains at."""
+"""client.local's optimizer loop: gradient accumulation, the lr it trains at, and the
+graphed step kept across rounds (stepped eagerly here: no CUDA graph on the CPU)."""
 
 import pytest
 import torch
 
 from client import local
 from contract.config import RunConfig
-from seedlora import prepare
+from seedlora import capture, load_trainable_state, prepare, trainable_state
 from simulation.tiny import LLAMA_TARGETS, tiny_llama
 
 SEQ = 16
@@ -97,3 +98,47 @@ def test_grouped_step_mode_trains_the_eager_b():
 def test_graphed_step_mode_needs_a_gpu_named():
     with pytest.raises(ValueError, match="step-mode"):
         RunConfig.from_flower({"step-mode": "graphed", "device": "cpu"})
+
+
+class EagerStep:
+    """`CapturedStep`'s interface stepping eagerly, so client.local's kept-step rounds run
+    on the CPU (a CUDA graph replays the same step)."""
+
+    def __init__(self, loss_fn, params, optimizer, example, warmup=3, before_step=None):
+        self.loss_fn, self.optimizer, self.before_step = loss_fn, optimizer, before_step
+        self.shapes = {k: v.shape for k, v in example.items()}
+
+    def fits(self, batch):
+        return {k: v.shape for k, v in batch.items()} == self.shapes
+
+    def __call__(self, batch):
+        return capture._eager_step(self.loss_fn, batch, self.optimizer, self.before_step)
+
+
+def test_graphed_rounds_keep_one_step_and_train_as_a_fresh_one(monkeypatch):
+    """Round 2 on the same model reuses round 1's kept step (no capture) with its AdamW reset
+    in place and the new lr in its tensor: the same loss and B as a fresh model's round."""
+    monkeypatch.setattr(local, "_graphable", lambda cfg, device, mu: True)
+    monkeypatch.setattr(capture, "CapturedStep", EagerStep)
+    cfg = RunConfig.from_flower({"local-steps": 3, "batch-size": 4, "weight-decay": 0.1})
+    cpu = torch.device("cpu")
+    model = adapted_llama()
+    local.train(model, CausalLM(), examples(), cfg, cpu, data_seed=1, lr=1e-2)
+    kept = capture.kept_for(model)
+    assert kept is not None and kept.captures == 1
+    torch.manual_seed(1)
+    received = {k: 0.01 * torch.randn_like(v) for k, v in trainable_state(model).items()}
+    load_trainable_state(model, received)
+    got = local.train(model, CausalLM(), examples(), cfg, cpu, data_seed=2, lr=3e-3)
+    assert capture.kept_for(model) is kept and kept.captures == 1
+    assert float(kept.optimizer.param_groups[0]["lr"]) == pytest.approx(3e-3)
+
+    fresh = adapted_llama()
+    load_trainable_state(fresh, received)
+    want = local.train(fresh, CausalLM(), examples(), cfg, cpu, data_seed=2, lr=3e-3)
+    assert got.loss == want.loss
+    for name, value in local.cpu_state(fresh).items():
+        assert not torch.equal(value, received[name])
+        assert torch.equal(local.cpu_state(model)[name], value)
+    capture.forget(model)  # EagerStep holds the model (a real capture does not)
+    capture.forget(fresh)
