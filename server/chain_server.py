@@ -398,6 +398,7 @@ class ChainServer:
             "train_loss": ledger.train_metrics.get(p.TRAIN_LOSS),
             "train_metrics": ledger.train_metrics,
             "client_eval": ledger.eval_metrics,
+            "client_eval_model": ledger.eval_of,  # global round of the model evaluated
             "sent": ledger.sent,
             "accepted": ledger.accepted,
             "rejected": [{"node": r.node_id, "reason": r.reason} for r in ledger.rejected],

@@ -48,8 +48,10 @@ def round_line(entry: dict) -> str:
         parts.append(f"lr {entry['lr']:.4g}")
     if entry.get("train_loss") is not None:
         parts.append(f"train loss {entry['train_loss']:.4f}")
-    metric = " ".join(f"{k} {v:.4g}" for k, v in central.items() if k != "num-examples")
-    parts.append(f"central {metric or '-'}")
+    parts.append(f"central {_metrics(central) or '-'}")
+    if entry.get("client_eval"):  # client-eval with-train: the model the clients received
+        of = entry.get("client_eval_model")
+        parts.append(f"clients' eval {_metrics(entry['client_eval'])} (model of round {of})")
     traffic = f"up {entry['bytes_up'] / 1e6:.3f} MB down {entry['bytes_down'] / 1e6:.3f} MB"
     if "bytes_up_total" in entry:
         up, down = entry["bytes_up_total"] / 1e6, entry["bytes_down_total"] / 1e6
@@ -57,6 +59,10 @@ def round_line(entry: dict) -> str:
     parts.append(traffic)
     parts.append(f"{entry['wall_time']:.1f}s")
     return " | ".join(parts)
+
+
+def _metrics(metrics: dict) -> str:
+    return " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "num-examples")
 
 
 def refused_text(refused: Sequence[dict]) -> str:

@@ -84,12 +84,27 @@ class FlowerLink:
         self.grid, self.link, self.round_lr = grid, link, round_lr
         self.timeout = cfg.strategy.round_timeout
         self.local_steps = cfg.train.local_steps
+        self.with_train = cfg.strategy.client_eval == "with-train"
+        self.evaluates = cfg.strategy.fraction_evaluate > 0
+        self.last_round = cfg.schedule[0] * cfg.schedule[1]  # the run's last global round
         self.link.summary()
 
     def train_config(self, link_round: int) -> ConfigRecord:
-        """The round's train config: the lr the server's schedule gives its global round."""
+        """The round's train config: the lr the server's schedule gives its global round,
+        and with client-eval with-train the request to evaluate the model sent first."""
         lr = self.round_lr(self.link.global_round(link_round))
-        return ConfigRecord({p.LR: lr, p.LOCAL_STEPS: self.local_steps})
+        config = ConfigRecord({p.LR: lr, p.LOCAL_STEPS: self.local_steps})
+        if self.evaluates and self.with_train:
+            config[p.EVALUATE_RECEIVED] = True
+        return config
+
+    def evaluates_apart(self, link_round: int) -> bool:
+        """Whether this round sends evaluate messages after its aggregate: always with
+        client-eval separate, and with with-train only in the run's last round, so the
+        final model is evaluated too."""
+        if not self.evaluates:
+            return False
+        return not self.with_train or self.link.global_round(link_round) >= self.last_round
 
     def run_round(self, link_round: int, arrays: dict[str, torch.Tensor]) -> RoundResult:
         grid, link = self.grid, self.link
@@ -102,8 +117,10 @@ class FlowerLink:
         record = aggregated if aggregated is not None else record
         now = time.perf_counter()
         clock += [now - measured.closing, now]  # the train exchange ends at the last reply
-        messages = link.configure_evaluate(link_round, record, ConfigRecord(), grid)
-        link.aggregate_evaluate(link_round, exchange.send_and_receive(grid, messages, self.timeout))
+        if self.evaluates_apart(link_round):
+            messages = link.configure_evaluate(link_round, record, ConfigRecord(), grid)
+            replies = exchange.send_and_receive(grid, messages, self.timeout)
+            link.aggregate_evaluate(link_round, replies)
         clock.append(time.perf_counter())
         steps = ("configure", "train_exchange", "aggregate", "evaluate_exchange")
         phases = {k: b - a for k, a, b in zip(steps, clock, clock[1:], strict=False)}

@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from contract import protocol as p
 from contract.config import StrategyConfig, UploadConfig
@@ -201,6 +202,7 @@ class LinkStrategy(Strategy):
         ledger.accepted = taken.accepted
         ledger.updates = taken.updates
         ledger.bytes_up = taken.bytes_up
+        self._take_received_evaluations(ledger, global_round, taken.received)
         if taken.accepted < ctx.checks.min_replies:
             log(
                 WARNING,
@@ -263,6 +265,20 @@ class LinkStrategy(Strategy):
         messages = self._configure("evaluate", server_round, arrays, config, grid)
         return self._send(messages, server_round)
 
+    def _take_received_evaluations(
+        self, ledger: RoundLedger, global_round: int, received: list[RecordDict]
+    ) -> None:
+        """client-eval with-train: the train replies' metrics of the model they received,
+        the global model after round `global_round - 1`, aggregated as the inner strategy
+        aggregates evaluations (weighted by num-examples; empty evaluations left out)."""
+        key = getattr(self.inner, "weighted_by_key", p.NUM_EXAMPLES)
+        received = [r for r in received if float(r[p.METRICS].get(key, 0) or 0) > 0]
+        if not received:
+            return
+        aggregate = getattr(self.inner, "evaluate_metrics_aggr_fn", aggregate_metricrecords)
+        ledger.eval_metrics = dict(aggregate(received, key) or {})
+        ledger.eval_of = global_round - 1
+
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
@@ -274,4 +290,5 @@ class LinkStrategy(Strategy):
             return None
         metrics = self.inner.aggregate_evaluate(self.link_round(server_round), accepted)
         ledger.eval_metrics = dict(metrics or {})
+        ledger.eval_of = self.global_round(server_round)
         return metrics

@@ -164,6 +164,7 @@ class Intake:
     replied: set[int] = field(default_factory=set)  # nodes a reply came from
     bytes_up: int = 0  # upload of the accepted replies, as sent
     updates: list[tuple[int, float, dict]] = field(default_factory=list)  # keep-updates
+    received: list[RecordDict] = field(default_factory=list)  # RECEIVED_EVAL of checked replies
 
 
 class TrainIntake:
@@ -181,6 +182,7 @@ class TrainIntake:
         self.replied: set[int] = set()
         self.bytes_up = 0
         self.updates: list[tuple[int, float, dict]] = []
+        self.received: list[RecordDict] = []  # client-eval with-train: small metric records
 
     def add(self, reply: Message) -> None:
         """Check one reply; add it up (streamed) or keep it (buffered) when it passes."""
@@ -191,6 +193,9 @@ class TrainIntake:
             self.rejected.append(out)
             return
         self.checked.append(out.metadata.src_node_id)
+        received = _take_received(reply, out)
+        if received is not None:
+            self.received.append(RecordDict({p.METRICS: received}))
         if self.stream is None:
             self.buffered.append((out, size))
             return
@@ -207,14 +212,25 @@ class TrainIntake:
             accepted = [self.stream.as_reply()] if count else []
             verdict = Verdict(accepted, self.rejected, self.checked)
             updates = sorted(self.updates, key=lambda u: u[0])
-            return Intake(verdict, count, self.replied, self.bytes_up, updates)
+            return Intake(verdict, count, self.replied, self.bytes_up, updates, self.received)
         sizes = {id(m): size for m, size in self.buffered}
         verdict = self.pipeline.verdict([m for m, _ in self.buffered], self.rejected)
         self.buffered = []
         if self.keep_updates:
             self.updates = client_updates(verdict.accepted)
         bytes_up = sum(sizes[id(m)] for m in verdict.accepted)
-        return Intake(verdict, len(verdict.accepted), self.replied, bytes_up, self.updates)
+        accepted = len(verdict.accepted)
+        return Intake(verdict, accepted, self.replied, bytes_up, self.updates, self.received)
+
+
+def _take_received(*messages: Message) -> MetricRecord | None:
+    """A checked reply's RECEIVED_EVAL record, taken off every form of the reply, so the
+    inner strategy sees the one metric record Flower expects."""
+    found = None
+    for msg in messages:
+        record = msg.content.pop(p.RECEIVED_EVAL, None)
+        found = found if record is None else record
+    return found
 
 
 def log_path(chain_index: int, reason: str | None) -> None:

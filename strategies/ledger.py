@@ -34,6 +34,7 @@ class RoundLedger:
     rejected: list[Rejection] = field(default_factory=list)
     train_metrics: dict[str, float] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)
+    eval_of: int | None = None  # the global round whose model eval_metrics describe
     eval_rejected: list[Rejection] = field(default_factory=list)
     skipped: bool = False
     updates: list[tuple[int, float, dict]] = field(default_factory=list)  # (partition, n, B)

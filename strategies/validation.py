@@ -69,20 +69,26 @@ def _check_echo(content, exp: Expectation) -> None:
 
 
 def _check_metrics(content, exp: Expectation) -> None:
-    if list(content.metric_records) != [p.METRICS]:
-        raise BadMetrics(
-            f"expected one metric record {p.METRICS!r}, got {list(content.metric_records)}"
-        )
-    metrics = content.metric_records[p.METRICS]
+    """One `metrics` record (a train reply may add `received-eval`: client-eval
+    with-train), every value finite, num-examples in range (an evaluation may count 0)."""
+    names = list(content.metric_records)
+    if names not in ([p.METRICS], [p.METRICS, p.RECEIVED_EVAL]):
+        raise BadMetrics(f"expected one metric record {p.METRICS!r}, got {names}")
+    _check_record(content.metric_records[p.METRICS], exp, p.METRICS, least=1)
+    if p.RECEIVED_EVAL in content.metric_records:
+        _check_record(content.metric_records[p.RECEIVED_EVAL], exp, p.RECEIVED_EVAL, least=0)
+
+
+def _check_record(metrics, exp: Expectation, name: str, least: int) -> None:
     n = metrics.get(p.NUM_EXAMPLES)
     if not isinstance(n, int | float) or isinstance(n, bool) or not math.isfinite(n):
-        raise BadMetrics(f"num-examples is not a finite number: {n!r}")
-    if n <= 0 or n > exp.max_num_examples:
-        raise BadMetrics(f"num-examples {n} outside (0, {exp.max_num_examples}]")
+        raise BadMetrics(f"{name}: num-examples is not a finite number: {n!r}")
+    if n < least or n > exp.max_num_examples:
+        raise BadMetrics(f"{name}: num-examples {n} outside [{least}, {exp.max_num_examples}]")
     for key, value in metrics.items():
         values = value if isinstance(value, list) else [value]
         if any(not math.isfinite(float(v)) for v in values):
-            raise BadMetrics(f"metric {key!r} is not finite")
+            raise BadMetrics(f"{name}: metric {key!r} is not finite")
 
 
 def check_envelope(message: Message, exp: Expectation) -> Message:
