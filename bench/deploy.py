@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu-default")
     ap.add_argument("--nodes", default="2", help="N,... nodes (one partition each)")
     ap.add_argument("--layout", default="host", help="host,node: one worker per machine / node")
+    ap.add_argument("--client-eval", default="with-train", help="with-train,separate")
     ap.add_argument("--work", type=Path, default=Path("/tmp/seedlora-bench-deploy"))
     args = ap.parse_args(argv)
     # The embedded base for every process, also where the project is not pip-installed
@@ -165,23 +166,30 @@ def main(argv: list[str] | None = None) -> None:
         save_text_dataset(work / "text", min_chars=2_000_000 if gpu else 50_000)
         base.update({"model-name": str(model), "dataset": str(work / "text")})
     base = with_sets(base, args)
-    rows = []
-    for nodes in (int(n) for n in args.nodes.split(",")):
-        tag = f"{args.preset}-n{nodes}"
-        row: dict[str, Any] = {"nodes": nodes}
-        sim = launch(Path.cwd(), {**base, "run-name": f"{tag}-sim"}, nodes, nodes, int(gpu))
-        row["simulated"] = summary(sim)
-        for layout in args.layout.split(","):
-            ov = {**base, "run-name": f"{tag}-{layout}"}
-            run = deployed(work / f"{tag}-{layout}", ov, nodes, layout)
-            row[f"deployed_{layout}"] = summary(run)
-        floor_ov = {**base, **FLOOR_WORK, "run-name": f"{tag}-floor"}
-        row["floor"] = summary(deployed(work / f"{tag}-floor", floor_ov, nodes, "host"))
-        row["goals"] = goals(row, base)
-        rows.append(row)
-        print(json.dumps({"nodes": nodes, **row["goals"]}), flush=True)
-    payload = {"preset": args.preset, "run_config": base, "rows": rows}
-    write_result(args.name if args.name != "deploy" else f"deploy-{args.preset}", payload, args.out)
+    name = args.name if args.name != "deploy" else f"deploy-{args.preset}"
+    rows: list[dict] = []
+    for mode in args.client_eval.split(","):
+        for nodes in (int(n) for n in args.nodes.split(",")):
+            row = compare({**base, "client-eval": mode}, nodes, args.layout, gpu, work)
+            rows.append({"client_eval": mode, **row})
+            print(json.dumps({"client_eval": mode, "nodes": nodes, **row["goals"]}), flush=True)
+            payload = {"preset": args.preset, "run_config": base, "rows": rows}
+            write_result(name, payload, args.out)  # after each row: a cut run keeps its rows
+
+
+def compare(base: dict, nodes: int, layouts: str, gpu: bool, work: Path) -> dict:
+    """Simulated, deployed (each layout) and floor runs of one run config with N nodes."""
+    tag = f"{base['client-eval']}-n{nodes}"
+    row: dict[str, Any] = {"nodes": nodes}
+    sim = launch(Path.cwd(), {**base, "run-name": f"{tag}-sim"}, nodes, nodes, int(gpu))
+    row["simulated"] = summary(sim)
+    for layout in layouts.split(","):
+        ov = {**base, "run-name": f"{tag}-{layout}"}
+        row[f"deployed_{layout}"] = summary(deployed(work / f"{tag}-{layout}", ov, nodes, layout))
+    floor_ov = {**base, **FLOOR_WORK, "run-name": f"{tag}-floor"}
+    row["floor"] = summary(deployed(work / f"{tag}-floor", floor_ov, nodes, "host"))
+    row["goals"] = goals(row, base)
+    return row
 
 
 def goals(row: dict, run: dict) -> dict:
