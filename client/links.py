@@ -236,7 +236,7 @@ class BaseCache:
             return self._model
         source = BaseSource.of(load)
         name = source.key(key)
-        store = MasterStore(root if root is not None else default_cache_dir(), name)
+        store = MasterStore.of(root if root is not None else default_cache_dir(), name)
         model = self._model if (key, name) == (self._key, self._source) else None
         mapped = store.open(digest)
         if mapped is None:

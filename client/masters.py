@@ -34,8 +34,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
-import torch
-
 from seedlora.mapped import map_file
 from seedlora.serialize import CorruptFileError
 
@@ -63,9 +61,13 @@ class Mapped:
 class MasterStore:
     """The master files of one base source (module docstring)."""
 
-    def __init__(self, root: str | os.PathLike, source: str):
-        key = hashlib.sha256(source.encode()).hexdigest()[:16]
-        self.dir = Path(root) / MASTERS / key
+    def __init__(self, directory: str | os.PathLike):
+        self.dir = Path(directory)
+
+    @classmethod
+    def of(cls, root: str | os.PathLike, source: str) -> MasterStore:
+        """The store of the source named `source` under the cache directory `root`."""
+        return cls(Path(root) / MASTERS / hashlib.sha256(source.encode()).hexdigest()[:16])
 
     def path(self, digest: str) -> Path:
         return self.dir / f"{digest}{SUFFIX}"
@@ -126,8 +128,3 @@ def _unused(path: Path) -> bool:
         return False
     except FileNotFoundError:
         return False
-
-
-def master_bytes(tensors: dict[str, torch.Tensor]) -> int:
-    """Bytes of a mapped master's tensors."""
-    return sum(t.numel() * t.element_size() for t in tensors.values())

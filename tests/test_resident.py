@@ -19,7 +19,7 @@ from flwr.app import Message
 
 from client.links import BaseCache
 from client.model import RESIDENT
-from client.resident import ModelKey, ResidentModel, private_copy, shared_copy
+from client.resident import ModelKey, ResidentModel, private_copy
 from contract import protocol as p
 from contract.config import RunConfig
 from seedlora import (
@@ -31,6 +31,7 @@ from seedlora import (
     set_chain_index,
 )
 from seedlora.chain import EMPTY_DIGEST
+from seedlora.sharing import shared_copy
 from simulation.local import make_grid, run_local
 from simulation.tiny import GPT2_TARGETS, tiny_gpt2
 from tasks import TaskConfig
@@ -131,8 +132,10 @@ _KEY = ModelKey(
 )
 
 
-def test_any_other_key_change_rebuilds_on_the_same_master(monkeypatch):
+def test_any_other_key_change_rebuilds_on_the_same_master(monkeypatch, tmp_path):
     import client.resident
+
+    monkeypatch.setenv("SEEDLORA_CACHE", str(tmp_path))  # no master file from another test
 
     liger: list[torch.nn.Module] = []  # base-kernels: the build patches its model
     monkeypatch.setattr(client.resident, "use_liger", liger.append)
@@ -163,7 +166,7 @@ def test_any_other_key_change_rebuilds_on_the_same_master(monkeypatch):
             assert model is not first, change
     assert resident.builds == 1 + len(changes)
     assert len(liger) == 1  # only the build whose key asked for the kernels
-    assert resident.bases.loads == 1  # the same W0 and links: the master is reused
+    assert resident.bases.loads == resident.bases.maps == 1  # the same master throughout
     assert {f.name for f in dataclasses.fields(ModelKey)} == {"task", "links", "device"} | {
         k for c in changes for k in c
     }
@@ -215,7 +218,8 @@ def _links(n: int, seed: int = 0):
     return out
 
 
-def test_base_cache_applies_only_the_links_it_lacks():
+def test_base_cache_applies_only_the_links_it_lacks(monkeypatch, tmp_path):
+    monkeypatch.setenv("SEEDLORA_CACHE", str(tmp_path))  # no master file from another test
     links = _links(3)
     cache = BaseCache()
     calls = []
