@@ -131,8 +131,8 @@ def private_copy(model: nn.Module) -> nn.Module:
 
 
 def _free_device_memory() -> None:
-    """Hand a dropped model's GPU memory back before the next is built (on the CPU,
-    reference counting frees it, and a gc pass would cost ~0.5 s)."""
+    """Hand a dropped model's GPU memory back before the next is built (on the CPU a gc
+    pass, ~0.5 s, runs only when the master changes: `ResidentModel._build`)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         gc.collect()
         torch.cuda.empty_cache()
@@ -205,7 +205,12 @@ class ResidentModel:
         if self._model is not None:  # free the old device model before building the new one
             self._model = self._key = None
             _free_device_memory()
+        before = self.bases.path
         master = self.bases.get(key.task, key.links, links, load, cache_dir)
+        if before not in (None, self.bases.path):
+            # The old model's adapters are reference cycles (seedlora.grouped's sibling
+            # groups): without a gc pass they kept the old master's pages mapped.
+            gc.collect()
         model = own_trainable(key.prepare(shared_copy(master)))
         _finish(model, key)
         model = place(model, torch.device(key.device), key.precision)

@@ -20,6 +20,7 @@ adds one file to the link log (links/) and rewrites metrics.json (server/report.
 from __future__ import annotations
 
 import copy
+import gc
 import time
 from logging import INFO, WARNING
 from pathlib import Path
@@ -289,6 +290,7 @@ class ChainServer:
         key = (self.state.chain_index, len(self.state.links))
         if key != self._replica_key:
             self._replica = self._replica_key = None  # free the old replica first
+            gc.collect()  # its adapters are reference cycles (seedlora.grouped)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             replica = own_trainable(shared_copy(self.model))

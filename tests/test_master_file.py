@@ -8,9 +8,12 @@ complete. The PSS check reads /proc (Linux only).
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import multiprocessing as mp
 import signal
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +22,9 @@ from torch import nn
 
 from client.links import BaseCache, BaseSource
 from client.masters import MasterStore
+from client.resident import ModelKey, ResidentModel
 from seedlora import adapter_layers, inject, links_digest, rebuild, record_link, set_chain_index
+from seedlora.grouped import group_siblings
 from seedlora.mapped import fill, stored_tensors, write_merged
 from seedlora.roles import trained_factor
 from simulation.tiny import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
@@ -155,6 +160,47 @@ def test_the_previous_links_master_is_evicted_once_the_next_is_complete(tmp_path
     run.get("k", links_digest(links), lambda: links, tiny_gpt2, tmp_path)
     masters = sorted(q.name for q in store.dir.glob("*.safetensors"))
     assert masters == sorted([keeper.path.name, run.path.name])
+
+
+@pytest.mark.skipif(not LINUX, reason="reads /proc/self/maps (Linux)")
+def test_a_process_lets_go_of_the_previous_links_master(tmp_path):
+    """After a link change a process maps only the new master, even with automatic gc off
+    (the old model's sibling groups are reference cycles that held the old mapping)."""
+    links = chain_links(tiny_llama, LLAMA_TARGETS, 2)
+    resident = ResidentModel()
+    key = ModelKey(
+        task="llama",  # any hashable names the source here
+        links=links_digest([]),
+        method="seedlora",
+        kind="gaussian",
+        seed=3,
+        rank=2,
+        alpha=4.0,
+        chain_index=0,
+        targets=LLAMA_TARGETS,
+        heads=(),
+        frozen="A",
+        dropout=0.0,
+        precision="fp32",
+        device="cpu",
+        checkpointing=False,
+    )
+    gc.disable()
+    try:
+        paths = []
+        for k in range(3):
+            wanted = links[:k]
+            key = dataclasses.replace(key, links=links_digest(wanted), chain_index=k)
+            with resident.use(key, lambda w=wanted: w, tiny_llama, tmp_path) as model:
+                assert group_siblings(model)  # as training does: cycles layer <-> group
+            del model  # as a message handler's locals go when it returns
+            paths.append(resident.bases.path)
+            maps = Path("/proc/self/maps").read_text().splitlines()
+            mapped = {line.split(maxsplit=5)[-1] for line in maps if str(tmp_path) in line}
+            assert mapped == {str(resident.bases.path)}, mapped
+    finally:
+        gc.enable()
+    assert len(set(paths)) == 3 and not paths[0].exists()
 
 
 # --- processes (children in tests/master_child.py) ----------------------------------
