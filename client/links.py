@@ -158,8 +158,9 @@ def checked_links(links: Callable[[], Sequence[Link]], digest: str) -> Chain:
 class BaseSource:
     """Where a float32 CPU W0 comes from.
 
-    `load` gives a fresh W0 in this process's own memory (read only to build a master
-    file); `skeleton` the same modules with their tensors on the meta device (None: `load`
+    `load` gives a fresh W0, read only to write a master file: float32, or a bf16/fp16
+    checkpoint as stored (seedlora.mapped writes it as float32, tensor by tensor);
+    `skeleton` the same modules with their tensors on the meta device (None: `load`
     serves, reading the weights once more); `fingerprint` changes when the files W0 is
     read from do (tasks.Task.weights_fingerprint); `name` tells sources of one key apart.
     """

@@ -63,15 +63,15 @@ def model_key(cfg: RunConfig, task, config: Mapping[str, Any], device: torch.dev
 def base_loader(
     cfg: RunConfig, task, device: torch.device
 ) -> BaseSource | Callable[[], torch.nn.Module]:
-    """What the resident model is built from: the task's float32 CPU W0 (loaded afresh and
-    not cached: the host's mapped master is the process's one float32 copy; its skeleton
-    on the meta device takes the mapped tensors), or with `quantization` a loader of the
-    quantized W0 on `device` (its unquantized layers in the run's precision; 4bit layers
-    compute in bf16 whatever it is)."""
+    """What the resident model is built from: the source of the task's float32 CPU W0 (the
+    host's mapped master is the process's one float32 copy: the checkpoint as stored, read
+    only to write the master file, and the model's skeleton on the meta device, which
+    takes the mapped tensors), or with `quantization` a loader of the quantized W0 on
+    `device` (its unquantized layers in the run's precision; 4bit layers compute in bf16
+    whatever it is)."""
     q = cfg.train.quantization
     if q == "none":
-        load = functools.partial(task.load_model, cache=False)
-        return BaseSource(load, task.load_skeleton, task.weights_fingerprint, "task")
+        return BaseSource(task.load_stored, task.load_skeleton, task.weights_fingerprint, "task")
     dtype = COMPUTE_DTYPES[cfg.train.precision] or torch.float32
     heads = tuple(cfg.adapter.heads(task.modules_to_save))
     return functools.partial(task.load_quantized, q, device, dtype, heads)

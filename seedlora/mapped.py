@@ -59,6 +59,14 @@ def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     )
 
 
+def stored_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """float32 for a floating tensor of lower precision (a bf16/fp16 checkpoint: the cast
+    `model.float()` makes, exactly), else the tensor's own dtype."""
+    if tensor.is_floating_point() and tensor.element_size() < 4:
+        return torch.float32
+    return tensor.dtype
+
+
 def stored_tensors(model: nn.Module) -> tuple[list[tuple[str, torch.Tensor]], dict[str, str]]:
     """(every distinct parameter and buffer of `model` as (first name, tensor), in file
     order; every other name of a tied tensor -> its first name)."""
@@ -70,7 +78,7 @@ def stored_tensors(model: nn.Module) -> tuple[list[tuple[str, torch.Tensor]], di
             stored.append((name, tensor))
         else:
             aliases[name] = seen
-    stored.sort(key=lambda item: -item[1].element_size())  # stable: model order within a size
+    stored.sort(key=lambda item: -stored_dtype(item[1]).itemsize)  # stable: model order
     return stored, aliases
 
 
@@ -103,7 +111,8 @@ class _Merges:
         module = self.model.get_submodule(layer)
         originals = {k: p for k, p in module._parameters.items() if p is not None}
         clones = {
-            k: nn.Parameter(p.detach().clone(), requires_grad=False) for k, p in originals.items()
+            k: nn.Parameter(p.detach().to(stored_dtype(p), copy=True), requires_grad=False)
+            for k, p in originals.items()
         }
         module._parameters.update(clones)
         try:
@@ -119,12 +128,16 @@ class _Merges:
 
 def _write_tensor(f: BinaryIO, tensor: torch.Tensor) -> None:
     if tensor.numel():
-        f.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        data = tensor.detach().to(stored_dtype(tensor)).contiguous()
+        f.write(data.reshape(-1).view(torch.uint8).numpy())
 
 
 def write_merged(path: str | os.PathLike, model: nn.Module, links: Sequence[Link] = ()) -> Path:
     """Write `model`'s parameters and buffers, with `links` merged in order, to `path`
-    (module docstring). `model` is a plain (unadapted) CPU model; it is not changed.
+    (module docstring). `model` is a plain (unadapted) CPU model; it is not changed. A
+    bf16/fp16 model (a checkpoint as stored, its pages still mapped from disk) is written
+    in float32 tensor by tensor (`stored_dtype`), and merged in float32: the bits of
+    `model.float()` then `apply_link`, without a float32 copy of the whole model.
 
     Returns the path. Raises ValueError for a tensor on the meta device or of a dtype
     safetensors cannot store."""
@@ -132,11 +145,12 @@ def write_merged(path: str | os.PathLike, model: nn.Module, links: Sequence[Link
     header: dict[str, dict] = {"__metadata__": {"format": "pt", ALIASES: json.dumps(aliases)}}
     offset = 0
     for name, tensor in stored:
-        if tensor.is_meta or tensor.dtype not in _CODES:
+        dtype = stored_dtype(tensor)
+        if tensor.is_meta or dtype not in _CODES:
             raise ValueError(f"cannot store {name} ({tensor.dtype}, {tensor.device})")
-        size = tensor.numel() * tensor.element_size()
+        size = tensor.numel() * dtype.itemsize
         header[name] = {
-            "dtype": _CODES[tensor.dtype],
+            "dtype": _CODES[dtype],
             "shape": list(tensor.shape),
             "data_offsets": [offset, offset + size],
         }
@@ -197,16 +211,18 @@ def fill(
 ) -> nn.Module:
     """Point every parameter and buffer of `model` at `tensors` (no copy), ties as `aliases`
     says; `requires_grad` as `model` had it. `model` is a skeleton (tensors on the meta
-    device) or a model of the same modules (an earlier master).
+    device) or a model of the same modules (an earlier master, or the checkpoint a master
+    was written from: a floating tensor takes the file's float dtype).
 
-    Raises ValueError when a name, shape or dtype differs from the file's, or the file
-    holds a tensor the model lacks."""
+    Raises ValueError when a name or shape differs from the file's, a dtype does (other
+    than float for float), or the file holds a tensor the model lacks."""
     params: dict[str, nn.Parameter] = {}
     used: set[str] = set()
     for name, old in list(_named_tensors(model)):
         key = aliases.get(name, name)
         new = tensors.get(key)
-        if new is None or new.shape != old.shape or new.dtype != old.dtype:
+        floats = new is not None and new.is_floating_point() and old.is_floating_point()
+        if new is None or new.shape != old.shape or (new.dtype != old.dtype and not floats):
             got = None if new is None else (tuple(new.shape), new.dtype)
             want = (tuple(old.shape), old.dtype)
             raise ValueError(f"master file: {name} is {got}, the model's is {want}")

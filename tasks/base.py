@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.models import (
     EMBEDDED,
+    load_stored,
     load_tokenizer,
     model_skeleton,
     model_type_of,
@@ -156,6 +157,13 @@ class Task(ABC):
     def load_model(self, cache: bool = True) -> torch.nn.Module:
         """Fresh pretrained base model, CPU float32; `cache=False` keeps no copy in this
         process (tasks.models.load_causal_lm)."""
+
+    def load_stored(self) -> torch.nn.Module:
+        """`load_model()` in the checkpoint's dtype, uncached (tasks.models.load_stored):
+        what a client writes its float32 master file from."""
+        return load_stored(
+            self.config.model_name, self.model_kind, self.num_labels, self.config.seed
+        )
 
     def load_skeleton(self) -> torch.nn.Module:
         """`load_model()`'s modules with every tensor on the meta device (no weights read):

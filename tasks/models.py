@@ -159,9 +159,12 @@ def load_tokenizer(name: str = EMBEDDED) -> PreTrainedTokenizerBase:
     return tok
 
 
-def _load(name: str, kind: str, num_labels: int, seed: int, meta: bool = False):
-    """(float32 model in eval mode, tokenizer); with `meta` every parameter and buffer on the
-    meta device (no weights read: `model_skeleton`)."""
+def _load(
+    name: str, kind: str, num_labels: int, seed: int, meta: bool = False, float32: bool = True
+):
+    """(model in eval mode, tokenizer): float32, or with `float32=False` in the checkpoint's
+    dtype (its weights still mapped from the file); with `meta` every parameter and buffer
+    on the meta device (no weights read: `model_skeleton`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -182,7 +185,9 @@ def _load(name: str, kind: str, num_labels: int, seed: int, meta: bool = False):
         # transformers names the loss from the class name; GPT2LMHeadModel & co. match none
         # and log "`loss_type=None` ... unrecognized" once per process (every Ray actor).
         model.loss_type = "ForCausalLM"
-    return model.float().eval(), tok  # .float(): hub checkpoints may load as bf16/fp16
+    if float32:
+        model = model.float()  # hub checkpoints load as bf16/fp16
+    return model.eval(), tok
 
 
 _cached = functools.lru_cache(maxsize=4)(_load)
@@ -213,6 +218,16 @@ def load_seq_cls(
     """Pretrained body + new classification head (seeded init), fresh float32 copy, eval mode
     (`cache` as in `load_causal_lm`)."""
     return _base(name, "seq-cls", num_labels, seed, cache)
+
+
+def load_stored(name: str, kind: str, num_labels: int = 0, seed: int = 0) -> PreTrainedModel:
+    """What `load_causal_lm` (kind "causal") or `load_seq_cls` ("seq-cls") gives, but in the
+    checkpoint's dtype and not cached: a bf16 checkpoint's weights stay mapped from its file,
+    so a client writes its float32 master file from it tensor by tensor (seedlora.mapped)
+    without a private float32 copy of the model (27 GB at 7B)."""
+    if kind == "causal":
+        num_labels = seed = 0
+    return _load(name, kind, num_labels, seed, float32=False)[0]
 
 
 def model_skeleton(name: str, kind: str, num_labels: int = 0, seed: int = 0) -> PreTrainedModel:

@@ -101,6 +101,20 @@ def test_mapped_master_is_the_rebuilt_base_bit_for_bit(tmp_path, arch, frozen, k
     _same(BaseCache().get("k", links_digest(links), _never, skeleton, tmp_path), expected)
 
 
+def test_a_bf16_checkpoint_writes_the_float32_master_of_its_cast(tmp_path):
+    """A checkpoint loaded as stored (bf16) gives the master `.float()` then the merges give,
+    bit for bit, and the model it was read from takes the float32 tensors."""
+    links = chain_links(tiny_llama, LLAMA_TARGETS, 2)
+
+    def stored():
+        return tiny_llama().to(torch.bfloat16)
+
+    cache = BaseCache()
+    master = cache.get("k", links_digest(links), lambda: links, stored, tmp_path)
+    assert {q.dtype for q in master.parameters()} == {torch.float32}
+    _same(master, rebuild(stored().float(), links))
+
+
 def _never():
     raise AssertionError("the links were asked for although the master file exists")
 
