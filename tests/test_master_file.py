@@ -22,30 +22,15 @@ from torch import nn
 
 from client.links import BaseCache, BaseSource
 from client.masters import MasterStore
-from client.resident import ModelKey, ResidentModel
-from seedlora import adapter_layers, inject, links_digest, rebuild, record_link, set_chain_index
+from client.resident import ResidentModel
+from seedlora import links_digest, rebuild
 from seedlora.grouped import group_siblings
 from seedlora.mapped import fill, stored_tensors, write_merged
-from seedlora.roles import trained_factor
 from simulation.tiny import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
 from tests import master_child as child
+from tests.test_resident import _KEY, chain_links
 
 LINUX = sys.platform.startswith("linux")
-
-
-def chain_links(factory, targets, n: int, frozen: str = "A", kind: str = "gaussian", seed=0):
-    """n links of a chain over `factory()`'s model, random trained factors."""
-    model = factory()
-    inject(model, list(targets), kind=kind, seed=3, rank=2, alpha=4.0, frozen=frozen)
-    gen = torch.Generator().manual_seed(seed)
-    links = []
-    for c in range(n):
-        set_chain_index(model, c)
-        for _, layer in adapter_layers(model):
-            with torch.no_grad():
-                trained_factor(layer).normal_(0, 0.5, generator=gen)
-        links.append(record_link(model))
-    return links
 
 
 def _same(model: nn.Module, expected: nn.Module) -> None:
@@ -182,23 +167,8 @@ def test_a_process_lets_go_of_the_previous_links_master(tmp_path):
     (the old model's sibling groups are reference cycles that held the old mapping)."""
     links = chain_links(tiny_llama, LLAMA_TARGETS, 2)
     resident = ResidentModel()
-    key = ModelKey(
-        task="llama",  # any hashable names the source here
-        links=links_digest([]),
-        method="seedlora",
-        kind="gaussian",
-        seed=3,
-        rank=2,
-        alpha=4.0,
-        chain_index=0,
-        targets=LLAMA_TARGETS,
-        heads=(),
-        frozen="A",
-        dropout=0.0,
-        precision="fp32",
-        device="cpu",
-        checkpointing=False,
-    )
+    key = dataclasses.replace(_KEY, task="llama", seed=3, targets=LLAMA_TARGETS)  # any
+    # hashable names the source here
     gc.disable()
     try:
         paths = []

@@ -31,6 +31,7 @@ from seedlora import (
     set_chain_index,
 )
 from seedlora.chain import EMPTY_DIGEST
+from seedlora.roles import trained_factor
 from seedlora.sharing import shared_copy
 from simulation.local import make_grid, run_local
 from simulation.tiny import GPT2_TARGETS, tiny_gpt2
@@ -203,24 +204,24 @@ def test_shared_copy_shares_storage_not_parameters():
     assert twin.lm_head.weight is twin.transformer.wte.weight  # ties survive
 
 
-def _links(n: int, seed: int = 0):
-    """n merged links of a tiny GPT-2 chain (random B), as the server records them."""
-    model = tiny_gpt2()
-    inject(model, list(GPT2_TARGETS), kind="gaussian", seed=3, rank=2, alpha=4.0)
+def chain_links(factory, targets, n: int, frozen: str = "A", kind: str = "gaussian", seed=0):
+    """n links of a chain over `factory()`'s model, random trained factors."""
+    model = factory()
+    inject(model, list(targets), kind=kind, seed=3, rank=2, alpha=4.0, frozen=frozen)
     gen = torch.Generator().manual_seed(seed)
-    out = []
+    links = []
     for c in range(n):
         set_chain_index(model, c)
         for _, layer in adapter_layers(model):
             with torch.no_grad():
-                layer.lora_B.normal_(0, 0.5, generator=gen)
-        out.append(record_link(model))
-    return out
+                trained_factor(layer).normal_(0, 0.5, generator=gen)
+        links.append(record_link(model))
+    return links
 
 
 def test_base_cache_applies_only_the_links_it_lacks(monkeypatch, tmp_path):
     monkeypatch.setenv("SEEDLORA_CACHE", str(tmp_path))  # no master file from another test
-    links = _links(3)
+    links = chain_links(tiny_gpt2, GPT2_TARGETS, 3)
     cache = BaseCache()
     calls = []
 
@@ -240,7 +241,7 @@ def test_base_cache_applies_only_the_links_it_lacks(monkeypatch, tmp_path):
     theirs = expected.state_dict()
     for name, a in three.state_dict().items():
         assert torch.equal(a, theirs[name]), name
-    other = _links(1, seed=9)  # not an extension: start again from W0
+    other = chain_links(tiny_gpt2, GPT2_TARGETS, 1, seed=9)  # not an extension: from W0
     cache.get("k", links_digest(other), given(other), tiny_gpt2)
     assert cache.loads == 2
     with pytest.raises(ValueError, match="do not hash"):
