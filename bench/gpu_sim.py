@@ -17,7 +17,21 @@ start, models load, data is tokenized):
 - `gpu_util_mean` (0-1): NVML utilisation averaged over the GPUs and the steady window;
 - tokens/s per GPU (trained tokens of all clients / round time / GPUs) against the
   one-process loop of the same client at the same batch (`floor_tokens_per_s`);
-- peak GPU memory, and the per-phase split the run wrote to metrics.json (if any).
+- peak GPU memory, and the per-phase split the run wrote to metrics.json (if any);
+- host memory as PSS (proportional set size: a page shared by k processes counts 1/k in
+  each, so the sum over processes counts a shared page once; read from
+  /proc/<pid>/smaps_rollup, Linux only: elsewhere no samples), every second, summed over
+  the client processes (Ray's `ClientAppActor` workers), the server process
+  (`flwr-simulation`: the ServerApp) and the rest (SuperLink, Ray daemons), peak and
+  steady mean, each also over one float32 master of the base (`master_gb`: parameters x
+  4 bytes). The clients of a host map one master file (client/masters.py), so the goal
+  is clients <= 1.3 and server <= 1.3 masters.
+
+`--cpu` runs the CPU settings of `--tiny` (fp32, short sequences, 2 local steps) on the
+model of `--shape`; `cpu-0.18b` is a shape whose master (0.7 GB) outweighs the ~0.5 GB
+each Python process needs, so the CPU check of the host-memory rows means something:
+
+    python -m bench.gpu_sim --cpu --shape cpu-0.18b --configs 4x2 --out /tmp/x
 """
 
 from __future__ import annotations
@@ -41,7 +55,6 @@ LLAMA2_7B: dict[str, Any] = {
     "num_attention_heads": 32,
     "num_key_value_heads": 32,
 }
-SHAPES = {"qwen-0.36b": {**QWEN25_05B, "vocab_size": 0}, "llama2-7b": LLAMA2_7B}
 TINY_SHAPE = {
     "hidden_size": 64,
     "intermediate_size": 128,
@@ -49,6 +62,21 @@ TINY_SHAPE = {
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
 }
+CPU_018B = {  # 0.18B parameters: a 0.73 GB float32 master, CPU-trainable at seq-len 32
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+}
+SHAPES = {
+    "qwen-0.36b": {**QWEN25_05B, "vocab_size": 0},
+    "llama2-7b": LLAMA2_7B,
+    "cpu-0.18b": CPU_018B,
+    "tiny": TINY_SHAPE,
+}
+# Process roles for host memory, by command line (Ray retitles its actor workers).
+CLIENT_MARK, SERVER_MARK = "ClientAppActor", "flwr-simulation"
 RUN: dict[str, Any] = {
     "partitioner": "iid",
     "precision": "bf16",
@@ -84,6 +112,73 @@ class GpuSampler(threading.Thread):
             mem = [pynvml.nvmlDeviceGetMemoryInfo(h).used for h in handles]
             self.samples.append((time.time(), util, mem))
             time.sleep(self.period)
+
+
+def pss_bytes(pid: int) -> int | None:
+    """PSS of process `pid` in bytes (/proc/<pid>/smaps_rollup; None if unreadable)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def role(cmdline: str) -> str:
+    """ "clients", "server" or "other" for a process of the run, by its command line."""
+    if CLIENT_MARK in cmdline:
+        return "clients"
+    return "server" if SERVER_MARK in cmdline else "other"
+
+
+class HostMemory(threading.Thread):
+    """PSS of every process below `pid`, summed by `role`, every `period` seconds: samples
+    of (time, {role: bytes}, {role: processes})."""
+
+    def __init__(self, pid: int, period: float = 1.0):
+        super().__init__(daemon=True)
+        self.pid, self.period, self.samples, self.stop = pid, period, [], threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        while not self.stop.is_set():
+            try:
+                procs = psutil.Process(self.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                return
+            total, count = dict.fromkeys(("clients", "server", "other"), 0), {}
+            for proc in procs:
+                try:
+                    name = role(" ".join(proc.cmdline()))
+                except psutil.Error:
+                    continue
+                pss = pss_bytes(proc.pid)
+                if pss is not None:
+                    total[name] += pss
+                    count[name] = count.get(name, 0) + 1
+            if count:
+                self.samples.append((time.time(), total, count))
+            self.stop.wait(self.period)
+
+
+def host_memory(samples: list, window: tuple[float, float], master: float) -> dict:
+    """Peak and steady-window mean PSS per role (GB), and each over `master` bytes."""
+    out: dict[str, Any] = {"master_gb": master / 1e9}
+    for name in ("clients", "server", "other"):
+        values = [t[name] for _, t, _ in samples]
+        steady = [t[name] for at, t, _ in samples if window[0] <= at <= window[1]]
+        peak, mean = max(values, default=0), (sum(steady) / len(steady) if steady else None)
+        out[name] = {
+            "peak_gb": peak / 1e9,
+            "steady_gb": mean / 1e9 if mean is not None else None,
+            "peak_over_master": peak / master if master else None,
+            "steady_over_master": mean / master if mean is not None and master else None,
+            "processes": max((c.get(name, 0) for _, _, c in samples), default=0),
+        }
+    return out
 
 
 def _rounds(run_dir: Path) -> list[dict]:
@@ -122,16 +217,25 @@ def launch(app_dir: Path, overrides: dict, nodes: int, per_gpu: int, gpus: int) 
     sampler.start()
     log = open(run_dir.parent / f"{overrides['run-name']}.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(cmd, cwd=app_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
+    memory = HostMemory(proc.pid)
+    memory.start()
     while proc.poll() is None:
         for entry in _rounds(run_dir):
             ended.setdefault(entry["round"], time.time())
         time.sleep(0.25)
     sampler.stop.set()
+    memory.stop.set()
     log.close()
     rounds = [r for r in _rounds(run_dir) if r.get("round", 0) > 0]
     for entry in rounds:
         entry["ended_at"] = ended.get(entry["round"], time.time())
-    return {"rc": proc.returncode, "start": start, "rounds": rounds, "samples": sampler.samples}
+    return {
+        "rc": proc.returncode,
+        "start": start,
+        "rounds": rounds,
+        "samples": sampler.samples,
+        "host": memory.samples,
+    }
 
 
 def floor_tokens_per_s(overrides: dict, passes: int = 3) -> list[float]:
@@ -171,7 +275,9 @@ def floor_tokens_per_s(overrides: dict, passes: int = 3) -> list[float]:
     return rates
 
 
-def summarize(run: dict, nodes: int, per_gpu: int, gpus: int, overrides: dict) -> dict:
+def summarize(
+    run: dict, nodes: int, per_gpu: int, gpus: int, overrides: dict, master: float = 0.0
+) -> dict:
     rounds = sorted(run["rounds"], key=lambda r: r["round"])
     steady = rounds[1:] or rounds
     concurrent = min(nodes, per_gpu * max(gpus, 1))
@@ -211,6 +317,7 @@ def summarize(run: dict, nodes: int, per_gpu: int, gpus: int, overrides: dict) -
         "gpu_util_mean": mean(util),
         "tokens_per_s_per_gpu": nodes * tokens / round_time / max(gpus, 1) if round_time else None,
         "peak_gpu_memory_gb": max((max(m) for _, _, m in run["samples"]), default=0) / 1e9,
+        "host_pss": host_memory(run.get("host", []), window, master),
         "rounds": per_round,
     }
 
@@ -222,21 +329,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all)")
     ap.add_argument("--app-dir", default=str(REPO), help="checkout whose launcher runs")
     ap.add_argument("--label", default="after", help="row label (before/after)")
-    ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU (pipeline check)")
+    ap.add_argument("--tiny", action="store_true", help="--cpu --shape tiny (pipeline check)")
+    ap.add_argument("--cpu", action="store_true", help="CPU run settings (fp32, short steps)")
     args = ap.parse_args(argv)
+    if args.tiny:
+        args.cpu, args.shape = True, "tiny"
     import torch
 
     gpus = args.gpus if args.gpus is not None else torch.cuda.device_count()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    model, data = out / f"model-{'tiny' if args.tiny else args.shape}", out / "text"
-    shape = TINY_SHAPE if args.tiny else SHAPES[args.shape]
+    model, data = out / f"model-{args.shape}", out / "text"
+    shape = SHAPES[args.shape]
     facts = save_random_lm(model, {k: v for k, v in shape.items() if k != "vocab_size"})
-    save_text_dataset(data, min_chars=2_000_000 if not args.tiny else 50_000)
+    master = facts["params"] * 4  # bytes of the float32 master
+    save_text_dataset(data, min_chars=2_000_000 if not args.cpu else 50_000)
     base = with_sets(
         {
             **RUN,
-            **(TINY_RUN if args.tiny else {}),
+            **(TINY_RUN if args.cpu else {}),
             "model-name": str(model),
             "dataset": str(data),
             "output-dir": str(out),
@@ -248,9 +359,8 @@ def main(argv: list[str] | None = None) -> None:
         nodes, per_gpu = (int(x) for x in spec.split("x"))
         ov = {**base, "run-name": f"{args.label}-{args.shape}-{spec}-{int(time.time())}"}
         run = launch(Path(args.app_dir), ov, nodes, per_gpu, gpus)
-        rows.append(
-            {"label": args.label, "config": spec, **summarize(run, nodes, per_gpu, gpus, ov)}
-        )
+        row = summarize(run, nodes, per_gpu, gpus, ov, master)
+        rows.append({"label": args.label, "config": spec, **row})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "rounds"}), flush=True)
     passes = floor_tokens_per_s({**base, "device": "auto"})
     floor = sum(passes) / len(passes)
@@ -266,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
         "gpu": environment().get("gpu"),
     }
     write_result(args.name or f"gpu_sim-{args.label}-{args.shape}", payload, out)
-    with figure(out / f"gpu_sim-{args.label}-{args.shape}.png", 1, 2, figsize=(10, 4)) as (_, ax):
+    with figure(out / f"gpu_sim-{args.label}-{args.shape}.png", 1, 3, figsize=(15, 4)) as (_, ax):
         labels = [r["config"] for r in rows]
         ax[0].bar(labels, [r["round_over_critical_path"] or 0 for r in rows])
         ax[0].axhline(1.25, color="red", linestyle="--", label="goal 1.25")
@@ -274,6 +384,14 @@ def main(argv: list[str] | None = None) -> None:
         ax[1].bar(labels, [r["gpu_util_mean"] or 0 for r in rows])
         ax[1].axhline(0.7, color="red", linestyle="--", label="goal 0.7")
         ax[1].set_title("mean GPU utilisation")
+        width = 0.4
+        spots = range(len(rows))
+        for shift, name in ((-width / 2, "clients"), (width / 2, "server")):
+            peaks = [r["host_pss"][name]["peak_over_master"] or 0 for r in rows]
+            ax[2].bar([i + shift for i in spots], peaks, width, label=f"{name} (peak)")
+        ax[2].set_xticks(list(spots), labels)
+        ax[2].axhline(1.3, color="red", linestyle="--", label="goal 1.3")
+        ax[2].set_title("host PSS / one float32 master")
         for a in ax:
             a.legend()
 

@@ -1,4 +1,4 @@
-"""The client's copy of the chain: links cached on disk, rebuilt bases cached in memory.
+"""The client's copy of the chain: links cached on disk, rebuilt bases mapped from disk.
 
 A client that restarts or joins late catches up from the links the server sends plus
 what it cached before; an up-to-date client is sent no links at all. The cache is keyed
@@ -13,6 +13,9 @@ found by walking back from its digest, catching up writes only the links a node 
 name is removed and counts as a miss. In memory, the chain a cache directory last
 resolved is kept for the process (the Chain knows its digests), so a round whose digest
 is known, or that extends it, reads no file and hashes only the links it receives.
+
+The rebuilt base (W0 plus the links) is `BaseCache`'s float32 master, one file per links
+digest in the same cache directory, mapped by every process of the host (client/masters.py).
 """
 
 from __future__ import annotations
@@ -20,13 +23,15 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import ConfigRecord
 from torch import nn
 
 from contract import protocol as p
-from seedlora.chain import EMPTY_DIGEST, Chain, Link, apply_link, links_digest
+from seedlora.chain import EMPTY_DIGEST, Chain, Link
+from seedlora.mapped import fill, write_merged
 from seedlora.serialize import (
     CorruptFileError,
     atomic_write_bytes,
@@ -34,6 +39,8 @@ from seedlora.serialize import (
     link_to_bytes,
     links_from_bytes,
 )
+
+from .masters import Mapped, MasterStore
 
 # cache directory -> the chain it last resolved in this process (shared by LinkCache objects:
 # the ClientApp makes one per message).
@@ -139,72 +146,173 @@ class LinkCache:
         return chain
 
 
-def checked_links(links: Callable[[], Sequence[Link]], digest: str) -> list[Link]:
-    """`links()` as a list; ValueError unless they hash to `digest`."""
-    wanted = list(links())
-    if links_digest(wanted) != digest:
+def checked_links(links: Callable[[], Sequence[Link]], digest: str) -> Chain:
+    """`links()` as a Chain; ValueError unless they hash to `digest`."""
+    wanted = Chain.of(links())
+    if wanted.digest != digest:
         raise ValueError(f"links do not hash to {digest[:12]}")
     return wanted
 
 
-class BaseCache:
-    """This process's float32 CPU master of the global base: W0 plus the links applied so far.
+@dataclass(frozen=True)
+class BaseSource:
+    """Where a float32 CPU W0 comes from.
 
-    Keyed by what `load` gives (`key`: the task's config, so a causal LM and a classifier
-    of one base never mix) and the links digest. A links list that extends the applied one
-    gets only the links it lacks, in order (`apply_link`: the same bits as `rebuild` from
-    W0); any other list starts again from `load()`. The master is shared, not copied:
-    callers copy it before they change it (client.resident). Not thread-safe on its own:
-    client.resident serialises its use.
+    `load` gives a fresh W0, read only to write a master file: float32, or a bf16/fp16
+    checkpoint as stored (seedlora.mapped writes it as float32, tensor by tensor);
+    `skeleton` the same modules with their tensors on the meta device (None: `load`
+    serves, reading the weights once more); `fingerprint` changes when the files W0 is
+    read from do (tasks.Task.weights_fingerprint); `name` tells sources of one key apart.
+    """
+
+    load: Callable[[], nn.Module]
+    skeleton: Callable[[], nn.Module] | None = None
+    fingerprint: Callable[[], str] | None = None
+    name: str = ""
+
+    @classmethod
+    def of(cls, load: Callable[[], nn.Module] | BaseSource) -> BaseSource:
+        """`load` itself, or a plain loader named by its qualified name."""
+        if isinstance(load, BaseSource):
+            return load
+        name = getattr(load, "__qualname__", type(load).__qualname__)
+        return cls(load, name=f"{getattr(load, '__module__', '')}.{name}")
+
+    def key(self, key: Hashable) -> str:
+        """What names this source's master files: the cache key, the loader, the weights."""
+        print_ = self.fingerprint() if self.fingerprint is not None else ""
+        return f"{key!r}|{self.name}|{print_}"
+
+
+class BaseCache:
+    """This process's float32 CPU master of the global base: W0 plus the merged links,
+    mapped from the host's master file (client/masters.py), so every process of a host
+    shares one copy.
+
+    Keyed by what the source gives (`key`: the task's config, so a causal LM and a
+    classifier of one base never mix) and the links digest. A master file that exists is
+    mapped into this process's master model (the last one's modules, or the source's
+    skeleton). One that does not is written (under the folder's lock) from the nearest
+    master this process or the folder holds, merging only the links it lacks, in order
+    (`apply_link`: the same bits as `rebuild` from W0), else from a fresh W0. The master is
+    shared and read-only: callers copy it before they change it (client.resident). Not
+    thread-safe on its own: client.resident serialises its use.
     """
 
     def __init__(self) -> None:
         self._key: Hashable = None
+        self._source: str | None = None  # BaseSource.key of the master
         self._model: nn.Module | None = None
-        self._links: list[Link] = []
+        self._mapped: Mapped | None = None
         self._digest = EMPTY_DIGEST
-        self.loads = 0  # times `load` was called (a fresh W0)
-        self.applied = 0  # links merged into a master, in all
+        self.loads = 0  # fresh W0 loaded (to write a master from it)
+        self.applied = 0  # links merged into a master file this process wrote
+        self.writes = 0  # master files this process wrote
+        self.maps = 0  # master files this process mapped
 
     @property
     def digest(self) -> str | None:
         """The links digest of the master, None before the first `get`."""
         return self._digest if self._model is not None else None
 
+    @property
+    def path(self) -> Path | None:
+        """The master file this process maps (it may have been evicted since)."""
+        return self._mapped.path if self._mapped is not None else None
+
     def get(
         self,
         key: Hashable,
         digest: str,
         links: Callable[[], Sequence[Link]],
-        load: Callable[[], nn.Module],
+        load: Callable[[], nn.Module] | BaseSource,
+        root: str | os.PathLike | None = None,
     ) -> nn.Module:
-        """The master for (`key`, `digest`); `links()` is asked for only when it must change.
+        """The master for (`key`, `digest`); `links()` is asked for only when no master
+        file of `digest` exists. `root`: the node's cache directory (default_cache_dir()).
 
         Raises ValueError when `links()` does not hash to `digest`.
         """
         if self._model is not None and key == self._key and digest == self._digest:
             return self._model
-        wanted = checked_links(links, digest)
-        have = len(self._links)
-        extends = (
-            self._model is not None
-            and key == self._key
-            and len(wanted) >= have
-            and links_digest(wanted[:have]) == self._digest
-        )
-        if not extends:
-            self._model = self._key = None  # drop the old master before loading another
-            self._links, self._digest = [], EMPTY_DIGEST
-            self._model, self._key = load(), key
-            self.loads += 1
-        for link in wanted[len(self._links) :]:
-            apply_link(self._model, link)
-            self._links.append(link)
-            self.applied += 1
-        self._digest = digest
+        source = BaseSource.of(load)
+        name = source.key(key)
+        store = MasterStore.of(root if root is not None else default_cache_dir(), name)
+        model = self._model if (key, name) == (self._key, self._source) else None
+        mapped = store.open(digest)
+        if mapped is None:
+            wanted = checked_links(links, digest)
+            with store.lock():
+                mapped = store.open(digest)
+                if mapped is None:
+                    model = self._write(store, wanted, source, model)
+                    mapped = store.open(digest)
+                    if mapped is None:
+                        raise OSError(f"master {store.path(digest)} unreadable after writing")
+                    prefixes = (wanted.prefix_digest(k) for k in range(len(wanted)))
+                    store.evict(digest, prefixes)
+        self._switch(key, name, digest, mapped, model, source)
         return self._model
 
+    def _switch(self, key, name, digest, mapped: Mapped, model, source: BaseSource) -> None:
+        """Make `mapped` this process's master, in `model` (or a fresh skeleton)."""
+        if model is None:
+            self.clear()  # the old master's modules go before a skeleton is made
+            model = _skeleton(source)
+        try:
+            fill(model, mapped.tensors, mapped.aliases)
+        except ValueError:
+            mapped.release()
+            self.clear()
+            raise
+        if self._mapped is not None:
+            self._mapped.release()
+        self._model, self._key, self._source, self._mapped = model, key, name, mapped
+        self._digest = digest
+        self.maps += 1
+
+    def _write(
+        self, store: MasterStore, wanted: Chain, source: BaseSource, model: nn.Module | None
+    ) -> nn.Module:
+        """Write the master of `wanted` from the nearest one (class docstring); returns the
+        model that served as its base (its modules take the new master)."""
+        held = self._links_held(wanted) if model is not None else -1
+        start = held
+        try:
+            for k in range(len(wanted) - 1, held, -1):  # a longer prefix in the folder
+                found = store.open(wanted.prefix_digest(k))
+                if found is not None:  # no eviction while the folder's lock is held
+                    model = model if model is not None else _skeleton(source)
+                    fill(model, found.tensors, found.aliases)
+                    found.release()
+                    start = k
+                    break
+            if start < 0:
+                model, start = source.load(), 0
+                self.loads += 1
+            write_merged(store.path(wanted.digest), model, wanted[start:])
+        except BaseException:
+            self.clear()  # its modules may hold another master now
+            raise
+        self.writes += 1
+        self.applied += len(wanted) - start
+        return model
+
+    def _links_held(self, wanted: Chain) -> int:
+        """How many of `wanted`'s first links this process's master holds (-1: it is not
+        a prefix of `wanted`)."""
+        for k in range(len(wanted) + 1):
+            if wanted.prefix_digest(k) == self._digest:
+                return k
+        return -1
+
     def clear(self) -> None:
-        """Forget the master (the next `get` loads W0 again)."""
-        self._model = self._key = None
-        self._links, self._digest = [], EMPTY_DIGEST
+        """Forget the master (the next `get` maps or writes one again)."""
+        if self._mapped is not None:
+            self._mapped.release()
+        self._model = self._key = self._source = self._mapped = None
+        self._digest = EMPTY_DIGEST
+
+
+def _skeleton(source: BaseSource) -> nn.Module:
+    return source.skeleton() if source.skeleton is not None else source.load()

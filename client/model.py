@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ from seedlora import Link
 from tasks import build_task
 from tasks.devices import COMPUTE_DTYPES
 
+from .links import BaseSource
 from .resident import ModelKey, ResidentModel, effective_chain_index
 
 RESIDENT = ResidentModel()
@@ -58,13 +60,18 @@ def model_key(cfg: RunConfig, task, config: Mapping[str, Any], device: torch.dev
     )
 
 
-def base_loader(cfg: RunConfig, task, device: torch.device) -> Callable[[], torch.nn.Module]:
-    """What the resident model is built from: the task's float32 CPU W0, or with
-    `quantization` the quantized W0 on `device` (its unquantized layers in the run's
-    precision; 4bit layers compute in bf16 whatever it is)."""
+def base_loader(
+    cfg: RunConfig, task, device: torch.device
+) -> BaseSource | Callable[[], torch.nn.Module]:
+    """What the resident model is built from: the source of the task's float32 CPU W0 (the
+    host's mapped master is the process's one float32 copy: the checkpoint as stored, read
+    only to write the master file, and the model's skeleton on the meta device, which
+    takes the mapped tensors), or with `quantization` a loader of the quantized W0 on
+    `device` (its unquantized layers in the run's precision; 4bit layers compute in bf16
+    whatever it is)."""
     q = cfg.train.quantization
     if q == "none":
-        return task.load_model
+        return BaseSource(task.load_stored, task.load_skeleton, task.weights_fingerprint, "task")
     dtype = COMPUTE_DTYPES[cfg.train.precision] or torch.float32
     heads = tuple(cfg.adapter.heads(task.modules_to_save))
     return functools.partial(task.load_quantized, q, device, dtype, heads)
@@ -77,11 +84,15 @@ def link_model(
     config: Mapping[str, Any],
     links: Callable[[], Sequence[Link]],
     device: torch.device,
+    cache_dir: str | os.PathLike | None = None,
 ) -> Iterator[torch.nn.Module]:
     """The resident model of the link `config` names, on `device` in the run's precision,
     for the length of one client's call; its trainable state is whatever the last client
     left: load the global state first. `links()` gives the links list named by the
-    config's digest; it is called only when this process lacks that base."""
+    config's digest; it is called only when neither this process nor the host's master
+    files in `cache_dir` (the node's `cache-dir`; default client.links.default_cache_dir())
+    have that base."""
     load = base_loader(cfg, task, device)
-    with RESIDENT.use(model_key(cfg, task, config, device), links, load) as model:
+    key = model_key(cfg, task, config, device)
+    with RESIDENT.use(key, links, load, cache_dir) as model:
         yield model

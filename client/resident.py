@@ -2,11 +2,16 @@
 
 Every client of a link trains against the same frozen base (W0 plus the merged links, with
 link c's adapters), so a process that serves several clients (a Ray actor, a SuperNode's
-ClientApp process) keeps one model resident: the float32 CPU master (client.links.BaseCache)
-shared, not copied (`shared_copy`), adapted (`seedlora.prepare`), given gradient
+ClientApp process) keeps one model resident: the float32 CPU master (client.links.BaseCache,
+mapped from the host's master file, one copy for all processes of the host) shared, not
+copied (`seedlora.sharing.shared_copy`), adapted (`seedlora.prepare`), given gradient
 checkpointing if the run asks, and placed on the device in the run's precision
 (`tasks.devices.place`: the frozen base is the cast of the float32 rebuilt base, exactly as
-a fresh build). Between clients only the trainable state (B and heads) is swapped in
+a fresh build). Frozen weights that stay on the CPU (fp32 on the CPU) are the mapped pages
+themselves: nothing writes to them, since training steps only trainable parameters, which
+get storage of their own (`own_trainable`), and a client that changes frozen weights
+trains a `private_copy`. On a GPU the master is only the source of the device copy.
+Between clients only the trainable state (B and heads) is swapped in
 (`seedlora.load_trainable_state`); optimizer state and activations live for one call, and
 gradients are dropped after it, except that step-mode graphed keeps its CUDA graph and
 AdamW with the model until the model goes (client/local.py).
@@ -14,8 +19,9 @@ AdamW with the model until the model goes (client/local.py).
 The model is rebuilt only when what defines it changes, its `ModelKey`: the task (what the
 base is), the links digest, method, A kind/seed/rank/alpha, chain index, targets, heads,
 frozen factor, dropout, precision, device and gradient checkpointing. A new links digest
-gives the master the links it lacks and one copy to the device; the old device model is
-freed before the new one is built, so a process holds one model on its device at a time.
+maps (or, first on the host, writes) the master of that digest and makes one copy to the
+device; the old device model is freed before the new one is built, so a process holds one
+model on its device at a time.
 A client whose model changes shape (heterogeneous ranks: client.uploads.fit_rank) trains
 a `private_copy`, so nothing it does reaches the next client.
 
@@ -33,6 +39,7 @@ import contextlib
 import copy
 import gc
 import itertools
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -43,11 +50,12 @@ from torch import nn
 from seedlora import CHAINED, Link, adapter_layers, apply_link, prepare, unwrap
 from seedlora.capture import forget
 from seedlora.injection import keep_links_aside
+from seedlora.sharing import own_trainable, shared_copy
 from tasks import TaskConfig
 from tasks.devices import place
 from tasks.kernels import use_liger
 
-from .links import BaseCache, checked_links
+from .links import BaseCache, BaseSource, checked_links
 
 
 @dataclass(frozen=True)
@@ -124,33 +132,9 @@ def private_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def shared_copy(model: nn.Module) -> nn.Module:
-    """A copy of `model` whose parameters are new objects over the same storage.
-
-    `place` then swaps each frozen tensor for its cast on the device one at a time, so a
-    build never holds a second float32 copy of the base on the host (at 7B the deep copy
-    was 27 GB per process, twice the master). Frozen weights that stay on the CPU keep
-    sharing the master's storage, which is safe because nothing writes to them in place:
-    training steps only trainable parameters, `_own_trainable` gives those their own
-    storage, and a client that changes frozen weights trains a `private_copy`.
-    """
-    memo: dict[int, object] = {
-        id(q): nn.Parameter(q.data, requires_grad=q.requires_grad) for q in model.parameters()
-    }
-    return copy.deepcopy(model, memo)
-
-
-def _own_trainable(model: nn.Module) -> nn.Module:
-    """Give trainable parameters (B, heads) storage of their own, apart from the master."""
-    for param in model.parameters():
-        if param.requires_grad:
-            param.data = param.data.clone()
-    return model
-
-
 def _free_device_memory() -> None:
-    """Hand a dropped model's GPU memory back before the next is built (on the CPU,
-    reference counting frees it, and a gc pass would cost ~0.5 s)."""
+    """Hand a dropped model's GPU memory back before the next is built (on the CPU a gc
+    pass, ~0.5 s, runs only when the master changes: `ResidentModel._build`)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         gc.collect()
         torch.cuda.empty_cache()
@@ -189,18 +173,21 @@ class ResidentModel:
         self,
         key: ModelKey,
         links: Callable[[], Sequence[Link]],
-        load: Callable[[], nn.Module],
+        load: Callable[[], nn.Module] | BaseSource,
+        cache_dir: str | os.PathLike | None = None,
     ) -> Iterator[nn.Module]:
         """The resident model for `key`, built first if the key changed.
 
-        `links()` (the full links list named by `key.links`) and `load()` (a fresh float32
-        CPU W0; for a quantized key the quantized W0 on the device) are called only when
-        the master (the quantized W0) must change. The caller loads the trainable
-        state; afterwards gradients are dropped and the model is back in eval mode.
+        `links()` (the full links list named by `key.links`) and `load` (the float32 CPU
+        W0's source; for a quantized key a loader of the quantized W0 on the device) are
+        called only when the master (the quantized W0) must change and the host's master
+        file in `cache_dir` (default: client.links.default_cache_dir()) does not exist. The
+        caller loads the trainable state; afterwards gradients are dropped and the model is
+        back in eval mode.
         """
         with self._lock:
             if key != self._key:
-                self._build(key, links, load)
+                self._build(key, links, load, cache_dir)
             model = self._model
             assert model is not None
             try:
@@ -213,17 +200,23 @@ class ResidentModel:
         self,
         key: ModelKey,
         links: Callable[[], Sequence[Link]],
-        load: Callable[[], nn.Module],
+        load: Callable[[], nn.Module] | BaseSource,
+        cache_dir: str | os.PathLike | None,
     ) -> None:
         if key.aside:
-            self._build_aside(key, links, load)
+            self._build_aside(key, links, BaseSource.of(load).load)
             return
         if self._model is not None:  # free the old device model before building the new one
             forget(self._model)
             self._model = self._key = None
             _free_device_memory()
-        master = self.bases.get(key.task, key.links, links, load)
-        model = _own_trainable(key.prepare(shared_copy(master)))
+        before = self.bases.path
+        master = self.bases.get(key.task, key.links, links, load, cache_dir)
+        if before not in (None, self.bases.path):
+            # The old model's adapters are reference cycles (seedlora.grouped's sibling
+            # groups): without a gc pass they kept the old master's pages mapped.
+            gc.collect()
+        model = own_trainable(key.prepare(shared_copy(master)))
         _finish(model, key)
         model = place(model, torch.device(key.device), key.precision)
         model.eval()

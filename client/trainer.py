@@ -37,14 +37,13 @@ def _prepare(msg: Message, context: Context, cfg: RunConfig) -> Iterator[tuple]:
     length of this message's work; the model is this process's resident one."""
     task, partition_id = node_task(context, cfg)
     config = msg.content[p.CONFIG]
-    cache = LinkCache(
-        context.node_config.get("cache-dir", default_cache_dir()), cfg.task.model_name
-    )
+    root = context.node_config.get("cache-dir", default_cache_dir())
+    cache = LinkCache(root, cfg.task.model_name)
     record = msg.content.config_records.get(p.LINKS)
     links = functools.partial(cache.resolve, record, str(config[p.LINKS_DIGEST]))
     device = check_device(pick_device(cfg.train.device))
     try:
-        with link_model(cfg, task, config, links, device) as model:
+        with link_model(cfg, task, config, links, device, root) as model:
             load_trainable_state(model, msg.content[p.ARRAYS].to_torch_state_dict())
             yield task, model, partition_id, device
     finally:

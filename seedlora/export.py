@@ -10,7 +10,6 @@ sets PEFT's lora_alpha = rank, so PEFT's own scale is 1 and
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import tempfile
@@ -24,7 +23,9 @@ from transformers.pytorch_utils import Conv1D
 
 from .chain import Link
 from .core import CORE, core_scaling, lift
-from .injection import merge_adapters, unwrap
+from .injection import adapter_layers, unwrap
+from .roles import trained_factor
+from .sharing import shared_copy
 from .swapped import TRAINED_A
 
 
@@ -99,7 +100,9 @@ def export_peft(
     this package (module docstring: each layer's B_j blocks, scaled, and A_j stacked).
 
     Args:
-        base: the pristine pretrained model (W0; not modified, a copy is adapted).
+        base: a model of W0's modules without adapters (not modified: a `shared_copy` is
+            adapted); only its structure matters, since only the adapter and the heads are
+            written, so the merged base of a run serves as well as the pristine W0.
         links: the links to export, chain index 0 first, all over the same layers; each
             factor B_bar: (n_out, r) (A_bar: (r, n_in) with swapped roles). Links whose
             factors are all zero are skipped. To include the current, unmerged chain
@@ -122,13 +125,13 @@ def export_peft(
         raise ValueError("nothing to export: every link has B = 0")
     layers = [s.layer for s in links[0].specs]
     rank = sum(link.specs[0].rank for link in links)
-    model = copy.deepcopy(base)
+    model = shared_copy(base)  # base's storage, untouched: heads get storage of their own
     head_modules = sorted({name.rsplit(".", 1)[0] for name in heads or {}})
     if heads:
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, value in heads.items():
-                params[name].copy_(value)
+                params[name].data = torch.empty_like(params[name]).copy_(value)
     conv = any(isinstance(model.get_submodule(n), Conv1D) for n in layers)
     config = LoraConfig(
         r=rank,
@@ -155,17 +158,27 @@ def export_peft(
 def export_merged(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None) -> Path:
     """Save a plain HF model with every adapter folded in (the input model is untouched).
 
+    `save_pretrained` is called on a merged, unwrapped `shared_copy`: a layer whose trained
+    factor is nonzero is merged into a clone of its base weight, every other tensor is
+    the model's own (no copy: a chain's final model has B = 0 after its last merge). A
+    layer with a zero factor is left unmerged; merging would add exact zeros (it could only
+    turn a -0.0 weight into +0.0).
+
     Args:
-        model: an HF model, with or without adapters (`save_pretrained` is called on a
-            merged, unwrapped copy).
+        model: an HF model, with or without adapters.
         path: the output directory (written atomically).
         tokenizer: saved beside the model when given (anything with `save_pretrained`).
 
     Returns:
         The output directory.
     """
-    merged = copy.deepcopy(model)
-    merge_adapters(merged)
+    merged = shared_copy(model)
+    for _, layer in adapter_layers(merged):
+        factor = trained_factor(layer)
+        if factor.any():
+            factor.data = factor.data.clone()  # merge() zeroes it
+            layer.base.weight.data = layer.base.weight.data.clone()
+            layer.merge()
     unwrap(merged)
 
     def write(tmp: Path) -> None:

@@ -20,6 +20,7 @@ adds one file to the link log (links/) and rewrites metrics.json (server/report.
 from __future__ import annotations
 
 import copy
+import gc
 import time
 from logging import INFO, WARNING
 from pathlib import Path
@@ -41,11 +42,13 @@ from seedlora import (
     prepare,
     set_chain_index,
     trainable_state,
+    unwrap,
 )
 from seedlora.export import peft_task_type
 from seedlora.methods import LINKED
 from seedlora.roles import is_factor_key
 from seedlora.serialize import atomic_write_bytes, state_to_bytes
+from seedlora.sharing import own_trainable, shared_copy
 from seedlora.spec import A_RULE, SCALE_RULE, ARuleError, check_a_rule
 from strategies.privacy import PrivacyLedger
 from strategies.registry import EXACT_IN_WEIGHT_SPACE
@@ -167,7 +170,7 @@ class ChainServer:
         a = cfg.adapter
         try:
             self.model = prepare(
-                self.task.load_model(),
+                self.task.load_model(cache=False),  # the process's one float32 master
                 a.method,
                 a.targets(self.task.target_modules),
                 kind=a.kind,
@@ -285,9 +288,10 @@ class ChainServer:
         precision.
 
         On the CPU in fp32 that is the float32 master itself. Otherwise it is a replica:
-        the master copied and placed (frozen weights cast to bf16/fp16 as on the clients)
-        once per link, since only merges change the base, with the round's trainable state
-        copied in each time. The master stays on the CPU in float32 for merges and exports.
+        the master placed (frozen weights cast to bf16/fp16 as on the clients, from a
+        `shared_copy`: no second float32 copy on the host) once per link, since only merges
+        change the base, with the round's trainable state copied in each time. The master
+        stays on the CPU in float32 for merges (in place) and exports.
         """
         device, precision = self.eval_device, self.cfg.train.precision
         if device.type == "cpu" and precision == "fp32":
@@ -296,9 +300,11 @@ class ChainServer:
         key = (self.state.chain_index, len(self.state.links))
         if key != self._replica_key:
             self._replica = self._replica_key = None  # free the old replica first
+            gc.collect()  # its adapters are reference cycles (seedlora.grouped)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            self._replica = place(copy.deepcopy(self.model), device, precision).eval()
+            replica = own_trainable(shared_copy(self.model))
+            self._replica = place(replica, device, precision).eval()
             self._replica_key = key
             self.replica_builds += 1
         load_trainable_state(self._replica, self.state.arrays)
@@ -507,8 +513,8 @@ class ChainServer:
             return
         heads = {k: v for k, v in self.state.arrays.items() if not is_factor_key(k)}
         try:
-            export_peft(
-                self.task.load_model(),
+            export_peft(  # the master's modules (unwrapped) stand in for W0's: only the
+                unwrap(shared_copy(self.model)),  # adapter and heads are written
                 self.state.links,
                 self.out_dir / "peft-adapter",
                 heads=heads,

@@ -10,7 +10,15 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.models import EMBEDDED, load_tokenizer, model_type_of, target_modules_for
+from tasks.models import (
+    EMBEDDED,
+    load_stored,
+    load_tokenizer,
+    model_skeleton,
+    model_type_of,
+    target_modules_for,
+    weights_fingerprint,
+)
 
 if TYPE_CHECKING:  # the config is validated without loading torch or datasets
     import datasets
@@ -166,8 +174,27 @@ class Task(ABC):
         self.target_modules: tuple[str, ...] = target_modules_for(model_type_of(config.model_name))
 
     @abstractmethod
-    def load_model(self) -> torch.nn.Module:
-        """Fresh pretrained base model, CPU float32."""
+    def load_model(self, cache: bool = True) -> torch.nn.Module:
+        """Fresh pretrained base model, CPU float32; `cache=False` keeps no copy in this
+        process (tasks.models.load_causal_lm)."""
+
+    def load_stored(self) -> torch.nn.Module:
+        """`load_model()` in the checkpoint's dtype, uncached (tasks.models.load_stored):
+        what a client writes its float32 master file from."""
+        return load_stored(
+            self.config.model_name, self.model_kind, self.num_labels, self.config.seed
+        )
+
+    def load_skeleton(self) -> torch.nn.Module:
+        """`load_model()`'s modules with every tensor on the meta device (no weights read):
+        what a client maps its float32 master file into (client/masters.py)."""
+        return model_skeleton(
+            self.config.model_name, self.model_kind, self.num_labels, self.config.seed
+        )
+
+    def weights_fingerprint(self) -> str:
+        """Changes when the files `load_model` reads change (tasks.models)."""
+        return weights_fingerprint(self.config.model_name)
 
     def load_quantized(
         self,

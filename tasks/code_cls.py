@@ -152,8 +152,9 @@ class CodeClsTask(Task):
             )
         self.modules_to_save = heads[:1]
 
-    def load_model(self) -> torch.nn.Module:
-        return load_seq_cls(self.config.model_name, self.num_labels, self.config.seed)[0]
+    def load_model(self, cache: bool = True) -> torch.nn.Module:
+        name, labels, seed = self.config.model_name, self.num_labels, self.config.seed
+        return load_seq_cls(name, labels, seed, cache)[0]
 
     def train_dataset(self, partition_id: int) -> datasets.Dataset:
         return cls_dataset(self.config, partition_id, "train")

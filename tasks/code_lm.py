@@ -101,8 +101,8 @@ class CodeLMTask(Task):
 
     modules_to_save: tuple[str, ...] = ()
 
-    def load_model(self) -> torch.nn.Module:
-        return load_causal_lm(self.config.model_name)[0]
+    def load_model(self, cache: bool = True) -> torch.nn.Module:
+        return load_causal_lm(self.config.model_name, cache)[0]
 
     def train_dataset(self, partition_id: int) -> datasets.Dataset:
         return lm_dataset(self.config, partition_id, "train")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 import os
 import re
@@ -158,20 +159,25 @@ def load_tokenizer(name: str = EMBEDDED) -> PreTrainedTokenizerBase:
     return tok
 
 
-@functools.lru_cache(maxsize=4)
-def _cached(name: str, kind: str, num_labels: int, seed: int):
+def _load(
+    name: str, kind: str, num_labels: int, seed: int, meta: bool = False, float32: bool = True
+):
+    """(model in eval mode, tokenizer): float32, or with `float32=False` in the checkpoint's
+    dtype (its weights still mapped from the file); with `meta` every parameter and buffer
+    on the meta device (no weights read: `model_skeleton`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve_model_path(name)
     tok = load_tokenizer(name)
+    where = {"device_map": "meta"} if meta else {}
     with torch.random.fork_rng():  # a new head must be identical on every client
         torch.manual_seed(seed)
         if kind == "causal":
-            model = AutoModelForCausalLM.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, **where)
         else:  # a classifier checkpoint with another number of labels gets a new head
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, ignore_mismatched_sizes=True
+                path, num_labels=num_labels, ignore_mismatched_sizes=True, **where
             )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
@@ -179,21 +185,76 @@ def _cached(name: str, kind: str, num_labels: int, seed: int):
         # transformers names the loss from the class name; GPT2LMHeadModel & co. match none
         # and log "`loss_type=None` ... unrecognized" once per process (every Ray actor).
         model.loss_type = "ForCausalLM"
-    return model.float().eval(), tok  # .float(): hub checkpoints may load as bf16/fp16
+    if float32:
+        model = model.float()  # hub checkpoints load as bf16/fp16
+    return model.eval(), tok
 
 
-def load_causal_lm(name: str = EMBEDDED) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+_cached = functools.lru_cache(maxsize=4)(_load)
+
+
+def _base(name: str, kind: str, num_labels: int, seed: int, cache: bool):
+    if not cache:
+        return _load(name, kind, num_labels, seed)
+    model, tok = _cached(name, kind, num_labels, seed)
+    return copy.deepcopy(model), tok
+
+
+def load_causal_lm(
+    name: str = EMBEDDED, cache: bool = True
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Fresh float32 causal LM in eval mode (a deep copy: callers may edit weights in place).
 
-    The tokenizer is shared between calls; do not modify it.
+    The tokenizer is shared between calls; do not modify it. `cache=False` loads the model
+    afresh and keeps nothing: for a caller that holds the one float32 master of its process
+    (the cached model would be a second one: 27 GB at 7B).
     """
-    model, tok = _cached(name, "causal", 0, 0)
-    return copy.deepcopy(model), tok
+    return _base(name, "causal", 0, 0, cache)
 
 
 def load_seq_cls(
-    name: str = EMBEDDED, num_labels: int = 2, seed: int = 0
+    name: str = EMBEDDED, num_labels: int = 2, seed: int = 0, cache: bool = True
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Pretrained body + new classification head (seeded init), fresh float32 copy, eval mode."""
-    model, tok = _cached(name, "seq-cls", num_labels, seed)
-    return copy.deepcopy(model), tok
+    """Pretrained body + new classification head (seeded init), fresh float32 copy, eval mode
+    (`cache` as in `load_causal_lm`)."""
+    return _base(name, "seq-cls", num_labels, seed, cache)
+
+
+def load_stored(name: str, kind: str, num_labels: int = 0, seed: int = 0) -> PreTrainedModel:
+    """What `load_causal_lm` (kind "causal") or `load_seq_cls` ("seq-cls") gives, but in the
+    checkpoint's dtype and not cached: a bf16 checkpoint's weights stay mapped from its file,
+    so a client writes its float32 master file from it tensor by tensor (seedlora.mapped)
+    without a private float32 copy of the model (27 GB at 7B)."""
+    if kind == "causal":
+        num_labels = seed = 0
+    return _load(name, kind, num_labels, seed, float32=False)[0]
+
+
+def model_skeleton(name: str, kind: str, num_labels: int = 0, seed: int = 0) -> PreTrainedModel:
+    """What `load_causal_lm` (kind "causal") or `load_seq_cls` ("seq-cls") gives, with every
+    parameter and buffer on the meta device: the modules, names, ties and config, no
+    weights read (a client maps its float32 master's tensors into it)."""
+    if kind == "causal":
+        num_labels = seed = 0
+    return _load(name, kind, num_labels, seed, meta=True)[0]
+
+
+def weights_fingerprint(name: str = EMBEDDED) -> str:
+    """A hash of the names, sizes and modification times of the files the model loads from
+    (its local folder, or for a hub id its cached snapshot): it changes when they do, so a
+    float32 master saved from older weights is never taken for the current ones. "" when
+    the files cannot be found (a hub id not in the local cache)."""
+    path = Path(resolve_model_path(name))
+    if not path.is_dir():
+        try:
+            from transformers.utils import cached_file
+
+            path = Path(cached_file(name, "config.json")).parent
+        except (OSError, TypeError, ValueError):
+            return ""
+    h = hashlib.sha256(str(path.resolve()).encode())
+    for item in sorted(path.iterdir()):
+        if item.is_file():
+            st = item.stat()
+            h.update(f"{item.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]

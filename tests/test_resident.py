@@ -19,7 +19,7 @@ from flwr.app import Message
 
 from client.links import BaseCache
 from client.model import RESIDENT
-from client.resident import ModelKey, ResidentModel, private_copy, shared_copy
+from client.resident import ModelKey, ResidentModel, private_copy
 from contract import protocol as p
 from contract.config import RunConfig
 from seedlora import (
@@ -31,6 +31,8 @@ from seedlora import (
     set_chain_index,
 )
 from seedlora.chain import EMPTY_DIGEST
+from seedlora.roles import trained_factor
+from seedlora.sharing import shared_copy
 from simulation.local import make_grid, run_local
 from simulation.tiny import GPT2_TARGETS, tiny_gpt2
 from tasks import TaskConfig
@@ -131,8 +133,10 @@ _KEY = ModelKey(
 )
 
 
-def test_any_other_key_change_rebuilds_on_the_same_master(monkeypatch):
+def test_any_other_key_change_rebuilds_on_the_same_master(monkeypatch, tmp_path):
     import client.resident
+
+    monkeypatch.setenv("SEEDLORA_CACHE", str(tmp_path))  # no master file from another test
 
     liger: list[torch.nn.Module] = []  # base-kernels: the build patches its model
     monkeypatch.setattr(client.resident, "use_liger", liger.append)
@@ -163,7 +167,7 @@ def test_any_other_key_change_rebuilds_on_the_same_master(monkeypatch):
             assert model is not first, change
     assert resident.builds == 1 + len(changes)
     assert len(liger) == 1  # only the build whose key asked for the kernels
-    assert resident.bases.loads == 1  # the same W0 and links: the master is reused
+    assert resident.bases.loads == resident.bases.maps == 1  # the same master throughout
     assert {f.name for f in dataclasses.fields(ModelKey)} == {"task", "links", "device"} | {
         k for c in changes for k in c
     }
@@ -200,23 +204,24 @@ def test_shared_copy_shares_storage_not_parameters():
     assert twin.lm_head.weight is twin.transformer.wte.weight  # ties survive
 
 
-def _links(n: int, seed: int = 0):
-    """n merged links of a tiny GPT-2 chain (random B), as the server records them."""
-    model = tiny_gpt2()
-    inject(model, list(GPT2_TARGETS), kind="gaussian", seed=3, rank=2, alpha=4.0)
+def chain_links(factory, targets, n: int, frozen: str = "A", kind: str = "gaussian", seed=0):
+    """n links of a chain over `factory()`'s model, random trained factors."""
+    model = factory()
+    inject(model, list(targets), kind=kind, seed=3, rank=2, alpha=4.0, frozen=frozen)
     gen = torch.Generator().manual_seed(seed)
-    out = []
+    links = []
     for c in range(n):
         set_chain_index(model, c)
         for _, layer in adapter_layers(model):
             with torch.no_grad():
-                layer.lora_B.normal_(0, 0.5, generator=gen)
-        out.append(record_link(model))
-    return out
+                trained_factor(layer).normal_(0, 0.5, generator=gen)
+        links.append(record_link(model))
+    return links
 
 
-def test_base_cache_applies_only_the_links_it_lacks():
-    links = _links(3)
+def test_base_cache_applies_only_the_links_it_lacks(monkeypatch, tmp_path):
+    monkeypatch.setenv("SEEDLORA_CACHE", str(tmp_path))  # no master file from another test
+    links = chain_links(tiny_gpt2, GPT2_TARGETS, 3)
     cache = BaseCache()
     calls = []
 
@@ -236,7 +241,7 @@ def test_base_cache_applies_only_the_links_it_lacks():
     theirs = expected.state_dict()
     for name, a in three.state_dict().items():
         assert torch.equal(a, theirs[name]), name
-    other = _links(1, seed=9)  # not an extension: start again from W0
+    other = chain_links(tiny_gpt2, GPT2_TARGETS, 1, seed=9)  # not an extension: from W0
     cache.get("k", links_digest(other), given(other), tiny_gpt2)
     assert cache.loads == 2
     with pytest.raises(ValueError, match="do not hash"):
