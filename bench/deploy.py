@@ -11,8 +11,10 @@ For each N in `--nodes`, with one run config (the preset's, `--set` over it):
   worker beside its SuperNodes): `--layout host` gives one command (one worker) serving all
   N partitions, `node` one command per partition (N workers, training concurrently);
 - `floor`: the deployed processes and message pattern with the clients' work cut to one
-  step of batch 1 and one evaluation example (same messages, same array sizes): what
-  Flower's per-message process costs before any training.
+  step of batch 1 and one evaluation example (same messages, same array sizes), on
+  Flower's own SuperNode (its 3 s idle poll): what Flower's per-message process costs
+  before any training; `floor_fast_poll` the same on the node command's default poll
+  (client/supernode.py), the floor of `deployed`.
 
 Per run the JSON records every round's wall time (metrics.json) and when it ended, and per
 worker the model builds and the tokenized datasets by split (train, eval) from its log. The
@@ -56,6 +58,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 BASE_RUN = {"num-links": 2, "rounds-per-link": 3}
 FLOOR_WORK = {"local-steps": 1, "batch-size": 1, "max-eval-blocks": 1, "eval-batch-size": 1}
 RUN_TIMEOUT_S = 1800.0
+FLOWER_POLL = "3"  # the floor: Flower's own SuperNode (3 s idle poll, client/supernode.py)
 
 
 def worker_stats(log_dir: Path) -> list[dict]:
@@ -70,8 +73,9 @@ def worker_stats(log_dir: Path) -> list[dict]:
     return rows
 
 
-def deployed(root: Path, overrides: dict, nodes: int, layout: str) -> dict:
-    """One run on a SuperLink and node commands (`layout` host: one, node: one per node)."""
+def deployed(root: Path, overrides: dict, nodes: int, layout: str, *node_args: str) -> dict:
+    """One run on a SuperLink and node commands (`layout` host: one, node: one per node),
+    each given `node_args`."""
     root.mkdir(parents=True, exist_ok=True)
     run_dir = Path(overrides["output-dir"]) / overrides["run-name"]
     ids = [str(i) for i in range(nodes)]
@@ -79,7 +83,7 @@ def deployed(root: Path, overrides: dict, nodes: int, layout: str) -> dict:
     with Federation(root) as fed:
         fed.start_superlink()
         for i, partitions in enumerate(groups):
-            fed.start_node(f"owner-{i}", partitions, nodes)
+            fed.start_node(f"owner-{i}", partitions, nodes, *node_args)
         for i in range(len(groups)):
             wait_for(lambda i=i: (root / f"owner-{i}.sock").exists(), 300, "the workers")
         text = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())
@@ -186,8 +190,10 @@ def compare(base: dict, nodes: int, layouts: str, gpu: bool, work: Path) -> dict
     for layout in layouts.split(","):
         ov = {**base, "run-name": f"{tag}-{layout}"}
         row[f"deployed_{layout}"] = summary(deployed(work / f"{tag}-{layout}", ov, nodes, layout))
-    floor_ov = {**base, **FLOOR_WORK, "run-name": f"{tag}-floor"}
-    row["floor"] = summary(deployed(work / f"{tag}-floor", floor_ov, nodes, "host"))
+    for name, poll in (("floor", FLOWER_POLL), ("floor_fast_poll", None)):
+        ov = {**base, **FLOOR_WORK, "run-name": f"{tag}-{name}"}
+        args = ("--idle-poll", poll) if poll else ()
+        row[name] = summary(deployed(work / f"{tag}-{name}", ov, nodes, "host", *args))
     row["goals"] = goals(row, base)
     return row
 

@@ -37,6 +37,8 @@ POLL_S = 0.2
 READY_TIMEOUT_S = 120.0  # the worker binds its socket before importing the trainer
 MAX_QUICK_RESTARTS = 5  # a worker dying this often within QUICK_S is broken: stop
 QUICK_S = 60.0
+IDLE_POLL_S = 0.25  # how often an idle SuperNode asks for work (Flower: 3 s)
+SUPEREXEC_POLL = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's setting (default 1 s)
 
 
 def free_port() -> int:
@@ -59,6 +61,13 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--cache-dir", help="link cache (default ~/.cache/seedlora)")
     parser.add_argument("--socket", type=Path, help="the worker's socket (default: per pid)")
     parser.add_argument("--log-dir", type=Path, help="worker.log and supernode-<i>.log here")
+    parser.add_argument(
+        "--idle-poll",
+        type=float,
+        default=IDLE_POLL_S,
+        help="seconds an idle SuperNode waits before asking the SuperLink again "
+        "(Flower's own: 3; client/supernode.py)",
+    )
     parser.add_argument("--worker-app", default=None, help=argparse.SUPPRESS)  # tests/bench
     args = parser.parse_args(argv)
     try:
@@ -68,6 +77,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     bad = [p for p in args.partitions if not 0 <= p < args.num_partitions]
     if bad:
         parser.error(f"--partition-id: {bad} not in 0..{args.num_partitions - 1}")
+    if not 0 < args.idle_poll <= 3:
+        parser.error(f"--idle-poll: {args.idle_poll} not in (0, 3] seconds")
     if not args.insecure and not args.root_certificates:
         parser.error("--insecure or --root-certificates: say how to reach the SuperLink")
     return args, extra
@@ -123,14 +134,21 @@ class Node:
         return " ".join([*parts, self.args.node_config]).strip()
 
     def start_supernodes(self) -> None:
-        binary = executable("flower-supernode")
+        """One SuperNode per partition: Flower's, through client.supernode when the idle
+        poll is shorter than Flower's 3 s, its SuperExec polling at the same pace."""
+        poll = self.args.idle_poll
+        binary = [executable("flower-supernode")]
+        env = dict(os.environ)
+        if poll < 3.0:
+            binary = [sys.executable, "-m", "client.supernode", "--idle-poll", str(poll), "--"]
+            env[SUPEREXEC_POLL] = str(max(min(poll, 1.0), 0.01))
         tls = ["--insecure"] if self.args.insecure else []
         if self.args.root_certificates:
             tls = ["--root-certificates", self.args.root_certificates]
         for i, partition in enumerate(self.args.partitions):
-            cmd = [binary, *tls, "--superlink", self.args.superlink, "--port", str(free_port())]
+            cmd = [*binary, *tls, "--superlink", self.args.superlink, "--port", str(free_port())]
             cmd += ["--node-config", self.node_config(partition), *self.extra]
-            self.supernodes.append(start(cmd, self._log(f"supernode-{i}")))
+            self.supernodes.append(start(cmd, self._log(f"supernode-{i}"), env=env))
             log.info("supernode pid %d serves partition %d", self.supernodes[-1].pid, partition)
 
     def watch(self) -> int:
