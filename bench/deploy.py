@@ -30,6 +30,7 @@ import os
 import re
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--nodes", default="2", help="N,... nodes (one partition each)")
     ap.add_argument("--layout", default="host", help="host,node: one worker per machine / node")
     ap.add_argument("--client-eval", default="with-train", help="with-train,separate")
+    ap.add_argument("--floors", default="floor,floor_fast_poll", help="floor (Flower's poll) ...")
     ap.add_argument("--work", type=Path, default=Path("/tmp/seedlora-bench-deploy"))
     args = ap.parse_args(argv)
     # The embedded base for every process, also where the project is not pip-installed
@@ -174,33 +176,51 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict] = []
     for mode in args.client_eval.split(","):
         for nodes in (int(n) for n in args.nodes.split(",")):
-            row = compare({**base, "client-eval": mode}, nodes, args.layout, gpu, work)
-            rows.append({"client_eval": mode, **row})
+            row: dict[str, Any] = {"client_eval": mode, "nodes": nodes}
+            rows.append(row)
+
+            def save() -> None:  # after each run: a run cut short keeps what it measured
+                payload = {"preset": args.preset, "run_config": base, "rows": rows}
+                write_result(name, payload, args.out)
+
+            cfg = {**base, "client-eval": mode}
+            compare(row, cfg, args.layout, args.floors.split(","), gpu, work, save)
             print(json.dumps({"client_eval": mode, "nodes": nodes, **row["goals"]}), flush=True)
-            payload = {"preset": args.preset, "run_config": base, "rows": rows}
-            write_result(name, payload, args.out)  # after each row: a cut run keeps its rows
 
 
-def compare(base: dict, nodes: int, layouts: str, gpu: bool, work: Path) -> dict:
-    """Simulated, deployed (each layout) and floor runs of one run config with N nodes."""
+def compare(
+    row: dict,
+    base: dict,
+    layouts: str,
+    floors: list[str],
+    gpu: bool,
+    work: Path,
+    save: Callable[[], None],
+) -> None:
+    """Into `row`: simulated, deployed (each layout) and floor runs of one run config with
+    `row["nodes"]` nodes, then the goals; `save()` after each run."""
+    nodes = row["nodes"]
     tag = f"{base['client-eval']}-n{nodes}"
-    row: dict[str, Any] = {"nodes": nodes}
     sim = launch(Path.cwd(), {**base, "run-name": f"{tag}-sim"}, nodes, nodes, int(gpu))
     row["simulated"] = summary(sim)
+    save()
     for layout in layouts.split(","):
         ov = {**base, "run-name": f"{tag}-{layout}"}
         row[f"deployed_{layout}"] = summary(deployed(work / f"{tag}-{layout}", ov, nodes, layout))
-    for name, poll in (("floor", FLOWER_POLL), ("floor_fast_poll", None)):
+        save()
+    for name in floors:
         ov = {**base, **FLOOR_WORK, "run-name": f"{tag}-{name}"}
-        args = ("--idle-poll", poll) if poll else ()
+        args = ("--idle-poll", FLOWER_POLL) if name == "floor" else ()
         row[name] = summary(deployed(work / f"{tag}-{name}", ov, nodes, "host", *args))
+        save()
     row["goals"] = goals(row, base)
-    return row
+    save()
 
 
 def goals(row: dict, run: dict) -> dict:
     """Each goal's measured value and whether it is met."""
-    sim, floor = row["simulated"]["steady_median_s"], row["floor"]["steady_median_s"]
+    sim = row["simulated"]["steady_median_s"]
+    floor = row.get("floor", {}).get("steady_median_s")  # Flower's own
     links = int(run["num-links"])
     out: dict[str, Any] = {"simulated_s": sim, "floor_s": floor}
     for key, value in row.items():
