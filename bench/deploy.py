@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
                 write_result(name, payload, args.out)
 
             cfg = {**base, "client-eval": mode}
-            compare(row, cfg, args.layout, args.floors.split(","), gpu, work, save)
+            floors = [f for f in args.floors.split(",") if f]
+            compare(row, cfg, args.layout, floors, gpu, work, save)
             print(json.dumps({"client_eval": mode, "nodes": nodes, **row["goals"]}), flush=True)
 
 
@@ -206,7 +207,11 @@ def compare(
     save()
     for layout in layouts.split(","):
         ov = {**base, "run-name": f"{tag}-{layout}"}
-        row[f"deployed_{layout}"] = summary(deployed(work / f"{tag}-{layout}", ov, nodes, layout))
+        # one worker per node shares the CPUs as the simulation's actors do (1/N each)
+        threads = ("--threads", str(max(1, (os.cpu_count() or 1) // nodes)))
+        args = threads if layout == "node" and not gpu else ()
+        run = deployed(work / f"{tag}-{layout}", ov, nodes, layout, *args)
+        row[f"deployed_{layout}"] = summary(run)
         save()
     for name in floors:
         ov = {**base, **FLOOR_WORK, "run-name": f"{tag}-{name}"}

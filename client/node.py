@@ -68,6 +68,9 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         help="seconds an idle SuperNode waits before asking the SuperLink again "
         "(Flower's own: 3; client/supernode.py)",
     )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="the worker's torch CPU threads (0: torch's)"
+    )
     parser.add_argument("--worker-app", default=None, help=argparse.SUPPRESS)  # tests/bench
     args = parser.parse_args(argv)
     try:
@@ -105,6 +108,8 @@ class Node:
         cmd = [sys.executable, "-m", "client.worker", "--socket", str(self.socket)]
         if self.args.worker_app:
             cmd += ["--app", self.args.worker_app]
+        if self.args.threads:
+            cmd += ["--threads", str(self.args.threads)]
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()
         self.worker = start(cmd, self._append_log("worker"))

@@ -135,9 +135,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--socket", required=True, type=Path, help="where to listen")
     parser.add_argument("--app", default=TRAINER, help="module:factory of the ClientApp served")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(message)s")
     server = listen(args.socket)  # relays may connect now; they wait for the trainer
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     worker = Worker(load_app(args.app), stats if args.app == TRAINER else dict)
     log.info("ready on %s (pid %d, protocol %d)", args.socket, os.getpid(), wire.PROTOCOL)
     serve(server, worker)
