@@ -3,9 +3,13 @@ a tiny saved model and text dataset, all from simulation.tiny."""
 
 import os
 
-import pytest
+# Offline from the first import: transformers and datasets read these when imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from simulation.tiny import (
+import pytest  # noqa: E402
+
+from simulation.tiny import (  # noqa: E402
     GPT2_TARGETS,
     LLAMA_TARGETS,
     save_text_dataset,
@@ -13,10 +17,6 @@ from simulation.tiny import (
     tiny_gpt2,
     tiny_llama,
 )
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
 
 # (factory, adapter targets, an untied head module to train fully)
 MODELS = {
