@@ -51,7 +51,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=wire.NODE_COMMAND, description=__doc__.split("\n\n")[0])
     parser.add_argument("--superlink", required=True, help="the SuperLink's Fleet API host:port")
     parser.add_argument("--insecure", action="store_true", help="no TLS (tests, one machine)")
     parser.add_argument("--root-certificates", help="CA certificate of the SuperLink (TLS)")

@@ -132,7 +132,9 @@ def serve(server: socket.socket, worker: Worker) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m client.worker", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--socket", required=True, type=Path, help="where to listen")
     parser.add_argument("--app", default=TRAINER, help="module:factory of the ClientApp served")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's)")

@@ -155,6 +155,27 @@ def test_the_relay_without_a_worker_trains_in_process():
     assert reply.content["echo"]["partition-id"] == 3
 
 
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--insecure", "--partition-id", "5", "--num-partitions", "2"], "--partition-id"),
+        (["--insecure", "--partition-id", "a", "--num-partitions", "2"], "--partition-id"),
+        (["--partition-id", "0", "--num-partitions", "2"], "--insecure or --root-certificates"),
+        (
+            ["--insecure", "--partition-id", "0", "--num-partitions", "1", "--idle-poll", "0"],
+            "--idle-poll",
+        ),
+    ],
+)
+def test_the_node_command_names_a_bad_flag(argv, named, capsys):
+    from client.node import parse
+
+    with pytest.raises(SystemExit) as exit_:
+        parse(["--superlink", "127.0.0.1:9092", *argv])
+    assert exit_.value.code == 2
+    assert named in capsys.readouterr().err
+
+
 # --- real processes -----------------------------------------------------------------------
 RUN = (
     "partitioner='iid' num-links=2 rounds-per-link=2 local-steps=2 seq-len=32 "
