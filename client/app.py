@@ -11,7 +11,8 @@ library only: no torch, no transformers.
 Without `worker-socket` (the simulation, the in-process harness, a plain
 `flower-supernode`) the trainer runs in this process, as it always did: in the simulation
 the Ray actor lives across messages, so its resident model does too. A deployed node
-started without the worker says so once in its log, naming the command. With
+started without the worker says so in one log line per message (each message is a new
+process), naming the command. With
 `worker-socket` set and no worker answering, the message fails naming the command rather
 than building the model here beside a worker that may hold the device (the server logs
 the error; the node's next message tries the worker again). A worker that does not answer
