@@ -6,6 +6,7 @@ mid-round costs one reply, and a killed command leaves nothing running."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -144,6 +145,18 @@ def test_the_relay_imports_neither_torch_nor_transformers():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_relay_without_a_worker_trains_here_and_says_so(caplog):
+    from client.app import Relay
+
+    relay = Relay()
+    relay._trainer = _echo_app()  # the trainer this process would build
+    msg = _message()
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        reply = relay(msg, _context())
+    assert reply.content["echo"]["x"] == 1
+    assert wire.NODE_COMMAND in caplog.text and wire.WORKER_SOCKET in caplog.text
 
 
 def test_the_relay_without_a_worker_trains_in_process():
