@@ -120,7 +120,10 @@ def summary(run: dict) -> dict:
     walls = steady(run["rounds"])
     row: dict[str, Any] = {
         "rounds": [
-            {k: r.get(k) for k in ("round", "link", "round_in_link", "wall_time", "ended_at")}
+            {
+                k: r.get(k)
+                for k in ("round", "link", "round_in_link", "wall_time", "ended_at", "phases")
+            }
             for r in run["rounds"]
         ],
         "steady_median_s": statistics.median(walls) if walls else None,
@@ -134,6 +137,7 @@ def summary(run: dict) -> dict:
             "builds": last.get("builds"),
             "tokenized": last.get("tokenized"),
             "per_round": _per_round(lines, run["rounds"]),
+            "seconds": [x["seconds"] for x in lines],  # each message's time in the worker
         }
     return row
 
