@@ -17,7 +17,8 @@ the run config. Per round it records
   last round's also holds what the end of the run writes (metrics.json, metrics.png), so
   the bytes summary leaves it out;
 - `cache_bytes`: the clients' link cache (a directory of its own for the run, shared by
-  the clients as on one machine) when this round's training starts.
+  the clients as on one machine) when this round's training starts, its master files
+  (one base, replaced per link) left out.
 - `cpu_s`: CPU time of this process (server and clients, all threads) from the start of
   this round's training to the start of the next round's, the looks left out: the round's
   work, which other jobs on a shared machine inflate much less than its wall time.
@@ -49,6 +50,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from bench.common import figure, parser, with_sets, write_result
+from client.masters import MASTERS
 from contract import protocol as p
 from simulation.probe import TimedGrid
 
@@ -111,8 +113,12 @@ class DiskMeter:
         return written
 
 
-def tree_bytes(root: Path) -> int:
-    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.exists() else 0
+def tree_bytes(root: Path, leave_out: str | None = None) -> int:
+    """Bytes of the files under `root`, those under a folder named `leave_out` left out."""
+    if not root.exists():
+        return 0
+    files = (f for f in root.rglob("*") if f.is_file())
+    return sum(f.stat().st_size for f in files if leave_out not in f.relative_to(root).parts)
 
 
 class SoakGrid(TimedGrid):
@@ -133,7 +139,9 @@ class SoakGrid(TimedGrid):
             {
                 "before_round": global_round,
                 "written": written,
-                "cache_bytes": tree_bytes(Path(cache)) if cache else None,
+                # the link files; the host's master files (client/masters.py) hold one
+                # base each and are replaced per link, not accumulated
+                "cache_bytes": tree_bytes(Path(cache), MASTERS) if cache else None,
                 "look_s": time.perf_counter() - began,
                 "cpu_began": cpu,  # this process's CPU time when the look began and ended
                 "cpu_ended": time.process_time(),
