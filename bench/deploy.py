@@ -85,8 +85,14 @@ def deployed(root: Path, overrides: dict, nodes: int, layout: str, *node_args: s
         fed.start_superlink()
         for i, partitions in enumerate(groups):
             fed.start_node(f"owner-{i}", partitions, nodes, *node_args)
-        for i in range(len(groups)):
-            wait_for(lambda i=i: (root / f"owner-{i}.sock").exists(), 300, "the workers")
+
+        def listening() -> bool:
+            for i in range(len(groups)):
+                node = fed.procs[f"owner-{i}"]
+                assert node.poll() is None, fed.log(f"owner-{i}")[-2000:]  # it failed: say why
+            return all((root / f"owner-{i}.sock").exists() for i in range(len(groups)))
+
+        wait_for(listening, 300, "the workers")
         text = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())
         start, ended = time.time(), {}
         run_id = fed.submit(text)

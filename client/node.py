@@ -37,6 +37,7 @@ POLL_S = 0.2
 READY_TIMEOUT_S = 120.0  # the worker binds its socket before importing the trainer
 MAX_QUICK_RESTARTS = 5  # a worker dying this often within QUICK_S is broken: stop
 QUICK_S = 60.0
+MAX_SOCKET_PATH = 107  # bytes: Linux's sun_path, less its terminating NUL
 IDLE_POLL_S = 0.25  # how often an idle SuperNode asks for work (Flower: 3 s)
 SUPEREXEC_POLL = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's setting (default 1 s)
 
@@ -80,6 +81,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     bad = [p for p in args.partitions if not 0 <= p < args.num_partitions]
     if bad:
         parser.error(f"--partition-id: {bad} not in 0..{args.num_partitions - 1}")
+    if args.socket is not None and len(os.fsencode(args.socket)) > MAX_SOCKET_PATH:
+        parser.error(f"--socket: {args.socket} is longer than a Unix socket path may be")
     if not 0 < args.idle_poll <= 3:
         parser.error(f"--idle-poll: {args.idle_poll} not in (0, 3] seconds")
     if not args.insecure and not args.root_certificates:

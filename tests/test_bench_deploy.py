@@ -7,6 +7,8 @@ simulation's speed; a parser or a goal that silently misreads would hide a regre
 """
 
 import json
+import shutil
+import tempfile
 
 import pytest
 
@@ -53,9 +55,11 @@ def test_goals_use_steady_rounds_and_the_flower_floor():
 
 @pytest.mark.integration
 def test_tiny_preset_end_to_end(tmp_path):
-    deploy.main(
-        ["--preset", "tiny", "--nodes", "2", "--out", str(tmp_path), "--work", str(tmp_path)]
-    )
+    work = tempfile.mkdtemp(prefix="bd-", dir="/tmp")  # Unix socket paths must stay short
+    try:
+        deploy.main(["--preset", "tiny", "--nodes", "2", "--out", str(tmp_path), "--work", work])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     doc = json.loads((tmp_path / "deploy-tiny.json").read_text())
     (row,) = doc["rows"]
     assert {"simulated", "deployed_host", "floor", "floor_fast_poll", "goals"} <= row.keys()

@@ -178,6 +178,18 @@ def test_the_relay_without_a_worker_trains_in_process():
             ["--insecure", "--partition-id", "0", "--num-partitions", "1", "--idle-poll", "0"],
             "--idle-poll",
         ),
+        (
+            [
+                "--insecure",
+                "--partition-id",
+                "0",
+                "--num-partitions",
+                "1",
+                "--socket",
+                "/" + "s" * 120,
+            ],
+            "--socket",
+        ),
     ],
 )
 def test_the_node_command_names_a_bad_flag(argv, named, capsys):
