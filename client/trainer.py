@@ -65,7 +65,7 @@ def train_b(msg: Message, context: Context, cfg: RunConfig) -> Message:
     with _prepare(msg, context, cfg) as (task, resident, partition_id, device):
         digest = a_digest(resident)  # of the link's full-rank A's, once per link (cached)
         received_eval = None  # the model as received, before this client trains it
-        if config.get(p.EVALUATE_RECEIVED, False):
+        if context.node_id in config.get(p.EVALUATE_RECEIVED, []):
             received_eval = _evaluate(task, resident, partition_id, device, cfg)
         model = fit_rank(resident, cfg, context.node_config, partition_id)
         received = {}  # compressed uploads send trained - received; float32 sends the state

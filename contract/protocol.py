@@ -39,8 +39,9 @@ RUN_ID = "run-id"
 PROXIMAL_MU = "proximal-mu"  # FedProx puts it there itself
 LR = "lr"  # the round's client learning rate, set by the server (server/schedule.py)
 LOCAL_STEPS = "local-steps"  # informational: clients take theirs from the run config
-# Train config: evaluate the received global model on the local held-out data before
-# training, and reply with its metrics in RECEIVED_EVAL (one message a round instead of two).
+# Train config: the node ids that evaluate the received global model on their held-out
+# data before training, and reply with its metrics in RECEIVED_EVAL (client-eval
+# with-train: one message a round instead of two).
 EVALUATE_RECEIVED = "evaluate-received"
 
 # Keys of the `links` record.

@@ -20,6 +20,7 @@ round number, the round within the link (from 1).
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -86,6 +87,8 @@ class FlowerLink:
         self.local_steps = cfg.train.local_steps
         self.with_train = cfg.strategy.client_eval == "with-train"
         self.evaluates = cfg.strategy.fraction_evaluate > 0
+        self.fraction_evaluate = cfg.strategy.fraction_evaluate
+        self.seed = cfg.adapter.seed
         self.last_round = cfg.schedule[0] * cfg.schedule[1]  # the run's last global round
         self.link.summary()
 
@@ -93,10 +96,20 @@ class FlowerLink:
         """The round's train config: the lr the server's schedule gives its global round,
         and with client-eval with-train the request to evaluate the model sent first."""
         lr = self.round_lr(self.link.global_round(link_round))
-        config = ConfigRecord({p.LR: lr, p.LOCAL_STEPS: self.local_steps})
-        if self.evaluates and self.with_train:
-            config[p.EVALUATE_RECEIVED] = True
-        return config
+        return ConfigRecord({p.LR: lr, p.LOCAL_STEPS: self.local_steps})
+
+    def ask_evaluations(self, link_round: int, messages: list[Message]) -> None:
+        """client-eval with-train: a `fraction-evaluate` sample of the round's train nodes
+        (at least one; seeded by the run's seed and the global round, over the sorted node
+        ids) also evaluates the model it receives; the nodes are named in the config."""
+        if not (self.evaluates and self.with_train and messages):
+            return
+        nodes = sorted({m.metadata.dst_node_id for m in messages})
+        count = min(len(nodes), max(1, round(self.fraction_evaluate * len(nodes))))
+        seed = f"{self.seed}-evaluate-received-{self.link.global_round(link_round)}"
+        chosen = sorted(random.Random(seed).sample(nodes, count))
+        for message in messages:
+            message.content[p.CONFIG][p.EVALUATE_RECEIVED] = chosen
 
     def evaluates_apart(self, link_round: int) -> bool:
         """Whether this round sends evaluate messages after its aggregate: always with
@@ -111,7 +124,10 @@ class FlowerLink:
         record = ArrayRecord(arrays)
         log(INFO, "link %d round %d", link.ctx.chain_index, link_round)
         clock = [time.perf_counter()]
-        messages = link.configure_train(link_round, record, self.train_config(link_round), grid)
+        messages = list(
+            link.configure_train(link_round, record, self.train_config(link_round), grid)
+        )
+        self.ask_evaluations(link_round, messages)
         clock.append(time.perf_counter())
         aggregated, measured = train_exchange(grid, link, link_round, messages, self.timeout)
         record = aggregated if aggregated is not None else record

@@ -69,3 +69,22 @@ def test_with_train_sends_one_message_a_round_but_the_last(overrides, monkeypatc
 def test_no_evaluation_when_fraction_evaluate_is_zero(overrides):
     rounds = _rounds({**overrides, "rounds-per-link": 2}, "with-train")
     assert all(not r["client_eval"] and r["client_eval_model"] is None for r in rounds)
+
+
+def test_with_train_evaluates_a_fraction_evaluate_sample(overrides, monkeypatch):
+    import client.trainer as trainer
+
+    calls: list[int] = []
+    evaluate = trainer._evaluate
+
+    def counting(task, model, partition_id, device, cfg):
+        calls.append(partition_id)
+        return evaluate(task, model, partition_id, device, cfg)
+
+    monkeypatch.setattr(trainer, "_evaluate", counting)
+    ov = {**overrides, "rounds-per-link": 2, "fraction-evaluate": 0.5, "client-eval": "with-train"}
+    rounds = run_local(ov, 4, fresh_cache=True).metrics["rounds"][1:]
+    # round 1: 2 of 4 train nodes evaluate what they received; round 2 (the last): 2 train
+    # nodes evaluate what they received, then 2 evaluate messages for the final model
+    assert len(calls) == 6
+    assert [r["client_eval_model"] for r in rounds] == [0, 2]
