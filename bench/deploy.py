@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import QWEN25_05B, parser, with_sets, write_result
-from bench.gpu_sim import LLAMA2_7B, TINY_RUN, TINY_SHAPE, launch
+from bench.gpu_sim import LLAMA2_7B, TINY_RUN, TINY_SHAPE, _rounds, launch
 from simulation.federation import Federation, wait_for
 from simulation.tiny import save_random_lm, save_text_dataset
 from tasks.models import ENV_VAR, asset_candidates
@@ -98,23 +98,17 @@ def deployed(root: Path, overrides: dict, nodes: int, layout: str, *node_args: s
         run_id = fed.submit(text)
 
         def finished() -> str | None:
-            for entry in _read_rounds(run_dir):
+            for entry in _rounds(run_dir):
                 ended.setdefault(entry["round"], time.time())
             status = fed.status(run_id)
             return status if status.startswith("finished") else None
 
         status = wait_for(finished, RUN_TIMEOUT_S, "the deployed run", poll=0.5)
-    rounds = [r for r in _read_rounds(run_dir) if r.get("round", 0) > 0]
+    rounds = [r for r in _rounds(run_dir) if r.get("round", 0) > 0]
     for entry in rounds:
         entry["ended_at"] = ended.get(entry["round"])
     workers = {f"owner-{i}": worker_stats(root / f"owner-{i}") for i in range(len(groups))}
     return {"status": status, "start": start, "rounds": rounds, "workers": workers}
-
-
-def _read_rounds(run_dir: Path) -> list[dict]:
-    from bench.gpu_sim import _rounds
-
-    return _rounds(run_dir)
 
 
 def steady(rounds: list[dict]) -> list[float]:

@@ -22,7 +22,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 from types import FrameType
 
 from contract import worker_wire as wire
-from contract.processes import executable, start, stop_process_tree
+from contract.processes import executable, free_port, start, stop_process_tree
 
 log = logging.getLogger("seedlora.node")
 POLL_S = 0.2
@@ -40,12 +39,6 @@ QUICK_S = 60.0
 MAX_SOCKET_PATH = 107  # bytes: Linux's sun_path, less its terminating NUL
 IDLE_POLL_S = 0.25  # how often an idle SuperNode asks for work (Flower: 3 s)
 SUPEREXEC_POLL = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's setting (default 1 s)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:

@@ -110,8 +110,9 @@ def _partition(context: Context) -> object:
 
 
 def listen(path: Path) -> socket.socket:
-    """A Unix socket at `path` that only this user can open (a stale file is replaced)."""
-    wire.socket_dir(path.parent)
+    """A Unix socket at `path` that only this user can open (the file is 0600; a stale
+    one is replaced). A missing folder is made 0700; an existing one is left as it is."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

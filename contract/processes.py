@@ -15,6 +15,7 @@ import ctypes
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +26,13 @@ from typing import Any
 from contract.proctree import alive, descendants  # noqa: F401 - re-exported
 
 STOP_GRACE_S = 10.0
+
+
+def free_port() -> int:
+    """Ask the OS for a free port so we never clash with a managed SuperLink (39091)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def executable(name: str) -> str:

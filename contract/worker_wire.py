@@ -42,9 +42,9 @@ class WorkerError(RuntimeError):
     """The worker could not serve the message (protocol mismatch, failure, timeout)."""
 
 
-def socket_dir(root: Path | None = None) -> Path:
-    """A folder only this user can enter (0700), for worker sockets."""
-    folder = root or Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp") / f"seedlora-{os.getuid()}"
+def socket_dir() -> Path:
+    """The default folder of worker sockets, this user's own: only they can enter it (0700)."""
+    folder = Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp") / f"seedlora-{os.getuid()}"
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     folder.chmod(0o700)
     return folder

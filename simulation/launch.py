@@ -54,7 +54,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -65,7 +64,14 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from contract.processes import die_with_parent, executable, start, stop_process_tree, tail
+from contract.processes import (  # noqa: F401 - free_port re-exported
+    die_with_parent,
+    executable,
+    free_port,
+    start,
+    stop_process_tree,
+    tail,
+)
 from simulation.precheck import PrecheckError, check
 
 CONNECTION = "launch"  # name of the SuperLink connection in the private FLWR_HOME
@@ -138,13 +144,6 @@ def _executable(name: str) -> str:
         return executable(name)
     except FileNotFoundError as err:
         raise LaunchError(str(err)) from None
-
-
-def free_port() -> int:
-    """Ask the OS for a free port so we never clash with a managed SuperLink (39091)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def write_flower_config(flwr_home: Path, port: int) -> None:

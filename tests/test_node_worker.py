@@ -308,3 +308,13 @@ def _connectable(path: Path) -> bool:
         except OSError:
             return False
     return True
+
+
+def test_the_relays_timeout_key_and_default_are_the_run_configs():
+    """The relay reads round-timeout without importing the config model (pydantic) in
+    every ClientApp process: its copy of the key and default must stay the config's."""
+    from client.app import DEFAULT_TIMEOUT_S, ROUND_TIMEOUT
+    from contract.config import RunConfig
+
+    defaults = RunConfig().to_flower()
+    assert defaults[ROUND_TIMEOUT] == DEFAULT_TIMEOUT_S
