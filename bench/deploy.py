@@ -8,8 +8,9 @@ For each N in `--nodes`, with one run config (the preset's, `--set` over it):
 - `simulated`: `python -m simulation.launch --num-supernodes N` (Ray; on a GPU preset the
   N clients share the GPU, `--num-gpus 1/N`);
 - `deployed`: a `flower-superlink` and the data owners' `python -m client.node` (a node
-  worker beside its SuperNodes): `--layout host` gives one command (one worker) serving all
-  N partitions, `node` one command per partition (N workers, training concurrently);
+  workers beside its SuperNodes): `--layout partition` (the default) gives one command
+  with a worker per partition (training concurrently), `host` one command with one worker
+  serving all N partitions in turn, `node` one command per partition;
 - `floor`: the deployed processes and message pattern with the clients' work cut to one
   step of batch 1 and one evaluation example (same messages, same array sizes), on
   Flower's own SuperNode (its 3 s idle poll): what Flower's per-message process costs
@@ -62,16 +63,18 @@ RUN_TIMEOUT_S = 1800.0
 FLOWER_POLL = "3"  # the floor: Flower's own SuperNode (3 s idle poll, client/supernode.py)
 
 
-def worker_stats(log_dir: Path) -> list[dict]:
-    """Every message a node command's worker(s) served: time, partition, builds, tokenized."""
-    rows = []
+def worker_stats(log_dir: Path) -> dict[str, list[dict]]:
+    """Every message each of a node command's workers served (its log, with a restarted
+    worker's earlier logs `worker-0.<ms>.log` first): time, partition, builds, tokenized."""
+    workers: dict[str, list[dict]] = {}
     for path in sorted(log_dir.glob("worker*.log")):
+        rows = workers.setdefault(path.name.split(".")[0], [])
         for line in path.read_text(errors="replace").splitlines():
             match = re.match(r"(\S+ \S+) worker message (\{.*\})", line)
             if match:
                 stamp = time.mktime(time.strptime(match[1].split(",")[0], "%Y-%m-%d %H:%M:%S"))
                 rows.append({"at": stamp, "log": path.name, **json.loads(match[2])})
-    return rows
+    return workers
 
 
 def deployed(root: Path, overrides: dict, nodes: int, layout: str, *node_args: str) -> dict:
@@ -80,17 +83,19 @@ def deployed(root: Path, overrides: dict, nodes: int, layout: str, *node_args: s
     root.mkdir(parents=True, exist_ok=True)
     run_dir = Path(overrides["output-dir"]) / overrides["run-name"]
     ids = [str(i) for i in range(nodes)]
-    groups = [",".join(ids)] if layout == "host" else ids
+    groups = ids if layout == "node" else [",".join(ids)]
+    expected = nodes if layout != "host" else 1
     with Federation(root) as fed:
         fed.start_superlink()
         for i, partitions in enumerate(groups):
-            fed.start_node(f"owner-{i}", partitions, nodes, *node_args)
+            per = ("--workers", "host" if layout == "host" else "partition")
+            fed.start_node(f"owner-{i}", partitions, nodes, *per, *node_args)
 
         def listening() -> bool:
             for i in range(len(groups)):
                 node = fed.procs[f"owner-{i}"]
                 assert node.poll() is None, fed.log(f"owner-{i}")[-2000:]  # it failed: say why
-            return all((root / f"owner-{i}.sock").exists() for i in range(len(groups)))
+            return len(list(root.glob("owner-*.sock"))) == expected
 
         wait_for(listening, 300, "the workers")
         text = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())
@@ -107,8 +112,12 @@ def deployed(root: Path, overrides: dict, nodes: int, layout: str, *node_args: s
     rounds = [r for r in _rounds(run_dir) if r.get("round", 0) > 0]
     for entry in rounds:
         entry["ended_at"] = ended.get(entry["round"])
-    workers = {f"owner-{i}": worker_stats(root / f"owner-{i}") for i in range(len(groups))}
-    return {"status": status, "start": start, "rounds": rounds, "workers": workers}
+    stats = {
+        f"owner-{i}/{name}": lines
+        for i in range(len(groups))
+        for name, lines in worker_stats(root / f"owner-{i}").items()
+    }
+    return {"status": status, "start": start, "rounds": rounds, "workers": stats}
 
 
 def steady(rounds: list[dict]) -> list[float]:
@@ -156,7 +165,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = parser(__doc__, "deploy")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu-default")
     ap.add_argument("--nodes", default="2", help="N,... nodes (one partition each)")
-    ap.add_argument("--layout", default="host", help="host,node: one worker per machine / node")
+    ap.add_argument(
+        "--layout",
+        default="partition",
+        help="partition,host,node: one command with a worker per partition / one command "
+        "with one worker serving all in turn / one command per node",
+    )
     ap.add_argument("--client-eval", default="with-train", help="with-train,separate")
     ap.add_argument("--floors", default="floor,floor_fast_poll", help="floor (Flower's poll) ...")
     ap.add_argument("--work", type=Path, default=Path("/tmp/seedlora-bench-deploy"))
@@ -220,7 +234,7 @@ def compare(
     for name in floors:
         ov = {**base, **FLOOR_WORK, "run-name": f"{tag}-{name}"}
         args = ("--idle-poll", FLOWER_POLL) if name == "floor" else ()
-        row[name] = summary(deployed(work / f"{tag}-{name}", ov, nodes, "host", *args))
+        row[name] = summary(deployed(work / f"{tag}-{name}", ov, nodes, "partition", *args))
         save()
     row["goals"] = goals(row, base)
     save()

@@ -4,9 +4,12 @@ together.
     python -m client.node --superlink HOST:9092 --insecure --partition-id 0 --num-partitions 2
 
 starts a node worker (client/worker.py: the resident trainer) and one `flower-supernode`
-per partition id (`--partition-id 0,1` serves two partitions of one machine with one
-worker and one resident base), each told where the worker listens (node config
-`worker-socket`). It then watches them: a worker that dies is restarted (it catches up
+per partition id, each told where its worker listens (node config `worker-socket`).
+`--partition-id 0,1` serves two partitions of one machine: by default with a worker each
+(`--workers partition`: they train concurrently, each with its own resident model, and
+share the host's float32 master file), or with one worker serving them in turn
+(`--workers host`: one resident model; less memory, slower rounds: docs/deployment.md has
+both measured). It then watches them: a worker that dies is restarted (it catches up
 from the link cache like a fresh node; the message it was serving is lost, and the server
 counts that node's reply as missing for that round only); a SuperNode that exits ends the
 command. Ctrl-C or SIGTERM stops everything; every child also gets a parent-death signal,
@@ -39,6 +42,7 @@ QUICK_S = 60.0
 MAX_SOCKET_PATH = 107  # bytes: Linux's sun_path, less its terminating NUL
 IDLE_POLL_S = 0.25  # how often an idle SuperNode asks for work (Flower: 3 s)
 SUPEREXEC_POLL = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's setting (default 1 s)
+WORKER_LAYOUTS = ("partition", "host")
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -63,7 +67,17 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         "(Flower's own: 3; client/supernode.py)",
     )
     parser.add_argument(
-        "--threads", type=int, default=0, help="the worker's torch CPU threads (0: torch's)"
+        "--workers",
+        choices=WORKER_LAYOUTS,
+        default="partition",
+        help="partition: a worker per partition id, training concurrently (default); "
+        "host: one worker serving every partition in turn",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="each worker's torch CPU threads (0: the CPUs shared among the workers)",
     )
     parser.add_argument("--worker-app", default=None, help=argparse.SUPPRESS)  # tests/bench
     args = parser.parse_args(argv)
@@ -83,16 +97,37 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return args, extra
 
 
+class Worker:
+    """One node worker process: its socket, its log name and its restart record."""
+
+    def __init__(self, socket: Path, name: str):
+        self.socket, self.name = socket, name
+        self.proc: subprocess.Popen | None = None
+        self.restarts: list[float] = []
+
+
 class Node:
-    """The worker and the SuperNodes of one data owner, and what keeps them running."""
+    """The workers and the SuperNodes of one data owner, and what keeps them running."""
 
     def __init__(self, args: argparse.Namespace, extra: list[str]):
         self.args, self.extra = args, extra
-        self.socket = args.socket or wire.socket_dir() / f"worker-{os.getpid()}.sock"
         self.logs = args.log_dir
-        self.worker: subprocess.Popen | None = None
+        socket = args.socket or wire.socket_dir() / f"worker-{os.getpid()}.sock"
+        if args.workers == "host" or len(args.partitions) == 1:
+            self.workers = {p: Worker(socket, "worker") for p in args.partitions[:1]}
+            shared = self.workers[args.partitions[0]]
+            self.serves = {p: shared for p in args.partitions}
+        else:
+            self.workers = {
+                p: Worker(socket.with_name(f"{socket.stem}-{p}{socket.suffix}"), f"worker-{p}")
+                for p in args.partitions
+            }
+            self.serves = dict(self.workers)
+        cpus = os.cpu_count() or 1
+        self.threads = args.threads or (
+            max(1, cpus // len(self.workers)) if len(self.workers) > 1 else 0
+        )
         self.supernodes: list[subprocess.Popen] = []
-        self.restarts: list[float] = []
 
     def _log(self, name: str) -> Path | None:
         if self.logs is None:
@@ -100,23 +135,27 @@ class Node:
         self.logs.mkdir(parents=True, exist_ok=True)
         return self.logs / f"{name}.log"
 
-    def start_worker(self) -> None:
-        cmd = [sys.executable, "-m", "client.worker", "--socket", str(self.socket)]
+    def start_workers(self) -> None:
+        for worker in self.workers.values():
+            self.start_worker(worker)
+
+    def start_worker(self, worker: Worker) -> None:
+        cmd = [sys.executable, "-m", "client.worker", "--socket", str(worker.socket)]
         if self.args.worker_app:
             cmd += ["--app", self.args.worker_app]
-        if self.args.threads:
-            cmd += ["--threads", str(self.args.threads)]
+        if self.threads:
+            cmd += ["--threads", str(self.threads)]
         with contextlib.suppress(FileNotFoundError):
-            self.socket.unlink()
-        self.worker = start(cmd, self._append_log("worker"))
+            worker.socket.unlink()
+        worker.proc = start(cmd, self._append_log(worker.name))
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while not self.socket.exists():
-            if self.worker.poll() is not None:
-                raise SystemExit(f"the node worker exited with code {self.worker.returncode}")
+        while not worker.socket.exists():
+            if worker.proc.poll() is not None:
+                raise SystemExit(f"the node worker exited with code {worker.proc.returncode}")
             if time.monotonic() > deadline:
-                raise SystemExit(f"the node worker did not listen on {self.socket}")
+                raise SystemExit(f"the node worker did not listen on {worker.socket}")
             time.sleep(0.05)
-        log.info("node worker pid %d listens on %s", self.worker.pid, self.socket)
+        log.info("node worker pid %d listens on %s", worker.proc.pid, worker.socket)
 
     def _append_log(self, name: str) -> Path | None:
         path = self._log(name)
@@ -128,7 +167,7 @@ class Node:
         parts = [
             f"partition-id={partition}",
             f"num-partitions={self.args.num_partitions}",
-            f"{wire.WORKER_SOCKET}='{self.socket}'",  # a TOML literal string
+            f"{wire.WORKER_SOCKET}='{self.serves[partition].socket}'",  # a TOML literal string
         ]
         if self.args.cache_dir:
             parts.append(f"cache-dir='{self.args.cache_dir}'")
@@ -159,22 +198,30 @@ class Node:
                 if proc.poll() is not None:
                     log.error("supernode pid %d exited with code %d", proc.pid, proc.returncode)
                     return proc.returncode or 1
-            assert self.worker is not None
-            if self.worker.poll() is not None:
+            for worker in self.workers.values():
+                assert worker.proc is not None
+                if worker.proc.poll() is None:
+                    continue
                 now = time.monotonic()
-                self.restarts = [t for t in self.restarts if now - t < QUICK_S] + [now]
-                if len(self.restarts) > MAX_QUICK_RESTARTS:
-                    log.error("the worker died %d times in %.0f s", len(self.restarts), QUICK_S)
+                worker.restarts = [t for t in worker.restarts if now - t < QUICK_S] + [now]
+                if len(worker.restarts) > MAX_QUICK_RESTARTS:
+                    log.error(
+                        "%s died %d times in %.0f s", worker.name, len(worker.restarts), QUICK_S
+                    )
                     return 1
-                log.warning("node worker exited with code %s: restarting", self.worker.returncode)
-                self.start_worker()
+                log.warning(
+                    "%s exited with code %s: restarting", worker.name, worker.proc.returncode
+                )
+                self.start_worker(worker)
             time.sleep(POLL_S)
 
     def stop(self) -> None:
-        for proc in [*self.supernodes, *([self.worker] if self.worker else [])]:
+        workers = [w.proc for w in self.workers.values() if w.proc is not None]
+        for proc in [*self.supernodes, *workers]:
             stop_process_tree(proc)
-        with contextlib.suppress(FileNotFoundError):
-            self.socket.unlink()
+        for worker in self.workers.values():
+            with contextlib.suppress(FileNotFoundError):
+                worker.socket.unlink()
 
 
 def _raise_exit(signum: int, _frame: FrameType | None) -> None:
@@ -187,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_exit)
     node = Node(args, extra)
     try:
-        node.start_worker()
+        node.start_workers()
         node.start_supernodes()
         return node.watch()
     except KeyboardInterrupt:

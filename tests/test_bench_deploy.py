@@ -20,12 +20,21 @@ pytestmark = pytest.mark.bench
 def test_worker_lines_are_read_with_their_counters(tmp_path):
     line = {"served": 3, "type": "train", "partition": 1, "seconds": 0.5, "builds": 1}
     line["tokenized"] = {"train": 2}
-    (tmp_path / "worker.log").write_text(
+    (tmp_path / "worker-1.log").write_text(
         "2026-12-06 05:00:00,123 worker ready on /x (pid 7, protocol 1)\n"
         f"2026-12-06 05:00:01,456 worker message {json.dumps(line)}\n"
     )
-    rows = deploy.worker_stats(tmp_path)
-    assert len(rows) == 1 and rows[0]["builds"] == 1 and rows[0]["tokenized"] == {"train": 2}
+    (tmp_path / "worker-0.1765000000000.log").write_text(  # a restarted worker's first log
+        f"2026-12-06 05:00:00,001 worker message {json.dumps({**line, 'partition': 0})}\n"
+    )
+    (tmp_path / "worker-0.log").write_text(
+        f"2026-12-06 05:00:02,001 worker message {json.dumps({**line, 'partition': 0})}\n"
+    )
+    workers = deploy.worker_stats(tmp_path)
+    assert sorted(workers) == ["worker-0", "worker-1"]  # one entry per worker, not per log
+    assert [r["log"] for r in workers["worker-0"]] == ["worker-0.1765000000000.log", "worker-0.log"]
+    (row,) = workers["worker-1"]
+    assert row["builds"] == 1 and row["tokenized"] == {"train": 2}
 
 
 def _run(walls: list[float], builds: int = 2, tokenized: int = 1) -> dict:
@@ -62,8 +71,10 @@ def test_tiny_preset_end_to_end(tmp_path):
         shutil.rmtree(work, ignore_errors=True)
     doc = json.loads((tmp_path / "deploy-tiny.json").read_text())
     (row,) = doc["rows"]
-    assert {"simulated", "deployed_host", "floor", "floor_fast_poll", "goals"} <= row.keys()
-    (worker,) = row["deployed_host"]["workers"].values()
-    assert worker["builds"] == 2 and worker["tokenized"] == {"train": 2, "eval": 2}
-    assert row["goals"]["deployed_host"]["builds_met"]
-    assert all(s > 0 for s in row["deployed_host"]["steady_s"])
+    assert {"simulated", "deployed_partition", "floor", "floor_fast_poll", "goals"} <= row.keys()
+    workers = row["deployed_partition"]["workers"]
+    assert sorted(workers) == ["owner-0/worker-0", "owner-0/worker-1"]  # a worker per node
+    for worker in workers.values():  # one build a link, its own partition tokenized once
+        assert worker["builds"] == 2 and worker["tokenized"] == {"train": 1, "eval": 1}
+    assert row["goals"]["deployed_partition"]["builds_met"]
+    assert all(s > 0 for s in row["deployed_partition"]["steady_s"])

@@ -222,7 +222,7 @@ def test_deployed_node_builds_once_per_link_and_matches_the_in_process_b(
     out = tmp_path / "outputs"
     with Federation(tmp_path) as fed:
         fed.start_superlink()
-        fed.start_node("owner", "0,1", 2)
+        fed.start_node("owner", "0,1", 2, "--workers", "host")  # one worker, both nodes
         run_id = fed.submit(f"{data}{RUN} output-dir='{out}' run-name='dep'")
         status = fed.wait_finished(run_id, 600, alive=("owner",))
         assert status == "finished:completed", fed.log("superlink")[-3000:]
@@ -285,20 +285,20 @@ def test_stopping_the_node_command_stops_all_it_started(tmp_path, sig):
     with Federation(tmp_path) as fed:
         fed.start_superlink()
         node = fed.start_node("owner", "0,1", 2)
-        wait_for(lambda: _worker_pid(tmp_path / "owner"), 120, "the worker to listen")
+        wait_for(lambda: len(list(tmp_path.glob("owner*.sock"))) == 2, 120, "a worker each")
         wait_for(
             lambda: len(list((tmp_path / "owner").glob("supernode-*.log"))) == 2, 60, "supernodes"
         )
         children = descendants([node.pid])
-        assert len(children) >= 3  # the worker and two supernodes (and what they started)
+        assert len(children) >= 4  # a worker per partition, two supernodes (and their children)
         os.kill(node.pid, sig)
         code = node.wait(timeout=60)
         wait_for(lambda: not any(alive(p) for p in children), 60, "the children to exit")
-    sock = tmp_path / "owner.sock"
-    if sig == signal.SIGTERM:  # a clean stop: its exit code, and the socket removed
-        assert code == 128 + signal.SIGTERM and not sock.exists()
+    socks = [tmp_path / f"owner-{p}.sock" for p in (0, 1)]
+    if sig == signal.SIGTERM:  # a clean stop: its exit code, and the sockets removed
+        assert code == 128 + signal.SIGTERM and not any(s.exists() for s in socks)
     else:  # no clean-up ran: the parent-death signal stopped the children
-        assert not sock.exists() or not _connectable(sock)
+        assert not any(s.exists() and _connectable(s) for s in socks)
 
 
 def _connectable(path: Path) -> bool:
