@@ -4,7 +4,7 @@
 (`simulation.local.run_local`: the real ServerApp and ClientApp, as bench.quality does). In
 the attacked runs 20% of the clients (the last partitions) train honestly and then send a
 poisoned B: their update scaled x10 (`scale10`) or sign-flipped (`signflip`, factor -1).
-The attacker is `simulation.local.scaled_update`, a wrapper placed on a node by this
+The attacker is `testing.attackers.scaled_update`, a wrapper placed on a node by this
 script: no run-config key can turn it on. Each rule is compared with the clean fedavg run;
 the goal is that the robust rules stay within 5% of clean perplexity. The robust rules act
 in B-space (see strategies/registry.py); krum/multikrum are told the true number of
@@ -48,7 +48,8 @@ BASE: dict[str, Any] = {
 
 def run_point(point: Point) -> dict:
     """One run; the last `num-malicious` nodes are Byzantine unless clean."""
-    from simulation.local import make_grid, run_local, scaled_update
+    from simulation.local import make_grid, run_local
+    from testing.attackers import scaled_update
 
     grid = make_grid(point.overrides, point.nodes)
     factor = ATTACKS[point.tags["attack"]]

@@ -52,7 +52,7 @@ from flwr.serverapp import Grid
 from bench.common import figure, parser, with_sets, write_result
 from client.masters import MASTERS
 from contract import protocol as p
-from simulation.probe import TimedGrid
+from testing.probe import TimedGrid
 
 NAME = "chain_soak"
 RUN: dict[str, Any] = {

@@ -149,10 +149,10 @@ def run_child(
 
     spec: `mode` ("ray": simulation.inprocess.simulate, else simulation.local.run_local),
     `overrides` (with `run-name`), `nodes`; optional `threads` (torch threads), `num_cpus`,
-    `num_gpus`, `init_args` (Ray), `probe` (a simulation.probe log of the client calls and
+    `num_gpus`, `init_args` (Ray), `probe` (a testing.probe log of the client calls and
     grid waits). Returns `completed`, `process_wall_s` and the child's result (its wall
     clock `start`/`end`, `run_wall_s`, `torch_threads`, `metrics`) or `why` and `log_tail`."""
-    from contract.processes import run, tail
+    from runtime.processes import run, tail
 
     tag = spec["overrides"]["run-name"]
     spec_path, result = workdir / f"{tag}.spec.json", workdir / f"{tag}.result.json"
@@ -175,7 +175,7 @@ def _child(spec_path: str) -> None:
     from client.app import build_client_app
     from simulation.inprocess import simulate
     from simulation.local import run_local
-    from simulation.probe import TimedGrid, probed_client_app
+    from testing.probe import TimedGrid, probed_client_app
 
     spec = json.loads(Path(spec_path).read_text())
     if spec.get("threads"):

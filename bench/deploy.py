@@ -38,8 +38,8 @@ from typing import Any
 from bench.common import QWEN25_05B, parser, with_sets, write_result
 from bench.gpu_sim import LLAMA2_7B, TINY_RUN, TINY_SHAPE, _rounds, launch
 from simulation.federation import Federation, wait_for
-from simulation.tiny import save_random_lm, save_text_dataset
 from tasks.models import ENV_VAR, asset_candidates
+from testing.tiny import save_random_lm, save_text_dataset
 
 GPU_RUN: dict[str, Any] = {
     "partitioner": "iid",

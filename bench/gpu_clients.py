@@ -14,11 +14,11 @@ Model: a Qwen2.5-0.5B-shaped config (hidden 896, intermediate 4864, 24 layers, 1
 all of Qwen2.5-0.5B's non-embedding ones), random init, saved in bf16 as a local HF
 directory and loaded through the project's own path (`model-name` = that directory);
 `precision = bf16`; text: the running interpreter's stdlib sources, saved with
-`save_to_disk` and split IID (simulation.tiny). Every client trains `local-steps` x
+`save_to_disk` and split IID (testing.tiny). Every client trains `local-steps` x
 `batch-size` blocks of `seq-len` tokens per round; the run config is RUN below, and
 `--set KEY=VALUE` changes it (`--set rounds-per-link=4`, `--set seq-len=256`).
 
-What is recorded, per run and round (simulation.probe: a ClientApp wrapper and a timed grid):
+What is recorded, per run and round (testing.probe: a ClientApp wrapper and a timed grid):
 throughput = trained tokens of all clients / round wall time; each client's peak GPU memory
 (torch max_memory_allocated of its process during its call) and the memory it still holds
 after the call (memory_allocated: must not grow across rounds); and the round split into
@@ -124,7 +124,7 @@ def _visible_gpus() -> list[str]:
 def launch(args, spec: dict[str, Any], workdir: Path, tag: str) -> dict[str, Any]:
     """One probed run in a child process; its analysis, or why it did not finish."""
     from simulation.launch import OFFLINE_ENV, SIMULATION_ENV
-    from simulation.probe import read
+    from testing.probe import read
 
     ov = {**args.base, "model-name": str(args.model_dir), "dataset": str(args.data)}
     ov["max-train-blocks"] = ov["local-steps"] * ov["batch-size"]
@@ -290,7 +290,7 @@ def _ray_spec(n: int, g: int, gpu_ids: list[str], cpus: int) -> dict[str, Any]:
 
 def run_benchmark(args) -> dict:
     """Every run, written to `<out>/<name>.json` after each one."""
-    from simulation.tiny import save_random_lm, save_text_dataset
+    from testing.tiny import save_random_lm, save_text_dataset
 
     gpu_ids = _visible_gpus()
     if gpu_ids and max(args.gpus) > len(gpu_ids):

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import QWEN25_05B, REPO, environment, figure, parser, with_sets, write_result
-from simulation.tiny import save_random_lm, save_text_dataset
+from testing.tiny import save_random_lm, save_text_dataset
 
 LLAMA2_7B: dict[str, Any] = {
     "hidden_size": 4096,
@@ -245,9 +245,9 @@ def floor_tokens_per_s(overrides: dict, passes: int = 3) -> list[float]:
 
     from client.local import train
     from contract.config import RunConfig
+    from runtime.devices import pick_device, place
     from seedlora import prepare
     from tasks import build_task
-    from tasks.devices import pick_device, place
 
     cfg = RunConfig.from_flower(overrides)
     task = build_task(cfg.task_config(1))

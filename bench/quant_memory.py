@@ -11,7 +11,7 @@ A quantized base is made as transformers' BitsAndBytesConfig loader makes it: ea
 `nn.Linear` becomes a bitsandbytes `Linear4bit` (nf4, double quantization, bf16 compute)
 or `Linear8bitLt` (LLM.int8(), threshold 6) from its bf16 weights; embeddings, norms and
 the LM head stay bf16. (The product loads pretrained weights with `from_pretrained(...,
-quantization_config=...)`: tasks/quantized.py; a random model has no checkpoint to load.)
+quantization_config=...)`: runtime/quantized.py; a random model has no checkpoint to load.)
 
     python -m bench.quant_memory            # on a CUDA machine with bitsandbytes
 """

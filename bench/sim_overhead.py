@@ -1,6 +1,6 @@
 """What Ray simulation costs over running the same clients in one process, and how it scales.
 
-`python -m bench.sim_overhead` measures two things with a tiny GPT-2 (simulation.tiny) on a
+`python -m bench.sim_overhead` measures two things with a tiny GPT-2 (testing.tiny) on a
 small local text dataset, so the numbers are about the harness and not the model:
 
 (a) overhead: the same clients, rounds and local steps through `simulation.inprocess.simulate`
@@ -175,7 +175,7 @@ def overhead(args, workdir: Path) -> dict:
 
 def scale(args, workdir: Path) -> list[dict]:
     """Part (b): round time and peak memory for each number of virtual clients."""
-    from simulation.tiny import save_text_dataset
+    from testing.tiny import save_text_dataset
 
     rows = []
     data = save_text_dataset(workdir / "scale-text", min_rows=max(200, 4 * max(args.sizes)))
@@ -267,7 +267,7 @@ def run_benchmark(args) -> dict:
     """Both parts; writes `<name>.json` (after each part) and `<name>.png`."""
     import tempfile
 
-    from simulation.tiny import save_text_dataset, save_tiny_lm
+    from testing.tiny import save_text_dataset, save_tiny_lm
 
     options = ("clients", "sizes", "max_train_per_round", "large_rounds", "num_cpus")
     options += ("timeout_s", "threads", "scale_ray_niceness", "variants")

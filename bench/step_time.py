@@ -20,7 +20,7 @@ forward + backward + AdamW step per iteration, for these variants side by side i
   floor-graphed          the floor under the same capture, so the comparison stays fair
   <variant>-liger        the same with Liger's RMSNorm and SwiGLU kernels in the frozen
                          base, as a client with `base-kernels = "liger"` has them
-                         (tasks.kernels); CUDA only
+                         (runtime.kernels); CUDA only
 
 Every variant gets a fresh model from the same seed (so all start from the same loss), the
 same token batch and all seven projection types of a Qwen2 block as targets. Times are the
@@ -206,7 +206,7 @@ def _grad_to_embeddings(module: nn.Module, inputs: Any, output: torch.Tensor) ->
 def prepare(variant: str, model: nn.Module, shape: Shape, seed: int) -> nn.Module:
     """Freeze `model` and attach the variant's adapter; returns the module to call."""
     if variant.endswith(LIGER):
-        from tasks.kernels import use_liger
+        from runtime.kernels import use_liger
 
         return use_liger(prepare(variant.removesuffix(LIGER), model, shape, seed))
     if variant != base_variant(variant):

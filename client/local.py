@@ -44,9 +44,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from contract.config import RunConfig
+from runtime.devices import autocast
 from seedlora.capture import CapturedStep, KeptStep, kept_step
 from seedlora.grouped import group_siblings, ungroup
-from tasks.devices import autocast
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from flwr.app import Context
 
 from contract import protocol as p
 from contract.config import RunConfig
+from runtime.devices import COMPUTE_DTYPES
 from seedlora import Link
 from tasks import build_task
-from tasks.devices import COMPUTE_DTYPES
 
 from .links import BaseSource
 from .resident import ModelKey, ResidentModel, effective_chain_index

@@ -32,7 +32,7 @@ from pathlib import Path
 from types import FrameType
 
 from contract import worker_wire as wire
-from contract.processes import executable, free_port, start, stop_process_tree
+from runtime.processes import executable, free_port, start, stop_process_tree
 
 log = logging.getLogger("seedlora.node")
 POLL_S = 0.2

@@ -6,7 +6,7 @@ ClientApp process) keeps one model resident: the float32 CPU master (client.link
 mapped from the host's master file, one copy for all processes of the host) shared, not
 copied (`seedlora.sharing.shared_copy`), adapted (`seedlora.prepare`), given gradient
 checkpointing if the run asks, and placed on the device in the run's precision
-(`tasks.devices.place`: the frozen base is the cast of the float32 rebuilt base, exactly as
+(`runtime.devices.place`: the frozen base is the cast of the float32 rebuilt base, exactly as
 a fresh build). Frozen weights that stay on the CPU (fp32 on the CPU) are the mapped pages
 themselves: nothing writes to them, since training steps only trainable parameters, which
 get storage of their own (`own_trainable`), and a client that changes frozen weights
@@ -47,13 +47,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from runtime.devices import place
+from runtime.kernels import use_liger
 from seedlora import CHAINED, Link, adapter_layers, apply_link, prepare, unwrap
 from seedlora.capture import forget
 from seedlora.injection import keep_links_aside
 from seedlora.sharing import own_trainable, shared_copy
 from tasks import TaskConfig
-from tasks.devices import place
-from tasks.kernels import use_liger
 
 from .links import BaseCache, BaseSource, checked_links
 
@@ -78,7 +78,7 @@ class ModelKey:
     device: str
     checkpointing: bool
     quantization: str = "none"  # 8bit/4bit: a quantized W0, links as side paths
-    kernels: str = "torch"  # the frozen base's RMSNorm/MLP kernels (tasks.kernels)
+    kernels: str = "torch"  # the frozen base's RMSNorm/MLP kernels (runtime.kernels)
 
     @property
     def aside(self) -> bool:

@@ -18,9 +18,9 @@ from flwr.compat.common import recorddict_compat as compat
 
 from contract import protocol as p
 from contract.config import RunConfig
+from runtime.devices import check_device, pick_device
 from seedlora import links_digest, load_trainable_state
 from seedlora.serialize import links_from_bytes
-from tasks.devices import check_device, pick_device
 
 from .local import cpu_state, release, train_partition
 from .model import link_model, node_task

@@ -21,8 +21,8 @@ from flwr.clientapp import ClientApp
 
 from contract import protocol as p
 from contract.config import RunConfig
+from runtime.devices import autocast, check_device, pick_device
 from seedlora import a_digest, load_trainable_state
-from tasks.devices import autocast, check_device, pick_device
 
 from .links import LinkCache, default_cache_dir
 from .local import as_floats, cpu_state, release, train_partition

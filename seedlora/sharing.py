@@ -2,7 +2,7 @@
 
 A process keeps one float32 master of the base (a client's mapped master file, the
 server's model) and builds what it needs from it without a second float32 copy: the
-device model (`tasks.devices.place` swaps each frozen tensor for its cast one at a time),
+device model (`runtime.devices.place` swaps each frozen tensor for its cast one at a time),
 an evaluation replica, an export. What makes that safe is that nothing writes into a
 shared frozen tensor: trainable parameters get storage of their own (`own_trainable`),
 and whatever must change a frozen weight (a merge, a head copied in) first gives that

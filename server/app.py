@@ -19,8 +19,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from contract.config import RunConfig, RunConfigError
 from contract.preflight import check_nodes, check_run
+from runtime import watchdog
 
-from . import rundir, watchdog
+from . import rundir
 from .chain_server import ChainServer, run_chain
 from .outcome import RunFailed
 from .rounds import FlowerRounds
@@ -33,7 +34,7 @@ def build_server_app(
 ) -> ServerApp:
     """A ServerApp; `overrides` (dash keys) win over the run config, for in-process use
     (`flwr.simulation.run_simulation` passes no run config of its own). `wrap_grid` lets a
-    benchmark time the grid (simulation.probe.TimedGrid)."""
+    benchmark time the grid (testing.probe.TimedGrid)."""
     server_app = ServerApp()
 
     @server_app.main()

@@ -32,6 +32,7 @@ from flwr.common.logger import log
 
 from contract import protocol as p
 from contract.config import RunConfig, RunConfigError
+from runtime.devices import autocast, check_device, pick_device, place
 from seedlora import (
     apply_link,
     atomic_dir,
@@ -54,7 +55,6 @@ from strategies.privacy import PrivacyLedger
 from strategies.registry import EXACT_IN_WEIGHT_SPACE
 from tasks import build_task, portable_name
 from tasks.corpus import SPLIT_SEED
-from tasks.devices import autocast, check_device, pick_device, place
 from tasks.partitioning import cap, held_out_half, stratified_cap
 
 from . import checkpoint, report, tracking

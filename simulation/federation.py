@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from contract.processes import descendants, executable, start, stop_process_tree
+from runtime.processes import descendants, executable, start, stop_process_tree
 from simulation.launch import (
     CONNECTION,
     OFFLINE_ENV,

@@ -1,5 +1,5 @@
 """A Flower Grid that hands every call to another one: the base of the grids that add to it
-(simulation.inprocess.StoppableGrid, simulation.probe.TimedGrid). Its `send_and_receive`
+(simulation.inprocess.StoppableGrid, testing.probe.TimedGrid). Its `send_and_receive`
 is a push and pulls through this grid's own `push_messages` / `pull_messages`
 (strategies/exchange.py), so what a subclass adds to those two sees every message."""
 

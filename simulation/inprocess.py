@@ -134,7 +134,7 @@ def simulate(
     """Run one configuration; returns its metrics.json (needs `output-dir` and `run-name`).
 
     The apps default to this project's, built with `overrides`; a benchmark may pass
-    wrapped ones, or have the server's grid wrapped (simulation.probe). A run that fails
+    wrapped ones, or have the server's grid wrapped (testing.probe). A run that fails
     raises: `SimulationFailed` (Ray, the engine), `server.outcome.RunFailed` (no update
     accepted), `RunConfigError` (a bad value)."""
     from flwr.simulation import run_simulation

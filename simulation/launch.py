@@ -31,7 +31,7 @@ folder; a problem is one line naming the key, exit code 2, in seconds.
 
 Its children die with it, also when it is SIGKILLed with no chance to clean up: each gets
 a parent-death signal, and the ServerApp (two levels below, with Ray below it) watches
-the launcher's pid (`SEEDLORA_WATCH_PID`, server/watchdog.py) and ends its process tree
+the launcher's pid (`SEEDLORA_WATCH_PID`, runtime/watchdog.py) and ends its process tree
 when the launcher is gone.
 
 Exit code: 0 run completed; 1 run failed (its last line says why: `[launch] run failed:
@@ -64,7 +64,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from contract.processes import (  # noqa: F401 - free_port re-exported
+from runtime.processes import (  # noqa: F401 - free_port re-exported
     die_with_parent,
     executable,
     free_port,

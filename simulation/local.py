@@ -3,8 +3,9 @@
 It runs the real ServerApp and ClientApp code; only the transport is replaced, so a run costs
 its training and not a Ray start-up (fast app tests; benchmarks that compare methods).
 `run_local(overrides, num_nodes)` is one whole run; a caller may swap a node's app first
-(`grid.apps[node] = ...`: a faulty client, or the Byzantine `scaled_update`). `_serve` is
-the one place outside server/ (and tests) that drives the server's run loop.
+(`grid.apps[node] = ...`: a faulty client, or the Byzantine
+`testing.attackers.scaled_update`). `_serve` is the one place outside server/ (and tests)
+that drives the server's run loop.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
@@ -121,26 +122,6 @@ class CopyingGrid(LocalGrid):
         return super().push_messages([copy.deepcopy(m) for m in messages])
 
 
-def scaled_update(honest: ClientApp, factor: float):
-    """A Byzantine client for tests and benchmarks only (no run-config key reaches it):
-    it trains honestly, then sends `sent + factor * (trained - sent)`. factor 10 is the
-    scaled attack, -1 the sign-flipped one."""
-    from contract import protocol as p
-
-    def app(msg: Message, context: Context) -> Message:
-        reply = honest(msg, context)
-        if reply.has_error() or not msg.metadata.message_type.startswith("train"):
-            return reply
-        sent = msg.content[p.ARRAYS].to_torch_state_dict()
-        got = reply.content[p.ARRAYS].to_torch_state_dict()
-        reply.content[p.ARRAYS] = ArrayRecord(
-            {k: sent[k] + factor * (got[k] - sent[k]) for k in got}
-        )
-        return reply
-
-    return app
-
-
 def _secure(overrides: Mapping[str, Any]) -> bool:
     return str(overrides.get("secure-aggregation", False)).lower() == "true"
 
@@ -197,7 +178,7 @@ def run_local(
     """One run of the app in this process: `overrides` (dash keys) over the run config.
 
     `grid` defaults to `make_grid(overrides, num_nodes, client_app)`; `wrap_grid` wraps it
-    for the server (simulation.probe.TimedGrid). The run writes to `out_dir`, else to
+    for the server (testing.probe.TimedGrid). The run writes to `out_dir`, else to
     `output-dir/run-name` when `run-name` is set, else to a temporary directory.
     `fresh_cache` gives the clients a link cache of their own for this run."""
     from contract.config import RunConfig

@@ -21,7 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from contract.processes import alive, descendants, stop_pids
+from runtime.processes import alive, descendants, stop_pids
 
 SCRIPT = "flower-superlink"
 

@@ -16,6 +16,7 @@ from tasks.models import (
     load_tokenizer,
     model_skeleton,
     model_type_of,
+    resolve_model_path,
     target_modules_for,
     weights_fingerprint,
 )
@@ -204,12 +205,12 @@ class Task(ABC):
         skip: Sequence[str] = (),
     ) -> torch.nn.Module:
         """The pretrained base with bitsandbytes 8bit/4bit Linear layers, on the GPU `device`
-        (tasks/quantized.py); `dtype` for the layers left unquantized, `skip` the trained
+        (runtime/quantized.py); `dtype` for the layers left unquantized, `skip` the trained
         heads. Raises a ValueError naming `quantization` without CUDA or bitsandbytes."""
-        from tasks.quantized import load_quantized
+        from runtime.quantized import load_quantized
 
         return load_quantized(
-            self.config.model_name,
+            resolve_model_path(self.config.model_name),
             self.model_kind,
             quantization,
             device,
@@ -217,6 +218,7 @@ class Task(ABC):
             num_labels=self.num_labels,
             seed=self.config.seed,
             skip=skip,
+            pad_token_id=load_tokenizer(self.config.model_name).pad_token_id,
         )
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:

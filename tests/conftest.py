@@ -1,5 +1,5 @@
 """Tiny in-process models (a GPT-2 with Conv1D layers, a Llama with nn.Linear layers) and
-a tiny saved model and text dataset, all from simulation.tiny."""
+a tiny saved model and text dataset, all from testing.tiny."""
 
 import os
 
@@ -9,7 +9,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-from simulation.tiny import (  # noqa: E402
+from testing.tiny import (  # noqa: E402
     GPT2_TARGETS,
     LLAMA_TARGETS,
     save_text_dataset,

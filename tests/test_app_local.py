@@ -13,7 +13,8 @@ from contract.config import STRATEGIES, RunConfig
 from seedlora import ASpec, adapter_layers, relative_error
 from server.chain_server import ChainServer, run_chain
 from server.rounds import FlowerRounds
-from simulation.local import RUN_ID, LocalGrid, scaled_update
+from simulation.local import RUN_ID, LocalGrid
+from testing.attackers import scaled_update
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 
 from bench import chain_soak, quality, sim_overhead
 from bench.common import run_child
-from simulation.tiny import save_text_dataset
+from testing.tiny import save_text_dataset
 
 SMALL = ["--set", "rounds-per-link=2", "--set", "local-steps=1", "--name", "s"]
 

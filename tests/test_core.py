@@ -31,7 +31,7 @@ from seedlora import (
 from seedlora.core import b_spec, lift
 from seedlora.spec import ASpec
 from server.report import adapter_summary
-from simulation.tiny import GPT2_TARGETS, tiny_gpt2
+from testing.tiny import GPT2_TARGETS, tiny_gpt2
 from tests import test_app_local as app_tests
 from tests.test_app_local import run, weighted_replies
 

@@ -19,8 +19,8 @@ from transformers.utils import logging as hf_logging
 
 from seedlora import adapter_layers, export_peft, inject, record_link, relative_error
 from simulation.local import run_local
-from simulation.tiny import GPT2_TARGETS, tiny_gpt2
 from tasks import load_causal_lm, portable_name, resolve_model_path
+from testing.tiny import GPT2_TARGETS, tiny_gpt2
 from tests import test_app_local as app_tests
 
 overrides = app_tests.overrides  # the in-process app fixture (tiny LM, tiny dataset)

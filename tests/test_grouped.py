@@ -9,7 +9,7 @@ import torch
 from seedlora import KINDS, inject
 from seedlora.grouped import group_siblings, ungroup
 from seedlora.injection import adapter_layers
-from simulation.tiny import LLAMA_TARGETS, tiny_llama
+from testing.tiny import LLAMA_TARGETS, tiny_llama
 
 
 def adapted(kind: str, chain_index: int, rank: int = 4):

@@ -1,8 +1,10 @@
 """The layers of DESIGN.md section 5: each imports only layers below it, with no cycles.
 
 Every import counts, including those inside functions (a lazy import is still a
-dependency). Lowest first: the adapter core, tasks, the contract both apps share,
-strategies, then the two apps (which never import each other), then simulation, bench.
+dependency). Lowest first: the adapter core, the runtime (devices, kernels, process
+trees), tasks, the contract both apps share, strategies, then the two apps (which never
+import each other), then simulation; `testing` (tiny models, probes, attackers) and bench
+sit on top, and no production package imports them.
 """
 
 from __future__ import annotations
@@ -13,14 +15,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
     "seedlora": 0,
-    "tasks": 1,
-    "contract": 2,
-    "strategies": 3,
-    "client": 4,
-    "server": 4,
-    "simulation": 5,
-    "bench": 6,
+    "runtime": 1,
+    "tasks": 2,
+    "contract": 3,
+    "strategies": 4,
+    "client": 5,
+    "server": 5,
+    "simulation": 6,
+    "testing": 7,
+    "bench": 8,
 }
+PRODUCTION = (
+    "seedlora",
+    "runtime",
+    "tasks",
+    "contract",
+    "strategies",
+    "client",
+    "server",
+    "simulation",
+)
 
 
 def _module(path: Path) -> str:
@@ -74,6 +88,17 @@ def test_nothing_imports_tests():
         if any(m == "tests" or m.startswith("tests.") for m in _imports(f))
     ]
     assert not offenders
+
+
+def test_production_never_imports_testing():
+    offenders = [
+        f"{module} -> {target}"
+        for module, targets in graph().items()
+        if module.split(".")[0] in PRODUCTION
+        for target in targets
+        if target.split(".")[0] in ("testing", "bench")
+    ]
+    assert not offenders, offenders
 
 
 def test_no_import_cycles():

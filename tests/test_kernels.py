@@ -1,7 +1,7 @@
 """`base-kernels = "liger"`: Liger's instance patches on the frozen base, nothing global.
 
 On the CPU a stand-in for liger-kernel's table of patch functions checks what
-`tasks.kernels.use_liger` asks of it (norms and MLP on, RoPE and the fused loss off) and
+`runtime.kernels.use_liger` asks of it (norms and MLP on, RoPE and the fused loss off) and
 that it undoes the module-level swaps; on a CUDA machine with liger-kernel the real
 kernels must give the torch model's loss and gradients.
 """
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from contract.config import RunConfig, RunConfigError
-from simulation.tiny import tiny_gpt2, tiny_llama
-from tasks.kernels import use_liger
+from runtime.kernels import use_liger
+from testing.tiny import tiny_gpt2, tiny_llama
 
 TABLE = "liger_kernel.transformers.monkey_patch"
 

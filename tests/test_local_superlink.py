@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from contract.processes import alive, descendants
+from runtime.processes import alive, descendants
 from simulation.launch import free_port
 from simulation.local_superlink import managed_pids
 

@@ -7,7 +7,7 @@ import torch
 from client import local
 from contract.config import RunConfig
 from seedlora import capture, load_trainable_state, prepare, trainable_state
-from simulation.tiny import LLAMA_TARGETS, tiny_llama
+from testing.tiny import LLAMA_TARGETS, tiny_llama
 
 SEQ = 16
 

@@ -26,7 +26,7 @@ from client.resident import ResidentModel
 from seedlora import links_digest, rebuild
 from seedlora.grouped import group_siblings
 from seedlora.mapped import fill, stored_tensors, write_merged
-from simulation.tiny import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
+from testing.tiny import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
 from tests import master_child as child
 from tests.test_resident import _KEY, chain_links
 

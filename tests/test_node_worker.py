@@ -23,7 +23,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.worker import Worker, listen
 from contract import worker_wire as wire
-from contract.processes import alive, descendants
+from runtime.processes import alive, descendants
 from seedlora.serialize import state_from_bytes
 from simulation.local import run_local
 from tests.node_apps import HOLD

@@ -13,12 +13,12 @@ import torch
 from client.app import build_client_app
 from contract import protocol as p
 from contract.config import RunConfig, RunConfigError
+from runtime.devices import place
 from seedlora import adapter_layers, prepare
 from server.chain_server import ChainServer, run_chain
 from server.rounds import FlowerRounds
 from simulation.local import RUN_ID, LocalGrid
-from simulation.tiny import LLAMA_TARGETS, tiny_llama
-from tasks.devices import place
+from testing.tiny import LLAMA_TARGETS, tiny_llama
 
 CPU = torch.device("cpu")
 

@@ -1,5 +1,5 @@
 """Quantized frozen bases on a GPU (bitsandbytes 8bit / 4bit nf4): a tiny Llama saved here,
-loaded through the product path (tasks.quantized.load_quantized, transformers'
+loaded through the product path (runtime.quantized.load_quantized, transformers'
 BitsAndBytesConfig), adapted B-only, with merged links beside the base."""
 
 import pytest
@@ -31,9 +31,11 @@ def llama_dir(tmp_path_factory):
 
 def _load(path: str, quantization: str):
     pytest.importorskip("bitsandbytes")
-    from tasks.quantized import load_quantized
+    from runtime.quantized import load_quantized
 
-    return load_quantized(path, "causal", quantization, torch.device("cuda"), torch.bfloat16)
+    return load_quantized(
+        path, "causal", quantization, torch.device("cuda"), torch.bfloat16, pad_token_id=0
+    )
 
 
 def _bytes(model) -> int:

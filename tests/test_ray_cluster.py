@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from contract.processes import stop_process_tree, wait_gone
+from runtime.processes import stop_process_tree, wait_gone
 from simulation.launch import OFFLINE_ENV, free_port
-from simulation.probe import CLIENT, GRID, read
+from testing.probe import CLIENT, GRID, read
 
 REPO = Path(__file__).resolve().parents[1]
 # Ray replaces 127.0.0.1 by the machine's address unless told this is a one-machine
@@ -141,7 +141,7 @@ from pathlib import Path
 from client.app import build_client_app
 from server.app import build_server_app
 from simulation.inprocess import simulate
-from simulation.probe import TimedGrid, probed_client_app
+from testing.probe import TimedGrid, probed_client_app
 
 spec = json.loads(Path(sys.argv[1]).read_text())
 ov, log = spec["overrides"], spec["log"]

@@ -9,7 +9,7 @@ from contract.config import UploadConfig
 from seedlora import inject, trainable_state
 from server.report import adapter_summary, compact_names, round_line
 from simulation.local import run_local
-from simulation.tiny import GPT2_TARGETS, tiny_gpt2
+from testing.tiny import GPT2_TARGETS, tiny_gpt2
 from tests import test_app_local as app_tests
 
 overrides = app_tests.overrides  # the in-process app fixture (tiny LM, tiny dataset)

@@ -34,8 +34,8 @@ from seedlora.chain import EMPTY_DIGEST
 from seedlora.roles import trained_factor
 from seedlora.sharing import shared_copy
 from simulation.local import make_grid, run_local
-from simulation.tiny import GPT2_TARGETS, tiny_gpt2
 from tasks import TaskConfig
+from testing.tiny import GPT2_TARGETS, tiny_gpt2
 from tests import test_app_local as app_tests
 
 overrides = app_tests.overrides  # the in-process app fixture (tiny GPT-2, tiny dataset)

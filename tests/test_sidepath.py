@@ -222,7 +222,7 @@ def test_quantization_config_errors_name_the_key():
 
 
 def test_loading_a_quantized_base_without_cuda_names_the_key():
-    from tasks.quantized import check_quantization
+    from runtime.quantized import check_quantization
 
     with pytest.raises(ValueError, match="quantization '4bit'.*CUDA"):
         check_quantization("4bit", torch.device("cpu"))

@@ -92,7 +92,7 @@ def test_launcher_sigkill_leaves_no_process_and_no_second_writer(
     """SIGKILL the launcher's process group mid-run (an OOM kill, a closed terminal): the
     SuperLink, the simulation, Ray and its actors all end, and the run folder is free."""
     from contract.config import RunConfig
-    from contract.processes import descendants, wait_gone
+    from runtime.processes import descendants, wait_gone
     from server import rundir
     from tests.processes import wait_for
 

@@ -85,7 +85,7 @@ def test_forward_merge_and_rebuild_agree(arch, kind):
 
 
 def test_export_peft_of_swapped_links(tmp_path):
-    from simulation.tiny import GPT2_TARGETS, tiny_gpt2
+    from testing.tiny import GPT2_TARGETS, tiny_gpt2
 
     model = tiny_gpt2()
     inject(model, GPT2_TARGETS, kind="gaussian", seed=2, rank=4, alpha=8.0, frozen="B")

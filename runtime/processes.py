@@ -5,7 +5,7 @@ SuperNodes) and the benchmarks (one run per child process). A child starts in it
 session, so a Ctrl-C reaches only this process, which then stops the children in order.
 On Linux a child also gets a parent-death signal (SIGKILL): it dies with this process
 even when this process is SIGKILLed and no clean-up runs. That covers the children only;
-their own children (Ray under the SuperLink) need a watchdog (server/watchdog.py).
+their own children (Ray under the SuperLink) need a watchdog (runtime/watchdog.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from contract.proctree import alive, descendants  # noqa: F401 - re-exported
+from runtime.proctree import alive, descendants  # noqa: F401 - re-exported
 
 STOP_GRACE_S = 10.0
 

@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 
-from contract.proctree import alive, descendants
+from runtime.proctree import alive, descendants
 
 ENV = "SEEDLORA_WATCH_PID"
 REMOVE_ENV = "SEEDLORA_WATCH_REMOVE"  # a folder to delete once the watched pid is gone

@@ -15,8 +15,6 @@ import importlib.util
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from tasks.models import load_tokenizer, resolve_model_path
-
 if TYPE_CHECKING:
     import torch
 
@@ -63,7 +61,7 @@ def bnb_config(quantization: str, skip: Sequence[str] = ()):
 
 
 def load_quantized(
-    name: str,
+    path: str,
     kind: str,
     quantization: str,
     device: torch.device,
@@ -72,16 +70,18 @@ def load_quantized(
     num_labels: int = 0,
     seed: int = 0,
     skip: Sequence[str] = (),
+    pad_token_id: int | None = None,
 ) -> torch.nn.Module:
-    """The pretrained model `name` with quantized Linear layers, on `device`, eval mode.
+    """The pretrained model at `path` with quantized Linear layers, on `device`, eval mode.
 
     Args:
-        name: `model-name` (embedded, a hub id or a local folder).
+        path: a local folder or hub id, already resolved (tasks.models.resolve_model_path).
         kind: "causal" or "seq-cls" (a new head of `num_labels`, seeded by `seed`).
         quantization: "8bit" or "4bit".
         device: a CUDA device (`check_quantization`).
         dtype: the dtype of the layers that stay unquantized.
         skip: more module names to leave unquantized (the run's trained heads).
+        pad_token_id: the tokenizer's, for a config that names none.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -92,7 +92,6 @@ def load_quantized(
         "device_map": {"": device},
         "dtype": dtype,
     }
-    path = resolve_model_path(name)
     with torch.random.fork_rng(devices=[device]):  # a new head, as in tasks.models
         torch.manual_seed(seed)
         if kind == "causal":
@@ -102,7 +101,7 @@ def load_quantized(
                 path, num_labels=num_labels, ignore_mismatched_sizes=True, **kwargs
             )
     if model.config.pad_token_id is None:
-        model.config.pad_token_id = load_tokenizer(name).pad_token_id
+        model.config.pad_token_id = pad_token_id
     if kind == "causal" and getattr(model, "loss_type", None) is None:
         model.loss_type = "ForCausalLM"
     return model.eval()

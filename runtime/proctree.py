@@ -1,5 +1,5 @@
-"""The process tree below a pid, from /proc: what the process runner (contract/processes.py)
-and the ServerApp's launcher watchdog (server/watchdog.py) both need to stop a run.
+"""The process tree below a pid, from /proc: what the process runner (runtime/processes.py)
+and the ServerApp's launcher watchdog (runtime/watchdog.py) both need to stop a run.
 
 It lives here, below both, because server/ and simulation/ must not share code any other
 way (tests/test_import_graph.py); the watchdog's env keys are the other half of that
