@@ -151,7 +151,7 @@ class SoakGrid(TimedGrid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
         if messages and messages[0].metadata.message_type.startswith("train"):
-            self.look(int(messages[0].content[p.CONFIG][p.SERVER_ROUND]))
+            self.look(int(messages[0].content[p.CONFIG][p.GLOBAL_ROUND]))
         return super().push_messages(messages)
 
 

@@ -222,7 +222,7 @@ def train_partition(
     model: torch.nn.Module,
     task,
     partition_id: int,
-    server_round: int,
+    global_round: int,
     cfg: RunConfig,
     device: torch.device,
     proximal_mu: float = 0.0,
@@ -230,10 +230,10 @@ def train_partition(
 ) -> TrainResult:
     """One round of `train` on this node's partition, with the round's data seed and lr.
 
-    The seed depends on (run seed, round, partition) only, so a node that restarts, or the
+    The seed depends on (run seed, global round, partition) only, so a node that restarts, or the
     SecAgg+ path, replays the same batches as the plain path would.
     """
-    data_seed = cfg.adapter.seed * 1_000_003 + server_round * 1009 + partition_id
+    data_seed = cfg.adapter.seed * 1_000_003 + global_round * 1009 + partition_id
     dataset = task.train_dataset(partition_id)
     return train(
         model, task, dataset, cfg, device, data_seed=data_seed, proximal_mu=proximal_mu, lr=lr

@@ -23,7 +23,7 @@ from seedlora import links_digest, load_trainable_state
 from seedlora.serialize import links_from_bytes
 
 from .local import cpu_state, release, train_partition
-from .model import link_model, node_task
+from .model import link_model, link_spec, node_task
 
 
 def secure_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
@@ -32,20 +32,22 @@ def secure_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     config = fitins.config
     task, partition_id = node_task(context, cfg)
 
+    spec, digest = link_spec(config), str(config[p.LINKS_DIGEST])
+
     def links() -> list:
         _, sent = links_from_bytes(bytes(config[p.SECURE_LINKS]))
-        if links_digest(sent) != config[p.LINKS_DIGEST]:
+        if links_digest(sent) != digest:
             raise ValueError("secure round: the sent links do not hash to the links digest")
         return sent
 
     device = check_device(pick_device(cfg.train.device))
-    with link_model(cfg, task, config, links, device) as model:
+    with link_model(cfg, task, spec, digest, links, device) as model:
         names = [n for n, q in model.named_parameters() if q.requires_grad]
         arrays = parameters_to_ndarrays(fitins.parameters)
         load_trainable_state(model, dict(zip(names, arrays, strict=True)))
-        server_round = int(config[p.SERVER_ROUND])
+        global_round = int(config[p.GLOBAL_ROUND])
         lr = float(config.get(p.LR, cfg.train.lr))
-        result = train_partition(model, task, partition_id, server_round, cfg, device, lr=lr)
+        result = train_partition(model, task, partition_id, global_round, cfg, device, lr=lr)
         state = [v.numpy().copy() for v in cpu_state(model).values()]  # owned, not aliased
     release(device)
     fitres = FitRes(

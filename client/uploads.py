@@ -1,6 +1,6 @@
 """What a client trains and uploads beyond the plain full-rank float32 B.
 
-Heterogeneous ranks: a node trains `RunConfig.client_rank(...)` columns of B (its node
+Heterogeneous ranks: a node trains `UploadConfig.client_rank(...)` columns of the link's B (its node
 config `max-rank` caps it) and uploads n_out * r_i numbers; the server pads them back.
 
 Compressed uploads: the update (trained minus received state) goes out in
@@ -36,23 +36,29 @@ from .resident import private_copy
 State = dict[str, torch.Tensor]
 
 
-def node_rank(cfg: RunConfig, node_config: Mapping[str, Any], partition_id: int) -> int:
-    """This node's training rank (the run's rank unless client-ranks says otherwise)."""
+def node_rank(
+    rank: int, cfg: RunConfig, node_config: Mapping[str, Any], partition_id: int
+) -> int:
+    """This node's training rank: the link's `rank` unless client-ranks (or the node's
+    max-rank) says less."""
     cap = node_config.get(NODE_MAX_RANK)
     try:
         cap = None if cap is None else int(cap)
     except (TypeError, ValueError):
         raise RunConfigError(f"node config {NODE_MAX_RANK}: not an integer: {cap!r}") from None
-    return cfg.client_rank(partition_id, cap)
+    return cfg.upload.client_rank(rank, partition_id, cap)
 
 
-def fit_rank(model: nn.Module, cfg: RunConfig, node_config, partition_id: int) -> nn.Module:
-    """The model this node trains: `model` at the run's rank, else a private copy of it
+def fit_rank(
+    model: nn.Module, rank: int, cfg: RunConfig, node_config, partition_id: int
+) -> nn.Module:
+    """The model this node trains: `model` at the link's `rank`, else a private copy of it
     (client.resident.private_copy: the resident model is shared by the clients of a
     process) with its adapters shrunk to this node's rank. Load the global state first:
     shrinking folds the global B's columns beyond the node's rank into the copy's base."""
-    rank = node_rank(cfg, node_config, partition_id)
-    if rank >= cfg.adapter.rank:
+    link_rank = rank
+    rank = node_rank(link_rank, cfg, node_config, partition_id)
+    if rank >= link_rank:
         return model
     model = private_copy(model)
     shrink(model, rank)
@@ -65,7 +71,7 @@ class ResidualStore:
     def __init__(self, root: str | os.PathLike, run_id: int, node_id: int):
         self.path = Path(root) / "residuals" / f"{run_id}-{node_id}.safetensors"
 
-    def load(self, chain_index: int, links_digest: str, server_round: int) -> State | None:
+    def load(self, chain_index: int, links_digest: str, global_round: int) -> State | None:
         """The residual left by an earlier round of the same link, else None (reset)."""
         if not self.path.exists():
             return None
@@ -74,10 +80,10 @@ class ResidualStore:
         except CorruptFileError:
             return None
         same_link = meta.get("chain-index") == chain_index and meta.get("links") == links_digest
-        return tensors if same_link and meta.get("round", server_round) < server_round else None
+        return tensors if same_link and meta.get("round", global_round) < global_round else None
 
-    def save(self, residual: State, chain_index: int, links_digest: str, server_round: int):
-        meta = {"chain-index": chain_index, "links": links_digest, "round": server_round}
+    def save(self, residual: State, chain_index: int, links_digest: str, global_round: int):
+        meta = {"chain-index": chain_index, "links": links_digest, "round": global_round}
         atomic_write_bytes(self.path, state_to_bytes(residual, meta))
 
 
@@ -96,7 +102,7 @@ def pack(
 ) -> State:
     """The arrays to upload: the trained state (float32), or its compressed update.
 
-    `link` is (chain index, links digest, server round): where the residual belongs.
+    `link` is (chain index, links digest, global round): where the residual belongs.
     """
     if cfg.upload.upload_codec == "float32":
         return trained

@@ -422,10 +422,6 @@ class RunConfig(BaseModel):
             update={"num_partitions": num_partitions, "seed": self.adapter.seed}
         )
 
-    def client_rank(self, partition_id: int, node_max_rank: int | None = None) -> int:
-        """The rank this client trains (see UploadConfig.client_rank)."""
-        return self.upload.client_rank(self.adapter.rank, partition_id, node_max_rank)
-
     @property
     def num_rounds(self) -> int:
         return self.chain.num_links * self.chain.rounds_per_link

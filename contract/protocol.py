@@ -1,9 +1,10 @@
 """The wire contract between the ServerApp and the ClientApp (DESIGN.md section 4).
 
-Server -> client: `arrays` (global B + heads), `config` (round, chain link, A-spec
-fields, training keys, links digest), `links` (the merged links the node lacks).
+Server -> client: `arrays` (global B + heads), `config` (the link spec, whole; the global
+round, its lr and training keys; the links digest), `links` (the merged links the node
+lacks).
 Client -> server: `arrays` (trained B + heads), `metrics` (num-examples, loss, time,
-bytes), `echo` (run id, link index, links digest, partition id, A digest), so the server
+bytes), `echo` (run id, chain index, links digest, partition id, A digest), so the server
 can reject stale or foreign replies instead of averaging factors made for another A.
 """
 
@@ -26,26 +27,17 @@ PARTITION_ACTION = "partition"
 PARTITION_QUERY = f"query.{PARTITION_ACTION}"
 
 # Keys of the `config` record.
-SERVER_ROUND = "server-round"
-CHAIN_INDEX = "chain-index"
-LINKS_DIGEST = "links-digest"
-LINKS_COUNT = "links-count"
-METHOD = "method"
-A_KIND = "a-kind"
-SEED = "seed"
-RANK = "rank"
-ALPHA = "alpha"
-RUN_ID = "run-id"
+LINK_SPEC = "link-spec"  # the link, whole: contract.link_spec.LinkSpec as compact JSON
+GLOBAL_ROUND = "global-round"  # the run's round: 1 .. num-links x rounds-per-link
+LINKS_DIGEST = "links-digest"  # the merged links the base is rebuilt from (also echoed)
 PROXIMAL_MU = "proximal-mu"  # FedProx puts it there itself
 LR = "lr"  # the round's client learning rate, set by the server (server/schedule.py)
-LOCAL_STEPS = "local-steps"  # informational: clients take theirs from the run config
 # Train config: the node ids that evaluate the received global model on their held-out
 # data before training, and reply with its metrics in RECEIVED_EVAL (client-eval
 # with-train: one message a round instead of two).
 EVALUATE_RECEIVED = "evaluate-received"
 
-# Keys of the `links` record.
-LINKS_START = "start"
+# Keys of the `links` record (the blob holds its first position: seedlora.serialize).
 LINKS_PREFIX_DIGEST = "prefix-digest"
 LINKS_DATA = "data"
 
@@ -56,6 +48,8 @@ TRAIN_TIME = "train-time"
 TRAIN_START = "train-start"  # wall-clock (epoch seconds) when the client began the round
 BYTES_UP = "bytes-up"
 BYTES_DOWN = "bytes-down"
+RUN_ID = "run-id"  # echo: the run the client trained for (its Flower context's)
+CHAIN_INDEX = "chain-index"  # echo: the chain index of the link spec it trained
 PARTITION_ID = "partition-id"
 A_DIGEST = "a-digest"  # echo: seedlora.a_digest of the client's link model (its A's)
 SECURE_LINKS = "links-data"  # SecAgg+ fit config: every merged link (server/secure.py)
@@ -75,17 +69,17 @@ def record_bytes(message: Message) -> int:
 
 
 def echo_record(
-    config: ConfigRecord, run_id: int, partition_id: int, a_digest: str = ""
+    chain_index: int, links_digest: str, run_id: int, partition_id: int, a_digest: str = ""
 ) -> ConfigRecord:
-    """What a client echoes back so the server can match the reply to its link; `a_digest`
-    (`seedlora.a_digest` of the model it trained, "" without adapters) lets the server
-    check that the client derived the same A from the link's A-spec."""
+    """What a client echoes back so the server can match the reply to its link (the link
+    spec's chain index and the links digest it was sent); `a_digest` (`seedlora.a_digest`
+    of the model it trained, "" without adapters) lets the server check that the client
+    derived the same A from the link's A-spec."""
     return ConfigRecord(
         {
             RUN_ID: run_id,
-            CHAIN_INDEX: config[CHAIN_INDEX],
-            LINKS_DIGEST: config[LINKS_DIGEST],
-            SERVER_ROUND: config[SERVER_ROUND],
+            CHAIN_INDEX: chain_index,
+            LINKS_DIGEST: links_digest,
             PARTITION_ID: partition_id,
             A_DIGEST: a_digest,
         }

@@ -1,7 +1,9 @@
-"""The names a run config chooses from (methods, A kinds, upload codecs), without torch.
+"""The names a run config chooses from (methods, A kinds, upload codecs), and the names of
+the rules A and its scale follow, without torch.
 
 They live here so that validating a run config (contract/config.py, the launcher's
-check) imports no tensor library; `methods`, `spec` and `compress` re-export them.
+check) and a link's spec (contract/link_spec.py) import no tensor library; `methods`,
+`spec` and `compress` re-export them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ Kind = Literal["gaussian", "circulant", "random-block"]
 KINDS: tuple[str, ...] = ("gaussian", "circulant", "random-block")
 BLOCK_KINDS: tuple[str, ...] = ("circulant", "random-block")
 KindSetting = Literal["auto", "gaussian", "circulant", "random-block"]  # auto: the method's
+
+# How A is derived from its A-spec (seedlora/spec.py): "exact-v2" is the splitmix64
+# stream and exact Box-Muller of seedlora/draws.py.
+A_RULE = "exact-v2"
+# How the adapter's scale follows from alpha (seedlora.spec.ASpec.scaling).
+SCALE_RULE = "alpha/r * sqrt(r/n_in) for gaussian"
 
 Codec = Literal["float32", "float16", "bfloat16", "int8"]
 CODECS: tuple[str, ...] = ("float32", "float16", "bfloat16", "int8")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .draws import below, normals
-from .names import BLOCK_KINDS, KINDS, Kind  # noqa: F401 - re-exported
+from .names import A_RULE, BLOCK_KINDS, KINDS, SCALE_RULE, Kind  # noqa: F401 - re-exported
 
 
 def derive_seed(*parts: object) -> int:
@@ -28,11 +28,10 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
 
 
-# How A is derived from its spec, recorded in every link, checkpoint and A digest that
-# depends on it. "exact-v2": the splitmix64 stream and exact Box-Muller of seedlora/draws.py.
-# A record without one was made under `LEGACY_A_RULE`: torch.Generator's `randn` (whose
-# float32 math follows the CPU's SIMD path) and `randint` for the random block.
-A_RULE = "exact-v2"
+# How A is derived from its spec (`A_RULE`, seedlora/names.py), recorded in every link,
+# checkpoint and A digest that depends on it. A record without one was made under
+# `LEGACY_A_RULE`: torch.Generator's `randn` (whose float32 math follows the CPU's SIMD
+# path) and `randint` for the random block.
 LEGACY_A_RULE = "torch-v1"
 RULED_KINDS: tuple[str, ...] = ("gaussian", "random-block")  # circulant draws nothing
 
@@ -63,11 +62,10 @@ def check_a_rule(
         )
 
 
-# The rule `ASpec.scaling` follows, recorded in every checkpoint: links merged under another
-# rule rebuild to another base, so a run resumes only under the rule it was started with.
-# Before it (no record) the scale was alpha / r for every kind; for block kinds gain = 1, so
-# only a gaussian factor's links differ.
-SCALE_RULE = "alpha/r * sqrt(r/n_in) for gaussian"
+# `SCALE_RULE` (seedlora/names.py) is the rule `ASpec.scaling` follows, recorded in every
+# checkpoint: links merged under another rule rebuild to another base, so a run resumes
+# only under the rule it was started with. Before it (no record) the scale was alpha / r
+# for every kind; for block kinds gain = 1, so only a gaussian factor's links differ.
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from flwr.common.logger import log
 
 from contract import protocol as p
 from contract.config import RunConfig, RunConfigError
+from contract.link_spec import LinkSpec
 from runtime.devices import autocast, check_device, pick_device, place
 from seedlora import (
     apply_link,
@@ -120,8 +121,8 @@ def _plain(data: datasets.Dataset, pick) -> datasets.Dataset:
 
 
 class OpenLink(Protocol):
-    def run_round(self, link_round: int, arrays: dict[str, torch.Tensor]) -> RoundResult:
-        """Round `link_round` (from 1) of the open link, from the global `arrays`."""
+    def run_round(self, round_in_link: int, arrays: dict[str, torch.Tensor]) -> RoundResult:
+        """Round `round_in_link` (from 1) of the open link, from the global `arrays`."""
         ...
 
 
@@ -331,18 +332,11 @@ class ChainServer:
         """Whether the run's traffic so far has reached `comm-budget-mb` (0: never)."""
         return budget_reached(self.state.history, self.cfg.chain.comm_budget_mb)
 
-    def link_config(self) -> dict:
-        """The A-spec fields every client of this link needs (the chain index is added per
-        message by strategies/)."""
-        a = self.cfg.adapter
-        return {
-            p.METHOD: a.method,
-            p.A_KIND: a.kind,
-            p.SEED: a.seed,
-            p.RANK: a.rank,
-            p.ALPHA: a.alpha,
-            p.RUN_ID: self.run_id,
-        }
+    def link_spec(self) -> LinkSpec:
+        """The link being trained, as every client of it builds it (contract/link_spec.py)."""
+        task = self.task
+        spec = LinkSpec.of(self.cfg.adapter, task.target_modules, task.modules_to_save)
+        return spec.at(self.state.chain_index)
 
     def begin(self) -> None:
         """Evaluate the base model once, as round 0 of a fresh run (which first clears what

@@ -60,11 +60,9 @@ class FlowerRounds:
         load_state(inner, s.strategy_state)
         ctx = LinkContext(
             run_id=server.run_id,
-            chain_index=s.chain_index,
+            spec=server.link_spec(),
             links=s.links.copy(),
-            link_config=server.link_config(),
             round_offset=s.global_round - s.round_in_link,
-            rounds_done=0,
             node_links=server.node_links,
             checks=cfg.strategy,
             upload=cfg.upload,
@@ -84,7 +82,6 @@ class FlowerLink:
     ):
         self.grid, self.link, self.round_lr = grid, link, round_lr
         self.timeout = cfg.strategy.round_timeout
-        self.local_steps = cfg.train.local_steps
         self.with_train = cfg.strategy.client_eval == "with-train"
         self.evaluates = cfg.strategy.fraction_evaluate > 0
         self.fraction_evaluate = cfg.strategy.fraction_evaluate
@@ -92,13 +89,13 @@ class FlowerLink:
         self.last_round = cfg.schedule[0] * cfg.schedule[1]  # the run's last global round
         self.link.summary()
 
-    def train_config(self, link_round: int) -> ConfigRecord:
+    def train_config(self, round_in_link: int) -> ConfigRecord:
         """The round's train config: the lr the server's schedule gives its global round,
         and with client-eval with-train the request to evaluate the model sent first."""
-        lr = self.round_lr(self.link.global_round(link_round))
-        return ConfigRecord({p.LR: lr, p.LOCAL_STEPS: self.local_steps})
+        lr = self.round_lr(self.link.global_round(round_in_link))
+        return ConfigRecord({p.LR: lr})
 
-    def ask_evaluations(self, link_round: int, messages: list[Message]) -> None:
+    def ask_evaluations(self, round_in_link: int, messages: list[Message]) -> None:
         """client-eval with-train: a `fraction-evaluate` sample of the round's train nodes
         (at least one; seeded by the run's seed and the global round, over the sorted node
         ids) also evaluates the model it receives; the nodes are named in the config."""
@@ -106,43 +103,43 @@ class FlowerLink:
             return
         nodes = sorted({m.metadata.dst_node_id for m in messages})
         count = min(len(nodes), max(1, round(self.fraction_evaluate * len(nodes))))
-        seed = f"{self.seed}-evaluate-received-{self.link.global_round(link_round)}"
+        seed = f"{self.seed}-evaluate-received-{self.link.global_round(round_in_link)}"
         chosen = sorted(random.Random(seed).sample(nodes, count))
         for message in messages:
             message.content[p.CONFIG][p.EVALUATE_RECEIVED] = chosen
 
-    def evaluates_apart(self, link_round: int) -> bool:
+    def evaluates_apart(self, round_in_link: int) -> bool:
         """Whether this round sends evaluate messages after its aggregate: always with
         client-eval separate, and with with-train only in the run's last round, so the
         final model is evaluated too."""
         if not self.evaluates:
             return False
-        return not self.with_train or self.link.global_round(link_round) >= self.last_round
+        return not self.with_train or self.link.global_round(round_in_link) >= self.last_round
 
-    def run_round(self, link_round: int, arrays: dict[str, torch.Tensor]) -> RoundResult:
+    def run_round(self, round_in_link: int, arrays: dict[str, torch.Tensor]) -> RoundResult:
         grid, link = self.grid, self.link
         record = ArrayRecord(arrays)
-        log(INFO, "link %d round %d", link.ctx.chain_index, link_round)
+        log(INFO, "link %d round %d", link.ctx.chain_index, round_in_link)
         clock = [time.perf_counter()]
         messages = list(
-            link.configure_train(link_round, record, self.train_config(link_round), grid)
+            link.configure_train(round_in_link, record, self.train_config(round_in_link), grid)
         )
-        self.ask_evaluations(link_round, messages)
+        self.ask_evaluations(round_in_link, messages)
         clock.append(time.perf_counter())
-        aggregated, measured = train_exchange(grid, link, link_round, messages, self.timeout)
+        aggregated, measured = train_exchange(grid, link, round_in_link, messages, self.timeout)
         record = aggregated if aggregated is not None else record
         now = time.perf_counter()
         clock += [now - measured.closing, now]  # the train exchange ends at the last reply
-        if self.evaluates_apart(link_round):
-            messages = link.configure_evaluate(link_round, record, ConfigRecord(), grid)
+        if self.evaluates_apart(round_in_link):
+            messages = link.configure_evaluate(round_in_link, record, ConfigRecord(), grid)
             replies = exchange.send_and_receive(grid, messages, self.timeout)
-            link.aggregate_evaluate(link_round, replies)
+            link.aggregate_evaluate(round_in_link, replies)
         clock.append(time.perf_counter())
         steps = ("configure", "train_exchange", "aggregate", "evaluate_exchange")
         phases = {k: b - a for k, a, b in zip(steps, clock, clock[1:], strict=False)}
         return RoundResult(
             arrays=record.to_torch_state_dict(),
-            ledger=link.ledger(link_round),
+            ledger=link.ledger(round_in_link),
             strategy_state=save_state(link.inner),
             phases={**phases, **measured.phases(phases["train_exchange"])},
         )
@@ -168,7 +165,7 @@ class TrainExchange:
 def train_exchange(
     grid: Grid,
     link: LinkStrategy,
-    link_round: int,
+    round_in_link: int,
     messages: Iterable[Message],
     timeout: float,
 ) -> tuple[ArrayRecord | None, TrainExchange]:
@@ -176,14 +173,14 @@ def train_exchange(
     answered or `timeout` s passed, each reply checked and added up as it arrives
     (`LinkStrategy.open_train`); then the round's aggregate (None: nothing to take)."""
     measured = TrainExchange()
-    intake = link.open_train(link_round)
+    intake = link.open_train(round_in_link)
     for reply in exchange.replies(grid, messages, timeout):
         began = time.perf_counter()
         measured.spans += client_span(reply)
         intake.add(reply)
         measured.intake += time.perf_counter() - began
     began = time.perf_counter()
-    aggregated, _ = link.close_train(link_round, intake)
+    aggregated, _ = link.close_train(round_in_link, intake)
     measured.closing = time.perf_counter() - began
     return aggregated, measured
 

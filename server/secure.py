@@ -6,7 +6,7 @@ In Flower 1.42 SecAgg+ exists only for the legacy API: the server side is
 `flwr.client.mod.secaggplus_mod` mod around a train handler that speaks the legacy
 FitIns/FitRes records. No message-API strategy (`flwr.serverapp.strategy`) can run it.
 So with `secure-aggregation = true` each chain link runs as one such workflow: the
-initial parameters are the zero B's (and current heads), the link's A-spec, links digest
+initial parameters are the zero B's (and current heads), the link spec, links digest
 and merged links travel in the fit config, and after `rounds-per-link` rounds the
 securely averaged B is merged exactly as in the plain path: `SecureRounds` is the second
 `LinkRunner` of `server.chain_server.run_chain`, whose one step is a whole link.
@@ -55,22 +55,25 @@ class SecureLink:
     def __init__(self, server: ChainServer, grid: Grid, context: Context):
         self.server, self.grid, self.context = server, grid, context
         self.links_blob = links_to_bytes(server.state.links)  # serialized once per link
+        self.spec = server.link_spec().to_wire()
 
-    def _fit_config(self, server_round: int) -> dict:
+    def _fit_config(self, workflow_round: int) -> dict:
+        """The fit config of the workflow's round `workflow_round` (Flower's legacy round
+        counter, from 1 in each step: the step began after the link's rounds done)."""
         s = self.server.state
+        global_round = s.global_round + workflow_round
         return {
-            **self.server.link_config(),
-            p.SERVER_ROUND: s.global_round + server_round,
-            p.LR: self.server.round_lr(s.global_round + server_round),
-            p.CHAIN_INDEX: s.chain_index,
+            p.LINK_SPEC: self.spec,
+            p.GLOBAL_ROUND: global_round,
+            p.LR: self.server.round_lr(global_round),
             p.LINKS_DIGEST: s.links.digest,
             p.SECURE_LINKS: self.links_blob,  # the legacy config is flat: all links
         }
 
-    def run_round(self, link_round: int, arrays: dict[str, torch.Tensor]) -> RoundResult:
-        """All rounds of the link from `link_round` on: one step of the chain loop."""
+    def run_round(self, round_in_link: int, arrays: dict[str, torch.Tensor]) -> RoundResult:
+        """All rounds of the link from `round_in_link` on: one step of the chain loop."""
         cfg = self.server.cfg
-        rounds = cfg.schedule[1] - link_round + 1  # ffa runs all rounds as one link
+        rounds = cfg.schedule[1] - round_in_link + 1  # ffa runs all rounds as one link
         names = list(arrays)
         strategy = FedAvg(
             fraction_fit=cfg.strategy.fraction_train,

@@ -4,7 +4,7 @@
 
     configure_*  the inner strategy's messages, sampled by Flower's code with a seeded RNG
                  over the nodes in partition order (sampling.py) -> `Outgoing.decorate`
-                 (outgoing.py): link config, global round, links digest, and the merged
+                 (outgoing.py): link spec, global round, links digest, and the merged
                  links a node lacks
     aggregate_*  the replies -> the reply pipeline (replies.py): check, unpack, check
                  arrays, screen outliers; fewer than `min_replies` accepted replies skip
@@ -13,14 +13,14 @@
                  intake.py): the rules exact in weight space add them up and drop them
     every hook   the round's `RoundLedger` (ledger.py), which the server reads
 
-Round numbers. The hooks receive `server_round`, the caller's count of this instance's
-rounds from 1 (Flower's `start()`, or the chain loop in server/), and use it only to
-derive the two that matter:
-- `link_round`: the round within this link, from 1, counting the rounds done before a
-  resume. The inner strategy sees this one in every hook, so that its step-dependent
-  terms (FedAdam/FedYogi bias correction) restart with its B-space state.
-- `global_round`: the round of the whole run. It goes on the wire (`server-round` in the
-  config clients receive and echo), keys `ledgers` and numbers rounds in the log.
+Round numbers (one name each, everywhere):
+- `round_in_link`: the round within this link, from 1. The hooks take it, and the inner
+  strategy sees it, so that its step-dependent terms (FedAdam/FedYogi bias correction)
+  restart with its B-space state.
+- `global_round`: the round of the whole run, `round_offset + round_in_link`. It goes on
+  the wire (`global-round` in the config clients receive), keys `ledgers` and numbers
+  rounds in the log.
+- `chain_index`: the link's position in the chain (DESIGN.md's c), in the link spec.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from contract import protocol as p
 from contract.config import StrategyConfig, UploadConfig
+from contract.link_spec import LinkSpec
 from seedlora.chain import Chain, Link
 
 from .intake import StreamedMean, TrainIntake, buffering_reason, log_path
@@ -74,17 +75,19 @@ class LinkContext:
     """The chain state a link needs: identity, links so far, and what replies must match."""
 
     run_id: int
-    chain_index: int
+    spec: LinkSpec  # the link, sent whole to every client (contract/link_spec.py)
     links: Sequence[Link]  # a Chain (else made one, hashing every link once)
-    link_config: dict  # A-spec fields and training keys sent to every client
-    round_offset: int  # global rounds completed before this instance's round 1
-    rounds_done: int  # rounds of this link already done before this instance's round 1
+    round_offset: int  # global rounds completed before this link's round 1
     node_links: dict[int, int]  # node id -> number of links it is known to hold
     checks: StrategyConfig = StrategyConfig()  # min-replies, max-num-examples, outlier-*
     upload: UploadConfig = UploadConfig()  # what replies carry: upload-codec, client-ranks
     keep_updates: bool = False  # keep accepted client states per round (save-client-updates)
     a_digest: str = ""  # the server's seedlora.a_digest for this link ("": not checked)
     node_order: NodeOrder | None = None  # run-wide partition order for seeded sampling
+
+    @property
+    def chain_index(self) -> int:
+        return self.spec.chain_index
 
 
 @dataclass(frozen=True)
@@ -109,19 +112,15 @@ class LinkStrategy(Strategy):
         self._warned_trim = False
         self.buffering = buffering_reason(ctx.checks, inner)  # None: rounds stream
         self.refusals = Refusals()
-        self.outgoing = Outgoing(links, ctx.link_config, ctx.chain_index, ctx.node_links)
+        self.outgoing = Outgoing(links, ctx.spec, ctx.node_links)
 
     # --- round numbers and bookkeeping -----------------------------------------------
-    def global_round(self, server_round: int) -> int:
-        """The run's round number of this instance's round `server_round`."""
-        return self.ctx.round_offset + server_round
+    def global_round(self, round_in_link: int) -> int:
+        """The run's round number of this link's round `round_in_link`."""
+        return self.ctx.round_offset + round_in_link
 
-    def link_round(self, server_round: int) -> int:
-        """The round within this link (from 1): the only round the inner strategy sees."""
-        return self.ctx.rounds_done + server_round
-
-    def ledger(self, server_round: int) -> RoundLedger:
-        return self.ledgers.setdefault(self.global_round(server_round), RoundLedger())
+    def ledger(self, round_in_link: int) -> RoundLedger:
+        return self.ledgers.setdefault(self.global_round(round_in_link), RoundLedger())
 
     def _expectation(self, signature: dict | None) -> Expectation:
         return Expectation(
@@ -134,7 +133,7 @@ class LinkStrategy(Strategy):
         )
 
     def _configure(
-        self, phase: str, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid
+        self, phase: str, round_in_link: int, arrays: ArrayRecord, config: ConfigRecord, grid
     ) -> list[Message]:
         """The inner strategy's configure_<phase>, its own sampling included, with the RNG
         seeded from (seed, phase, global round) and, when it samples a subset, the nodes
@@ -145,13 +144,12 @@ class LinkStrategy(Strategy):
         configure = self.inner.configure_train if train else self.inner.configure_evaluate
         if fraction < 1 and self.ctx.node_order is not None:
             grid = self.ctx.node_order.view(grid)
-        seed = int(self.ctx.link_config.get(p.SEED, 0))
-        with seeded_sampling(seed, phase, self.global_round(server_round)):
-            return list(configure(self.link_round(server_round), arrays, config, grid))
+        with seeded_sampling(self.ctx.spec.seed, phase, self.global_round(round_in_link)):
+            return list(configure(round_in_link, arrays, config, grid))
 
-    def _send(self, messages: Iterable[Message], server_round: int) -> list[Message]:
-        out = self.outgoing.decorate(messages, self.global_round(server_round))
-        self.ledger(server_round).bytes_down += sum(p.record_bytes(m) for m in out)
+    def _send(self, messages: Iterable[Message], round_in_link: int) -> list[Message]:
+        out = self.outgoing.decorate(messages, self.global_round(round_in_link))
+        self.ledger(round_in_link).bytes_down += sum(p.record_bytes(m) for m in out)
         return out
 
     def _receive(self, verdict: Verdict) -> list[Message]:
@@ -164,17 +162,17 @@ class LinkStrategy(Strategy):
         log_path(self.ctx.chain_index, self.buffering)
 
     def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+        self, round_in_link: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         sent_arrays = {k: a.numpy() for k, a in arrays.items()}
-        messages = self._configure("train", server_round, arrays, config, grid)
-        out = self._send(messages, server_round)
-        self.ledger(server_round).sent = len(out)
+        messages = self._configure("train", round_in_link, arrays, config, grid)
+        out = self._send(messages, round_in_link)
+        self.ledger(round_in_link).sent = len(out)
         nodes = frozenset(m.metadata.dst_node_id for m in out)
         self.sent = SentRound(p.arrays_signature(arrays), sent_arrays, nodes)
         return out
 
-    def open_train(self, server_round: int) -> TrainIntake:
+    def open_train(self, round_in_link: int) -> TrainIntake:
         """The round's train intake: `add` each reply as it arrives, then `close_train`
         (intake.py: streamed for the rules exact in weight space, else buffered)."""
         ctx, sent = self.ctx, self.sent
@@ -187,11 +185,11 @@ class LinkStrategy(Strategy):
         return TrainIntake(pipeline, stream, ctx.keep_updates)
 
     def close_train(
-        self, server_round: int, intake: TrainIntake
+        self, round_in_link: int, intake: TrainIntake
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The round's aggregate from its intake (None: fewer than min-replies accepted),
         with the round's ledger filled in."""
-        ledger, global_round = self.ledger(server_round), self.global_round(server_round)
+        ledger, global_round = self.ledger(round_in_link), self.global_round(round_in_link)
         ctx, taken = self.ctx, intake.close()
         verdict = taken.verdict
         ledger.lost = note_lost(self.sent.nodes, taken.replied, global_round)
@@ -217,20 +215,20 @@ class LinkStrategy(Strategy):
         accepted = verdict.accepted
         if self.buffering is None:
             log(INFO, "round %d: %d replies summed as they came", global_round, taken.accepted)
-        arrays, metrics = self.inner.aggregate_train(self.link_round(server_round), accepted)
+        arrays, metrics = self.inner.aggregate_train(round_in_link, accepted)
         if arrays is not None and ctx.checks.name in ("krum", "multikrum"):
             self._note_single_kept(global_round, accepted, arrays)
         ledger.train_metrics = dict(metrics or {})
         return (as_float32(arrays) if arrays is not None else None), metrics
 
     def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
+        self, round_in_link: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Flower's hook: every reply of the round through `open_train`, then closed."""
-        intake = self.open_train(server_round)
+        intake = self.open_train(round_in_link)
         for reply in replies:
             intake.add(reply)
-        return self.close_train(server_round, intake)
+        return self.close_train(round_in_link, intake)
 
     def _warn_if_trimming_nothing(self, replies: int) -> None:
         """Once per link: fedtrimmedavg with too few replies to cut any is a plain mean."""
@@ -260,10 +258,10 @@ class LinkStrategy(Strategy):
         )
 
     def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+        self, round_in_link: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        messages = self._configure("evaluate", server_round, arrays, config, grid)
-        return self._send(messages, server_round)
+        messages = self._configure("evaluate", round_in_link, arrays, config, grid)
+        return self._send(messages, round_in_link)
 
     def _take_received_evaluations(
         self, ledger: RoundLedger, global_round: int, received: list[RecordDict]
@@ -280,15 +278,15 @@ class LinkStrategy(Strategy):
         ledger.eval_of = global_round - 1
 
     def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
+        self, round_in_link: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        ledger = self.ledger(server_round)
+        ledger = self.ledger(round_in_link)
         verdict = evaluate_pipeline(self._expectation(None))(without_empty_evaluations(replies))
         accepted = self._receive(verdict)
         ledger.eval_rejected.extend(verdict.rejected)
         if not accepted:
             return None
-        metrics = self.inner.aggregate_evaluate(self.link_round(server_round), accepted)
+        metrics = self.inner.aggregate_evaluate(round_in_link, accepted)
         ledger.eval_metrics = dict(metrics or {})
-        ledger.eval_of = self.global_round(server_round)
+        ledger.eval_of = self.global_round(round_in_link)
         return metrics

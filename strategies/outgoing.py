@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from contract import protocol as p
+from contract.link_spec import LinkSpec
 from seedlora.chain import Chain
 from seedlora.serialize import links_to_bytes
 
@@ -22,16 +23,9 @@ from seedlora.serialize import links_to_bytes
 class Outgoing:
     """Decorates the inner strategy's messages for one chain link and tracks catch-up."""
 
-    def __init__(
-        self,
-        links: Chain,
-        link_config: dict,
-        chain_index: int,
-        node_links: dict[int, int],
-    ):
+    def __init__(self, links: Chain, spec: LinkSpec, node_links: dict[int, int]):
         self.links = links  # merged so far: the links digest covers them all
-        self.link_config = link_config  # A-spec fields and training keys
-        self.chain_index = chain_index
+        self.spec = spec.to_wire()  # the link, serialized once
         self.node_links = node_links
         self._blobs: dict[int, bytes] = {}  # first missing link -> serialized links
 
@@ -43,24 +37,21 @@ class Outgoing:
             self._blobs[start] = links_to_bytes(self.links[start:], start)
         return ConfigRecord(
             {
-                p.LINKS_START: start,
                 p.LINKS_PREFIX_DIGEST: self.links.prefix_digest(start),
                 p.LINKS_DATA: self._blobs[start],
             }
         )
 
     def decorate(self, messages: Iterable[Message], global_round: int) -> list[Message]:
-        """Copy each message with the link config, the global round and the node's
-        missing links added (the config keys the inner strategy set are kept)."""
+        """Copy each message with the link spec, the global round, the links digest and the
+        node's missing links added (the config keys the inner strategy set are kept)."""
         out = []
         for msg in messages:
             content = msg.content
             config = ConfigRecord(dict(content[p.CONFIG]))
-            config.update(self.link_config)
-            config[p.SERVER_ROUND] = global_round
-            config[p.CHAIN_INDEX] = self.chain_index
+            config[p.LINK_SPEC] = self.spec
+            config[p.GLOBAL_ROUND] = global_round
             config[p.LINKS_DIGEST] = self.links.digest
-            config[p.LINKS_COUNT] = len(self.links)
             record = RecordDict(
                 {
                     p.ARRAYS: content[p.ARRAYS],

@@ -45,7 +45,7 @@ def read(log: Path) -> list[dict[str, Any]]:
 
 def _round(msg: Message) -> int | None:
     config = msg.content.config_records.get(p.CONFIG)
-    return None if config is None else int(config.get(p.SERVER_ROUND, 0))
+    return None if config is None else int(config.get(p.GLOBAL_ROUND, 0))
 
 
 def ray_facts() -> dict[str, Any] | None:

@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from client.app import build_client_app
 from contract import protocol as p
 from contract.config import STRATEGIES, RunConfig
+from contract.link_spec import LinkSpec
 from seedlora import ASpec, adapter_layers, relative_error
 from server.chain_server import ChainServer, run_chain
 from server.rounds import FlowerRounds
@@ -102,14 +103,15 @@ def faulty(kind: str, honest):
         arrays = msg.content[p.ARRAYS].to_torch_state_dict()
         arrays = {k: torch.full_like(v, 0.5) for k, v in arrays.items()}
         digest = honest(msg, context).content[p.ECHO][p.A_DIGEST]
-        echo = p.echo_record(config, RUN_ID, 2, digest)
+        spec = LinkSpec.from_wire(config[p.LINK_SPEC])
+        echo = p.echo_record(spec.chain_index, config[p.LINKS_DIGEST], RUN_ID, 2, digest)
         if kind == "a-digest":  # a client whose torch drew another A from the same spec
             echo[p.A_DIGEST] = "f" * 64
         elif kind == "nan":
             first = next(iter(arrays))
             arrays[first][0, 0] = float("nan")
         elif kind == "stale":
-            echo[p.CHAIN_INDEX] = int(config[p.CHAIN_INDEX]) - 1
+            echo[p.CHAIN_INDEX] = spec.chain_index - 1
         elif kind == "digest":
             echo[p.LINKS_DIGEST] = "0" * 64
         content = RecordDict(
@@ -192,7 +194,7 @@ def test_too_few_replies_skips_the_round(overrides, tmp_path):
         bad = faulty(kind, honest)
 
         def client(msg, context):
-            late = int(msg.content[p.CONFIG][p.SERVER_ROUND]) >= 2
+            late = int(msg.content[p.CONFIG][p.GLOBAL_ROUND]) >= 2
             return (bad if late else honest)(msg, context)
 
         return client

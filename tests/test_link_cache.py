@@ -28,7 +28,6 @@ def record(links, start: int) -> ConfigRecord:
     """What the server sends a node that holds the first `start` links (strategies/outgoing.py)."""
     return ConfigRecord(
         {
-            p.LINKS_START: start,
             p.LINKS_PREFIX_DIGEST: links_digest(links[:start]),
             p.LINKS_DATA: links_to_bytes(links[start:], start),
         }

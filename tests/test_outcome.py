@@ -12,6 +12,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from client.app import build_client_app
 from contract import protocol as p
 from contract.config import RunConfig, RunConfigError
+from contract.link_spec import LinkSpec
 from server import rundir
 from server.app import build_server_app
 from server.outcome import RunFailed
@@ -92,7 +93,7 @@ def test_a_link_that_accepts_nothing_fails_before_it_is_merged(overrides, tmp_pa
     client = build_client_app(overrides)
 
     def fails_from_link_1(msg: Message, context) -> Message:
-        if int(msg.content[p.CONFIG][p.CHAIN_INDEX]) >= 1:
+        if LinkSpec.from_wire(msg.content[p.CONFIG][p.LINK_SPEC]).chain_index >= 1:
             return Message(Error(code=0, reason="broken"), reply_to=msg)
         return client(msg, context)
 

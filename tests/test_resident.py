@@ -284,7 +284,7 @@ def _memory_probe(app, samples: list):
     def probed(msg: Message, context):
         reply = app(msg, context)
         allocated = torch.cuda.memory_allocated() if CUDA else 0
-        samples.append((int(msg.content[p.CONFIG][p.SERVER_ROUND]), *_live_tensors(), allocated))
+        samples.append((int(msg.content[p.CONFIG][p.GLOBAL_ROUND]), *_live_tensors(), allocated))
         return reply
 
     return probed

@@ -10,7 +10,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from client.app import build_client_app
 from contract import protocol as p
-from contract.config import StrategyConfig
+from contract.config import AdapterConfig, StrategyConfig
+from contract.link_spec import LinkSpec
 from simulation.local import LocalGrid, run_local
 from strategies.chain import LinkContext, LinkStrategy
 from strategies.privacy import NOISE_SEED_ENV, noise_seed, seeded_numpy
@@ -39,7 +40,8 @@ def grid_with_ids(num_nodes: int, ids_seed: int) -> LocalGrid:
 def sampled_partitions(grid: LocalGrid, seed: int, rounds: int = 4) -> list[list[int]]:
     """The partitions each round's configure_train picks, with fraction-train 0.5."""
     checks = StrategyConfig(fraction_train=0.5, fraction_evaluate=0.0)
-    ctx = LinkContext(7, 0, [], {p.SEED: seed}, 0, 0, {}, checks, node_order=NodeOrder())
+    spec = LinkSpec.of(AdapterConfig(seed=seed), ["l"], [])
+    ctx = LinkContext(7, spec, [], 0, {}, checks, node_order=NodeOrder())
     link = LinkStrategy(FedAvg(fraction_train=0.5, min_available_nodes=1), ctx)
     arrays = ArrayRecord({"l.lora_B": Array(np.zeros((2, 2), np.float32))})
     picked = []
@@ -64,19 +66,27 @@ def test_sampling_leaves_the_global_rng_alone():
     expected = [random.random() for _ in range(3)]
     random.seed(5)
     checks = StrategyConfig(fraction_train=0.5)
-    ctx = LinkContext(7, 0, [], {p.SEED: 0}, 0, 0, {}, checks, node_order=NodeOrder())
+    spec = LinkSpec.of(AdapterConfig(), ["l"], [])
+    ctx = LinkContext(7, spec, [], 0, {}, checks, node_order=NodeOrder())
     link = LinkStrategy(FedAvg(fraction_train=0.5, min_available_nodes=1), ctx)
     arrays = ArrayRecord({"l.lora_B": Array(np.zeros((2, 2), np.float32))})
     link.configure_train(1, arrays, ConfigRecord(), grid_with_ids(6, ids_seed=0))
     assert [random.random() for _ in range(3)] == expected
 
 
-def partitions_per_round(result) -> dict[int, list[int]]:
-    rounds: dict[int, list[int]] = {}
-    for reply in result.grid.replies:
-        echo = reply.content[p.ECHO]
-        rounds.setdefault(int(echo[p.SERVER_ROUND]), []).append(int(echo[p.PARTITION_ID]))
-    return {r: sorted(v) for r, v in rounds.items()}
+def sampled_run(ov: dict) -> tuple[dict, dict[int, list[int]]]:
+    """metrics.json of a run of `ov` over 4 nodes, and the partitions of each global
+    round's train messages."""
+    app, rounds = build_client_app(ov), {}
+
+    def client(msg, context):
+        if msg.metadata.message_type.startswith("train"):
+            global_round = int(msg.content[p.CONFIG][p.GLOBAL_ROUND])
+            rounds.setdefault(global_round, []).append(int(context.node_config["partition-id"]))
+        return app(msg, context)
+
+    metrics = run_local(ov, 4, client_app=client).metrics
+    return metrics, {r: sorted(v) for r, v in rounds.items()}
 
 
 @pytest.mark.parametrize("dp", [False, pytest.param(True, marks=pytest.mark.integration)])
@@ -93,14 +103,14 @@ def test_two_runs_with_one_seed_are_identical(overrides, dp, monkeypatch):
     for disturb in (1, 2):
         random.seed(disturb)
         np.random.seed(disturb)
-        runs.append(run_local(ov, 4))
-    digests = [r.metrics["links_digest"] for r in runs]
+        runs.append(sampled_run(ov))
+    digests = [metrics["links_digest"] for metrics, _ in runs]
     assert digests[0] == digests[1]
-    sampled = partitions_per_round(runs[0])
-    assert sampled == partitions_per_round(runs[1])
+    sampled = runs[0][1]
+    assert sampled == runs[1][1]
     assert all(len(v) == 2 for v in sampled.values()) and len(sampled) == 2
     if not dp:
-        other = run_local({**ov, "seed": 1}, 4)
+        other = sampled_run({**ov, "seed": 1})[1]
         assert partitions_per_round(other) != sampled
 
 

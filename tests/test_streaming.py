@@ -18,7 +18,8 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from contract import protocol as p
-from contract.config import StrategyConfig
+from contract.config import AdapterConfig, StrategyConfig
+from contract.link_spec import LinkSpec
 from seedlora.exactsum import ExactSum
 from server.rounds import train_exchange
 from simulation.local import LocalGrid
@@ -119,7 +120,8 @@ def client_states(count: int, seed: int = 0) -> list[tuple[int, dict, int, float
 def fresh_link(name: str = "fedavg", inner=None, **checks) -> LinkStrategy:
     """A LinkStrategy on link 1 around `inner` (default: the registry's `name`)."""
     section = StrategyConfig(name=name, max_num_examples=1000, server_momentum=0.9, **checks)
-    ctx = LinkContext(11, 1, [], {}, 0, 0, {}, section)
+    spec = LinkSpec.of(AdapterConfig(), ["l"], [], chain_index=1)
+    ctx = LinkContext(11, spec, [], 0, {}, section)
     return LinkStrategy(inner or build_strategy(section), ctx)
 
 
@@ -276,7 +278,8 @@ def fake_clients(grid: LocalGrid, states: dict[int, dict], weights: dict[int, in
             gc.collect()
             alive.append(sum(r() is not None for r in made))
         config = msg.content[p.CONFIG]
-        echo = p.echo_record(config, 11, node - 101)
+        chain_index = LinkSpec.from_wire(config[p.LINK_SPEC]).chain_index
+        echo = p.echo_record(chain_index, config[p.LINKS_DIGEST], 11, node - 101)
         content = {
             p.ARRAYS: ArrayRecord({k: Array(v) for k, v in states[node].items()}),
             p.METRICS: MetricRecord({p.NUM_EXAMPLES: weights[node], p.TRAIN_LOSS: 1.0}),

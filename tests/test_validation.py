@@ -161,16 +161,15 @@ def link_strategy(nodes: frozenset[int] = frozenset(), inner=None, **checks):
     (`inner` defaults to FedAvg; `checks` are strategy-section fields)."""
     from flwr.serverapp.strategy import FedAvg
 
-    from contract.config import StrategyConfig
+    from contract.config import AdapterConfig, StrategyConfig
+    from contract.link_spec import LinkSpec
     from strategies.chain import LinkContext, LinkStrategy, SentRound
 
     ctx = LinkContext(
         run_id=11,
-        chain_index=1,
+        spec=LinkSpec.of(AdapterConfig(), ["l"], [], chain_index=1),
         links=[],
-        link_config={},
         round_offset=0,
-        rounds_done=0,
         node_links={},
         checks=StrategyConfig(max_num_examples=1000, **checks),
     )
@@ -222,13 +221,15 @@ def test_a_superlink_error_without_a_lost_node_stays_a_rejection():
     assert [(r.node_id, r.reason) for r in link.ledgers[1].rejected] == [(1, "client error: odd")]
 
 
-def test_the_inner_strategy_sees_the_link_round_and_clients_the_global_round():
-    """A resumed link: 10 global rounds before this start(), 2 of them in this link. Flower's
-    round 1 of the start() call is link round 3 (every hook of the inner strategy) and global
-    round 11 (on the wire, in the ledger); node 102 sent a bad reply and gets every link."""
+def test_the_inner_strategy_sees_the_round_in_link_and_clients_the_global_round():
+    """Round 3 of link 1, after 10 global rounds: every hook of the inner strategy sees
+    round 3, the wire and the ledger global round 11, and the link spec goes out whole;
+    node 102 sent a bad reply and gets every link."""
     import torch
     from flwr.serverapp.strategy import FedAvg
 
+    from contract.config import AdapterConfig
+    from contract.link_spec import LinkSpec
     from seedlora import ASpec, Link
     from simulation.local import LocalGrid
     from strategies.chain import LinkContext, LinkStrategy
@@ -247,27 +248,35 @@ def test_the_inner_strategy_sees_the_link_round_and_clients_the_global_round():
 
     links = [Link(2.0, (ASpec("circulant", 0, 0, 2, "l", 4, 6),), {"l": torch.ones(6, 2)})]
     node_links = {101: 1, 102: 1}
-    ctx = LinkContext(11, 1, links, {p.RANK: 2}, 10, 2, node_links)
+    spec = LinkSpec.of(AdapterConfig(rank=2), ["l"], [], chain_index=1)
+    ctx = LinkContext(11, spec, links, 8, node_links)  # round 3 of link 1 is global 11
     inner = recorder(min_available_nodes=2, min_train_nodes=2, min_evaluate_nodes=2)
     link = LinkStrategy(inner, ctx)
     grid = LocalGrid(None, 2)
     arrays = ArrayRecord({"l.lora_B": Array(np.zeros(SHAPE, np.float32))})
-    sent = list(link.configure_train(1, arrays, ConfigRecord(), grid))
+    sent = list(link.configure_train(3, arrays, ConfigRecord(), grid))
     configs = [m.content[p.CONFIG] for m in sent]
-    assert [c[p.SERVER_ROUND] for c in configs] == [11, 11]
-    assert all(c[p.CHAIN_INDEX] == 1 and c[p.RANK] == 2 for c in configs)
-    assert [m.content[p.LINKS][p.LINKS_START] for m in sent] == [1, 1]  # they hold link 0
+    assert [c[p.GLOBAL_ROUND] for c in configs] == [11, 11]
+    assert all(LinkSpec.from_wire(c[p.LINK_SPEC]) == spec for c in configs)
+    assert [first_link(m) for m in sent] == [1, 1]  # they hold link 0
     echo = {**GOOD_ECHO, p.LINKS_DIGEST: link.digest}
     good, stale = reply(node=101, echo=echo), reply(node=102, echo={**echo, p.CHAIN_INDEX: 0})
-    new, _ = link.aggregate_train(1, [good, stale])
+    new, _ = link.aggregate_train(3, [good, stale])
     assert new is not None and node_links == {101: 1, 102: 0}
-    sent = list(link.configure_evaluate(1, new, ConfigRecord(), grid))
-    starts = {m.metadata.dst_node_id: m.content[p.LINKS][p.LINKS_START] for m in sent}
+    sent = list(link.configure_evaluate(3, new, ConfigRecord(), grid))
+    starts = {m.metadata.dst_node_id: first_link(m) for m in sent}
     assert starts == {101: 1, 102: 0}  # the rejected node is sent every link again
-    link.aggregate_evaluate(1, [reply(node=101, echo=echo), reply(node=102, echo=echo)])
+    link.aggregate_evaluate(3, [reply(node=101, echo=echo), reply(node=102, echo=echo)])
     assert rounds == dict.fromkeys(hooks, 3)
     assert list(link.ledgers) == [11] and link.ledgers[11].accepted == 1
     assert link.ledgers[11].eval_metrics and node_links == {101: 1, 102: 1}
+
+
+def first_link(message) -> int:
+    """The chain position of the first link a message carries (its links blob says)."""
+    from seedlora.serialize import links_from_bytes
+
+    return links_from_bytes(bytes(message.content[p.LINKS][p.LINKS_DATA]))[0]
 
 
 def test_a_reply_on_another_a_is_a_foreign_a():
