@@ -36,9 +36,7 @@ from .resident import private_copy
 State = dict[str, torch.Tensor]
 
 
-def node_rank(
-    rank: int, cfg: RunConfig, node_config: Mapping[str, Any], partition_id: int
-) -> int:
+def node_rank(rank: int, cfg: RunConfig, node_config: Mapping[str, Any], partition_id: int) -> int:
     """This node's training rank: the link's `rank` unless client-ranks (or the node's
     max-rank) says less."""
     cap = node_config.get(NODE_MAX_RANK)

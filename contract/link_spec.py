@@ -91,8 +91,9 @@ class LinkSpec(BaseModel):
     def from_wire(cls, text: object) -> LinkSpec:
         """The spec a message carries; LinkSpecError names what is wrong with it."""
         if text is None:
-            raise LinkSpecError("link-spec: missing from the message's config (a server of "
-                                "another version?)")
+            raise LinkSpecError(
+                "link-spec: missing from the message's config (a server of another version?)"
+            )
         if not isinstance(text, str):
             raise LinkSpecError(f"link-spec: expected a JSON string, got {type(text).__name__}")
         try:

@@ -30,9 +30,9 @@ import datasets
 import torch
 from flwr.common.logger import log
 
-from contract import protocol as p
 from contract.config import RunConfig, RunConfigError
 from contract.link_spec import LinkSpec
+from contract.round_record import RoundRecord, run_mb
 from runtime.devices import autocast, check_device, pick_device, place
 from seedlora import (
     apply_link,
@@ -59,9 +59,9 @@ from tasks.corpus import SPLIT_SEED
 from tasks.partitioning import cap, held_out_half, stratified_cap
 
 from . import checkpoint, report, tracking
-from .outcome import STOPPED_BUDGET, EmptyRunRule, RunFailed, budget_reached, run_mb
+from .outcome import STOPPED_BUDGET, EmptyRunRule, RunFailed, budget_reached
 from .schedule import round_lr
-from .state import ChainState, RoundResult
+from .state import ChainState, RoundResult, replies_of
 
 # RNG key of the central-eval-max subset (tasks.partitioning.cap_key never makes it).
 CENTRAL_SUBSET_KEY = (SPLIT_SEED, 0, 1)
@@ -195,7 +195,7 @@ class ChainServer:
         self.replica_builds = 0
         if cfg.output.resume:
             self._restore()
-        done = [h for h in self.state.history if h.get("round", 0) > 0 and not h.get("skipped")]
+        done = [r for r in self.state.history if r.global_round > 0 and not r.skipped]
         self.privacy = PrivacyLedger(releases=len(done) if cfg.privacy.dp_clip > 0 else 0)
         self.stopped: str | None = None  # why the run ended before its last round
         self.scalars: tracking.RoundScalars | None = None  # opened by begin()
@@ -227,7 +227,7 @@ class ChainServer:
         ckpt.config = ours
         # The rounds the checkpoint covers: a round logged after it is run again.
         history = ckpt.history or report.read_rounds(self.rounds_path)
-        ckpt.history = [h for h in history if h.get("round", 0) <= ckpt.global_round]
+        ckpt.history = [r for r in history if r.global_round <= ckpt.global_round]
         report.write_rounds(self.rounds_path, ckpt.history)
         checkpoint.discard_links_from(self.out_dir, len(ckpt.links))
         self.state = ckpt
@@ -246,12 +246,13 @@ class ChainServer:
         and a pointer to rounds.jsonl, so a link close writes the same bytes at link 256 as
         at link 2 (the whole history was 580 kB at 256 links)."""
         s = self.state
+        rounds = [r.to_dict() for r in s.history]
         document = {
             "config": s.config,
             "run_id": self.run_id,
             "links_digest": s.links.digest,
             "links_merged": len(s.links),
-            "rounds": s.history,
+            "rounds": rounds,
             "exact_in_weight_space": self.cfg.strategy.name in EXACT_IN_WEIGHT_SPACE,
             "stopped": self.stopped,
         }
@@ -264,7 +265,7 @@ class ChainServer:
                 "in_progress": True,
                 "rounds_file": report.ROUNDS,
                 "rounds_so_far": len(s.history),
-                "recent_rounds": s.history[-self.cfg.chain.rounds_per_link :],
+                "recent_rounds": rounds[-self.cfg.chain.rounds_per_link :],
             }
         report.write_metrics(self.out_dir / "metrics.json", document)
 
@@ -347,70 +348,52 @@ class ChainServer:
         self.scalars = tracking.RoundScalars(self.out_dir, self.cfg.output.tensorboard, resumed_at)
         if fresh:
             checkpoint.clear(self.out_dir)
-            s.history.append({"round": 0, "link": 0, "central": self.central_eval()})
+            s.history.append(
+                RoundRecord(global_round=0, chain_index=0, central=self.central_eval())
+            )
             report.write_rounds(self.rounds_path, s.history)
             self.scalars.write(s.history[0])
-            log(INFO, "base model | central %s", s.history[0]["central"])
+            log(INFO, "base model | central %s", s.history[0].central)
         self.write_metrics()
         self._round_start = time.perf_counter()
 
     def commit_round(self, result: RoundResult) -> None:
-        """Take a round's global state: count it, evaluate, log, append its entry to
+        """Take a round's global state: count it, evaluate, log, append its record to
         rounds.jsonl, checkpoint."""
         s = self.state
         s.arrays = {k: v.clone() for k, v in result.arrays.items()}
         s.round_in_link += result.rounds
         s.global_round += result.rounds
         s.strategy_state = result.strategy_state
-        entry = {
-            "round": s.global_round,
-            "link": s.chain_index,
-            "lr": self.round_lr(s.global_round),
-        }
-        if result.ledger is None:  # SecAgg+: no single reply is visible
-            entry["secure"] = True
-        else:
-            entry.update(self._ledger_entry(result))
+        ledger = result.ledger  # None: SecAgg+, no single reply is visible
+        replies = None
+        if ledger is not None:
+            replies = replies_of(ledger, s.round_in_link, self.cfg.schedule, s.history)
         evaluated = time.perf_counter()
-        entry["central"] = self.central_eval()
-        central = time.perf_counter() - evaluated
-        entry["wall_time"] = time.perf_counter() - self._round_start
-        entry["phases"] = {**result.phases, "central_eval": central}
+        central = self.central_eval()
+        took = time.perf_counter() - evaluated
+        record = RoundRecord(
+            global_round=s.global_round,
+            chain_index=s.chain_index,
+            central=central,
+            lr=self.round_lr(s.global_round),
+            wall_time=time.perf_counter() - self._round_start,
+            phases={**result.phases, "central_eval": took},
+            secure=ledger is None,
+            replies=replies,
+        )
         self._round_start = time.perf_counter()
-        s.history.append(entry)
-        if result.ledger is not None and result.ledger.updates:
-            self._save_updates(s.global_round, result.ledger.updates)
-        if result.ledger is None:
-            log(INFO, "secure link %d | central %s", s.chain_index, entry["central"])
+        s.history.append(record)
+        if ledger is not None and ledger.updates:
+            self._save_updates(s.global_round, ledger.updates)
+        if ledger is None:
+            log(INFO, "secure link %d | central %s", s.chain_index, record.central)
         else:
-            log(INFO, report.round_line(entry))
-        report.append_round(self.rounds_path, entry)
+            log(INFO, report.round_line(record))
+        report.append_round(self.rounds_path, record)
         checkpoint.save(self.out_dir, s)
         if self.scalars is not None:
-            self.scalars.write(entry)
-
-    def _ledger_entry(self, result: RoundResult) -> dict:
-        ledger = result.ledger
-        return {
-            "round_in_link": self.state.round_in_link,
-            "num_links": self.cfg.schedule[0],
-            "rounds_per_link": self.cfg.schedule[1],  # the run's rounds for one-link methods
-            "train_loss": ledger.train_metrics.get(p.TRAIN_LOSS),
-            "train_metrics": ledger.train_metrics,
-            "client_eval": ledger.eval_metrics,
-            "client_eval_model": ledger.eval_of,  # global round of the model evaluated
-            "sent": ledger.sent,
-            "accepted": ledger.accepted,
-            "rejected": [{"node": r.node_id, "reason": r.reason} for r in ledger.rejected],
-            "skipped": ledger.skipped,
-            "lost": ledger.lost,
-            "refused": ledger.refused,
-            "outliers": ledger.outliers,
-            "bytes_up": ledger.bytes_up,
-            "bytes_down": ledger.bytes_down,
-            "bytes_up_per_client": ledger.bytes_up / max(ledger.accepted, 1),
-            **report.running_totals(self.state.history, ledger.bytes_up, ledger.bytes_down),
-        }
+            self.scalars.write(record)
 
     def _save_updates(self, global_round: int, updates: list) -> None:
         """The accepted client states of a round, so anyone can re-check the average."""
@@ -441,9 +424,9 @@ class ChainServer:
         """Final summary, plot, generated samples (a generative task) and exports (PEFT adapter
         of rank k*r, merged HF model)."""
         history = self.state.history
-        rounds = [h for h in history if h.get("central")]
+        rounds = [r for r in history if r.central]
         if len(rounds) >= 2:
-            first, last = rounds[0]["central"], rounds[-1]["central"]
+            first, last = rounds[0].central, rounds[-1].central
             log(INFO, "central eval: base %s -> final %s", first, last)
         for r in report.refused_nodes(history):
             log(

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from contract.round_record import RoundRecord
 from seedlora.chain import Chain
 from seedlora.serialize import (
     CorruptFileError,
@@ -190,7 +191,8 @@ def _read(path: Path) -> ChainState:
     try:
         if "links" in tensors:  # written before the link log: links and history inside
             _, links = links_from_bytes(tensors["links"].numpy().tobytes())
-            links, history = Chain(links), list(meta["history"])
+            links = Chain(links)
+            history = [RoundRecord.from_dict(e) for e in meta["history"]]
         else:
             links = read_links(path.parent, int(meta["links_merged"]), meta["links_digest"])
             history = []

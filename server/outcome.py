@@ -35,7 +35,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .report import running_totals
+from contract.round_record import RoundRecord, run_mb
+
 from .state import ChainState, RoundResult
 
 REASON_CHARS = 160  # of the first rejection reason quoted in the message
@@ -44,15 +45,6 @@ STOPPED_BUDGET = "comm-budget"  # metrics.json "stopped" of a run ended by rule 
 
 class RunFailed(RuntimeError):
     """The run cannot produce a trained model; the message is one line."""
-
-
-def _accepted(entry: dict) -> int:
-    """Updates a committed round (a metrics.json entry) aggregated."""
-    if entry.get("round", 0) <= 0:
-        return 0
-    if entry.get("secure"):  # committed, so it passed the rules below
-        return 1
-    return 0 if entry.get("skipped") else int(entry.get("accepted", 0))
 
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -81,8 +73,8 @@ class EmptyRunRule:
     def __init__(self, state: ChainState, timeout: float):
         history = state.history
         self.timeout = timeout
-        self.ever = any(_accepted(h) for h in history)
-        self.in_link = sum(_accepted(h) for h in history if h.get("link") == state.chain_index)
+        self.ever = any(r.updates for r in history)
+        self.in_link = sum(r.updates for r in history if r.chain_index == state.chain_index)
 
     def round(self, result: RoundResult, state: ChainState) -> None:
         """Before `commit_round`: raise under (a), else count the round's updates."""
@@ -110,12 +102,6 @@ class EmptyRunRule:
         self.in_link = 0
 
 
-def run_mb(history: Sequence[dict]) -> tuple[float, float]:
-    """The run's cumulative MB up and down after its last round that counted bytes."""
-    totals = running_totals(history, 0, 0)
-    return totals["mb_up_total"], totals["mb_down_total"]
-
-
-def budget_reached(history: Sequence[dict], budget_mb: float) -> bool:
+def budget_reached(history: Sequence[RoundRecord], budget_mb: float) -> bool:
     """Rule (c): the run's MB up + down has reached `budget_mb` (never when it is 0)."""
     return budget_mb > 0 and sum(run_mb(history)) >= budget_mb

@@ -22,42 +22,43 @@ from pathlib import Path
 from torch import nn
 
 from contract.config import UploadConfig
+from contract.round_record import MB, Refused, RoundRecord
 from seedlora import adapter_layers
 from seedlora.compress import encode
 from seedlora.serialize import atomic_write_bytes
 
 
-def round_line(entry: dict) -> str:
+def round_line(record: RoundRecord) -> str:
     """`link 1 round 2/3 (global 5) | clients 8/8 | lr 0.002 | train loss 2.31 | central
     ppl 9.8 | up 1.8 MB down 2.0 MB (run: up 9.0 MB down 10.1 MB) | 12.3s`, with
     `every reply of the link rejected: node 103 (2 replies: <reason>)` after the clients
     when a node's train replies in this link were all rejected so far.
 
     A run of one link (the baselines without chains, or num-links = 1) reads
-    `round 5/9`: its rounds-per-link is the run's rounds."""
-    central = entry.get("central") or {}
-    of = f"round {entry['round_in_link']}/{entry['rounds_per_link']}"
-    chained = entry.get("num_links", 2) > 1
+    `round 5/9`: its rounds-per-link is the run's rounds. `record` is a plain round's
+    (its `replies` set)."""
+    r = record.replies
+    assert r is not None, "round_line: a plain round's record"
+    of = f"round {r.round_in_link}/{r.rounds_per_link}"
     parts = [
-        f"link {entry['link']} {of} (global {entry['round']})" if chained else of,
-        f"clients {entry['accepted']}/{entry['sent']}" + (" SKIPPED" if entry["skipped"] else ""),
+        f"link {record.chain_index} {of} (global {record.global_round})" if r.num_links > 1 else of,
+        f"clients {r.accepted}/{r.sent}" + (" SKIPPED" if r.skipped else ""),
     ]
-    if entry.get("refused"):
-        parts.append(refused_text(entry["refused"]))
-    if entry.get("lr") is not None:
-        parts.append(f"lr {entry['lr']:.4g}")
-    if entry.get("train_loss") is not None:
-        parts.append(f"train loss {entry['train_loss']:.4f}")
-    parts.append(f"central {_metrics(central) or '-'}")
-    if entry.get("client_eval"):  # client-eval with-train: the model the clients received
-        of = entry.get("client_eval_model")
-        parts.append(f"clients' eval {_metrics(entry['client_eval'])} (model of round {of})")
-    traffic = f"up {entry['bytes_up'] / 1e6:.3f} MB down {entry['bytes_down'] / 1e6:.3f} MB"
-    if "bytes_up_total" in entry:
-        up, down = entry["bytes_up_total"] / 1e6, entry["bytes_down_total"] / 1e6
-        traffic += f" (run: up {up:.3f} MB down {down:.3f} MB)"
+    if r.refused:
+        parts.append(refused_text(r.refused))
+    if record.lr is not None:
+        parts.append(f"lr {record.lr:.4g}")
+    if r.train_loss is not None:
+        parts.append(f"train loss {r.train_loss:.4f}")
+    parts.append(f"central {_metrics(record.central) or '-'}")
+    if r.client_eval:  # client-eval with-train: the model the clients received
+        of = r.client_eval_model
+        parts.append(f"clients' eval {_metrics(r.client_eval)} (model of round {of})")
+    traffic = f"up {r.bytes_up / MB:.3f} MB down {r.bytes_down / MB:.3f} MB"
+    up, down = r.bytes_up_total / MB, r.bytes_down_total / MB
+    traffic += f" (run: up {up:.3f} MB down {down:.3f} MB)"
     parts.append(traffic)
-    parts.append(f"{entry['wall_time']:.1f}s")
+    parts.append(f"{record.wall_time:.1f}s")
     return " | ".join(parts)
 
 
@@ -65,24 +66,27 @@ def _metrics(metrics: dict) -> str:
     return " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "num-examples")
 
 
-def refused_text(refused: Sequence[dict]) -> str:
+def refused_text(refused: Sequence[Refused]) -> str:
     """`every reply of the link rejected: node 103 (2 replies: client error: boom)`."""
     named = "; ".join(
-        f"node {r['node']} ({r['replies']} repl{'y' if r['replies'] == 1 else 'ies'}: "
-        f"{r['reason']})"
+        f"node {r.node} ({r.replies} repl{'y' if r.replies == 1 else 'ies'}: {r.reason})"
         for r in refused
     )
     return f"every reply of the link rejected: {named}"
 
 
-def refused_nodes(history: Sequence[dict]) -> list[dict]:
+def refused_nodes(history: Sequence[RoundRecord]) -> list[dict]:
     """The run's nodes whose every train reply in a link was rejected: each link's last
     round's `refused` list, with the link (for metrics.json's `refused_nodes`)."""
-    last: dict[int, list[dict]] = {}
-    for entry in history:
-        if "refused" in entry:
-            last[entry["link"]] = entry["refused"]
-    return [{"link": link, **r} for link, refused in sorted(last.items()) for r in refused]
+    last: dict[int, tuple[Refused, ...]] = {}
+    for record in history:
+        if record.replies is not None:
+            last[record.chain_index] = record.replies.refused
+    return [
+        {"link": link, "node": r.node, "replies": r.replies, "reason": r.reason}
+        for link, refused in sorted(last.items())
+        for r in refused
+    ]
 
 
 def compact_names(names: Sequence[str]) -> str:
@@ -129,20 +133,6 @@ def _ranges(values: list[int]) -> str:
             spans.append(str(start) if start == prev else f"{start}-{prev}")
             start = cur
     return "[" + ",".join(spans) + "]"
-
-
-def running_totals(history: Sequence[dict], up: int, down: int) -> dict[str, float]:
-    """The run's bytes up and down so far, this round (`up`, `down`) included, and the
-    same in MB (1e6 bytes; what `comm-budget-mb` caps)."""
-    last = next((h for h in reversed(history) if "bytes_up_total" in h), {})
-    total_up = last.get("bytes_up_total", 0) + up
-    total_down = last.get("bytes_down_total", 0) + down
-    return {
-        "bytes_up_total": total_up,
-        "bytes_down_total": total_down,
-        "mb_up_total": total_up / 1e6,
-        "mb_down_total": total_down / 1e6,
-    }
 
 
 def adapter_summary(model, method: str, state: dict, upload: UploadConfig) -> str:
@@ -192,29 +182,29 @@ ROUNDS = "rounds.jsonl"
 SAMPLES = "samples.jsonl"  # a generative task's final completions (Task.samples)
 
 
-def append_round(path: str | os.PathLike, entry: dict) -> None:
-    """Append one round's entry to a rounds.jsonl file (one JSON object per line)."""
+def append_round(path: str | os.PathLike, record: RoundRecord) -> None:
+    """Append one round's record to a rounds.jsonl file (one JSON object per line)."""
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(entry, sort_keys=True) + "\n")
+        f.write(json.dumps(record.to_dict(), sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
-def read_rounds(path: str | os.PathLike) -> list[dict]:
-    """The entries of a rounds.jsonl file, in order; [] if there is none. A line that does
+def read_rounds(path: str | os.PathLike) -> list[RoundRecord]:
+    """The records of a rounds.jsonl file, in order; [] if there is none. A line that does
     not parse (a write cut short by a crash) is skipped."""
     path = Path(path)
     if not path.exists():
         return []
-    entries = []
+    records = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue
         if isinstance(entry, dict):
-            entries.append(entry)
-    return entries
+            records.append(RoundRecord.from_dict(entry))
+    return records
 
 
 def write_jsonl(path: str | os.PathLike, entries: list[dict]) -> Path:
@@ -223,14 +213,18 @@ def write_jsonl(path: str | os.PathLike, entries: list[dict]) -> Path:
     return atomic_write_bytes(path, text.encode())
 
 
-write_rounds = write_jsonl
+def write_rounds(path: str | os.PathLike, history: Sequence[RoundRecord]) -> Path:
+    """Replace a rounds.jsonl file with `history`, atomically."""
+    return write_jsonl(path, [r.to_dict() for r in history])
 
 
 def write_metrics(path: str | os.PathLike, document: dict) -> Path:
     return atomic_write_bytes(path, json.dumps(document, indent=1, sort_keys=True).encode())
 
 
-def plot_history(path: str | os.PathLike, history: list[dict], rounds_per_link: int) -> Path:
+def plot_history(
+    path: str | os.PathLike, history: Sequence[RoundRecord], rounds_per_link: int
+) -> Path:
     """Train loss and central eval per round, with a dashed line at every link boundary."""
     import matplotlib
 
@@ -238,23 +232,23 @@ def plot_history(path: str | os.PathLike, history: list[dict], rounds_per_link: 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    rounds = [h["round"] for h in history if h.get("train_loss") is not None]
+    trained = [r for r in history if r.replies is not None and r.replies.train_loss is not None]
     ax.plot(
-        rounds,
-        [h["train_loss"] for h in history if h.get("train_loss") is not None],
+        [r.global_round for r in trained],
+        [r.replies.train_loss for r in trained],  # type: ignore[union-attr]
         "o-",
         label="train loss (clients)",
     )
-    central = [h for h in history if h.get("central")]
-    keys = [k for k in ("loss", "accuracy") if central and k in central[0]["central"]]
+    central = [r for r in history if r.central]
+    keys = [k for k in ("loss", "accuracy") if central and k in central[0].central]
     for key in keys:
         ax.plot(
-            [h["round"] for h in central],
-            [h["central"][key] for h in central],
+            [r.global_round for r in central],
+            [r.central[key] for r in central],
             "s-",
             label=f"central eval {key}",
         )
-    last = max((h["round"] for h in history), default=0)
+    last = max((r.global_round for r in history), default=0)
     for boundary in range(rounds_per_link, last, rounds_per_link):
         ax.axvline(boundary + 0.5, color="grey", linestyle="--", linewidth=0.8)
     ax.set_xlabel("round (dashed: chain link merged)")

@@ -31,6 +31,8 @@ from typing import Any
 
 from flwr.common.logger import log
 
+from contract.round_record import MB, RoundRecord
+
 TB_DIR = "tb"
 SKIPPED_METRICS = frozenset({"num-examples"})
 
@@ -45,26 +47,27 @@ def _metrics(prefix: str, metrics: Mapping[str, Any] | None) -> Iterator[tuple[s
             yield f"{prefix}/{key}", float(value)
 
 
-def round_scalars(entry: Mapping[str, Any]) -> dict[str, float]:
-    """The tag -> value pairs of one metrics.json round entry (the module docstring's tags;
-    a key the entry lacks, e.g. train loss of round 0, is left out)."""
+def round_scalars(record: RoundRecord) -> dict[str, float]:
+    """The tag -> value pairs of one round's record (the module docstring's tags; what the
+    record lacks, e.g. the train loss of round 0, is left out)."""
     out: dict[str, float] = {}
-    if _numeric(entry.get("train_loss")):
-        out["train/loss"] = float(entry["train_loss"])
-    out.update(_metrics("client_eval", entry.get("client_eval")))
-    out.update(_metrics("central", entry.get("central")))
-    plain = {
-        "lr": "lr",
-        "comm/mb_up_total": "mb_up_total",
-        "comm/mb_down_total": "mb_down_total",
-        "clients/accepted": "accepted",
-        "time/round_s": "wall_time",
-    }
-    out.update({tag: float(entry[k]) for tag, k in plain.items() if _numeric(entry.get(k))})
-    for tag, key in (("comm/mb_up", "bytes_up"), ("comm/mb_down", "bytes_down")):
-        if _numeric(entry.get(key)):
-            out[tag] = entry[key] / 1e6
-    out.update(_metrics("phases", entry.get("phases")))
+    r = record.replies
+    if r is not None and _numeric(r.train_loss):
+        out["train/loss"] = float(r.train_loss)  # type: ignore[arg-type]
+    out.update(_metrics("client_eval", r.client_eval if r is not None else None))
+    out.update(_metrics("central", record.central))
+    if _numeric(record.lr):
+        out["lr"] = float(record.lr)  # type: ignore[arg-type]
+    if r is not None:
+        out["comm/mb_up_total"] = r.bytes_up_total / MB
+        out["comm/mb_down_total"] = r.bytes_down_total / MB
+        out["clients/accepted"] = float(r.accepted)
+    if _numeric(record.wall_time):
+        out["time/round_s"] = float(record.wall_time)  # type: ignore[arg-type]
+    if r is not None:
+        out["comm/mb_up"] = r.bytes_up / MB
+        out["comm/mb_down"] = r.bytes_down / MB
+    out.update(_metrics("phases", record.phases))
     return out
 
 
@@ -89,11 +92,11 @@ class RoundScalars:
         self.writer = SummaryWriter(str(path), purge_step=purge)
         log(INFO, "TensorBoard events in %s ('tensorboard --logdir %s')", path, run_dir.parent)
 
-    def write(self, entry: Mapping[str, Any]) -> None:
+    def write(self, record: RoundRecord) -> None:
         if self.writer is None:
             return
-        step = int(entry["round"])
-        for tag, value in round_scalars(entry).items():
+        step = record.global_round
+        for tag, value in round_scalars(record).items():
             self.writer.add_scalar(tag, value, step)
         self.writer.flush()
 

@@ -13,14 +13,9 @@ from flwr.app import Message
 from flwr.common.constant import SUPERLINK_NODE_ID
 
 from contract import protocol as p
+from contract.round_record import Refused, Rejection
 
-
-@dataclass(frozen=True)
-class Rejection:
-    """A reply the pipeline refused: the node that sent it and the reason."""
-
-    node_id: int
-    reason: str
+__all__ = ["Refusals", "Refused", "Rejection", "RoundLedger", "client_updates"]
 
 
 @dataclass
@@ -40,7 +35,7 @@ class RoundLedger:
     updates: list[tuple[int, float, dict]] = field(default_factory=list)  # (partition, n, B)
     outliers: list[dict] = field(default_factory=list)  # node, norm, bound, action
     lost: list[int] = field(default_factory=list)  # sampled nodes that sent no reply in time
-    refused: list[dict] = field(default_factory=list)  # Refusals.count: node, replies, reason
+    refused: list[Refused] = field(default_factory=list)  # Refusals.count
 
 
 def client_updates(accepted: Iterable[Message]) -> list[tuple[int, float, dict]]:
@@ -65,7 +60,7 @@ class Refusals:
         self.rejected: dict[int, int] = {}
         self.reason: dict[int, str] = {}
 
-    def count(self, accepted: Iterable[int], rejected: Sequence[Rejection]) -> list[dict]:
+    def count(self, accepted: Iterable[int], rejected: Sequence[Rejection]) -> list[Refused]:
         """Count a round's replies (nodes that passed the checks; own rejections, not the
         SuperLink's); the nodes of this link so far with every reply rejected, by id."""
         for node in accepted:
@@ -77,7 +72,7 @@ class Refusals:
             self.rejected[r.node_id] = self.rejected.get(r.node_id, 0) + 1
             self.reason[r.node_id] = r.reason
         return [
-            {"node": node, "replies": n, "reason": self.reason[node]}
+            Refused(node, n, self.reason[node])
             for node, n in sorted(self.replies.items())
             if self.rejected.get(node) == n
         ]

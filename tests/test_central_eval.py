@@ -71,7 +71,7 @@ def test_central_eval_in_half_precision_uses_a_replica_per_link(overrides, tmp_p
     for k, v in trainable_state(replica).items():
         assert v.dtype == torch.float32 and k in master_b
     for ours, theirs in zip(server.state.history, ref["rounds"], strict=True):
-        a, b = ours["central"]["loss"], theirs["central"]["loss"]
+        a, b = ours.central["loss"], theirs["central"]["loss"]
         assert abs(a - b) < 0.02 * b, (a, b)
 
 

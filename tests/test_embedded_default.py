@@ -30,7 +30,7 @@ def test_code_lm_lowers_held_out_perplexity(tmp_path):
         "export": False,
     }
     server = run_default(tmp_path, 4, **ov)
-    rounds = [h["central"]["ppl"] for h in server.state.history]
+    rounds = [r.central["ppl"] for r in server.state.history]
     print(f"code-lm central perplexity per round: {[round(p, 2) for p in rounds]}")
     assert rounds[-1] < 0.95 * rounds[0]
 
@@ -50,11 +50,11 @@ def test_code_cls_learns_its_head(tmp_path):
         "export": False,
     }
     server = run_default(tmp_path, 3, **ov)
-    acc = [h["central"]["accuracy"] for h in server.state.history]
+    acc = [r.central["accuracy"] for r in server.state.history]
     print(f"code-cls central accuracy per round: {acc}")
     assert acc[-1] > acc[0] and acc[-1] > 1 / 4 + 0.1
     assert "score.weight" in server.state.arrays  # the head travels with B
-    assert server.state.history[-1]["client_eval"]["accuracy"] > 0
+    assert server.state.history[-1].replies.client_eval["accuracy"] > 0
 
 
 def test_rank_larger_than_a_layer_fails_naming_rank(tmp_path):

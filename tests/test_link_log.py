@@ -144,7 +144,7 @@ def test_resume_after_a_crash_anywhere_in_close_link(
     assert link_files(out) == ["00000.safetensors", "00001.safetensors"]
     rounds = [r["round"] for r in json.loads((out / "metrics.json").read_text())["rounds"]]
     assert rounds == [0, 1, 2]  # none lost, none twice
-    assert [r["round"] for r in report.read_rounds(out / report.ROUNDS)] == rounds
+    assert [r.global_round for r in report.read_rounds(out / report.ROUNDS)] == rounds
 
 
 def test_a_round_logged_after_its_checkpoint_is_not_listed_twice(overrides, tmp_path, monkeypatch):
@@ -156,12 +156,12 @@ def test_a_round_logged_after_its_checkpoint_is_not_listed_twice(overrides, tmp_
         m.setattr(checkpoint, "save", _crash_when(round_two)(checkpoint.save))
         with pytest.raises(KeyboardInterrupt):
             run(overrides, out)
-    assert [r["round"] for r in report.read_rounds(out / report.ROUNDS)] == [0, 1, 2]
+    assert [r.global_round for r in report.read_rounds(out / report.ROUNDS)] == [0, 1, 2]
     with open(out / report.ROUNDS, "a") as f:
         f.write('{"round": 3, "link"')  # and a line cut short by the crash
     _, grid = run(overrides, out, resume=True)
     assert grid.rounds_sent == 1
-    assert [r["round"] for r in report.read_rounds(out / report.ROUNDS)] == [0, 1, 2]
+    assert [r.global_round for r in report.read_rounds(out / report.ROUNDS)] == [0, 1, 2]
 
 
 def test_metrics_at_a_link_close_do_not_grow_with_the_chain(overrides, tmp_path, monkeypatch):

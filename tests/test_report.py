@@ -6,6 +6,7 @@ import logging
 import torch
 
 from contract.config import UploadConfig
+from contract.round_record import RoundRecord
 from seedlora import inject, trainable_state
 from server.report import adapter_summary, compact_names, round_line
 from simulation.local import run_local
@@ -51,10 +52,12 @@ def test_round_line_of_one_link_and_of_a_chain():
         "bytes_down_total": 4e6,
         "wall_time": 1.0,
     }
-    line = round_line(entry)
+    line = round_line(RoundRecord.from_dict(entry))
     assert line.startswith("round 5/6 | clients 2/2 |"), line
     assert "up 2.000 MB down 1.000 MB (run: up 9.000 MB down 4.000 MB)" in line
-    chained = round_line({**entry, "num_links": 3, "link": 1, "round_in_link": 2})
+    chained = round_line(
+        RoundRecord.from_dict({**entry, "num_links": 3, "link": 1, "round_in_link": 2})
+    )
     assert chained.startswith("link 1 round 2/6 (global 5) |"), chained
 
 

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from client import local
 from contract import protocol as p
 from contract.config import RunConfig
+from contract.round_record import Replies, RoundRecord
 from seedlora import trainable_state
 from server import tracking
 from server.outcome import STOPPED_BUDGET
@@ -136,21 +137,29 @@ def test_a_resumed_run_replaces_the_rounds_after_its_checkpoint(tmp_path):
 
 
 def test_round_scalars_name_every_per_round_value():
-    entry = {
-        "round": 4,
-        "train_loss": 2.5,
-        "client_eval": {"loss": 2.0, "num-examples": 8},
-        "central": {"loss": 1.5, "perplexity": 4.48},
-        "lr": 1e-3,
-        "bytes_up": 2_000_000,
-        "bytes_down": 3_000_000,
-        "mb_up_total": 8.0,
-        "mb_down_total": 12.0,
-        "accepted": 2,
-        "wall_time": 3.5,
-        "phases": {"configure": 0.1},
-    }
-    assert tracking.round_scalars(entry) == {
+    replies = Replies(
+        round_in_link=1,
+        num_links=3,
+        rounds_per_link=3,
+        sent=2,
+        accepted=2,
+        train_metrics={p.TRAIN_LOSS: 2.5},
+        client_eval={"loss": 2.0, "num-examples": 8},
+        bytes_up=2_000_000,
+        bytes_down=3_000_000,
+        bytes_up_total=8_000_000,
+        bytes_down_total=12_000_000,
+    )
+    record = RoundRecord(
+        global_round=4,
+        chain_index=1,
+        central={"loss": 1.5, "perplexity": 4.48},
+        lr=1e-3,
+        wall_time=3.5,
+        phases={"configure": 0.1},
+        replies=replies,
+    )
+    assert tracking.round_scalars(record) == {
         "train/loss": 2.5,
         "client_eval/loss": 2.0,
         "central/loss": 1.5,
@@ -164,7 +173,8 @@ def test_round_scalars_name_every_per_round_value():
         "time/round_s": 3.5,
         "phases/configure": 0.1,
     }
-    assert tracking.round_scalars({"round": 0, "central": {"loss": 3.0}}) == {"central/loss": 3.0}
+    base = RoundRecord(global_round=0, chain_index=0, central={"loss": 3.0})
+    assert tracking.round_scalars(base) == {"central/loss": 3.0}
 
 
 def round_mb(overrides, tmp_path) -> float:
@@ -201,7 +211,7 @@ def test_the_comm_budget_stops_mid_link_and_merges_the_open_link(overrides, tmp_
     links = sorted((tmp_path / "run" / "links").iterdir())
     assert len(links) == 1  # the link log the exports are built from holds link 0
     history = read_rounds(tmp_path / "run" / "rounds.jsonl")
-    assert [h["round"] for h in history] == [0, 1, 2]
+    assert [r.global_round for r in history] == [0, 1, 2]
 
 
 @pytest.mark.integration

@@ -46,7 +46,7 @@ def test_secagg_plus_averages_b_and_the_server_sees_no_update(overrides, tmp_pat
             errors.append(relative_error(link.factors[name], mean))
     print(f"SecAgg+ average vs plain weighted mean: max relative error {max(errors):.2e}")
     assert max(errors) <= 1e-3  # SecAgg+ quantizes to 22 bits in [-8, 8]
-    assert server.state.history[-1]["central"]["loss"] < server.state.history[0]["central"]["loss"]
+    assert server.state.history[-1].central["loss"] < server.state.history[0].central["loss"]
 
 
 def test_secure_aggregation_refuses_what_it_cannot_run():
@@ -65,5 +65,5 @@ def test_secagg_plus_runs_ffa_as_one_link_of_all_rounds(overrides, tmp_path):
     run_secure(server, grid, Context(RUN_ID, 0, {}, RecordDict(), {}))
     assert server.state.global_round == 2
     assert len(server.state.links) == 1
-    assert [h["link"] for h in server.state.history] == [0, 0]
-    assert server.state.history[-1]["central"]["loss"] < server.state.history[0]["central"]["loss"]
+    assert [r.chain_index for r in server.state.history] == [0, 0]
+    assert server.state.history[-1].central["loss"] < server.state.history[0].central["loss"]

@@ -20,8 +20,10 @@ from flwr.supercore.task_identity import TaskIdentity
 from contract import protocol as p
 from contract.config import AdapterConfig, StrategyConfig
 from contract.link_spec import LinkSpec
+from contract.round_record import Refused, RoundRecord
 from seedlora.exactsum import ExactSum
 from server.rounds import train_exchange
+from server.state import replies_of
 from simulation.local import LocalGrid
 from strategies import exchange
 from strategies.chain import LinkContext, LinkStrategy
@@ -378,19 +380,16 @@ def test_a_node_whose_every_reply_in_the_link_is_rejected_is_named():
     stale = {p.RUN_ID: 11, p.CHAIN_INDEX: 0, p.LINKS_DIGEST: DIGEST}
     flaky_bad = reply(401, clients[0][1], 10, echo=stale)
     history = []
-    for server_round in (1, 2):
+    for round_in_link in (1, 2):
         replies = [reply(n, s, w) for n, s, w, _ in clients]
         replies.append(reply(400, clients[0][1], 10, echo=stale))  # always stale
-        replies.append(flaky_bad if server_round == 1 else reply(401, clients[1][1], 10))
-        strategy.aggregate_train(server_round, replies)
-        refused = strategy.ledgers[server_round].refused
-        history.append({"round": server_round, "link": 1, "refused": refused})
+        replies.append(flaky_bad if round_in_link == 1 else reply(401, clients[1][1], 10))
+        strategy.aggregate_train(round_in_link, replies)
+        ledger = strategy.ledgers[round_in_link]
+        history.append(RoundRecord(round_in_link, 1, replies=replies_of(ledger, 1, (2, 2), [])))
     reason = "stale chain index 0 (expected 1)"
-    assert strategy.ledgers[1].refused == [
-        {"node": 400, "replies": 1, "reason": reason},
-        {"node": 401, "replies": 1, "reason": reason},
-    ]
-    assert strategy.ledgers[2].refused == [{"node": 400, "replies": 2, "reason": reason}]
+    assert strategy.ledgers[1].refused == [Refused(400, 1, reason), Refused(401, 1, reason)]
+    assert strategy.ledgers[2].refused == [Refused(400, 2, reason)]
     assert report.refused_nodes(history) == [
         {"link": 1, "node": 400, "replies": 2, "reason": reason}
     ]
