@@ -11,7 +11,7 @@ public seed and the chain index c of every A-spec, which layers are adapted (`ta
 which factor is frozen, which modules are trained whole (`heads`) and the adapter's input
 dropout. The server makes the spec from its run config and task (`LinkSpec.of`) and sends
 it whole in every message's config under `contract.protocol.LINK_SPEC`, as compact JSON
-(`to_wire`: 256 bytes for the embedded default); the client takes the link from it alone,
+(`to_wire`: 242 bytes for the embedded default); the client takes the link from it alone,
 never from its own run config (client/model.py), and refuses a spec with a missing or
 unknown field, naming it (`from_wire`). What the client's own config keeps is how it
 trains (precision, device, local steps, lr default) and what it uploads, not what it trains.

@@ -30,7 +30,7 @@ def test_a_spec_goes_through_the_wire_unchanged_and_small():
     text = spec.to_wire()
     assert LinkSpec.from_wire(text) == spec and LinkSpec.from_wire(text).to_wire() == text
     assert spec.a_rule == A_RULE and spec.scale_rule == SCALE_RULE and spec.a_kind != "auto"
-    assert len(text.encode()) < 400  # compact JSON, one config string (256 bytes here)
+    assert len(text.encode()) < 400  # compact JSON, one config string (242 bytes here)
     regex = LinkSpec.of(AdapterConfig(target_modules="re:.*attn.*"), ["x"], [], 1)
     assert regex.targets == ".*attn.*" and LinkSpec.from_wire(regex.to_wire()) == regex
     assert spec.at(5).chain_index == 5 and spec.at(5).at(2) == spec
