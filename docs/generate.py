@@ -83,7 +83,8 @@ def deployment() -> Iterator[Row]:
                         for wname, w in sorted(workers.items()):
                             yield (
                                 f"{head}: {layout}, worker {wname} ({len(w['partitions'])} partitions, {doc['run_config']['num-links']} links)",
-                                f"{w['builds']} model builds, tokenized: {w['tokenized']}",
+                                f"{w['builds']} model builds; tokenized "
+                                + ", ".join(f"{split} {n}x" for split, n in sorted(w["tokenized"].items())),
                                 name,
                             )
             for layout, goal in sorted((row.get("goals") or {}).items()):
@@ -337,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         if current == text:
             continue
         if args.check:
-            stale.append(str(path.relative_to(ROOT)))
+            stale.append(path.name)
         else:
             path.write_text(text)
     if stale:
