@@ -46,7 +46,7 @@ def num(x: float | None, digits: int = 3) -> str:
         return "yes" if x else "no"
     if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e6):
         return f"{x:.2e}"
-    if abs(x) >= 10 ** digits:
+    if abs(x) >= 10**digits:
         return f"{x:,.0f}"
     return f"{x:.{digits}g}"
 
@@ -67,26 +67,30 @@ def machine(doc: dict[str, Any]) -> str:
 # --- the families -------------------------------------------------------------------------
 
 
+LAYOUTS = ("simulated", "floor", "floor_fast_poll", "deployed_node", "deployed_host")
+
+
+def _workers(head: str, run: dict[str, Any], links: int, name: str) -> Iterator[Row]:
+    """A deployed layout's workers: model builds and tokenized datasets over the run."""
+    for worker, w in sorted((run.get("workers") or {}).items()):
+        tokenized = ", ".join(f"{split} {n}x" for split, n in sorted(w["tokenized"].items()))
+        where = f"worker {worker} (partitions {w['partitions']}, {links} links)"
+        yield f"{head}, {where}", f"{w['builds']} model builds; tokenized {tokenized}", name
+
+
 def deployment() -> Iterator[Row]:
     for name in files("deploy-*.json"):
         doc = load(name)
         for row in doc["rows"]:
             head = f"{doc['preset']}, {row['nodes']} nodes, client-eval {row['client_eval']}"
             sim = row["simulated"]["steady_median_s"]
-            for layout in ("simulated", "floor", "floor_fast_poll", "deployed_node", "deployed_host"):
-                if layout in row:
-                    value = row[layout]["steady_median_s"]
-                    note = "" if layout == "simulated" else f" ({num(value / sim)}x simulated)"
-                    yield f"{head}: steady round, {layout}", f"{num(value)} s{note}", name
-                    workers = row[layout].get("workers") or {}
-                    if layout.startswith("deployed") and workers:
-                        for wname, w in sorted(workers.items()):
-                            yield (
-                                f"{head}: {layout}, worker {wname} ({len(w['partitions'])} partitions, {doc['run_config']['num-links']} links)",
-                                f"{w['builds']} model builds; tokenized "
-                                + ", ".join(f"{split} {n}x" for split, n in sorted(w["tokenized"].items())),
-                                name,
-                            )
+            for layout in (layout for layout in LAYOUTS if layout in row):
+                value = row[layout]["steady_median_s"]
+                note = "" if layout == "simulated" else f" ({num(value / sim)}x simulated)"
+                yield f"{head}: steady round, {layout}", f"{num(value)} s{note}", name
+                links = doc["run_config"]["num-links"]
+                if layout.startswith("deployed"):
+                    yield from _workers(f"{head}: {layout}", row[layout], links, name)
             for layout, goal in sorted((row.get("goals") or {}).items()):
                 if isinstance(goal, dict):
                     met = "met" if goal["round_met"] else "not met"
@@ -107,9 +111,16 @@ def gpu_simulation() -> Iterator[Row]:
     for name in files("gpu_sim-*.json"):
         doc = load(name)
         for row in doc["rows"]:
-            head = f"{doc['shape']}, {row['label']}, {row['nodes']} clients x {row['clients_per_gpu']} per GPU, {row['gpus']} GPU"
+            head = (
+                f"{doc['shape']}, {row['label']}, {row['nodes']} clients x "
+                f"{row['clients_per_gpu']} per GPU, {row['gpus']} GPU"
+            )
             yield f"{head}: steady round", f"{num(row['round_time_mean'])} s", name
-            yield f"{head}: round / clients' critical path", f"{num(row['round_over_critical_path'])}x", name
+            yield (
+                f"{head}: round / clients' critical path",
+                f"{num(row['round_over_critical_path'])}x",
+                name,
+            )
             if row.get("gpu_util_mean") is not None:
                 yield f"{head}: GPU utilisation", f"{row['gpu_util_mean'] * 100:.0f}%", name
                 yield f"{head}: tokens/s per GPU", num(row["tokens_per_s_per_gpu"]), name
@@ -120,7 +131,8 @@ def gpu_simulation() -> Iterator[Row]:
                     part = pss[side]
                     yield (
                         f"{head}: host PSS, {side} (steady)",
-                        f"{num(part['steady_gb'])} GB = {num(part['steady_over_master'])}x one master ({num(pss['master_gb'])} GB)",
+                        f"{num(part['steady_gb'])} GB = {num(part['steady_over_master'])}x "
+                        f"one master ({num(pss['master_gb'])} GB)",
                         name,
                     )
 
@@ -131,10 +143,19 @@ def gpu_clients() -> Iterator[Row]:
         for row in doc["comparison"]:
             head = f"{row['clients']} clients, {doc['model']['shape']}"
             if row.get("floor_tokens_per_s"):
-                yield f"{head}: one process, no Flower (floor)", f"{num(row['floor_tokens_per_s'])} tokens/s", name
+                yield (
+                    f"{head}: one process, no Flower (floor)",
+                    f"{num(row['floor_tokens_per_s'])} tokens/s",
+                    name,
+                )
             yield f"{head}: Ray, 1 GPU", f"{num(row['ray_1gpu_tokens_per_s'])} tokens/s", name
             if row.get("ray_2gpu_tokens_per_s"):
-                yield f"{head}: Ray, 2 GPUs", f"{num(row['ray_2gpu_tokens_per_s'])} tokens/s ({num(row['ray_2gpu_over_1gpu'])}x 1 GPU)", name
+                yield (
+                    f"{head}: Ray, 2 GPUs",
+                    f"{num(row['ray_2gpu_tokens_per_s'])} tokens/s "
+                    f"({num(row['ray_2gpu_over_1gpu'])}x 1 GPU)",
+                    name,
+                )
         for gpus, by_clients in sorted(doc["ray"].items()):
             for clients, run in sorted(by_clients.items(), key=lambda kv: int(kv[0])):
                 if run.get("peak_gpu_mb_per_client_max"):
@@ -149,8 +170,14 @@ def gpu_clients() -> Iterator[Row]:
         if doc["shape"] in one:
             a, b = load(one[doc["shape"]])["rows"][0], doc["rows"][0]
             if a["config"] == b["config"]:
-                ratio = b["tokens_per_s_per_gpu"] * b["gpus"] / (a["tokens_per_s_per_gpu"] * a["gpus"])
-                yield f"{doc['shape']} {b['config']}: tokens/s, 2 GPUs over 1", f"{num(ratio)}x", f"{one[doc['shape']]}, {two}"
+                ratio = (
+                    b["tokens_per_s_per_gpu"] * b["gpus"] / (a["tokens_per_s_per_gpu"] * a["gpus"])
+                )
+                yield (
+                    f"{doc['shape']} {b['config']}: tokens/s, 2 GPUs over 1",
+                    f"{num(ratio)}x",
+                    f"{one[doc['shape']]}, {two}",
+                )
 
 
 def step() -> Iterator[Row]:
@@ -168,13 +195,25 @@ def step() -> Iterator[Row]:
             yield f"{head}: step, {v['variant']}", f"{num(v['median_ms'])} ms{tail}", name
     for name in files("graph_reuse*.json"):
         s = load(name)["summary"]
-        yield "graph capture per round, captured every round (median)", f"{num(s['fresh_setup_after_first_round_median_s'])} s", name
-        yield "graph capture per round after a link's first, kept graph (max)", f"{num(s['kept_setup_after_first_round_max_s'])} s (goal {num(s['goal_s'])} s)", name
+        yield (
+            "graph capture per round, captured every round (median)",
+            f"{num(s['fresh_setup_after_first_round_median_s'])} s",
+            name,
+        )
+        yield (
+            "graph capture per round after a link's first, kept graph (max)",
+            f"{num(s['kept_setup_after_first_round_max_s'])} s (goal {num(s['goal_s'])} s)",
+            name,
+        )
     for name in files("quant_memory*.json"):
         for r in load(name)["rows"]:
             head = f"{r['shape']}, {r['base']} base"
             side = f", side path {num(r['side_path_mib'])} MiB" if r["side_path_mib"] else ""
-            yield f"{head}: weights / step peak", f"{num(r['weights_gib'])} / {num(r['step_peak_gib'])} GiB{side}", name
+            yield (
+                f"{head}: weights / step peak",
+                f"{num(r['weights_gib'])} / {num(r['step_peak_gib'])} GiB{side}",
+                name,
+            )
             yield f"{head}: step", f"{num(r['step_s'] * 1000)} ms", name
 
 
@@ -203,8 +242,15 @@ def quality() -> Iterator[Row]:
         first, last = doc["rounds"][0], doc["rounds"][-1]
         metric = "ppl" if "ppl" in first["central"] else next(iter(first["central"]))
         cfg = doc["config"]
-        head = f"launcher run: {cfg['task']}, {cfg.get('quantization', 'none')} base, step-mode {cfg.get('step-mode', '-')}"
-        yield f"{head}: central {metric}, base -> last round", f"{num(first['central'][metric])} -> {num(last['central'][metric])}", name
+        head = (
+            f"launcher run: {cfg['task']}, {cfg.get('quantization', 'none')} base, "
+            f"step-mode {cfg.get('step-mode', '-')}"
+        )
+        yield (
+            f"{head}: central {metric}, base -> last round",
+            f"{num(first['central'][metric])} -> {num(last['central'][metric])}",
+            name,
+        )
 
 
 def exactness() -> Iterator[Row]:
@@ -215,28 +261,45 @@ def exactness() -> Iterator[Row]:
             key = (r["method"], r["dtype"])
             worst[key] = max(worst.get(key, 0.0), r["max_error"])
         for (method, dtype), err in sorted(worst.items()):
-            yield f"aggregate vs mean update, {method}, {dtype} (worst relative error)", num(err), name
+            yield (
+                f"aggregate vs mean update, {method}, {dtype} (worst relative error)",
+                num(err),
+                name,
+            )
     for name in files("bytes*.json"):
         doc = load(name)
         for r in doc["rows"]:
             up = r["bytes"]
             yield (
                 f"upload per client-round, {r['model']} rank {r['rank']}",
-                f"{num(up['seedlora']['up'])} B vs FedIT {num(up['fedit']['up'])} B ({num(r['ratio_up_ours_fedit'])}x)",
+                f"{num(up['seedlora']['up'])} B vs FedIT {num(up['fedit']['up'])} B "
+                f"({num(r['ratio_up_ours_fedit'])}x)",
                 name,
             )
         m = doc.get("measured_reply")
         if m:
-            yield f"measured reply overhead, {m['model']} rank {m['rank']}", f"{num(m['overhead_bytes'])} B ({pct(m['overhead_fraction'])})", name
+            yield (
+                f"measured reply overhead, {m['model']} rank {m['rank']}",
+                f"{num(m['overhead_bytes'])} B ({pct(m['overhead_fraction'])})",
+                name,
+            )
     for name in files("a_draw*.json"):
         doc = load(name)
         for r in doc["rows"]:
-            yield f"drawing A, {r['set']} ({r['layers']} layers)", f"{num(r['exact_s'])} s ({num(r['ratio'])}x torch's randn)", name
+            yield (
+                f"drawing A, {r['set']} ({r['layers']} layers)",
+                f"{num(r['exact_s'])} s ({num(r['ratio'])}x torch's randn)",
+                name,
+            )
         yield "A equals the golden spec", num(doc["golden_equal"]), name
     for name in files("a_digests*.json"):
         digests = load(name)["digests"]
         same = all(d["digest"] == d["moved"] for d in digests.values())
-        yield "A digests recorded / equal after the move to the device", f"{len(digests)} / {num(same)}", name
+        yield (
+            "A digests recorded / equal after the move to the device",
+            f"{len(digests)} / {num(same)}",
+            name,
+        )
 
 
 def soak() -> Iterator[Row]:
@@ -246,38 +309,78 @@ def soak() -> Iterator[Row]:
         head = f"{s['links']} links, {doc['options']['clients']} clients"
         yield f"{head}: late / early round time", f"{num(s['round_time_ratio'])}x", name
         for kind, b in sorted(s["bytes_per_round"].items()):
-            yield f"{head}: bytes written per {kind}, growth per link", f"{num(b['growth_bytes_per_link'])} B", name
-        yield f"{head}: link cache growth per link / one link file", f"{num(s['cache_growth_over_link_file'])}", name
+            yield (
+                f"{head}: bytes written per {kind}, growth per link",
+                f"{num(b['growth_bytes_per_link'])} B",
+                name,
+            )
+        yield (
+            f"{head}: link cache growth per link / one link file",
+            f"{num(s['cache_growth_over_link_file'])}",
+            name,
+        )
     for name in files("byzantine*.json"):
         for r in load(name)["table"]:
-            yield f"{r['rule']} under {r['attack']}: final ppl", f"{num(r['final_ppl'])} ({num(r['ratio_to_clean_fedavg'])}x clean fedavg)", name
+            yield (
+                f"{r['rule']} under {r['attack']}: final ppl",
+                f"{num(r['final_ppl'])} ({num(r['ratio_to_clean_fedavg'])}x clean fedavg)",
+                name,
+            )
 
 
 def beyond() -> Iterator[Row]:
     if (RESULTS / "beyond-ranks.json").exists():
         for variant, v in sorted(load("beyond-ranks.json")["by_variant"].items()):
-            yield f"client ranks {variant}", f"ppl {num(v['final_mean'])}, {num(v['total_bytes_up_mean'] / 1e6)} MB up", "beyond-ranks.json"
+            yield (
+                f"client ranks {variant}",
+                f"ppl {num(v['final_mean'])}, {num(v['total_bytes_up_mean'] / 1e6)} MB up",
+                "beyond-ranks.json",
+            )
     if (RESULTS / "beyond-compress.json").exists():
         for codec, v in load("beyond-compress.json")["summary"]["per_codec"].items():
-            yield f"upload codec {codec}", f"{num(v['bytes_ratio_vs_float32'])}x bytes, ppl {pct(v['ppl_change_vs_float32'])}", "beyond-compress.json"
+            yield (
+                f"upload codec {codec}",
+                f"{num(v['bytes_ratio_vs_float32'])}x bytes, ppl {pct(v['ppl_change_vs_float32'])}",
+                "beyond-compress.json",
+            )
     if (RESULTS / "beyond-swapped.json").exists():
         for variant, v in load("beyond-swapped.json")["summary"].items():
-            yield f"roles: {variant}", f"ppl {num(v['ppl'])}, {num(v['total_bytes_up'] / 1e6)} MB up", "beyond-swapped.json"
+            yield (
+                f"roles: {variant}",
+                f"ppl {num(v['ppl'])}, {num(v['total_bytes_up'] / 1e6)} MB up",
+                "beyond-swapped.json",
+            )
     if (RESULTS / "beyond-dp.json").exists():
         for p in load("beyond-dp.json")["summary"]["points"]:
             eps = f", epsilon {num(p['epsilon'])}" if p["epsilon"] else ""
             yield f"DP: {p['variant']}", f"ppl {num(p['ppl'])}{eps}", "beyond-dp.json"
     if (RESULTS / "beyond-secagg.json").exists():
         s = load("beyond-secagg.json")["summary"]
-        yield "SecAgg+ vs plain FedAvg: final ppl", f"{num(s['ppl_secagg'])} vs {num(s['ppl_plain'])}", "beyond-secagg.json"
-        yield "SecAgg+ bytes / plain bytes", f"{num(s['bytes_ratio_secagg_vs_plain'])}x", "beyond-secagg.json"
+        yield (
+            "SecAgg+ vs plain FedAvg: final ppl",
+            f"{num(s['ppl_secagg'])} vs {num(s['ppl_plain'])}",
+            "beyond-secagg.json",
+        )
+        yield (
+            "SecAgg+ bytes / plain bytes",
+            f"{num(s['bytes_ratio_secagg_vs_plain'])}x",
+            "beyond-secagg.json",
+        )
 
 
 FAMILIES: list[tuple[str, str, Callable[[], Iterator[Row]]]] = [
-    ("Deployment vs simulation vs Flower's floor", "python -m bench.federation deploy` and `python -m bench.federation sim", deployment),
+    (
+        "Deployment vs simulation vs Flower's floor",
+        "python -m bench.federation deploy` and `python -m bench.federation sim",
+        deployment,
+    ),
     ("GPU simulation and host memory (PSS)", "python -m bench.federation gpu-sim", gpu_simulation),
     ("GPU clients and 2-GPU scaling", "python -m bench.federation gpu-clients", gpu_clients),
-    ("Step overhead, graph reuse, quantized memory", "python -m bench.step {overhead,graph-reuse,quant-memory}", step),
+    (
+        "Step overhead, graph reuse, quantized memory",
+        "python -m bench.step {overhead,graph-reuse,quant-memory}",
+        step,
+    ),
     ("Quality", "python -m bench.quality", quality),
     ("Exactness, bytes, A draw", "python -m bench.exactness", exactness),
     ("Soak and Byzantine clients", "python -m bench.soak", soak),
@@ -312,7 +415,8 @@ def results_page() -> str:
     for name in files("*.json") + files("*/*.json"):
         env = load(name).get("environment") or {}
         mark = "" if name in used else " (not summarised)"
-        out.append(f"| `{name}`{mark} | {env.get('date', '-')[:10]} | {env.get('commit', '-')} | {machine(load(name))} |")
+        date, commit = env.get("date", "-")[:10], env.get("commit", "-")
+        out.append(f"| `{name}`{mark} | {date} | {commit} | {machine(load(name))} |")
     return "\n".join(out) + "\n"
 
 
