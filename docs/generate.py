@@ -44,7 +44,7 @@ def num(x: float | None, digits: int = 3) -> str:
         return "-"
     if isinstance(x, bool):
         return "yes" if x else "no"
-    if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e6):
+    if x != 0 and abs(x) < 1e-3:
         return f"{x:.2e}"
     if abs(x) >= 10**digits:
         return f"{x:,.0f}"
@@ -52,7 +52,7 @@ def num(x: float | None, digits: int = 3) -> str:
 
 
 def pct(x: float) -> str:
-    return f"{x * 100:+.1f}%"
+    return f"{x * 100:+.2g}%"
 
 
 def machine(doc: dict[str, Any]) -> str:
@@ -244,7 +244,7 @@ def quality() -> Iterator[Row]:
         cfg = doc["config"]
         head = (
             f"launcher run: {cfg['task']}, {cfg.get('quantization', 'none')} base, "
-            f"step-mode {cfg.get('step-mode', '-')}"
+            f"step-mode {cfg.get('step-mode', '-')}, base-kernels {cfg.get('base-kernels', '-')}"
         )
         yield (
             f"{head}: central {metric}, base -> last round",
@@ -368,23 +368,66 @@ def beyond() -> Iterator[Row]:
         )
 
 
-FAMILIES: list[tuple[str, str, Callable[[], Iterator[Row]]]] = [
+Family = tuple[str, str, str, Callable[[], Iterator[Row]]]  # title, command, what, rows
+FAMILIES: list[Family] = [
     (
         "Deployment vs simulation vs Flower's floor",
         "python -m bench.federation deploy` and `python -m bench.federation sim",
+        "Real `flower-superlink` and data owners' node commands on one machine against the "
+        "launcher's simulation with the same run config, and Flower's floor (the same "
+        "processes and messages with almost no client work); steady rounds are a link's "
+        "rounds after its first. Then the Ray simulation against one process.",
         deployment,
     ),
-    ("GPU simulation and host memory (PSS)", "python -m bench.federation gpu-sim", gpu_simulation),
-    ("GPU clients and 2-GPU scaling", "python -m bench.federation gpu-clients", gpu_clients),
+    (
+        "GPU simulation and host memory (PSS)",
+        "python -m bench.federation gpu-sim",
+        "The launcher's simulation with k clients per GPU: rounds, the clients' critical "
+        "path, GPU utilisation and memory; host memory as PSS (shared pages counted once).",
+        gpu_simulation,
+    ),
+    (
+        "GPU clients and 2-GPU scaling",
+        "python -m bench.federation gpu-clients",
+        "Throughput of 1 to 8 clients sharing a GPU against one process without Flower, "
+        "and one GPU against two.",
+        gpu_clients,
+    ),
     (
         "Step overhead, graph reuse, quantized memory",
         "python -m bench.step {overhead,graph-reuse,quant-memory}",
+        "One local training step per adapter variant against the frozen model (floor) and "
+        "PEFT LoRA; the CUDA graph's capture cost per round; memory with a quantized base.",
         step,
     ),
-    ("Quality", "python -m bench.quality", quality),
-    ("Exactness, bytes, A draw", "python -m bench.exactness", exactness),
-    ("Soak and Byzantine clients", "python -m bench.soak", soak),
-    ("Beyond exact averaging", "python -m bench.beyond", beyond),
+    (
+        "Quality",
+        "python -m bench.quality",
+        "Final central metric per (task, split, method), mean over seeds, with the bytes "
+        "uploaded; the tuned grid picks each method's lr on a validation half and reports "
+        "the test half. Then launcher runs' metrics.json.",
+        quality,
+    ),
+    (
+        "Exactness, bytes, A draw",
+        "python -m bench.exactness",
+        "The aggregate against the mean of the clients' weight updates, the upload per "
+        "client-round against FedIT's, and the cost and bits of drawing A.",
+        exactness,
+    ),
+    (
+        "Soak and Byzantine clients",
+        "python -m bench.soak",
+        "A long chain: round time and bytes written per round as links pile up. Robust "
+        "rules against one attacking client of five.",
+        soak,
+    ),
+    (
+        "Beyond exact averaging",
+        "python -m bench.beyond",
+        "Heterogeneous ranks, compressed uploads, swapped roles, client-level DP, SecAgg+.",
+        beyond,
+    ),
 ]
 
 
@@ -398,9 +441,9 @@ def results_page() -> str:
         "",
     ]
     used: set[str] = set()
-    for title, command, family in FAMILIES:
+    for title, command, what, family in FAMILIES:
         rows = list(family())
-        out += [f"## {title}", "", f"`{command}`", ""]
+        out += [f"## {title}", "", f"`{command}`: {what}", ""]
         if not rows:
             out += ["No results recorded.", ""]
             continue
