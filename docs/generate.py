@@ -14,6 +14,7 @@ markers.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -30,7 +31,9 @@ TABLE_END = "<!-- config-table: end -->"
 Row = tuple[str, str, str]  # figure, value, source file (relative to bench/results)
 
 
+@functools.cache
 def load(name: str) -> dict[str, Any]:
+    """A results file, read once (callers only read it)."""
     return json.loads((RESULTS / name).read_text())
 
 
