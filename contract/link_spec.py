@@ -13,8 +13,9 @@ dropout. The server makes the spec from its run config and task (`LinkSpec.of`) 
 it whole in every message's config under `contract.protocol.LINK_SPEC`, as compact JSON
 (`to_wire`: 242 bytes for the embedded default); the client takes the link from it alone,
 never from its own run config (client/model.py), and refuses a spec with a missing or
-unknown field, naming it (`from_wire`). What the client's own config keeps is how it
-trains (precision, device, local steps, lr default) and what it uploads, not what it trains.
+unknown field, naming it (`from_wire`). The client's own config keeps how it trains
+(precision, device, local steps, lr default), its data (partition, batch order) and what it
+uploads, not what it trains.
 """
 
 from __future__ import annotations
