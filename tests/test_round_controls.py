@@ -101,7 +101,7 @@ def test_clients_train_at_the_scheduled_lr_and_tensorboard_has_every_round(
 
 def test_tensorboard_off_or_missing_writes_no_events(tmp_path, monkeypatch, caplog):
     off = tracking.RoundScalars(tmp_path, enabled=False, resumed_at=None)
-    off.write({"round": 1, "lr": 0.1})
+    off.write(RoundRecord(1, 0, lr=0.1))
     assert off.writer is None and not (tmp_path / tracking.TB_DIR).exists()
 
     real_import = builtins.__import__
@@ -114,7 +114,7 @@ def test_tensorboard_off_or_missing_writes_no_events(tmp_path, monkeypatch, capl
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
     with caplog.at_level(logging.INFO, logger="flwr"):
         missing = tracking.RoundScalars(tmp_path, enabled=True, resumed_at=None)
-    missing.write({"round": 1, "lr": 0.1})
+    missing.write(RoundRecord(1, 0, lr=0.1))
     assert missing.writer is None and not (tmp_path / tracking.TB_DIR).exists()
     assert any("tensorboard not installed" in r.getMessage() for r in caplog.records)
 
@@ -124,14 +124,14 @@ def test_a_resumed_run_replaces_the_rounds_after_its_checkpoint(tmp_path):
     TensorBoard shows the new round 2 and no stale round 3."""
     first = tracking.RoundScalars(tmp_path, enabled=True, resumed_at=None)
     for g in (1, 2, 3):
-        first.write({"round": g, "lr": float(g)})
+        first.write(RoundRecord(g, 0, lr=float(g)))
     first.close()
     resumed = tracking.RoundScalars(tmp_path, enabled=True, resumed_at=1)
-    resumed.write({"round": 2, "lr": 20.0})
+    resumed.write(RoundRecord(2, 0, lr=20.0))
     resumed.close()
     assert scalar(events(tmp_path), "lr") == {1: 1.0, 2: 20.0}
     fresh = tracking.RoundScalars(tmp_path, enabled=True, resumed_at=None)  # a new run here
-    fresh.write({"round": 1, "lr": 5.0})
+    fresh.write(RoundRecord(1, 0, lr=5.0))
     fresh.close()
     assert scalar(events(tmp_path), "lr") == {1: 5.0}
 
