@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 # What `flwr run --run-config` accepts (flwr.common.config.parse_config_args).
 PAIR = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")
 THIS_APP = ("seedlora", "server.app:app")  # publisher, serverapp component
+DEV = Path("/dev")  # where the NVIDIA driver's device nodes are: nvidia0, nvidia1, ...
 
 
 class PrecheckError(ValueError):
@@ -152,7 +153,7 @@ def visible_gpus() -> int:
     the GPUs it was given); when CUDA_VISIBLE_DEVICES is set, its entries in order up to
     the first that names no device, as CUDA reads it: an index below the node count, or a
     `GPU-`/`MIG-` UUID (taken as valid). So "" and "-1" hide every GPU."""
-    nodes = sum(1 for p in Path("/dev").glob("nvidia*") if re.fullmatch(r"nvidia\d+", p.name))
+    nodes = sum(1 for p in DEV.glob("nvidia*") if re.fullmatch(r"nvidia\d+", p.name))
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     if listed is None or nodes == 0:
         return nodes
