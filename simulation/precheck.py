@@ -257,14 +257,14 @@ def check_this_app(
 
     try:
         cfg = RunConfig.from_flower(run_config)
+        if where is not None:  # cheap, so first
+            check_placement(cfg, where)
         check_run(cfg)
         if num_supernodes is not None:
             check_nodes(cfg, num_supernodes, "--num-supernodes")
         rundir.check(cfg)
     except RunConfigError as err:
         raise PrecheckError(str(err)) from None
-    if where is not None:
-        check_placement(cfg, where)
     return cfg
 
 
