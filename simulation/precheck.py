@@ -18,7 +18,8 @@ one as "invalid format", naming neither. In order, each failing with `PrecheckEr
 4. For the launcher, which knows where its processes run (`Placement`): `server-device`
    against the GPUs this machine shows, and `device`, `step-mode = "graphed"`,
    `quantization` and `base-kernels = "liger"` against the GPUs each ClientApp will see.
-   `graphed` without a GPU is refused rather than run as `grouped` in silence.
+   `graphed` without a GPU is refused rather than run as `grouped` in silence. Being
+   cheap, these come right after the values are read.
 
 The ServerApp repeats 3 (it may be started by `flwr run` without this launcher).
 
@@ -201,7 +202,7 @@ class Placement:
             kept = "Ray keeps the launcher's CUDA_VISIBLE_DEVICES"
             return cls(here, None if ray_address else here, kept)
         if share == 0:
-            why = "--num-gpus 0: Ray hides the GPUs from a client that asks for none"
+            why = "Ray hides the GPUs from a client that asks for none: pass --num-gpus 1 or 1/k"
             return cls(here, 0, "this machine shows none" if here == 0 else why)
         return cls(here, share, f"--num-gpus {num_gpus:g}: Ray assigns each client {share}")
 

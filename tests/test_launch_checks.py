@@ -182,7 +182,7 @@ def test_each_client_sees_the_gpus_ray_assigns_it(two_gpus, monkeypatch):
     """Ray sets a client actor's CUDA_VISIBLE_DEVICES to its ceil(num-gpus) GPUs, and to ""
     for --num-gpus 0; a private Ray cannot place more per client than the machine has."""
     assert Placement.of_launcher(0) == Placement(2, 0, Placement.of_launcher(0).why)
-    assert "--num-gpus 0" in Placement.of_launcher(0).why
+    assert "pass --num-gpus 1" in Placement.of_launcher(0).why
     assert (Placement.of_launcher(0.25).client, Placement.of_launcher(2).client) == (1, 2)
     with pytest.raises(PrecheckError, match="^--num-gpus: 3 GPU"):
         Placement.of_launcher(3)
@@ -199,7 +199,7 @@ def test_each_client_sees_the_gpus_ray_assigns_it(two_gpus, monkeypatch):
         ("device='cuda:0' step-mode='graphed'", 0.5, None),
         ("device='cuda:1'", 0.5, "'device': 'cuda:1' needs 2 CUDA device(s)"),
         ("device='cuda:1'", 2, None),
-        ("device='cuda'", 0, "--num-gpus 0: Ray hides the GPUs"),
+        ("device='cuda'", 0, "sees 0 GPU(s) (Ray hides the GPUs"),
         ("step-mode='graphed'", 0, 'set step-mode="grouped"'),
         ("server-device='cuda:1'", 0, None),
         ("server-device='cuda:2'", 1, "'server-device': 'cuda:2' needs 3"),
