@@ -26,17 +26,19 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .fused import BOnlyLinear
 from .spec import ASpec
 
-if TYPE_CHECKING:
-    from .layer import SeedLoRALayer
+# The paths take a `SeedLoRALayer` (typed `Layer`: layer.py imports this module, so this
+# module does not import it back).
+Layer = nn.Module
 
 
 def project(x: torch.Tensor, spec: ASpec, a: torch.Tensor | None) -> torch.Tensor:
@@ -73,7 +75,7 @@ def outside_autocast(x: torch.Tensor) -> tuple[contextlib.AbstractContextManager
 
 
 def frozen_operands(
-    layer: SeedLoRALayer, x: torch.Tensor
+    layer: Layer, x: torch.Tensor
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """`(s A)^T`: (n_in, r) in x's dtype for the gaussian kind, or a wrapping block's columns
     (r,) on x's device, else None: made once per dtype and device, kept until `set_spec`."""
@@ -94,7 +96,7 @@ def frozen_operands(
 class Path(Protocol):
     """`y = path(layer, x)`: x (..., n_in) -> (..., n_out), the layer's output."""
 
-    def __call__(self, layer: SeedLoRALayer, x: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, layer: Layer, x: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,7 @@ class Reference:
     in x's dtype, then B h in B's, float32 under a bf16 base).
     """
 
-    def __call__(self, layer: SeedLoRALayer, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         y = layer.base(x)
         h = project(layer.dropout(x), layer.spec, layer.lora_A) * layer.scaling
         return y + F.linear(h.to(layer.lora_B.dtype), layer.lora_B).to(y.dtype)
@@ -121,7 +123,7 @@ class Fused:
     W and bias cast once, as autocast would for a linear layer); y in that dtype.
     """
 
-    def __call__(self, layer: SeedLoRALayer, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         weight, bias = layer.base.weight, layer.base.bias
         if isinstance(layer.base, Conv1D):  # stored (n_in, n_out)
             weight = weight.t()
@@ -142,7 +144,7 @@ class Grouped:
     """This member's `x W_i^T + bias_i + B_i (s A_i x)` from its sibling group's one node
     (`SiblingGroup.output`, seedlora/grouped.py), in x's or the autocast dtype as `Fused`."""
 
-    def __call__(self, layer: SeedLoRALayer, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         context, dtype = outside_autocast(x)
         with context:
             return layer.group.output(layer, x, dtype)
@@ -156,14 +158,14 @@ class WithSidePath:
 
     inner: Path
 
-    def __call__(self, layer: SeedLoRALayer, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         y = self.inner(layer, x)
         if len(layer.aside):
             y = y + layer.aside(x).to(y.dtype)
         return y
 
 
-def choose_path(layer: SeedLoRALayer) -> Path:
+def choose_path(layer: Layer) -> Path:
     """The path for the layer's present state.
 
     - `Reference` unless the layer can fuse (`layer.fusable()`: `fused` on, no adapter
