@@ -15,11 +15,13 @@ spec uses its r_max), plus the merged links `x A_cat^T B_cat^T` in side-path mod
     WithSidePath(p)    path p, plus the side path's merged links
 
 `choose_path` picks one (its docstring says when); the layer keeps it as `layer.path` and
-its forward is `layer.path(layer, x)`. What the choice depends on (training mode, the
-`fused` switch, the sibling group, side-path mode, a frozen float base) is set through the
-layer, which chooses again then (`SeedLoRALayer.refresh_path`). What a path cannot know in
-advance it reads per call: autocast (a context, not a state of the layer) and whether the
-side path holds any link yet.
+its forward is `layer.path(layer, x)`. The layer chooses again when what the choice
+depends on changes through it (`SeedLoRALayer.refresh_path`): train()/eval() (adapter
+dropout), the `fused` switch, the sibling group (any member's change re-chooses every
+member), side-path mode on or off. A base made trainable from outside (`requires_grad_`)
+counts from the next train()/eval() or `refresh_path()`. What a path cannot know in advance
+it reads per call: autocast (a context, not a state of the layer) and whether the side path
+holds any link yet.
 """
 
 from __future__ import annotations
