@@ -178,8 +178,8 @@ class SeedLoRALayer(nn.Module):
             self.keep_links_aside()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`base(x) + s B (A x)` (plus the side path's merged links `x A_cat^T B_cat^T` in
-        side-path mode) through `self.path`.
+        """`base(x) + s B (A dropout(x))` (plus the side path's merged links
+        `x A_cat^T B_cat^T` in side-path mode) through `self.path`.
 
         Args:
             x: (..., n_in) in the base's dtype (or any dtype under autocast), on its device.
@@ -192,8 +192,9 @@ class SeedLoRALayer(nn.Module):
 
     def refresh_path(self) -> None:
         """Choose the path again, for this layer and its siblings (whether a group can take
-        one node depends on every member). `train()`/`eval()`, `fused`, `group` and
-        side-path mode call it; call it after changing the base's `requires_grad` by hand."""
+        one node depends on every member). `train()`/`eval()` and `fused` call it (setting
+        `group` or side-path mode re-chooses this layer's alone); call it after changing
+        the base's `requires_grad` by hand."""
         for member in self._group.members if self._group is not None else (self,):
             member.path = choose_path(member)
 
@@ -225,7 +226,7 @@ class SeedLoRALayer(nn.Module):
         self.path = choose_path(self)
 
     def fusable(self) -> bool:
-        """Whether a fused node (`BOnlyLinear` or the group's) computes this layer exactly:
+        """Whether a fused node (`BOnlyLinear` or the group's) can compute this layer:
         `fused` on, no adapter dropout in training, a frozen float base."""
         dropping = self.training and isinstance(self.dropout, nn.Dropout)
         weight = self.base.weight
