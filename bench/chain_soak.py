@@ -37,7 +37,6 @@ out) against the size of one link file.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -125,23 +124,24 @@ class SoakGrid(TimedGrid):
     """The run's grid; before each round's training it looks at the run directory and the
     clients' link cache (and times that look, to take it out of the round's time)."""
 
-    def __init__(self, inner: Grid, log: Path, run_dir: Path):
+    def __init__(self, inner: Grid, log: Path, run_dir: Path, cache: Path):
         super().__init__(inner, log)
         self.meter = DiskMeter(run_dir)
+        self.cache = cache
         self.looks: list[dict[str, Any]] = []
 
     def look(self, global_round: int | None) -> None:
         """Record what was written since the last look; `None`: the look after the run."""
         began, cpu = time.perf_counter(), time.process_time()
         written = self.meter.look()
-        cache = os.environ.get("SEEDLORA_CACHE") if global_round is not None else None
+        cache = self.cache if global_round is not None else None
         self.looks.append(
             {
                 "before_round": global_round,
                 "written": written,
                 # the link files; the host's master files (client/masters.py) hold one
                 # base each and are replaced per link, not accumulated
-                "cache_bytes": tree_bytes(Path(cache), MASTERS) if cache else None,
+                "cache_bytes": tree_bytes(cache, MASTERS) if cache else None,
                 "look_s": time.perf_counter() - began,
                 "cpu_began": cpu,  # this process's CPU time when the look began and ended
                 "cpu_ended": time.process_time(),
@@ -328,18 +328,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="chain-soak-") as tmp:
         run_dir = a.keep or Path(tmp) / "run"
         run_dir.mkdir(parents=True, exist_ok=True)
+        cache = Path(tmp) / "cache"  # the clients' link cache, of this run alone
         grids: list[SoakGrid] = []
 
         def wrap(grid: Grid) -> Grid:
-            grids.append(SoakGrid(grid, Path(tmp) / "grid.jsonl", run_dir))
+            grids.append(SoakGrid(grid, Path(tmp) / "grid.jsonl", run_dir, cache))
             return grids[0]
 
         grid = make_grid(overrides, a.clients)
+        grid.use_cache(cache)
         grid.keep_replies = False  # the in-process grid's own record would grow every round
         began = time.perf_counter()
-        doc = run_local(
-            overrides, a.clients, grid=grid, wrap_grid=wrap, out_dir=run_dir, fresh_cache=True
-        )
+        doc = run_local(overrides, a.clients, grid=grid, wrap_grid=wrap, out_dir=run_dir)
         wall = time.perf_counter() - began
         grids[0].look(None)
         rows = per_round(doc.metrics, grids[0].looks)

@@ -150,8 +150,9 @@ def run_child(
     spec: `mode` ("ray": simulation.inprocess.simulate, else simulation.local.run_local),
     `overrides` (with `run-name`), `nodes`; optional `threads` (torch threads), `num_cpus`,
     `num_gpus`, `init_args` (Ray), `probe` (a testing.probe log of the client calls and
-    grid waits). Returns `completed`, `process_wall_s` and the child's result (its wall
-    clock `start`/`end`, `run_wall_s`, `torch_threads`, `metrics`) or `why` and `log_tail`."""
+    grid waits), `cache_dir` (the clients' link cache). Returns `completed`,
+    `process_wall_s` and the child's result (its wall clock `start`/`end`, `run_wall_s`,
+    `torch_threads`, `metrics`) or `why` and `log_tail`."""
     from runtime.processes import run, tail
 
     tag = spec["overrides"]["run-name"]
@@ -172,7 +173,7 @@ def _child(spec_path: str) -> None:
     """The child side of `run_child`."""
     import torch
 
-    from client.app import build_client_app
+    from client.compose import build_client_app
     from simulation.inprocess import simulate
     from simulation.local import run_local
     from testing.probe import TimedGrid, probed_client_app
@@ -181,7 +182,7 @@ def _child(spec_path: str) -> None:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     ov, nodes, probe = spec["overrides"], spec["nodes"], spec.get("probe")
-    client_app, wrap = build_client_app(ov), None
+    client_app, wrap = build_client_app(ov, spec.get("cache_dir")), None
     if probe:
         client_app = probed_client_app(client_app, probe)
         wrap = lambda grid: TimedGrid(grid, probe)  # noqa: E731

@@ -130,8 +130,8 @@ def launch(args, spec: dict[str, Any], workdir: Path, tag: str) -> dict[str, Any
     ov["max-train-blocks"] = ov["local-steps"] * ov["batch-size"]
     ov |= {"round-timeout": args.timeout_s, "output-dir": str(workdir), "run-name": tag}
     spec = {**spec, "overrides": ov, "probe": str(workdir / f"{tag}.probe")}
+    spec["cache_dir"] = str(workdir / "link-cache")
     env = {**OFFLINE_ENV, **SIMULATION_ENV, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    env["SEEDLORA_CACHE"] = str(workdir / "link-cache")
     if spec.get("cuda_visible_devices") is not None:
         env["CUDA_VISIBLE_DEVICES"] = spec["cuda_visible_devices"]
     run = run_child(spec, workdir, args.timeout_s, env)
