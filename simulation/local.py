@@ -109,6 +109,12 @@ class LocalGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout=None) -> list[Message]:
         return exchange.send_and_receive(self, messages, timeout)
 
+    def use_cache(self, cache_dir: str | os.PathLike) -> None:
+        """Give every node the link cache (and master files, upload residuals) in
+        `cache_dir`: node config `cache-dir`, as a deployed node is given it."""
+        for context in self.contexts.values():
+            context.node_config["cache-dir"] = str(cache_dir)
+
 
 class CopyingGrid(LocalGrid):
     """LocalGrid for the legacy SecAgg+ workflow: it delivers copies, as a real transport
@@ -121,12 +127,6 @@ class CopyingGrid(LocalGrid):
 
     def push_messages(self, messages):
         return super().push_messages([copy.deepcopy(m) for m in messages])
-
-    def use_cache(self, cache_dir: str | os.PathLike) -> None:
-        """Give every node the link cache (and master files, upload residuals) in
-        `cache_dir`: node config `cache-dir`, as a deployed node is given it."""
-        for context in self.contexts.values():
-            context.node_config["cache-dir"] = str(cache_dir)
 
 
 def _secure(overrides: Mapping[str, Any]) -> bool:
