@@ -31,11 +31,11 @@ from seedlora import a_digest, load_trainable_state
 from seedlora.chain import Chain
 from tasks.base import TOKENIZED
 
+from . import secure
 from .links import LinkCache
 from .local import as_floats, cpu_state, release, train_partition
 from .model import link_model, node_task
 from .resident import ResidentModel
-from . import secure
 from .uploads import fit_rank, pack, residuals
 
 CACHE_DIR = "cache-dir"  # node config: this node's link cache and master files
