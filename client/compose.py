@@ -6,8 +6,8 @@ run the same trainer code:
 - `build_trainer`: a `Trainer` (client/trainer.py), what trains and evaluates;
 - `build_client_app`: the ClientApp, a `Relay` (client/relay.py) to the node's worker, or
   to its own trainer where there is none (the simulation, the in-process harness);
-- `build_worker`: the node worker's server of relayed messages (client/worker.py), with
-  the trainer (or a test's app) it keeps resident.
+- `worker_app`: what the node worker (client/worker.py) serves relayed messages with:
+  the trainer it keeps resident (or a test's app).
 
 What a piece needs is passed in: the run-config overrides and the cache folder (link
 cache, master files, upload residuals) of nodes whose node config names no `cache-dir`.
@@ -32,7 +32,6 @@ from .relay import Recipe, Relay
 
 if TYPE_CHECKING:
     from .trainer import Trainer
-    from .worker import Worker
 
 CACHE_ENV = "SEEDLORA_CACHE"  # the user's default cache folder
 TRAINER = "trainer"  # build_worker's app: the project's trainer
@@ -51,9 +50,7 @@ def build_trainer(
     overrides: Mapping[str, Any] | None = None, cache_dir: str | os.PathLike | None = None
 ) -> Trainer:
     """A trainer: `overrides` (dash keys) win over each message's run config."""
-    from .trainer import Trainer  # torch and the model: only here
-
-    return Trainer(overrides, _cache(cache_dir))
+    return Recipe(dict(overrides or {}), str(_cache(cache_dir))).trainer()
 
 
 def build_trainer_app(
@@ -95,13 +92,12 @@ def load_app(ref: str) -> ClientApp:
     return getattr(importlib.import_module(module), factory)()
 
 
-def build_worker(app: str = TRAINER, cache_dir: str | os.PathLike | None = None) -> Worker:
-    """The node worker's server: the project's trainer (`app` TRAINER, reporting its
-    builds and tokenizations per message), or the ClientApp `app` names (module:factory)."""
-    from .worker import Worker
-
+def worker_app(app: str = TRAINER, cache_dir: str | os.PathLike | None = None):
+    """What the node worker serves (client/worker.py): (ClientApp, stats). The project's
+    trainer (`app` TRAINER; stats: its builds and tokenizations, logged per message), or
+    the ClientApp `app` names (module:factory; no stats)."""
     if app == TRAINER:
         trainer = build_trainer(None, cache_dir)
-        return Worker(trainer.app(), trainer.stats)
+        return trainer.app(), trainer.stats
     stats: Callable[[], dict] = dict
-    return Worker(load_app(app), stats)
+    return load_app(app), stats

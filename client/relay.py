@@ -58,6 +58,12 @@ class Recipe:
     overrides: Mapping[str, Any] = field(default_factory=dict)
     cache_dir: str = ""
 
+    def trainer(self) -> Trainer:
+        """The trainer this recipe describes (torch and the model: imported only here)."""
+        from .trainer import Trainer
+
+        return Trainer(self.overrides, self.cache_dir)
+
 
 class Relay:
     """Hands train and evaluate messages to the node worker, or to its own trainer (built
@@ -72,9 +78,7 @@ class Relay:
 
     def trainer(self) -> Trainer:
         if self._trainer is None:
-            from .compose import build_trainer  # torch and the model: only here
-
-            self._trainer = build_trainer(self.overrides, self.recipe.cache_dir)
+            self._trainer = self.recipe.trainer()
             self._app = self._trainer.app()
         return self._trainer
 

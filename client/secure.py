@@ -9,7 +9,7 @@ answers with a legacy FitRes; every other message goes to the normal train handl
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from contextlib import AbstractContextManager
 
 from flwr.app import Context, Message
 from flwr.client.mod import secaggplus_mod
@@ -26,13 +26,13 @@ from seedlora.serialize import links_from_bytes
 from .local import cpu_state, release, train_partition
 from .model import node_task
 
-if TYPE_CHECKING:
-    from .trainer import Trainer
+# (cfg, task, link config, links, device, context) -> the resident model (Trainer.model)
+ModelFor = Callable[..., AbstractContextManager]
 
 
-def secure_train(trainer: Trainer, msg: Message, context: Context, cfg: RunConfig) -> Message:
-    """Train on the legacy FitIns of a SecAgg+ round, on `trainer`'s resident model; reply
-    with a legacy FitRes."""
+def secure_train(model_for: ModelFor, msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """Train on the legacy FitIns of a SecAgg+ round, on the resident model `model_for`
+    gives (the trainer's); reply with a legacy FitRes."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     config = fitins.config
     task, partition_id = node_task(context, cfg)
@@ -44,7 +44,7 @@ def secure_train(trainer: Trainer, msg: Message, context: Context, cfg: RunConfi
         return sent
 
     device = check_device(pick_device(cfg.train.device))
-    with trainer.model(cfg, task, config, links, device, context) as model:
+    with model_for(cfg, task, config, links, device, context) as model:
         names = [n for n, q in model.named_parameters() if q.requires_grad]
         arrays = parameters_to_ndarrays(fitins.parameters)
         load_trainable_state(model, dict(zip(names, arrays, strict=True)))

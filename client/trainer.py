@@ -80,7 +80,7 @@ class Trainer:
         return evaluate(self, msg, context, self.config(context))
 
     def secure_train(self, msg: Message, context: Context) -> Message:
-        return secure.secure_train(self, msg, context, self.config(context))
+        return secure.secure_train(self.model, msg, context, self.config(context))
 
     def app(self) -> ClientApp:
         """This trainer as a ClientApp: train (SecAgg+ messages through `secure_mod`) and

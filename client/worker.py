@@ -35,7 +35,7 @@ from flwr.clientapp import ClientApp
 
 from contract import worker_wire as wire
 
-from .compose import TRAINER, build_worker
+from .compose import TRAINER, worker_app
 
 log = logging.getLogger("seedlora.worker")
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    worker = build_worker(args.app, args.cache_dir)
+    worker = Worker(*worker_app(args.app, args.cache_dir))
     log.info("ready on %s (pid %d, protocol %d)", args.socket, os.getpid(), wire.PROTOCOL)
     serve(server, worker)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-from client.compose import build_client_app, build_trainer, build_worker
+from client.compose import build_client_app, build_trainer, worker_app
 from client.relay import KEPT, Recipe, Relay
 from client.trainer import Trainer
 from contract.config import RunConfig, RunConfigError
@@ -184,7 +184,7 @@ def test_a_pickled_relay_comes_back_as_the_process_kept_one():
 
 
 def test_the_worker_and_the_harness_serve_the_same_trainer(overrides, tmp_path):
-    served = build_worker(cache_dir=tmp_path).stats.__self__  # the worker's trainer
+    served = worker_app(cache_dir=tmp_path)[1].__self__  # the worker's trainer
     trainer = build_trainer(overrides, tmp_path)
     assert type(served) is type(trainer) is Trainer
     assert served.cache_dir == trainer.cache_dir == tmp_path and served.resident.builds == 0

@@ -21,8 +21,8 @@ overrides = app_tests.overrides  # the in-process app fixture (tiny LM, tiny dat
 def test_secagg_plus_averages_b_and_the_server_sees_no_update(overrides, tmp_path, monkeypatch):
     trained = []  # what each client trained (seen here by the test, never by the server)
 
-    def spy(trainer, msg, context, cfg):
-        reply = real(trainer, msg, context, cfg)
+    def spy(model_for, msg, context, cfg):
+        reply = real(model_for, msg, context, cfg)
         params = reply.content.array_records["fitres.parameters"]
         n = reply.content.metric_records["fitres.num_examples"]["num_examples"]
         trained.append((n, [torch.from_numpy(a.numpy().copy()) for a in params.values()]))
