@@ -1,0 +1,362 @@
+"""What every benchmark shares: JSON results with the machine beside them, the command line
+(subcommands with `--set KEY=VALUE`, `--out`, `--name`, `--tiny`), timing and ratios,
+memory samplers, plots, and one run of the app in a child process with a time limit."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = RESULTS.parents[1]
+MIB = 2**20
+# Model shapes written out (their config.json on the hub), so nothing is downloaded.
+QWEN25_05B: dict[str, Any] = {
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "tie_word_embeddings": True,
+}
+LLAMA2_7B: dict[str, Any] = {
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+}
+TINY_SHAPE: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+# A throughput run: one IID link, nothing evaluated or exported: rounds time training only.
+THROUGHPUT_RUN: dict[str, Any] = {
+    "partitioner": "iid",
+    "num-links": 1,
+    "max-eval-blocks": 8,
+    "fraction-evaluate": 0.0,
+    "central-eval": False,
+    "export": False,
+}
+# The smallest app run (the `--tiny` mode of the app-running benchmarks): one local step.
+TINY_RUN: dict[str, Any] = {
+    "num-links": 1,
+    "rounds-per-link": 2,
+    "local-steps": 1,
+    "rank": 4,
+    "alpha": 8.0,
+    "seq-len": 32,
+    "max-train-blocks": 8,
+    "max-eval-blocks": 8,
+}
+
+
+def git_commit() -> str:
+    """HEAD's short hash, "+changes" when tracked files differ (a copied working tree)."""
+    try:
+        git = lambda *a: subprocess.run(  # noqa: E731
+            ["git", *a], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        return git("rev-parse", "--short", "HEAD") + (
+            "+changes" if git("status", "-s", "-uno") else ""
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("SEEDLORA_COMMIT", "unknown")
+
+
+def environment() -> dict[str, Any]:
+    """Machine and software facts stored beside every measurement."""
+    import torch
+
+    info: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    for package in ("transformers", "peft", "flwr"):
+        with contextlib.suppress(ImportError):
+            info[package] = __import__(package).__version__
+    if torch.cuda.is_available():
+        info |= {"gpu": torch.cuda.get_device_name(0), "cuda": torch.version.cuda}
+    return info
+
+
+def write_result(name: str, payload: dict[str, Any], directory: Path = RESULTS) -> Path:
+    """`payload` plus the environment into `<directory>/<name>.json`, atomically."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path, tmp = directory / f"{name}.json", directory / f"{name}.json.tmp"
+    tmp.write_text(json.dumps({"environment": environment(), **payload}, indent=1, default=str))
+    os.replace(tmp, path)
+    print(f"wrote {path}", flush=True)
+    return path
+
+
+def cli(doc: str | None) -> tuple[argparse.ArgumentParser, Any]:
+    """A script's parser and its subcommand group (`command` adds to it)."""
+    ap = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0])
+    return ap, ap.add_subparsers(dest="command", required=True)
+
+
+def command(
+    subs: Any, name: str, run: Callable, stem: str, doc: str = ""
+) -> argparse.ArgumentParser:
+    """A subcommand running `run(args)`, with the shared options: `--set KEY=VALUE` (run
+    config), `--out DIR`, `--name STEM` (result file stem, default `stem`), `--tiny`."""
+    p = subs.add_parser(name, help=(doc or run.__doc__ or "").strip().splitlines()[0])
+    p.set_defaults(run=run)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run config")
+    p.add_argument("--out", type=Path, default=RESULTS, help="directory for JSON and PNG")
+    p.add_argument("--name", default=stem, help="result file stem")
+    p.add_argument("--tiny", action="store_true", help="smallest sizes on the CPU (the tests)")
+    return p
+
+
+def main_of(ap: argparse.ArgumentParser) -> Callable[[Sequence[str] | None], Any]:
+    """`main(argv)`: parse and run the chosen subcommand; returns what it returns."""
+    return lambda argv=None: (args := ap.parse_args(argv)).run(args)
+
+
+def with_sets(base: Mapping[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """`base` with the command line's `--set` values over it."""
+    from simulation.sweep import parse_sets
+
+    return {**base, **parse_sets(args.set)}
+
+
+def tiny_assets(directory: Path) -> dict[str, str]:
+    """A tiny GPT-2 and a small text dataset saved under `directory`: `model-name`, `dataset`."""
+    from testing.tiny import save_text_dataset, save_tiny_lm
+
+    model = directory / "tiny-lm"
+    if not (model / "config.json").exists():
+        save_tiny_lm(model)
+    data = save_text_dataset(directory / "tiny-text", min_rows=80, chunk=1500)
+    return {"model-name": str(model), "dataset": str(data)}
+
+
+def ints(text: str) -> list[int]:
+    return [int(s) for s in str(text).split(",") if s]
+
+
+def seeds(text: str) -> list[int]:
+    """`3` -> [0, 1, 2]; `4,7` -> [4, 7]."""
+    return ints(text) if "," in text else list(range(int(text)))
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def mean(values: Sequence[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return statistics.fmean(kept) if kept else None
+
+
+def steady(rounds: Sequence[dict]) -> list[float]:
+    """Wall times of the rounds after each link's first (no build, no tokenizing)."""
+    return [r["wall_time"] for r in rounds if r.get("round_in_link", 1) >= 2 and "wall_time" in r]
+
+
+def read_rounds(run_dir: Path) -> list[dict]:
+    """The rounds a run has written so far (rounds.jsonl if present, else metrics.json)."""
+    lines = run_dir / "rounds.jsonl"
+    if lines.exists():
+        return [json.loads(x) for x in lines.read_text().splitlines() if x.strip()]
+    try:
+        return json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def best_time(fn: Callable[[], Any], repeats: int) -> float:
+    """Least wall seconds of `repeats` calls of `fn` (the least disturbed)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def pss_bytes(pid: int) -> int | None:
+    """Proportional set size of `pid` (a page shared by k processes counts 1/k in each, so a
+    sum over processes counts it once); /proc/<pid>/smaps_rollup, Linux only."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return next(int(x.split()[1]) * 1024 for x in f if x.startswith("Pss:"))
+    except (OSError, StopIteration):
+        return None
+
+
+class HostMemory(threading.Thread):
+    """PSS (RSS where /proc has none) of `pid` and its descendants summed by `role(cmdline)`
+    every `period` s: samples of (time, {role: bytes}, {role: processes})."""
+
+    def __init__(self, pid: int, role: Callable[[str], str], period: float = 1.0):
+        super().__init__(daemon=True)
+        self.pid, self.role, self.period = pid, role, period
+        self.samples: list[tuple[float, dict[str, int], dict[str, int]]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        while not self.stop.is_set():
+            try:
+                top = psutil.Process(self.pid)
+                procs = [top, *top.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            total: dict[str, int] = {}
+            count: dict[str, int] = {}
+            for proc in procs:
+                try:
+                    name = self.role(" ".join(proc.cmdline()))
+                    size = pss_bytes(proc.pid) or proc.memory_info().rss
+                except psutil.Error:
+                    continue
+                total[name], count[name] = total.get(name, 0) + size, count.get(name, 0) + 1
+            self.samples.append((time.time(), total, count))
+            self.stop.wait(self.period)
+
+    def peak(self, name: str | None = None) -> int:
+        """Peak bytes of one role, or of all together."""
+        return max(
+            (sum(t.values()) if name is None else t.get(name, 0) for _, t, _ in self.samples),
+            default=0,
+        )
+
+
+@contextlib.contextmanager
+def figure(path: Path, *args: Any, dpi: int = 120, **kwargs: Any) -> Iterator[tuple[Any, Any]]:
+    """`plt.subplots(*args, **kwargs)` drawn into, then saved to `path` and closed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(*args, **kwargs)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        fig.savefig(path, dpi=dpi)
+        print(f"wrote {path}")
+    finally:
+        plt.close(fig)
+
+
+def bars(
+    path: Path,
+    title: str,
+    labels: Sequence[str],
+    series: Mapping[str, Sequence[float]],
+    *,
+    log: bool = False,
+    line: float | None = None,
+) -> None:
+    """Grouped bars, one group per label and one bar per series; `line` a dashed goal."""
+    with figure(path, figsize=(max(6, 0.9 * len(labels) * len(series)), 4.5)) as (_, ax):
+        width = 0.8 / max(1, len(series))
+        for j, (name, values) in enumerate(series.items()):
+            ax.bar([i + j * width for i in range(len(labels))], values, width, label=name)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, fontsize=8)
+        if line is not None:
+            ax.axhline(line, color="k", linestyle="--", linewidth=1)
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+
+
+def run_child(
+    spec: dict[str, Any], workdir: Path, timeout_s: float, env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """One run of the app in a child process (`python -m bench.harness SPEC`), stopped with
+    all it started after `timeout_s`: caches start cold, memory is the run's own.
+
+    spec: `mode` ("ray": simulation.inprocess.simulate, else simulation.local.run_local),
+    `overrides` (with `run-name`), `nodes`; optional `threads`, `num_cpus`, `num_gpus`,
+    `init_args` (Ray), `probe` (a testing.probe log). Returns `completed`, `process_wall_s`
+    and the child's `start`/`end`, `run_wall_s`, `torch_threads`, `metrics`, or `why` and
+    `log_tail`."""
+    from runtime.processes import run, tail
+
+    tag = spec["overrides"]["run-name"]
+    spec_path, result, log = (workdir / f"{tag}.{x}" for x in ("spec.json", "result.json", "log"))
+    spec_path.write_text(json.dumps({**spec, "result": str(result)}))
+    began = time.perf_counter()
+    code = run(
+        [sys.executable, "-m", "bench.harness", str(spec_path)],
+        log,
+        timeout_s=timeout_s,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+    )
+    row: dict[str, Any] = {"process_wall_s": time.perf_counter() - began}
+    if code == 0 and result.exists():
+        return {**row, "completed": True, **json.loads(result.read_text())}
+    why = f"stopped after the {timeout_s:.0f}s limit" if code is None else f"exit code {code}"
+    return {**row, "completed": False, "why": why, "log_tail": tail(log)}
+
+
+def _child(spec_path: str) -> None:
+    """The child side of `run_child`."""
+    import torch
+
+    from client.app import build_client_app
+    from simulation.inprocess import simulate
+    from simulation.local import run_local
+    from testing.probe import TimedGrid, probed_client_app
+
+    spec = json.loads(Path(spec_path).read_text())
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    ov, nodes, probe = spec["overrides"], spec["nodes"], spec.get("probe")
+    app, wrap = build_client_app(ov), None
+    if probe:
+        app = probed_client_app(app, probe)
+        wrap = lambda grid: TimedGrid(grid, probe)  # noqa: E731
+    start, began = time.time(), time.perf_counter()
+    if spec["mode"] == "ray":
+        cpus, gpus, init = (
+            spec.get("num_cpus", 1.0),
+            spec.get("num_gpus", 0.0),
+            spec.get("init_args"),
+        )
+        doc = simulate(ov, nodes, cpus, gpus, init_args=init, client_app=app, wrap_grid=wrap)
+    else:
+        doc = run_local(ov, nodes, client_app=app, wrap_grid=wrap).metrics
+    result = {
+        "start": start,
+        "end": time.time(),
+        "run_wall_s": time.perf_counter() - began,
+        "torch_threads": torch.get_num_threads(),
+        "metrics": doc,
+    }
+    Path(spec["result"]).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1])

@@ -1,0 +1,721 @@
+"""One client's training step: its time and memory against the frozen model, the capture
+cost per round of the graphed step, and the memory of a quantized base.
+
+    python -m bench.step overhead --device cuda [--liger]   # step_time_<device>.json
+    python -m bench.step graph-reuse --preset llama2-7b      # graph_reuse-<preset>.json (CUDA)
+    python -m bench.step quant-memory                        # quant_memory.json (CUDA, bnb)
+
+`overhead`: one forward + backward + AdamW step per iteration, every variant on a fresh
+model from the same seed, the same token batch, all seven projections of a Qwen2/Llama
+block adapted at one rank, side by side in one process (order reversed on odd passes):
+`floor` (frozen model, backward to the input embeddings), `peft-lora`, `peft-lora-frozen-a`,
+`seedlora-<kind>` (fused path), `-reference` (plain autograd), `-grouped` (q/k/v and gate/up
+one node), `-graphed` (the whole step one CUDA graph), `-liger` (Liger kernels in the base).
+Time: median of the timed steps. Memory: CUDA's allocator peak; on the CPU the profiler's
+allocator high-water mark plus the resident tensors. `saved_for_backward_bytes`: what
+autograd keeps in one forward (parameters excluded). Goals: time and memory <= PEFT; the
+fused path <= 1.25x floor and <= 0.6x PEFT; grouped/graphed <= 1.25x the floor's GPU-busy
+time and <= 0.35x PEFT.
+
+`graph-reuse`: R rounds of S steps of one link run twice: `fresh` (a new capturable AdamW
+and CUDA graph each round, the old path) and `kept` (`seedlora.capture.kept_step`: one
+capture, B and moments reset in place, lr a tensor). Goal: kept setup after round 1 <= 0.05 s,
+with the same losses and B as fresh.
+
+`quant-memory`: GPU memory of one client on a bf16 / 8bit / 4bit base (bitsandbytes layers
+made from bf16 weights, as the loader makes them), with `--links` merged links as side paths.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench.harness import MIB, cli, command, figure, main_of, ratio, write_result
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SEED_KINDS = ("gaussian", "circulant", "random-block")
+FLOOR, PEFT, PEFT_FROZEN_A = "floor", "peft-lora", "peft-lora-frozen-a"
+REFERENCE, GROUPED, GRAPHED, LIGER = "-reference", "-grouped", "-graphed", "-liger"
+VARIANTS = (
+    FLOOR,
+    PEFT,
+    PEFT_FROZEN_A,
+    *(f"seedlora-{k}{m}" for m in (REFERENCE, "", GROUPED) for k in SEED_KINDS),
+)
+CUDA_VARIANTS = (f"{FLOOR}{GRAPHED}", *(f"seedlora-{k}{GRAPHED}" for k in SEED_KINDS))
+LIGER_VARIANTS = tuple(
+    f"{v}{LIGER}"
+    for v in (
+        FLOOR,
+        f"{FLOOR}{GRAPHED}",
+        *(f"seedlora-{k}{m}" for m in (GROUPED, GRAPHED) for k in SEED_KINDS),
+    )
+)
+ALL_VARIANTS = (*VARIANTS, *CUDA_VARIANTS, *LIGER_VARIANTS)
+FAST_FLOOR, FAST_PEFT, STEP_BUSY, STEP_PEFT = 1.25, 0.6, 1.25, 0.35  # the goals above
+CAPTURE_GOAL_S = 0.05
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The model and batch of one run."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    batch: int
+    seq: int
+    rank: int
+    alpha: float
+    dtype: str
+    arch: str = "qwen2"  # qwen2 (tied embeddings) or llama
+
+
+PRESETS: dict[str, Shape] = {
+    "qwen2.5-0.5b": Shape(896, 4864, 24, 14, 2, 151936, 8, 512, 16, 32.0, "bfloat16"),
+    "qwen2-0.36b": Shape(896, 4864, 24, 14, 2, 4096, 4, 512, 16, 32.0, "bfloat16"),
+    "llama2-7b": Shape(4096, 11008, 32, 32, 32, 32000, 4, 512, 16, 32.0, "bfloat16", "llama"),
+    "small": Shape(256, 1024, 4, 4, 2, 4096, 4, 128, 16, 32.0, "float32"),
+    "tiny": Shape(64, 128, 2, 4, 2, 256, 2, 32, 4, 8.0, "float32"),
+}
+
+
+def base_variant(variant: str) -> str:
+    """The variant without its step-mode and kernel suffixes."""
+    return variant.removesuffix(LIGER).removesuffix(GROUPED).removesuffix(GRAPHED)
+
+
+def layer_dims(shape: Shape) -> list[tuple[str, int, int]]:
+    """(projection, n_in, n_out) of one decoder block."""
+    h, i, kv = shape.hidden, shape.intermediate, shape.kv_heads * (shape.hidden // shape.heads)
+    dims = ((h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h))
+    return [(name, a, b) for name, (a, b) in zip(PROJECTIONS, dims, strict=True)]
+
+
+def build_model(shape: Shape, device: torch.device | str, seed: int) -> nn.Module:
+    """A random-init Qwen2 or Llama causal LM of `shape`, built in its dtype on `device`."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    config = (Qwen2Config if shape.arch == "qwen2" else LlamaConfig)(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=max(shape.seq, 32768),
+        tie_word_embeddings=shape.arch == "qwen2",
+        use_cache=False,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, shape.dtype))
+    return model.to(getattr(torch, shape.dtype)).train()
+
+
+def prepare(variant: str, model: nn.Module, shape: Shape, seed: int) -> nn.Module:
+    """Freeze `model` and attach the variant's adapter; returns the module to call."""
+    if variant.endswith(LIGER):
+        from runtime.kernels import use_liger
+
+        return use_liger(prepare(variant.removesuffix(LIGER), model, shape, seed))
+    if variant != base_variant(variant):
+        model = prepare(base_variant(variant), model, shape, seed)
+        if variant.startswith("seedlora-"):
+            from seedlora.grouped import group_siblings
+
+            group_siblings(model)
+        return model
+    if variant == FLOOR:
+        model.requires_grad_(False)
+        model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_())
+        return model
+    if variant in (PEFT, PEFT_FROZEN_A):
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=shape.rank,
+            lora_alpha=shape.alpha,
+            target_modules=list(PROJECTIONS),
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        peft_model = get_peft_model(model, config)
+        for name, param in peft_model.named_parameters():
+            if variant == PEFT_FROZEN_A and "lora_A" in name:
+                param.requires_grad_(False)
+        return peft_model.train()
+    kind = variant.removesuffix(REFERENCE).removeprefix("seedlora-")
+    if kind not in SEED_KINDS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {ALL_VARIANTS}")
+    from seedlora.injection import adapter_layers, inject
+
+    inject(model, list(PROJECTIONS), kind=kind, seed=seed, rank=shape.rank, alpha=shape.alpha)
+    for _, layer in adapter_layers(model):
+        layer.fused = not variant.endswith(REFERENCE)
+    return model.train()
+
+
+def unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors` (tied or viewed tensors count once)."""
+    seen = {
+        (str(t.device), t.untyped_storage().data_ptr()): t.untyped_storage().nbytes()
+        for t in tensors
+    }
+    return sum(seen.values())
+
+
+def resident(model: nn.Module, opt: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+    """What stays allocated between steps: parameters, buffers, the optimizer's state."""
+    tensors = [*model.parameters(), *(b for b in model.buffers() if b is not None)]
+    for state in opt.state.values() if opt is not None else ():
+        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return tensors
+
+
+def saved_for_backward_bytes(model: nn.Module, forward: Callable[[], torch.Tensor]) -> int:
+    """Bytes of activation storages autograd keeps for backward in one forward (parameter
+    and buffer storages left out: what a variant adds per step)."""
+    static = {t.untyped_storage().data_ptr() for t in resident(model, None)}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in static:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t.detach()  # not `t`: a node holding its own output is a cycle gc never frees
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(seen.values())
+
+
+def profile_step(step: Callable[[], Any], cuda: bool, top: int) -> dict[str, Any]:
+    """One `step()` under torch.profiler: aten self time (kernel time on CUDA: what the GPU
+    does, whatever the host), op calls, the `top` ops and (CPU) the allocator's peak above
+    the start (its "[memory]" events carry the running total)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=acts, profile_memory=not cuda) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    ops = [
+        (a.key, a.count, (a.self_device_time_total if cuda else a.self_cpu_time_total) / 1e3)
+        for a in prof.key_averages()
+        if a.key.startswith("aten::")
+    ]
+    out = {
+        "busy_ms": sum(o[2] for o in ops),
+        "aten_op_calls": sum(o[1] for o in ops),
+        "cpu_peak": 0,
+    }
+    out["top_ops"] = [
+        {"op": k, "calls": c, "self_ms": ms}
+        for k, c, ms in sorted(ops, key=lambda o: -o[2])[:top]
+        if ms > 0
+    ]
+    if not cuda:
+        with tempfile.TemporaryDirectory() as tmp:
+            prof.export_chrome_trace(f"{tmp}/t.json")
+            events = json.loads(Path(f"{tmp}/t.json").read_text())["traceEvents"]
+        mem = sorted(
+            (
+                e
+                for e in events
+                if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0
+            ),
+            key=lambda e: (e["ts"], e["args"].get("Ev Idx", 0)),
+        )
+        if mem:
+            start = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
+            out["cpu_peak"] = max(0, max(m["args"]["Total Allocated"] for m in mem) - start)
+    return out
+
+
+def measure(variant: str, shape: Shape, ids: torch.Tensor, args: Any) -> dict[str, Any]:
+    """Build, adapt and time one variant on a fresh model: its row of the result."""
+    cuda = ids.device.type == "cuda"
+    leftover = torch.cuda.memory_allocated() - unique_bytes([ids]) if cuda else 0
+    model = prepare(variant, build_model(shape, ids.device, args.seed), shape, args.seed)
+    graphed = variant.removesuffix(LIGER).endswith(GRAPHED)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # The step modes take a fused AdamW on CUDA (capturable when graphed).
+    opt_kw = (
+        {"fused": True, "capturable": graphed} if cuda and variant != base_variant(variant) else {}
+    )
+    opt = torch.optim.AdamW(params, lr=args.lr, **opt_kw) if params else None
+
+    def forward() -> torch.Tensor:
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    def step() -> torch.Tensor:
+        loss = forward()
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    capture_ms = None
+    if graphed:
+        from seedlora.capture import CapturedStep
+
+        start = time.perf_counter()
+        captured = CapturedStep(
+            lambda b: model(input_ids=b["input_ids"], labels=b["input_ids"], use_cache=False).loss,
+            params,
+            opt,
+            {"input_ids": ids},
+        )
+        torch.cuda.synchronize()
+        capture_ms = (time.perf_counter() - start) * 1e3
+        step = lambda: captured({"input_ids": ids}).clone()  # noqa: E731
+    if cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    losses, times = [], []
+    for i in range(args.warmup + args.steps):
+        torch.cuda.synchronize() if cuda else None
+        start = time.perf_counter()
+        losses.append(step())
+        torch.cuda.synchronize() if cuda else None
+        if i >= args.warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    kept = unique_bytes(resident(model, opt))
+    prof = (
+        profile_step(lambda: losses.append(step()), cuda, args.top_ops)
+        if not cuda or args.top_ops
+        else {}
+    )
+    peak = torch.cuda.max_memory_allocated() if cuda else kept + prof["cpu_peak"]
+    return {
+        "variant": variant,
+        "trainable_params": sum(p.numel() for p in params),
+        "trainable_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in params}),
+        "optimizer": f"AdamW({opt_kw})",
+        "times_ms": times,
+        "median_ms": statistics.median(times),
+        "capture_ms": capture_ms,
+        "peak_bytes": peak,
+        "resident_bytes": kept,
+        "saved_for_backward_bytes": saved_for_backward_bytes(model, forward),
+        "leftover_bytes_at_start": leftover,
+        "memory_method": "torch.cuda.max_memory_allocated"
+        if cuda
+        else "resident + profiler CPU peak",
+        "loss_first": float(losses[0]),
+        "loss_last": float(losses[-1]),
+        "busy_ms": None if graphed else prof.get("busy_ms"),  # a replay's kernels go unattributed
+        "aten_op_calls": prof.get("aten_op_calls"),
+        "top_ops": prof.get("top_ops", []),
+    }
+
+
+def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Ratios to the floor and PEFT into each row; each seedlora row's goals (docstring)."""
+    by = {r["variant"]: r for r in rows}
+    floor, peft = by.get(FLOOR, {}), by.get(PEFT, {})
+    for r in rows:
+        r["time_x_floor"] = ratio(r["median_ms"], floor.get("median_ms"))
+        r["time_x_floor_busy"] = ratio(r["median_ms"], floor.get("busy_ms"))
+        r["time_x_floor_graphed"] = ratio(
+            r["median_ms"], by.get(FLOOR + GRAPHED, {}).get("median_ms")
+        )
+        r["time_x_peft"] = ratio(r["median_ms"], peft.get("median_ms"))
+        r["memory_x_floor"] = ratio(r["peak_bytes"], floor.get("peak_bytes"))
+        r["memory_x_peft"] = ratio(r["peak_bytes"], peft.get("peak_bytes"))
+    out: dict[str, Any] = {}
+    for r in rows:
+        v = r["variant"]
+        if not v.startswith("seedlora-") or not peft:
+            continue
+        g = out[v] = {
+            "time_le_peft": r["time_x_peft"] <= 1,
+            "memory_le_peft": r["memory_x_peft"] <= 1,
+        }
+        if not v.endswith(REFERENCE):
+            g["time_le_0.6_peft"] = r["time_x_peft"] <= FAST_PEFT
+            if r["time_x_floor"] is not None:
+                g["time_le_1.25_floor"] = r["time_x_floor"] <= FAST_FLOOR
+        if v != base_variant(v):
+            g["time_le_0.35_peft"] = r["time_x_peft"] <= STEP_PEFT
+            if r["time_x_floor_busy"] is not None:
+                g["time_le_1.25_floor_busy"] = r["time_x_floor_busy"] <= STEP_BUSY
+        kind = next(k for k in SEED_KINDS if v.startswith(f"seedlora-{k}"))
+        gaussian = by.get(v.replace(f"seedlora-{kind}", "seedlora-gaussian"))
+        if kind != "gaussian" and gaussian is not None:
+            g["faster_than_gaussian"] = r["median_ms"] < gaussian["median_ms"]
+    return out
+
+
+def overhead(args: Any) -> dict[str, Any]:
+    """Step time and peak memory of every variant against the frozen model and PEFT."""
+    if args.tiny:
+        args.device, args.preset, args.warmup, args.steps, args.threads = "cpu", "tiny", 1, 2, 1
+        args.top_ops = min(args.top_ops, 5)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    preset = args.preset or ("qwen2.5-0.5b" if cuda else "small")
+    shape = PRESETS[preset]
+    variants = args.variants or [
+        *VARIANTS,
+        *(CUDA_VARIANTS if cuda else ()),
+        *(LIGER_VARIANTS if args.liger else ()),
+    ]
+    if not cuda and any(v.endswith(LIGER) or v.endswith(GRAPHED) for v in variants):
+        raise SystemExit("--variants: the -liger and -graphed variants are CUDA only")
+    ids = torch.randint(
+        shape.vocab, (shape.batch, shape.seq), generator=torch.Generator().manual_seed(args.seed)
+    )
+    ids = ids.to(device)
+    passes: dict[str, list[dict]] = {v: [] for v in variants}
+    failed: dict[str, str] = {}
+    for rnd in range(args.rounds):
+        for v in variants if rnd % 2 == 0 else variants[::-1]:
+            try:
+                passes[v].append(row := measure(v, shape, ids, args))
+                print(
+                    f"pass {rnd} {v:<36} {row['median_ms']:9.2f} ms  peak {row['peak_bytes'] / MIB:9.1f} MiB",
+                    flush=True,
+                )
+            except RuntimeError as err:  # a failed capture must not lose the other rows
+                if v in VARIANTS:
+                    raise
+                failed[v] = f"{type(err).__name__}: {err}"[:2000]
+            gc.collect()
+            torch.cuda.empty_cache() if cuda else None
+    rows = []
+    for v in variants:
+        if v in failed or not passes[v]:
+            continue
+        row = dict(passes[v][-1])
+        row["times_ms"] = [t for p in passes[v] for t in p["times_ms"]]
+        row["median_ms"] = statistics.median(row["times_ms"])
+        row["peak_bytes"] = max(p["peak_bytes"] for p in passes[v])
+        row["loss_first"] = passes[v][0]["loss_first"]
+        rows.append(row)
+    config = {
+        "preset": preset,
+        "device": str(device),
+        **asdict(shape),
+        "targets": list(PROJECTIONS),
+        "layer_dims": layer_dims(shape),
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "lr": args.lr,
+        "seed": args.seed,
+    }
+    payload = {
+        "benchmark": "step_time",
+        "config": config,
+        "variants": rows,
+        "failed": failed,
+        "goals": goals(rows),
+    }
+    name = args.name or f"step_time_{device.type}"
+    write_result(name, payload, args.out)
+    with figure(args.out / f"{name}.png", 1, 2, figsize=(12, 0.5 * len(rows) + 1.8)) as (fig, axes):
+        for ax, key, scale, title in (
+            (axes[0], "median_ms", 1, "median step (ms)"),
+            (axes[1], "peak_bytes", MIB, "peak memory (MiB)"),
+        ):
+            ax.barh([r["variant"] for r in rows], [r[key] / scale for r in rows])
+            ax.invert_yaxis()
+            ax.set_title(title)
+        fig.suptitle(
+            f"fwd+bwd+AdamW, {preset}, batch {shape.batch} x {shape.seq}, rank {shape.rank}"
+        )
+    return payload
+
+
+def graph_reuse(args: Any) -> dict[str, Any]:
+    """Capture cost per round: one graph kept for a link's rounds vs one captured per round."""
+    from seedlora.capture import CapturedStep, kept_step
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.step graph-reuse captures CUDA graphs: no CUDA device is visible")
+    preset = "tiny" if args.tiny else args.preset
+    shape, device = PRESETS[preset], torch.device("cuda")
+    model = prepare(
+        f"seedlora-circulant{GRAPHED}", build_model(shape, device, args.seed), shape, args.seed
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    on = {"device": device, "generator": torch.Generator(device).manual_seed(args.seed)}
+    batches = [
+        {"input_ids": torch.randint(shape.vocab, (shape.batch, shape.seq), **on)}
+        for _ in range(args.steps)
+    ]
+    received = [[0.01 * torch.randn(p.shape, **on) for p in params] for _ in range(args.rounds)]
+    lrs = [args.lr * 0.7**r for r in range(args.rounds)]
+    loss_of = lambda b: model(input_ids=b["input_ids"], labels=b["input_ids"], use_cache=False).loss  # noqa: E731
+    clip = lambda: torch.nn.utils.clip_grad_norm_(params, 1.0)  # noqa: E731
+    adamw = lambda lr: torch.optim.AdamW(params, lr=lr, fused=True, capturable=True)  # noqa: E731
+    rows: dict[str, list[dict]] = {"fresh": [], "kept": []}
+    trained: dict[str, list[list[torch.Tensor]]] = {"fresh": [], "kept": []}
+    for mode in rows:
+        for r in range(args.rounds):
+            with torch.no_grad():
+                for p, b in zip(params, received[r], strict=True):
+                    p.copy_(b)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            if mode == "kept":
+                kept = kept_step(
+                    model, "bench", params, lambda: adamw(torch.ones((), device=device))
+                )
+                kept.begin(lrs[r])
+                step, captures = kept.ready(loss_of, batches[0], clip), kept.captures
+            else:
+                step, captures = (
+                    CapturedStep(loss_of, params, adamw(lrs[r]), batches[0], before_step=clip),
+                    r + 1,
+                )
+            torch.cuda.synchronize()
+            setup = time.perf_counter() - start
+            total = sum(
+                (step(b).double() for b in batches),
+                torch.zeros((), dtype=torch.float64, device=device),
+            )
+            torch.cuda.synchronize()
+            trained[mode].append([p.detach().clone() for p in params])
+            del step
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            rows[mode].append(
+                {
+                    "round": r,
+                    "lr": lrs[r],
+                    "setup_s": setup,
+                    "steps_s": time.perf_counter() - start - setup,
+                    "loss": float(total) / args.steps,
+                    "captures": captures,
+                    "allocated_after_bytes": torch.cuda.memory_allocated(),
+                }
+            )
+            rows[mode][-1]["round_s"] = setup + rows[mode][-1]["steps_s"]
+    for r, row in enumerate(rows["kept"]):
+        pairs = list(zip(trained["kept"][r], trained["fresh"][r], strict=True))
+        row["max_abs_b_diff"] = max(float((a - b).abs().max()) for a, b in pairs)
+        row["bitwise"] = all(torch.equal(a, b) for a, b in pairs)
+        row["loss_diff"] = row["loss"] - rows["fresh"][r]["loss"]
+    later = {m: [x["setup_s"] for x in rows[m][1:]] or [float("nan")] for m in rows}
+    summary = {
+        "kept_setup_after_first_round_max_s": max(later["kept"]),
+        "fresh_setup_after_first_round_median_s": statistics.median(later["fresh"]),
+        "kept_captures": rows["kept"][-1]["captures"],
+        "goal_s": CAPTURE_GOAL_S,
+        "goal_met": max(later["kept"]) <= CAPTURE_GOAL_S,
+    }
+    config = {
+        "preset": preset,
+        **asdict(shape),
+        "variant": f"seedlora-circulant{GRAPHED}",
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "lrs": lrs,
+        "seed": args.seed,
+        "max_grad_norm": 1.0,
+    }
+    payload = {"benchmark": "graph_reuse", "config": config, "rounds": rows, "summary": summary}
+    write_result(args.name or f"graph_reuse-{preset}", payload, args.out)
+    return payload
+
+
+def quantize(model: nn.Module, quantization: str) -> None:
+    """Every target nn.Linear as its bitsandbytes layer (nf4 + double quantization, bf16
+    compute; or LLM.int8() at threshold 6), as transformers' BitsAndBytesConfig loader does."""
+    import bitsandbytes as bnb
+
+    for name in [n for n, _ in model.named_modules() if n.split(".")[-1] in PROJECTIONS]:
+        lin, bias = model.get_submodule(name), model.get_submodule(name).bias is not None
+        if quantization == "4bit":
+            q = bnb.nn.Linear4bit(
+                lin.in_features,
+                lin.out_features,
+                bias=bias,
+                compute_dtype=torch.bfloat16,
+                compress_statistics=True,
+                quant_type="nf4",
+                device="meta",
+            )
+            q.weight = bnb.nn.Params4bit(
+                lin.weight.data,
+                requires_grad=False,
+                compress_statistics=True,
+                quant_type="nf4",
+                module=q,
+            )
+        else:
+            q = bnb.nn.Linear8bitLt(
+                lin.in_features,
+                lin.out_features,
+                bias=bias,
+                has_fp16_weights=False,
+                threshold=6.0,
+                device="meta",
+            )
+            q.weight = bnb.nn.Int8Params(
+                lin.weight.data.cpu(), requires_grad=False, has_fp16_weights=False
+            )
+        if bias:
+            q.bias = nn.Parameter(lin.bias.data, requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, q.to("cuda"))
+
+
+def quant_row(preset: str, base: str, args: Any) -> dict[str, Any]:
+    """One client's weights, adapted and step-peak GPU memory on a `base` base."""
+    from seedlora import adapter_layers, inject, trainable_state
+    from seedlora.chain import Link, apply_link
+    from seedlora.spec import ASpec
+
+    shape, gib = PRESETS[preset], 2**30
+    gc.collect()
+    torch.cuda.empty_cache()
+    start, t0 = torch.cuda.memory_allocated(), time.perf_counter()
+    model = build_model(shape, "cuda", 0).eval()
+    params = sum(p.numel() for p in model.parameters())
+    if base != "bf16":
+        quantize(model, base)
+    gc.collect()
+    torch.cuda.empty_cache()
+    weights, build_s = torch.cuda.memory_allocated() - start, time.perf_counter() - t0
+    alpha = 2.0 * args.rank
+    inject(
+        model,
+        list(PROJECTIONS),
+        kind="circulant",
+        seed=0,
+        rank=args.rank,
+        alpha=alpha,
+        chain_index=args.links,
+    )
+    layers, gen = list(adapter_layers(model)), torch.Generator().manual_seed(1)
+    for c in range(args.links):  # merged links of random B (side paths on a quantized base)
+        specs = tuple(
+            ASpec(s.kind, s.seed, c, s.rank, s.layer, s.n_in, s.n_out)
+            for s in (m.spec for _, m in layers)
+        )
+        apply_link(
+            model,
+            Link(
+                alpha,
+                specs,
+                {
+                    m.spec.layer: 0.01 * torch.randn(m.lora_B.shape, generator=gen)
+                    for _, m in layers
+                },
+            ),
+        )
+    side = sum(
+        t.numel() * t.element_size()
+        for _, m in layers
+        if m.aside is not None
+        for t in m.aside.buffers()
+    )
+    adapted = torch.cuda.memory_allocated() - start
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), device="cuda")
+    model.train()
+    torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for _ in range(args.steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        losses.append(float(loss))
+    row = {
+        "shape": preset,
+        "base": base,
+        "params": params,
+        "trainable": sum(t.numel() for t in trainable_state(model).values()),
+        "weights_gib": round(weights / gib, 3),
+        "adapted_gib": round(adapted / gib, 3),
+        "side_path_mib": round(side / MIB, 2),
+        "step_peak_gib": round((torch.cuda.max_memory_allocated() - start) / gib, 3),
+        "step_s": round(min(times[1:] or times), 4),
+        "build_s": round(build_s, 2),
+        "losses": losses,
+        "only_b_has_gradients": all(
+            p.grad is None for n, p in model.named_parameters() if "lora_B" not in n
+        ),
+    }
+    print(row, flush=True)
+    del model, opt
+    return row
+
+
+def quant_memory(args: Any) -> dict[str, Any]:
+    """GPU memory of one client on a bf16, 8bit and 4bit base (CUDA and bitsandbytes)."""
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.step quant-memory measures GPU memory: no CUDA device is visible")
+    import bitsandbytes
+
+    shapes = ["tiny"] if args.tiny else args.shapes.split(",")
+    rows = [quant_row(s, b, args) for s in shapes for b in args.bases.split(",")]
+    setup = {"rank": args.rank, "links": args.links, "steps": args.steps}
+    payload = {"setup": setup, "bitsandbytes": bitsandbytes.__version__, "rows": rows}
+    write_result(args.name, payload, args.out)
+    return payload
+
+
+ap, subs = cli(__doc__)
+p = command(subs, "overhead", overhead, "", "step time and memory vs the frozen model and PEFT")
+p.add_argument("--device", default="cpu", help="cpu or cuda")
+p.add_argument(
+    "--preset", choices=sorted(PRESETS), help="default: qwen2.5-0.5b on cuda, small on cpu"
+)
+p.add_argument("--variants", nargs="+", choices=ALL_VARIANTS, help="default: all the device runs")
+p.add_argument("--liger", action="store_true", help="add the -liger variants (CUDA)")
+p.add_argument("--warmup", type=int, default=3)
+p.add_argument("--steps", type=int, default=10, help="timed steps per variant (median)")
+p.add_argument("--rounds", type=int, default=1, help="passes over the variants, odd ones reversed")
+p.add_argument(
+    "--top-ops", type=int, default=12, help="ops kept from one profiled step (0: none on CUDA)"
+)
+p.add_argument("--threads", type=int, help="torch CPU threads")
+for p in (p, command(subs, "graph-reuse", graph_reuse, "", "capture cost per round (CUDA)")):
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+p.add_argument("--preset", choices=sorted(PRESETS), default="qwen2.5-0.5b")
+p.add_argument("--rounds", type=int, default=4, help="rounds of one link, per mode")
+p.add_argument("--steps", type=int, default=10, help="optimizer steps per round")
+p = command(subs, "quant-memory", quant_memory, "quant_memory", "GPU memory of quantized bases")
+p.add_argument("--shapes", default="qwen2-0.36b,llama2-7b")
+p.add_argument("--bases", default="bf16,8bit,4bit")
+p.add_argument("--rank", type=int, default=16)
+p.add_argument("--links", type=int, default=3, help="merged links (side paths if quantized)")
+p.add_argument("--steps", type=int, default=3)
+main = main_of(ap)
+
+if __name__ == "__main__":
+    main()
