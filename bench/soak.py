@@ -1,0 +1,418 @@
+"""Long and hostile runs: a chain whose cost must not grow, and Byzantine clients.
+
+    python -m bench.soak chain --links 256    # chain_soak.json
+    python -m bench.soak byzantine            # byzantine.json
+
+Both run the embedded code-lm task in this process (`simulation.local.run_local`: the real
+ServerApp and ClientApp over an in-process grid); `--set KEY=VALUE` changes the run config.
+
+`chain`: `--links` links of 2 rounds of 1 local step, nothing evaluated or exported, so a
+round is training, aggregation and the chain's bookkeeping. Per round: its wall time less
+this benchmark's own look at the disk, the CPU time of this process, the bytes written to
+the run directory (a file created or replaced counts whole, an appended one its growth, a
+renamed one nothing), by kind, and the clients' link cache (master files left out). Summary:
+round time and CPU of the last 10 rounds over rounds 3-12, bytes per round in the first and
+last 5 links with their growth per link, and the cache's growth per link over one link file.
+
+`byzantine`: 1 of 5 clients trains honestly, then sends its update scaled x10 (`scale10`)
+or sign-flipped (`signflip`) (`testing.attackers.scaled_update`, placed by this script: no
+run-config key turns it on). Goal: the robust rules' final perplexity within 5% of clean
+fedavg's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench import harness as h
+from simulation.sweep import Point, run_grid
+
+EDGE_LINKS = 5
+
+
+# --- chain ----------------------------------------------------------------------------
+def kind_of(rel: Path) -> str:
+    """What a file of the run directory is, for the bytes breakdown."""
+    if rel.parts[0] in ("links", "tb"):
+        return {"links": "link log", "tb": "tensorboard"}[rel.parts[0]]
+    if rel.name.startswith("checkpoint"):
+        return "checkpoint"
+    return rel.name if rel.name in ("rounds.jsonl", "metrics.json") else "other"
+
+
+class DiskMeter:
+    """Bytes written under `root` between two looks (module docstring); only the name tells
+    an append (rounds.jsonl, TensorBoard events) from a replacement."""
+
+    def __init__(self, root: Path):
+        self.root, self.seen = root, {}
+
+    def look(self) -> dict[str, int]:
+        now = {
+            p: (s.st_ino, s.st_size, s.st_mtime_ns)
+            for p in self.root.rglob("*")
+            if p.is_file() and (s := p.stat())
+        }
+        before_states, written = set(self.seen.values()), {}
+        for path, state in now.items():
+            before = self.seen.get(path)
+            if before == state or state in before_states:
+                continue  # unchanged, or renamed
+            append = path.name == "rounds.jsonl" or path.name.startswith("events.out.tfevents.")
+            size = state[1] - before[1] if append and before and state[1] >= before[1] else state[1]
+            kind = kind_of(path.relative_to(self.root))
+            written[kind] = written.get(kind, 0) + size
+        self.seen = now
+        return written
+
+
+def tree_bytes(root: Path, leave_out: str | None = None) -> int:
+    """Bytes of the files under `root`, those under a folder named `leave_out` left out."""
+    files = [f for f in root.rglob("*") if f.is_file()] if root.exists() else []
+    return sum(f.stat().st_size for f in files if leave_out not in f.relative_to(root).parts)
+
+
+def soak_grid(inner: Any, log: Path, run_dir: Path) -> Any:
+    """The run's grid, looking at the run directory and the link cache before each round's
+    training (the look timed, to take it out of the round)."""
+    from client.masters import MASTERS
+    from contract import protocol as p
+    from testing.probe import TimedGrid
+
+    class SoakGrid(TimedGrid):
+        meter, looks = DiskMeter(run_dir), []
+
+        def look(self, rnd: int | None) -> None:
+            began, cpu = time.perf_counter(), time.process_time()
+            written, cache = self.meter.look(), os.environ.get("SEEDLORA_CACHE")
+            cache_bytes = tree_bytes(Path(cache), MASTERS) if cache and rnd is not None else None
+            self.looks.append(
+                {
+                    "before_round": rnd,
+                    "written": written,
+                    "cache_bytes": cache_bytes,
+                    "look_s": time.perf_counter() - began,
+                    "cpu_began": cpu,
+                    "cpu_ended": time.process_time(),
+                }
+            )
+
+        def push_messages(self, messages: Iterable[Any]) -> Iterable[str]:
+            messages = list(messages)
+            if messages and messages[0].metadata.message_type.startswith("train"):
+                self.look(int(messages[0].content[p.CONFIG][p.SERVER_ROUND]))
+            return super().push_messages(messages)
+
+    return SoakGrid(inner, log)
+
+
+def slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Least-squares slope of ys against xs."""
+    if len(set(xs)) < 2:
+        return None
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mx) ** 2 for x in xs
+    )
+
+
+def bytes_summary(rows: list[dict], closing: bool) -> dict[str, Any]:
+    """Bytes per round (closing a link or not) in the first and last links, and growth."""
+    chosen = [r for r in rows[:-1] if r["closes_link"] == closing]  # the last holds the end
+    if not chosen:
+        return {"rounds": 0}
+    links = sorted({r["link"] for r in chosen})
+    first, last = (
+        h.mean([r["bytes_written"] for r in chosen if r["link"] in s])
+        for s in (links[:EDGE_LINKS], links[-EDGE_LINKS:])
+    )
+    xs, kinds = [r["link"] for r in chosen], sorted({k for r in chosen for k in r["bytes_by_kind"]})
+    return {
+        "rounds": len(chosen),
+        "first_links_mean_bytes": first,
+        "last_links_mean_bytes": last,
+        "last_over_first": h.ratio(last, first),
+        "growth_bytes_per_link": slope(xs, [r["bytes_written"] for r in chosen]),
+        "growth_bytes_per_link_by_kind": {
+            k: slope(xs, [r["bytes_by_kind"].get(k, 0) for r in chosen]) for k in kinds
+        },
+    }
+
+
+def chain_summary(rows: list[dict], run_dir: Path) -> dict[str, Any]:
+    """The round-time, CPU, bytes and cache figures of the module docstring."""
+    links = sorted((run_dir / "links").glob("*.safetensors"))
+    size = lambda n: (run_dir / n).stat().st_size if (run_dir / n).exists() else 0  # noqa: E731
+    facts = {
+        "checkpoint_bytes": size("checkpoint.safetensors"),
+        "link_log_files": len(links),
+        "link_file_bytes": links[-1].stat().st_size if links else 0,
+        "link_log_bytes": sum(f.stat().st_size for f in links),
+        "metrics_json_bytes": size("metrics.json"),
+        "rounds_jsonl_bytes": size("rounds.jsonl"),
+        "run_dir_bytes": tree_bytes(run_dir),
+    }
+    times, cpu = [r["round_time_s"] for r in rows], [r["cpu_s"] for r in rows[:-1]]
+    early, late = h.mean(times[2:12]), h.mean(times[-10:])
+    cache = sorted(
+        {
+            r["link"]: r["cache_bytes"]
+            for r in rows
+            if r["cache_bytes"] is not None and r["link"] > 0
+        }.items()
+    )
+    cache_slope = slope([x for x, _ in cache], [b for _, b in cache]) if cache else None
+    grows = {
+        name: bytes_summary(rows, closing)
+        for name, closing in (("round_commit", False), ("link_close", True))
+    }
+
+    def kind_ratio(sel: list[dict]) -> float | None:  # the last 5 over 5 from the second on
+        t = [r["round_time_s"] for r in sel]
+        return h.ratio(h.mean(t[-5:]), h.mean(t[1:6]))
+
+    return {
+        "rounds": len(rows),
+        "links": len({r["link"] for r in rows}),
+        "round_time_early_mean_s": early,
+        "round_time_late_mean_s": late,
+        "round_time_ratio": h.ratio(late, early),
+        "round_time_ratio_is": "mean of the last 10 rounds / mean of rounds 3-12",
+        "round_cpu_ratio": h.ratio(h.mean(cpu[-10:]), h.mean(cpu[2:12])),
+        "round_time_ratio_by_kind": {
+            name: kind_ratio([r for r in rows if r["opens_link"] == opens])
+            for name, opens in (("first_round_of_link", True), ("other_rounds", False))
+        },
+        "bytes_per_round": grows,
+        "bytes_per_round_grow": {
+            n: bool(g.get("last_over_first") and g["last_over_first"] > 1.05)
+            for n, g in grows.items()
+        },
+        "cache_final_bytes": rows[-1]["cache_bytes"],
+        "cache_growth_bytes_per_link": cache_slope,
+        "cache_growth_over_link_file": h.ratio(cache_slope, facts["link_file_bytes"]),
+        **facts,
+    }
+
+
+def chain(args: Any) -> dict:
+    """A long chain: round time, bytes written and cache per round must not grow."""
+    from simulation.local import make_grid, resolved_config, run_local
+
+    run = {
+        "rounds-per-link": 2,
+        "local-steps": 1,
+        "central-eval": False,
+        "fraction-evaluate": 0.0,
+        "export": False,
+    }
+    links, clients = (4, 2) if args.tiny else (args.links, args.clients)
+    with tempfile.TemporaryDirectory(prefix="chain-soak-") as tmp:
+        tiny = (
+            {**h.tiny_assets(Path(tmp)), "seq-len": 32, "max-train-blocks": 8, "rank": 4}
+            if args.tiny
+            else {}
+        )
+        ov = h.with_sets(run | tiny, args) | {"num-links": links}
+        run_dir = Path(tmp) / "run"
+        run_dir.mkdir()
+        grids: list[Any] = []
+        grid = make_grid(ov, clients)
+        grid.keep_replies = False  # the in-process grid's own record would grow every round
+        began = time.perf_counter()
+        wrap = lambda g: grids.append(soak_grid(g, Path(tmp) / "grid.jsonl", run_dir)) or grids[0]  # noqa: E731
+        doc = run_local(
+            ov, clients, grid=grid, wrap_grid=wrap, out_dir=run_dir, fresh_cache=True
+        ).metrics
+        wall, looks = time.perf_counter() - began, grids[0].looks
+        grids[0].look(None)
+        at, rows = {x["before_round"]: i for i, x in enumerate(looks)}, []
+        for e in sorted((r for r in doc["rounds"] if r["round"] > 0), key=lambda r: r["round"]):
+            i = at[e["round"]]
+            nxt = looks[i + 1] if i + 1 < len(looks) else None
+            rows.append(
+                {
+                    "round": e["round"],
+                    "link": e["link"],
+                    "opens_link": e.get("round_in_link") == 1,
+                    "closes_link": e.get("round_in_link") == e.get("rounds_per_link"),
+                    "round_time_s": e["wall_time"] - looks[i]["look_s"],
+                    "metrics_wall_time_s": e["wall_time"],
+                    "cpu_s": nxt["cpu_began"] - looks[i]["cpu_ended"] if nxt else None,
+                    "bytes_written": sum(nxt["written"].values()) if nxt else 0,
+                    "bytes_by_kind": nxt["written"] if nxt else {},
+                    "cache_bytes": looks[i]["cache_bytes"],
+                }
+            )
+        summary = chain_summary(rows, run_dir)
+    options = {"links": links, "clients": clients}
+    payload = {
+        "benchmark": "chain_soak",
+        "harness": "simulation.local.run_local",
+        "options": options,
+        "run_config": resolved_config(ov),
+        "run_wall_s": wall,
+        "summary": summary,
+        "rounds": rows,
+    }
+    h.write_result(args.name, payload, args.out)
+    with h.figure(args.out / f"{args.name}.png", 3, 1, figsize=(8, 8.5), sharex=True) as (_, axes):
+        x = [r["round"] for r in rows]
+        axes[0].plot(x, [r["round_time_s"] for r in rows], ".-", lw=0.8, label="wall")
+        axes[0].set(ylabel="round time (s)", title=f"{links} links, {clients} clients")
+        axes[1].plot(x, [r["bytes_written"] / 1e3 for r in rows], ".")
+        axes[1].set(ylabel="kB written to the run dir")
+        axes[2].plot(x, [(r["cache_bytes"] or 0) / 1e6 for r in rows], "-")
+        axes[2].set(ylabel="client link cache (MB)", xlabel="round")
+    print(json.dumps({k: v for k, v in summary.items() if k != "bytes_per_round"}, indent=1))
+    return payload
+
+
+# --- byzantine ------------------------------------------------------------------------
+RULES = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
+ATTACKS = {"clean": None, "scale10": 10.0, "signflip": -1.0}
+TOLERANCE = 0.05
+BYZANTINE_RUN: dict[str, Any] = {
+    "partitioner": "iid",
+    "num-links": 2,
+    "rounds-per-link": 2,
+    "local-steps": 6,
+    "lr": 5e-3,
+    "max-train-blocks": 48,
+    "max-eval-blocks": 48,
+    "fraction-evaluate": 0.0,
+    "trim-beta": 0.2,
+    "krum-select": 3,
+    "export": False,
+    "device": "cpu",
+}
+
+
+def attacked_run(point: Point) -> dict:
+    """One run; the last `num-malicious` nodes are Byzantine unless clean."""
+    from simulation.local import make_grid, run_local
+    from testing.attackers import scaled_update
+
+    grid = make_grid(point.overrides, point.nodes)
+    factor = ATTACKS[point.tags["attack"]]
+    byzantine = sorted(grid.apps)[-point.overrides["num-malicious"] :] if factor else []
+    for node in byzantine:
+        grid.apps[node] = scaled_update(grid.apps[node], factor)
+    start = time.perf_counter()
+    rounds = run_local(point.overrides, grid=grid).metrics["rounds"]
+    ppl = [r["central"]["ppl"] for r in rounds]
+    rejected = sum(len(r.get("rejected", [])) for r in rounds[1:])
+    return {
+        "byzantine_nodes": byzantine,
+        "base_ppl": ppl[0],
+        "final_ppl": ppl[-1],
+        "series": ppl[1:],
+        "rejected": rejected,
+        "wall_time_s": time.perf_counter() - start,
+    }
+
+
+def byzantine(args: Any) -> dict:
+    """Final perplexity under each aggregation rule, clean and attacked."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = (
+            {**h.tiny_assets(Path(tmp)), **h.TINY_RUN, "num-links": 1, "krum-select": 2}
+            if args.tiny
+            else {}
+        )
+        rules, attacks = (
+            (["fedavg", "fedmedian"], ["scale10"])
+            if args.tiny
+            else (args.rules.split(","), args.attacks.split(","))
+        )
+        clients = 4 if args.tiny else args.clients
+        base = h.with_sets(BYZANTINE_RUN | tiny, args) | {
+            "min-available-nodes": clients,
+            "num-malicious": args.attackers,
+        }
+        pairs = [("fedavg", "clean"), *((r, a) for a in attacks for r in rules)]
+        plan = [Point({**base, "strategy": r}, clients, {"rule": r, "attack": a}) for r, a in pairs]
+        started = time.perf_counter()
+        runs = run_grid(
+            plan, attacked_run, args.out / f"{args.name}.runs.jsonl", resume=args.resume
+        ).rows
+    clean = {r["rule"]: r["final_ppl"] for r in runs if r["attack"] == "clean"}
+    table = [
+        {
+            "rule": r["rule"],
+            "attack": r["attack"],
+            "final_ppl": r["final_ppl"],
+            "ratio_to_clean_fedavg": r["final_ppl"] / clean["fedavg"],
+            "ratio_to_clean_same_rule": h.ratio(r["final_ppl"], clean.get(r["rule"])),
+            "within_5pct": r["final_ppl"] <= (1 + TOLERANCE) * clean["fedavg"],
+        }
+        for r in runs
+    ]
+    robust = [r for r in table if r["attack"] != "clean" and r["rule"] != "fedavg"]
+    fedavg = {
+        r["attack"]: r["final_ppl"]
+        for r in table
+        if r["attack"] != "clean" and r["rule"] == "fedavg"
+    }
+    summary = {
+        "robust_within_5pct": all(r["within_5pct"] for r in robust),
+        "robust_failures": [f"{r['rule']}/{r['attack']}" for r in robust if not r["within_5pct"]],
+        "fedavg_under_attack": {
+            a: {"final_ppl": v, "vs_base_ppl": v / runs[0]["base_ppl"]} for a, v in fedavg.items()
+        },
+    }
+    payload = {
+        "benchmark": "byzantine",
+        "harness": "simulation.local.run_local (real ServerApp/ClientApp, in-process transport)",
+        "attack": f"{args.attackers} of {clients} clients send sent + factor * (trained - sent)",
+        "options": {"rules": rules, "attacks": attacks, "clients": clients},
+        "run_config": base,
+        "reference": "clean fedavg final perplexity",
+        "tolerance": TOLERANCE,
+        "table": table,
+        "summary": summary,
+        "grid_seconds": time.perf_counter() - started,
+        "runs": runs,
+    }
+    h.write_result(args.name, payload, args.out)
+    labels = list(dict.fromkeys(r["rule"] for r in runs))
+    series = {
+        a: [
+            next((r["final_ppl"] for r in runs if (r["rule"], r["attack"]) == (x, a)), 0)
+            for x in labels
+        ]
+        for a in dict.fromkeys(r["attack"] for r in runs)
+    }
+    h.bars(
+        args.out / f"{args.name}.png",
+        "final perplexity, 1 client Byzantine",
+        labels,
+        series,
+        log=True,
+        line=(1 + TOLERANCE) * clean["fedavg"],
+    )
+    print(json.dumps(summary))
+    return payload
+
+
+ap, subs = h.cli(__doc__)
+p = h.command(subs, "chain", chain, "chain_soak")
+p.add_argument("--links", type=int, default=256, help="chain links (num-links)")
+p.add_argument("--clients", type=int, default=4)
+p = h.command(subs, "byzantine", byzantine, "byzantine")
+p.add_argument("--rules", default=",".join(RULES))
+p.add_argument("--attacks", default="scale10,signflip")
+p.add_argument("--clients", type=int, default=5)
+p.add_argument("--attackers", type=int, default=1, help="krum/multikrum are told it")
+p.add_argument("--resume", action="store_true", help="skip runs in <name>.runs.jsonl")
+main = h.main_of(ap)
+
+if __name__ == "__main__":
+    main()
