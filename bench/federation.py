@@ -5,32 +5,28 @@
     python -m bench.federation gpu-sim --configs 16x4 --shape llama2-7b   # gpu_sim-<label>-<shape>
     python -m bench.federation gpu-clients --gpus 1,2                     # gpu_clients.json
 
-`sim`: the same clients, rounds and local steps run in one process (simulation.local:
-the real ServerApp/ClientApp, clients in turn; 1 and default torch threads) and through
-Ray (nice 15 as shipped, and nice 0), each in a child process; the steady round (rounds
->= 2) of Ray over the best plain one (goal <= 1.3), start-up, summed peak host memory.
+`sim`: the same clients run in one process (simulation.local: the real apps, clients in
+turn; 1 and default torch threads) and through Ray (nice 15 as shipped, and 0), each in a
+child process: Ray's steady round (rounds >= 2) over the best plain one (goal <= 1.3).
 
-`deploy`: a real `flower-superlink` and the data owners' `python -m client.node`, side by
-side with `simulation.launch` on the same run config and Flower's floor (the same
-processes and messages with the work cut to one step of batch 1: on Flower's SuperNode
-poll, `floor`, and on the node command's, `floor_fast_poll`). `--layout partition` (a
-worker per partition), `host` (one worker for all), `node` (a command per node). Per run:
-every round's wall time, and per worker its builds and tokenized datasets by split. Goals
-per N: steady median deployed <= floor + 1.1 x simulated + 1 s; builds <= 1 per worker
-per link; each partition tokenized once per split.
+`deploy`: a real `flower-superlink` and the data owners' `python -m client.node` side by
+side with `simulation.launch` on one run config, and Flower's floor (the same processes and
+messages with the work cut to one step of batch 1; `floor` on Flower's SuperNode poll,
+`floor_fast_poll` on the node command's). `--layout` partition (a worker per partition),
+host (one worker for all) or node (a command per node). Per run every round's wall time,
+per worker its builds and tokenized datasets. Goals per N: steady median deployed <=
+floor + 1.1 x simulated + 1 s; builds <= 1 per worker per link; one tokenizing per split.
 
-`gpu-sim`: `simulation.launch --num-supernodes N --num-gpus 1/K` per config NxK on a
-random-init model, NVML sampled every 0.25 s, host memory as PSS summed for the client
-processes (Ray's ClientAppActor), the server (flwr-simulation) and the rest, each over one
-float32 master (goal <= 1.3 each); steady round over the clients' critical path (sum of
-train times / concurrent clients; goal 1.25); tokens/s per GPU against one client trained
-in this process.
+`gpu-sim`: `simulation.launch` per config NxK (K clients per GPU) on a random-init model,
+NVML sampled every 0.25 s, host memory as PSS summed for the clients (Ray's ClientAppActor),
+the server (flwr-simulation) and the rest, over one float32 master (goal <= 1.3 each); the
+steady round over the clients' critical path (goal 1.25); tokens/s per GPU against one client
+trained in this process.
 
-`gpu-clients`: N clients sharing G GPUs under Ray (num_gpus = G/N) against the same
-clients in turn in one process (the floor), probed per call: tokens/s, each client's peak
-GPU memory and what it keeps after a call, the round split into client compute, Flower/Ray
-overhead and server time; G GPUs over one; and the A digests here against the CPU's.
-Without a GPU (`--tiny`) Ray gets logical GPUs and the clients train on the CPU.
+`gpu-clients`: N clients sharing G GPUs under Ray against the same clients in turn in one
+process (the floor), probed per call: tokens/s, each client's GPU memory, the round split
+into client compute, Flower/Ray overhead and server time; G GPUs over one; the A digests
+here against the CPU's. Without a GPU (`--tiny`) Ray gets logical GPUs.
 """
 
 from __future__ import annotations
@@ -51,87 +47,47 @@ from typing import Any
 from bench import harness as h
 
 CLIENT_MARK, SERVER_MARK = "ClientAppActor", "flwr-simulation"
-SHAPES = {
-    "qwen-0.36b": {**h.QWEN25_05B, "vocab_size": 0},
-    "llama2-7b": h.LLAMA2_7B,
-    # 0.18B: a 0.73 GB master outweighs a Python process, so CPU host-memory rows mean something
-    "cpu-0.18b": {
-        "hidden_size": 1024,
-        "intermediate_size": 4096,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 4,
-    },
-    "tiny": h.TINY_SHAPE,
-}
-GPU_RUN: dict[str, Any] = {
-    "partitioner": "iid",
-    "precision": "bf16",
-    "seq-len": 512,
-    "batch-size": 4,
-    "local-steps": 10,
-    "max-eval-blocks": 16,
-    "export": False,
-}
+# cpu-0.18b: a 0.73 GB master outweighs a Python process, so CPU host-memory rows mean something
+CPU_018B = dict(h.TINY_SHAPE, hidden_size=1024, intermediate_size=4096, num_hidden_layers=12)
+CPU_018B |= {"num_attention_heads": 16, "num_key_value_heads": 4}
+SHAPES = {"qwen-0.36b": {**h.QWEN25_05B, "vocab_size": 0}, "llama2-7b": h.LLAMA2_7B}
+SHAPES |= {"cpu-0.18b": CPU_018B, "tiny": h.TINY_SHAPE}
+GPU_RUN = {"partitioner": "iid", "precision": "bf16", "seq-len": 512, "batch-size": 4}
+GPU_RUN |= {"local-steps": 10, "max-eval-blocks": 16, "export": False}
 CPU_RUN = {"precision": "fp32", "seq-len": 32, "local-steps": 2, "max-eval-blocks": 4}
 
 
 # --- sim ------------------------------------------------------------------------------
 def sim(args: Any) -> dict:
     """Ray simulation against the same clients in one process (steady round, start-up)."""
-    from testing.tiny import save_text_dataset, save_tiny_lm
-
     run = {**h.THROUGHPUT_RUN, "rounds-per-link": 3, "local-steps": 3, "seq-len": 32}
     run |= {"max-train-blocks": 16, "rank": 4, "alpha": 8.0, "device": "cpu"}
     run = h.with_sets(run | ({"rounds-per-link": 2, "local-steps": 1} if args.tiny else {}), args)
-    variants = {
-        "plain-1-thread": {"mode": "local", "threads": 1},
-        "plain": {"mode": "local", "threads": args.threads},
-        "ray": {"mode": "ray"},
-        "ray-nice0": {"mode": "ray", "env": {"RAY_worker_niceness": "0"}},
-    }
+    variants = {"plain-1-thread": {"mode": "local", "threads": 1}, "ray": {"mode": "ray"}}
+    variants["plain"] = {"mode": "local", "threads": args.threads}
+    variants["ray-nice0"] = {"mode": "ray", "env": {"RAY_worker_niceness": "0"}}
     chosen = ["plain-1-thread"] if args.tiny else args.variants.split(",")
-    clients = 2 if args.tiny else args.clients
-    runs = {}
+    clients, runs = 2 if args.tiny else args.clients, {}
     with tempfile.TemporaryDirectory(prefix="bench-sim-") as tmp:
-        work = Path(tmp)
-        ov = {**run, "model-name": str(save_tiny_lm(work / "lm")), "output-dir": str(work)}
-        ov["dataset"] = str(save_text_dataset(work / "text", min_rows=80))
+        ov = {**run, **h.tiny_assets(Path(tmp)), "output-dir": tmp}
         for name in chosen:
             spec = {**variants[name], "overrides": {**ov, "run-name": name}, "nodes": clients}
-            spec["num_cpus"] = args.num_cpus
             memory = h.HostMemory(os.getpid(), lambda cmd: "all", period=0.2)
             memory.start()
-            row = h.run_child(spec, work, args.timeout_s, spec.get("env"))
+            row = h.run_child(
+                spec | {"num_cpus": args.num_cpus}, Path(tmp), args.timeout_s, spec.get("env")
+            )
             memory.stop.set()
             runs[name] = sim_row(row, memory.peak() / h.MIB)
-            print(name, {k: v for k, v in runs[name].items() if k != "log_tail"}, flush=True)
-    plain = min(
-        (
-            r["steady_round_s"]
-            for k, r in runs.items()
-            if k.startswith("plain") and r.get("steady_round_s")
-        ),
-        default=None,
-    )
-    ratios = {
-        k: h.ratio(r.get("steady_round_s"), plain) for k, r in runs.items() if k.startswith("ray")
-    }
-    overhead = {
-        "clients": clients,
-        "runs": runs,
-        "best_plain_steady_round_s": plain,
-        "steady_round_ratio_over_best_plain": ratios,
-        "goal_ratio_max": 1.3,
-        "goal_met": {k: v is not None and v <= 1.3 for k, v in ratios.items()},
-    }
+            print(name, runs[name].get("steady_round_s"), runs[name].get("why"), flush=True)
+    plain = [r.get("steady_round_s") for k, r in runs.items() if k.startswith("plain")]
+    best = min((t for t in plain if t), default=None)
+    ratios = {k: h.ratio(r.get("steady_round_s"), best) for k, r in runs.items() if "ray" in k}
+    met = {k: v is not None and v <= 1.3 for k, v in ratios.items()}
+    overhead = dict(clients=clients, runs=runs, best_plain_steady_round_s=best)
+    overhead |= dict(steady_round_ratio_over_best_plain=ratios, goal_ratio_max=1.3, goal_met=met)
     options = {"clients": clients, "variants": chosen, "num_cpus": args.num_cpus}
-    payload = {
-        "benchmark": "sim_overhead",
-        "options": options,
-        "run_config": run,
-        "overhead": overhead,
-    }
+    payload = dict(benchmark="sim_overhead", options=options, run_config=run, overhead=overhead)
     h.write_result(args.name, payload, args.out)
     return payload
 
@@ -142,19 +98,12 @@ def sim_row(row: dict, peak_mb: float) -> dict:
         return {**row, "peak_rss_mb": peak_mb}
     rounds = [r for r in row["metrics"]["rounds"] if r["round"] > 0]
     times = [r["wall_time"] for r in rounds]
-    steady = statistics.fmean(times[1:]) if times[1:] else None
-    outside = row["run_wall_s"] - sum(times)
-    return {
-        "completed": True,
-        "run_wall_s": row["run_wall_s"],
-        "round_times_s": times,
-        "steady_round_s": steady,
-        "startup_and_teardown_s": outside,
-        "one_time_s": outside + (times[0] - steady if steady else 0.0),
-        "torch_threads": row["torch_threads"],
-        "accepted_per_round": [r["accepted"] for r in rounds],
-        "peak_rss_mb": peak_mb,
-    }
+    steady, outside = h.mean(times[1:]), row["run_wall_s"] - sum(times)
+    out = dict(completed=True, run_wall_s=row["run_wall_s"], round_times_s=times)
+    out |= dict(steady_round_s=steady, startup_and_teardown_s=outside, peak_rss_mb=peak_mb)
+    out["one_time_s"] = outside + (times[0] - steady if steady else 0.0)
+    out["accepted_per_round"] = [r["accepted"] for r in rounds]
+    return out | {"torch_threads": row["torch_threads"]}
 
 
 # --- the launcher, watched ------------------------------------------------------------
@@ -176,9 +125,8 @@ class GpuSampler(threading.Thread):
         handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
         while not self.stop.wait(self.period):
             util = [pynvml.nvmlDeviceGetUtilizationRates(x).gpu / 100 for x in handles]
-            self.samples.append(
-                (time.time(), util, [pynvml.nvmlDeviceGetMemoryInfo(x).used for x in handles])
-            )
+            used = [pynvml.nvmlDeviceGetMemoryInfo(x).used for x in handles]
+            self.samples.append((time.time(), util, used))
 
 
 def role(cmdline: str) -> str:
@@ -186,31 +134,22 @@ def role(cmdline: str) -> str:
     return "clients" if CLIENT_MARK in cmdline else "server" if SERVER_MARK in cmdline else "other"
 
 
-def launch(app_dir: Path, overrides: dict, nodes: int, per_gpu: int, gpus: int) -> dict:
+def launch(overrides: dict, nodes: int, per_gpu: int, gpus: int) -> dict:
     """`simulation.launch` once; the rounds with their end times, GPU and host samples."""
     run_dir = Path(overrides["output-dir"]) / overrides["run-name"]
     cpus = max(1, (os.cpu_count() or 2) // max(1, min(nodes, per_gpu * max(gpus, 1))))
     text = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())
-    cmd = [
-        sys.executable,
-        "-m",
-        "simulation.launch",
-        "--num-supernodes",
-        str(nodes),
-        "--num-cpus",
-        str(cpus),
-        "--num-gpus",
-        str(1 / per_gpu if gpus else 0),
-        "--run-config",
-        text,
-    ]
-    env = {**os.environ, "PYTHONPATH": f"{app_dir}:{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "simulation.launch", "--num-supernodes", str(nodes)]
+    cmd += ["--num-cpus", str(cpus), "--num-gpus", str(1 / per_gpu if gpus else 0)]
+    env = {**os.environ, "PYTHONPATH": f"{h.REPO}:{os.environ.get('PYTHONPATH', '')}"}
     if gpus:  # the first `gpus` GPUs only, so one machine measures 1 GPU against 2
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
     sampler, ended, start = GpuSampler(gpus), {}, time.time()
     sampler.start()
     with open(run_dir.parent / f"{overrides['run-name']}.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=app_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [*cmd, "--run-config", text], cwd=h.REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
         memory = h.HostMemory(proc.pid, role)
         memory.start()
         while proc.poll() is None:
@@ -222,13 +161,8 @@ def launch(app_dir: Path, overrides: dict, nodes: int, per_gpu: int, gpus: int) 
     rounds = [r for r in h.read_rounds(run_dir) if r.get("round", 0) > 0]
     for entry in rounds:
         entry["ended_at"] = ended.get(entry["round"], time.time())
-    return {
-        "rc": proc.returncode,
-        "start": start,
-        "rounds": rounds,
-        "samples": sampler.samples,
-        "host": memory.samples,
-    }
+    out = dict(rc=proc.returncode, start=start, rounds=rounds)
+    return out | dict(samples=sampler.samples, host=memory.samples)
 
 
 def host_memory(samples: list, window: tuple[float, float], master: float) -> dict:
@@ -237,13 +171,11 @@ def host_memory(samples: list, window: tuple[float, float], master: float) -> di
     for name in ("clients", "server", "other"):
         peak = max((t.get(name, 0) for _, t, _ in samples), default=0)
         mean = h.mean([t.get(name, 0) for at, t, _ in samples if window[0] <= at <= window[1]])
-        out[name] = {
-            "peak_gb": peak / 1e9,
-            "steady_gb": mean / 1e9 if mean is not None else None,
-            "peak_over_master": h.ratio(peak, master),
-            "steady_over_master": h.ratio(mean, master),
-            "processes": max((c.get(name, 0) for _, _, c in samples), default=0),
-        }
+        out[name] = dict(peak_gb=peak / 1e9, steady_gb=mean and mean / 1e9)
+        out[name] |= dict(
+            peak_over_master=h.ratio(peak, master), steady_over_master=h.ratio(mean, master)
+        )
+        out[name]["processes"] = max((c.get(name, 0) for _, _, c in samples), default=0)
     return out
 
 
@@ -304,40 +236,29 @@ def deployed(root: Path, overrides: dict, nodes: int, layout: str, *node_args: s
     rounds = [r for r in h.read_rounds(run_dir) if r.get("round", 0) > 0]
     for entry in rounds:
         entry["ended_at"] = ended.get(entry["round"])
-    stats = {
-        f"owner-{i}/{name}": lines
-        for i in range(len(groups))
-        for name, lines in worker_stats(root / f"owner-{i}").items()
-    }
+    stats = {}
+    for i in range(len(groups)):
+        stats |= {f"owner-{i}/{k}": v for k, v in worker_stats(root / f"owner-{i}").items()}
     return {"status": status, "start": start, "rounds": rounds, "workers": stats}
 
 
 def summary(run: dict) -> dict:
     """Rounds, steady median and per worker its messages, builds and tokenized datasets
     (in all and as each round ended)."""
-    walls = h.steady(run["rounds"])
-    keys = ("round", "link", "round_in_link", "wall_time", "ended_at", "phases")
-    row: dict[str, Any] = {
-        "rounds": [{k: r.get(k) for k in keys} for r in run["rounds"]],
-        "steady_median_s": statistics.median(walls) if walls else None,
-        "steady_s": walls,
-    }
+    walls, keys = h.steady(run["rounds"]), ("round", "link", "round_in_link", "wall_time")
+    row: dict[str, Any] = {"steady_median_s": statistics.median(walls) if walls else None}
+    row |= {"rounds": [{k: r.get(k) for k in (*keys, "ended_at", "phases")} for r in run["rounds"]]}
+    row["steady_s"] = walls
     for name, lines in run.get("workers", {}).items():
-        per_round = []
+        last, per_round = lines[-1] if lines else {}, []
         for r in run["rounds"]:
-            done = [x for x in lines if r.get("ended_at") and x["at"] <= r["ended_at"]]
-            last = done[-1] if done else {}
-            per_round.append(
-                {"round": r["round"], "builds": last.get("builds"), **last.get("tokenized", {})}
-            )
-        row.setdefault("workers", {})[name] = {
-            "messages": len(lines),
-            "partitions": sorted({x["partition"] for x in lines}),
-            "builds": lines[-1].get("builds") if lines else None,
-            "tokenized": lines[-1].get("tokenized") if lines else None,
-            "per_round": per_round,
-            "seconds": [x["seconds"] for x in lines],
-        }
+            done = [x for x in lines if r.get("ended_at") and x["at"] <= r["ended_at"]] or [{}]
+            per_round.append({"round": r["round"], "builds": done[-1].get("builds")})
+            per_round[-1] |= done[-1].get("tokenized", {})
+        worker = dict(messages=len(lines), partitions=sorted({x["partition"] for x in lines}))
+        worker |= dict(builds=last.get("builds"), tokenized=last.get("tokenized"))
+        worker |= dict(per_round=per_round, seconds=[x["seconds"] for x in lines])
+        row.setdefault("workers", {})[name] = worker
     return row
 
 
@@ -348,20 +269,15 @@ def goals(row: dict, run: dict) -> dict:
     bound = floor + 1.1 * sim_s + 1.0 if None not in (floor, sim_s) else None
     out: dict[str, Any] = {"simulated_s": sim_s, "floor_s": floor}
     for key, value in row.items():
-        if key.startswith("deployed_"):
-            dep, workers = value["steady_median_s"], value.get("workers", {}).values()
-            out[key] = {
-                "steady_s": dep,
-                "bound_s": bound,
-                "over_simulated": h.ratio(dep, sim_s),
-                "round_met": None not in (dep, bound) and dep <= bound,
-                "builds_met": all((w["builds"] or 0) <= int(run["num-links"]) for w in workers),
-                "tokenized_met": all(
-                    (w["tokenized"] or {}).get(split, 0) <= len(w["partitions"])
-                    for w in workers
-                    for split in ("train", "eval")
-                ),
-            }
+        if not key.startswith("deployed_"):
+            continue
+        dep, workers = value["steady_median_s"], value.get("workers", {}).values()
+        met = dep is not None and bound is not None and dep <= bound
+        goal = dict(steady_s=dep, bound_s=bound, over_simulated=h.ratio(dep, sim_s), round_met=met)
+        goal["builds_met"] = all((w["builds"] or 0) <= int(run["num-links"]) for w in workers)
+        per = [(w["tokenized"] or {}, len(w["partitions"])) for w in workers]
+        once = all(t.get(s, 0) <= n for t, n in per for s in ("train", "eval"))
+        out[key] = goal | {"tokenized_met": once}
     return out
 
 
@@ -371,15 +287,10 @@ def deploy(args: Any) -> None:
     from testing.tiny import save_random_lm, save_text_dataset
 
     os.environ.setdefault(ENV_VAR, str(asset_candidates("base-model")[0]))  # where not installed
-    preset = DEPLOY_PRESETS["tiny" if args.tiny else args.preset]
-    name = args.preset if not args.tiny else "tiny"
-    work = args.work / f"{name}-{int(time.time())}"
-    base = {
-        "num-links": 2,
-        "rounds-per-link": 3,
-        **preset["run"],
-        "output-dir": str(work / "outputs"),
-    }
+    name = "tiny" if args.tiny else args.preset
+    preset, work = DEPLOY_PRESETS[name], args.work / f"{name}-{int(time.time())}"
+    base = {"num-links": 2, "rounds-per-link": 3, **preset["run"]}
+    base["output-dir"] = str(work / "outputs")
     (work / "outputs").mkdir(parents=True)
     if preset["shape"] is not None:
         save_random_lm(
@@ -387,37 +298,34 @@ def deploy(args: Any) -> None:
         )
         save_text_dataset(work / "text", min_chars=2_000_000 if preset["gpu"] else 50_000)
         base |= {"model-name": str(work / "model"), "dataset": str(work / "text")}
-    base, rows = h.with_sets(base, args), []
-    for mode in args.client_eval.split(","):
-        for nodes in h.ints(args.nodes):
-            rows.append(row := {"client_eval": mode, "nodes": nodes})
-            save = lambda: h.write_result(
-                args.name or f"deploy-{name}",
-                {"preset": name, "run_config": base, "rows": rows},
-                args.out,
-            )  # noqa: E731
-            cfg, tag, gpu = {**base, "client-eval": mode}, f"{mode}-n{nodes}", preset["gpu"]
-            sim_run = launch(Path.cwd(), {**cfg, "run-name": f"{tag}-sim"}, nodes, nodes, int(gpu))
-            row["simulated"] = summary(sim_run)
+    base, rows, gpu = h.with_sets(base, args), [], preset["gpu"]
+
+    def save() -> None:  # after each run: a run cut short keeps what it measured
+        payload = {"preset": name, "run_config": base, "rows": rows}
+        h.write_result(args.name or f"deploy-{name}", payload, args.out)
+
+    for mode, nodes in ((m, n) for m in args.client_eval.split(",") for n in h.ints(args.nodes)):
+        rows.append(row := {"client_eval": mode, "nodes": nodes})
+        cfg, tag = {**base, "client-eval": mode}, f"{mode}-n{nodes}"
+        row["simulated"] = summary(
+            launch({**cfg, "run-name": f"{tag}-sim"}, nodes, nodes, int(gpu))
+        )
+        save()
+        for layout in args.layout.split(","):  # a worker per node shares the CPUs as actors do
+            threads = ("--threads", str(max(1, (os.cpu_count() or 1) // nodes)))
+            extra = threads if layout == "node" and not gpu else ()
+            ov = {**cfg, "run-name": f"{tag}-{layout}"}
+            run = deployed(work / f"{tag}-{layout}", ov, nodes, layout, *extra)
+            row[f"deployed_{layout}"] = summary(run)
             save()
-            for layout in args.layout.split(","):  # a worker per node shares the CPUs as actors do
-                threads = ("--threads", str(max(1, (os.cpu_count() or 1) // nodes)))
-                extra = threads if layout == "node" and not gpu else ()
-                ov = {**cfg, "run-name": f"{tag}-{layout}"}
-                row[f"deployed_{layout}"] = summary(
-                    deployed(work / f"{tag}-{layout}", ov, nodes, layout, *extra)
-                )
-                save()
-            for floor in [f for f in args.floors.split(",") if f]:
-                ov = {**cfg, **FLOOR_WORK, "run-name": f"{tag}-{floor}"}
-                extra = ("--idle-poll", FLOWER_POLL) if floor == "floor" else ()
-                row[floor] = summary(
-                    deployed(work / f"{tag}-{floor}", ov, nodes, "partition", *extra)
-                )
-                save()
-            row["goals"] = goals(row, cfg)
+        for floor in [f for f in args.floors.split(",") if f]:
+            ov = {**cfg, **FLOOR_WORK, "run-name": f"{tag}-{floor}"}
+            extra = ("--idle-poll", FLOWER_POLL) if floor == "floor" else ()
+            row[floor] = summary(deployed(work / f"{tag}-{floor}", ov, nodes, "partition", *extra))
             save()
-            print(json.dumps({"client_eval": mode, "nodes": nodes, **row["goals"]}), flush=True)
+        row["goals"] = goals(row, cfg)
+        save()
+        print(json.dumps({"client_eval": mode, "nodes": nodes, **row["goals"]}), flush=True)
 
 
 # --- gpu-sim --------------------------------------------------------------------------
@@ -432,27 +340,20 @@ def floor_tokens_per_s(overrides: dict, passes: int = 3) -> list[float]:
     from tasks import build_task
 
     cfg = RunConfig.from_flower(overrides)
-    task, a = build_task(cfg.task_config(1)), cfg.adapter
-    device = pick_device(cfg.train.device)
+    task, a, device = build_task(cfg.task_config(1)), cfg.adapter, pick_device(cfg.train.device)
+    targets = a.targets(task.target_modules)
     model = prepare(
-        task.load_model(),
-        a.method,
-        a.targets(task.target_modules),
-        kind=a.kind,
-        seed=a.seed,
-        rank=a.rank,
-        alpha=a.alpha,
+        task.load_model(), a.method, targets, kind=a.kind, seed=a.seed, rank=a.rank, alpha=a.alpha
     )
     model, data = place(model, device, cfg.train.precision), task.train_dataset(0)
     train(model, task, data, cfg, device, data_seed=0)  # warm-up: kernels, allocator
     rates = []
     for seed in range(1, passes + 1):
         start = time.perf_counter()
-        result = train(model, task, data, cfg, device, data_seed=seed)
+        steps = train(model, task, data, cfg, device, data_seed=seed).steps
         torch.cuda.synchronize() if device.type == "cuda" else None
-        rates.append(
-            result.steps * cfg.train.batch_size * cfg.task.seq_len / (time.perf_counter() - start)
-        )
+        tokens = steps * cfg.train.batch_size * cfg.task.seq_len
+        rates.append(tokens / (time.perf_counter() - start))
     return rates
 
 
@@ -463,40 +364,24 @@ def gpu_summary(run: dict, nodes: int, per_gpu: int, gpus: int, ov: dict, master
     concurrent, per_round = min(nodes, per_gpu * max(gpus, 1)), []
     for prev, cur in zip(rounds, rounds[1:], strict=False):
         mean_train = cur.get("train_metrics", {}).get("train-time", 0.0)
-        train = (cur.get("phases") or {}).get(
-            "client_train_sum", mean_train * cur.get("accepted", 0)
-        )
-        per_round.append(
-            {
-                "round": cur["round"],
-                "wall": cur["ended_at"] - prev["ended_at"],
-                "critical_path": train / concurrent,
-                "accepted": cur.get("accepted"),
-                "phases": cur.get("phases"),
-            }
-        )
+        phases = cur.get("phases") or {}
+        train = phases.get("client_train_sum", mean_train * cur.get("accepted", 0))
+        wall = cur["ended_at"] - prev["ended_at"]
+        row = dict(round=cur["round"], wall=wall, critical_path=train / concurrent)
+        per_round.append(row | dict(accepted=cur.get("accepted"), phases=cur.get("phases")))
     window = (rounds[0]["ended_at"], rounds[-1]["ended_at"]) if rounds else (0, 0)
     util = [sum(u) / len(u) for t, u, _ in run["samples"] if window[0] <= t <= window[1] and u]
-    wall, critical = (
-        h.mean([r["wall"] for r in per_round]),
-        h.mean([r["critical_path"] for r in per_round]),
-    )
+    wall = h.mean([r["wall"] for r in per_round])
+    critical = h.mean([r["critical_path"] for r in per_round])
     tokens = nodes * ov["local-steps"] * ov["batch-size"] * ov["seq-len"]
-    return {
-        "nodes": nodes,
-        "clients_per_gpu": per_gpu,
-        "gpus": gpus,
-        "rc": run["rc"],
-        "steady_rounds": [r["round"] for r in (rounds[1:] or rounds)],
-        "round_time_mean": wall,
-        "critical_path_mean": critical,
-        "round_over_critical_path": h.ratio(wall, critical),
-        "gpu_util_mean": h.mean(util),
-        "tokens_per_s_per_gpu": tokens / wall / max(gpus, 1) if wall else None,
-        "peak_gpu_memory_gb": max((max(m) for _, _, m in run["samples"] if m), default=0) / 1e9,
-        "host_pss": host_memory(run.get("host", []), window, master),
-        "rounds": per_round,
-    }
+    out = dict(nodes=nodes, clients_per_gpu=per_gpu, gpus=gpus, rc=run["rc"])
+    out["steady_rounds"] = [r["round"] for r in (rounds[1:] or rounds)]
+    out |= dict(round_time_mean=wall, critical_path_mean=critical)
+    out |= dict(round_over_critical_path=h.ratio(wall, critical), gpu_util_mean=h.mean(util))
+    out["tokens_per_s_per_gpu"] = tokens / wall / max(gpus, 1) if wall else None
+    out["peak_gpu_memory_gb"] = max((max(m) for _, _, m in run["samples"] if m), default=0) / 1e9
+    out["host_pss"] = host_memory(run.get("host", []), window, master)
+    return out | {"rounds": per_round}
 
 
 def gpu_sim(args: Any) -> dict:
@@ -513,21 +398,13 @@ def gpu_sim(args: Any) -> dict:
     facts = save_random_lm(model, {k: v for k, v in SHAPES[shape].items() if k != "vocab_size"})
     save_text_dataset(data, min_chars=50_000 if cpu else 2_000_000)
     base = {**GPU_RUN, "num-links": 2, "rounds-per-link": 2, **(CPU_RUN if cpu else {})}
-    base = h.with_sets(
-        base | {"model-name": str(model), "dataset": str(data), "output-dir": str(out)}, args
-    )
-    rows = []
+    base |= {"model-name": str(model), "dataset": str(data), "output-dir": str(out)}
+    base, rows = h.with_sets(base, args), []
     for spec in args.configs.split(","):
         nodes, per_gpu = (int(x) for x in spec.split("x"))
         ov = {**base, "run-name": f"{args.label}-{shape}-{spec}-{int(time.time())}"}
-        row = gpu_summary(
-            launch(Path(args.app_dir), ov, nodes, per_gpu, gpus),
-            nodes,
-            per_gpu,
-            gpus,
-            ov,
-            facts["params"] * 4,
-        )
+        run = launch(ov, nodes, per_gpu, gpus)
+        row = gpu_summary(run, nodes, per_gpu, gpus, ov, facts["params"] * 4)
         rows.append({"label": args.label, "config": spec, **row})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "rounds"}), flush=True)
     passes = floor_tokens_per_s({**base, "device": "auto"})
@@ -536,58 +413,24 @@ def gpu_sim(args: Any) -> dict:
         row["tokens_per_s_over_floor"] = h.ratio(
             row["tokens_per_s_per_gpu"], row["floor_tokens_per_s"]
         )
-    payload = {
-        "shape": shape,
-        "model": facts,
-        "run_config": base,
-        "rows": rows,
-        "gpu": h.environment().get("gpu"),
-    }
+    payload = dict(shape=shape, model=facts, run_config=base, rows=rows)
     name = args.name or f"gpu_sim-{args.label}-{shape}"
-    h.write_result(name, payload, out)
-    with h.figure(out / f"{name}.png", 1, 3, figsize=(15, 4)) as (_, ax):
-        labels = [r["config"] for r in rows]
-        panels = (
-            ("round_over_critical_path", 1.25, "steady round / critical path"),
-            ("gpu_util_mean", 0.7, "mean GPU utilisation"),
-        )
-        for a, (key, goal, title) in zip(ax, panels, strict=False):
-            a.bar(labels, [r[key] or 0 for r in rows])
-            a.axhline(goal, color="red", linestyle="--")
-            a.set_title(title)
-        for shift, who in ((-0.2, "clients"), (0.2, "server")):
-            peaks = [r["host_pss"][who]["peak_over_master"] or 0 for r in rows]
-            ax[2].bar([i + shift for i in range(len(rows))], peaks, 0.4, label=f"{who} (peak)")
-        ax[2].set_xticks(range(len(rows)), labels)
-        ax[2].axhline(1.3, color="red", linestyle="--")
-        ax[2].set_title("host PSS / one float32 master")
-        ax[2].legend()
+    h.write_result(name, payload | {"gpu": h.environment().get("gpu")}, out)
+    series = {"round / critical path": [r["round_over_critical_path"] or 0 for r in rows]}
+    for who in ("clients", "server"):
+        series[f"{who} PSS / master"] = [r["host_pss"][who]["peak_over_master"] or 0 for r in rows]
+    h.bars(out / f"{name}.png", f"{shape} (goals 1.25, 1.3)", [r["config"] for r in rows], series)
     return payload
 
 
 # --- gpu-clients ----------------------------------------------------------------------
-GPU_CLIENTS_RUN: dict[str, Any] = {
-    **h.THROUGHPUT_RUN,
-    "rounds-per-link": 3,
-    "local-steps": 10,
-    "batch-size": 4,
-    "seq-len": 512,
-    "rank": 16,
-    "precision": "bf16",
-    "min-available-nodes": 1,  # with N = 1 the default 2 would wait for ever
-    "device": "auto",
-}
-TINY_CLIENTS_RUN = {
-    "rounds-per-link": 2,
-    "local-steps": 2,
-    "batch-size": 2,
-    "seq-len": 64,
-    "rank": 4,
-}
-MODELS: dict[str, dict[str, Any]] = {
-    "qwen2.5-0.5b-shape": {**SHAPES["qwen-0.36b"], "rope_theta": 1e6, "rms_norm_eps": 1e-6},
-    "tiny": {**h.TINY_SHAPE, "tie_word_embeddings": True},
-}
+GPU_CLIENTS_RUN = {**h.THROUGHPUT_RUN, "rounds-per-link": 3, "local-steps": 10, "rank": 16}
+GPU_CLIENTS_RUN |= {"batch-size": 4, "seq-len": 512, "precision": "bf16", "device": "auto"}
+GPU_CLIENTS_RUN["min-available-nodes"] = 1  # with N = 1 the default 2 would wait for ever
+TINY_CLIENTS_RUN = {"rounds-per-link": 2, "local-steps": 2, "batch-size": 2, "seq-len": 64}
+TINY_CLIENTS_RUN["rank"] = 4
+MODELS = {"qwen2.5-0.5b-shape": {**SHAPES["qwen-0.36b"], "rope_theta": 1e6, "rms_norm_eps": 1e-6}}
+MODELS["tiny"] = {**h.TINY_SHAPE, "tie_word_embeddings": True}
 GROWTH_TOLERANCE = 16 * h.MIB  # allocator rounding; a kept model would be hundreds of MiB
 
 
@@ -608,46 +451,26 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
 
 def probe_round(entry: dict, records: list[dict], ov: dict) -> dict[str, Any]:
     """One round from the probe: tokens, the split of its time, GPU memory per client."""
-    r = entry["round"]
-    calls = [
-        c
-        for c in records
-        if c["kind"] == "client" and c["round"] == r and c["message_type"] == "train"
-    ]
+    r, wall = entry["round"], entry["wall_time"]
+    calls = [c for c in records if c["kind"] == "client" and c["round"] == r]
+    calls = [c for c in calls if c["message_type"] == "train"]
     grid_s = sum(g["end"] - g["start"] for g in records if g["kind"] == "grid" and g["round"] == r)
     busy = union_length([(c["start"], c["end"]) for c in calls])
-    tokens = sum(
-        trained_tokens(
-            int(c.get("num_examples") or 0), ov["batch-size"], ov["local-steps"], ov["seq-len"]
-        )
-        for c in calls
-    )
+    batch, steps, seq = ov["batch-size"], ov["local-steps"], ov["seq-len"]
+    tokens = sum(trained_tokens(int(c.get("num_examples") or 0), batch, steps, seq) for c in calls)
     gpu = [c for c in calls if c.get("gpu")]
     train = [c["train_time"] for c in calls if c.get("train_time") is not None]
-    return {
-        "round": r,
-        "round_s": entry["wall_time"],
-        "clients": len(calls),
-        "accepted": entry["accepted"],
-        "errors": [c["error"] for c in calls if c["error"]],
-        "tokens": tokens,
-        "tokens_per_s": tokens / entry["wall_time"],
-        "split_s": {
-            "client_compute": busy,
-            "flower_ray_overhead": grid_s - busy,
-            "server_and_aggregation": entry["wall_time"] - grid_s,
-        },
-        "client_train_time_s": {
-            "mean": h.mean(train),
-            "max": max(train, default=None),
-            "sum": sum(train),
-        },
-        "peak_gpu_mb_per_client": [c["gpu"]["peak_allocated"] / h.MIB for c in gpu],
-        "gpu_mb_after_call": {str(c["pid"]): c["gpu"]["allocated_after"] / h.MIB for c in gpu},
-        "gpu_names": sorted({c["gpu"]["name"] for c in gpu}),
-        "ray_gpu_ids": sorted({",".join((c.get("ray") or {}).get("gpu_ids", [])) for c in calls}),
-        "pids": sorted({c["pid"] for c in calls}),
-    }
+    out = dict(round=r, round_s=wall, clients=len(calls), accepted=entry["accepted"])
+    out |= dict(errors=[c["error"] for c in calls if c["error"]], tokens=tokens)
+    out["tokens_per_s"] = tokens / wall
+    out["split_s"] = dict(client_compute=busy, flower_ray_overhead=grid_s - busy)
+    out["split_s"]["server_and_aggregation"] = wall - grid_s
+    out["client_train_time_s"] = {"mean": h.mean(train), "max": max(train, default=None)}
+    out["peak_gpu_mb_per_client"] = [c["gpu"]["peak_allocated"] / h.MIB for c in gpu]
+    out["gpu_mb_after_call"] = {str(c["pid"]): c["gpu"]["allocated_after"] / h.MIB for c in gpu}
+    out["gpu_names"] = sorted({c["gpu"]["name"] for c in gpu})
+    gpu_ids = {",".join((c.get("ray") or {}).get("gpu_ids", [])) for c in calls}
+    return out | {"ray_gpu_ids": sorted(gpu_ids), "pids": sorted({c["pid"] for c in calls})}
 
 
 def probed_run(args: Any, spec: dict[str, Any], work: Path, tag: str) -> dict[str, Any]:
@@ -656,33 +479,18 @@ def probed_run(args: Any, spec: dict[str, Any], work: Path, tag: str) -> dict[st
     from testing.probe import read
 
     ov = {**args.base, "model-name": str(args.model_dir), "dataset": str(args.data)}
-    ov |= {
-        "max-train-blocks": ov["local-steps"] * ov["batch-size"],
-        "round-timeout": args.timeout_s,
-    }
-    spec = {
-        **spec,
-        "overrides": ov | {"output-dir": str(work), "run-name": tag},
-        "probe": str(work / f"{tag}.probe"),
-    }
-    env = {
-        **OFFLINE_ENV,
-        **SIMULATION_ENV,
-        "HF_HUB_OFFLINE": "1",
-        "SEEDLORA_CACHE": str(work / "link-cache"),
-    }
+    ov["max-train-blocks"] = ov["local-steps"] * ov["batch-size"]
+    ov |= {"round-timeout": args.timeout_s, "output-dir": str(work), "run-name": tag}
+    spec = {**spec, "overrides": ov, "probe": str(work / f"{tag}.probe")}
+    env = {**OFFLINE_ENV, **SIMULATION_ENV, "HF_HUB_OFFLINE": "1"}
+    env["SEEDLORA_CACHE"] = str(work / "link-cache")
     if spec.get("cuda_visible_devices") is not None:
         env["CUDA_VISIBLE_DEVICES"] = spec["cuda_visible_devices"]
     run = h.run_child(spec, work, args.timeout_s, env)
-    row: dict[str, Any] = {
-        "mode": spec["mode"],
-        "clients": spec["nodes"],
-        "gpus": spec.get("gpus"),
-        "client_resources": {"num_cpus": spec.get("num_cpus"), "num_gpus": spec.get("num_gpus")},
-        "logical_gpus": bool(spec.get("init_args", {}).get("num_gpus")),
-        "process_wall_s": run["process_wall_s"],
-        "completed": run["completed"],
-    }
+    row = dict(mode=spec["mode"], clients=spec["nodes"], gpus=spec.get("gpus"))
+    row["client_resources"] = {k: spec.get(k) for k in ("num_cpus", "num_gpus")}
+    row["logical_gpus"] = bool(spec.get("init_args", {}).get("num_gpus"))
+    row |= {"process_wall_s": run["process_wall_s"], "completed": run["completed"]}
     if not run["completed"]:
         return {**row, "why": run["why"], "log_tail": run["log_tail"]}
     records = read(Path(spec["probe"]))
@@ -690,20 +498,18 @@ def probed_run(args: Any, spec: dict[str, Any], work: Path, tag: str) -> dict[st
     steady = rounds[1:] or rounds
     after = {r["round"]: max(r["gpu_mb_after_call"].values(), default=0.0) for r in rounds}
     peaks = [m for r in steady for m in r["peak_gpu_mb_per_client"]]
-    return {
-        **row,
-        "rounds": rounds,
-        "steady_rounds": [r["round"] for r in steady],
-        "tokens_per_s": sum(r["tokens"] for r in steady) / sum(r["round_s"] for r in steady),
-        "round_s": h.mean([r["round_s"] for r in steady]),
-        "split_s": {k: h.mean([r["split_s"][k] for r in steady]) for k in steady[0]["split_s"]},
-        "client_train_time_s_mean": h.mean([r["client_train_time_s"]["mean"] for r in steady]),
-        "peak_gpu_mb_per_client_max": max(peaks, default=None),
-        "gpu_mb_after_call_by_round": after,
-        "gpu_memory_grows": (after[rounds[-1]["round"]] - after[rounds[0]["round"]]) * h.MIB
-        > GROWTH_TOLERANCE,
-        "all_accepted": all(r["accepted"] == spec["nodes"] and not r["errors"] for r in rounds),
-    }
+    row |= dict(rounds=rounds, steady_rounds=[r["round"] for r in steady])
+    row["tokens_per_s"] = sum(r["tokens"] for r in steady) / sum(r["round_s"] for r in steady)
+    row["round_s"] = h.mean([r["round_s"] for r in steady])
+    row["split_s"] = {k: h.mean([r["split_s"][k] for r in steady]) for k in steady[0]["split_s"]}
+    row["client_train_time_s_mean"] = h.mean([r["client_train_time_s"]["mean"] for r in steady])
+    row |= dict(
+        peak_gpu_mb_per_client_max=max(peaks, default=None), gpu_mb_after_call_by_round=after
+    )
+    grown = (after[rounds[-1]["round"]] - after[rounds[0]["round"]]) * h.MIB
+    row["gpu_memory_grows"] = grown > GROWTH_TOLERANCE
+    clean = all(r["accepted"] == spec["nodes"] and not r["errors"] for r in rounds)
+    return row | {"all_accepted": clean}
 
 
 def gpu_clients(args: Any) -> dict:
@@ -722,45 +528,25 @@ def gpu_clients(args: Any) -> dict:
     if ids and max(gpus) > len(ids):
         raise SystemExit(f"--gpus {max(gpus)}: only {len(ids)} GPU(s) visible")
     options = {"clients": clients, "gpus": gpus, "model": model, "timeout_s": args.timeout_s}
-    payload: dict[str, Any] = {
-        "benchmark": "gpu_clients",
-        "options": options,
-        "run_config": args.base,
-        "gpu_ids": ids,
-        "floor": {},
-        "ray": {str(g): {} for g in gpus},
-    }
-    work, began, cpus = (
-        Path(tempfile.mkdtemp(prefix="bench-gpu-")),
-        time.perf_counter(),
-        os.cpu_count() or 1,
-    )
+    payload = dict(benchmark="gpu_clients", options=options, run_config=args.base, gpu_ids=ids)
+    payload |= {"floor": {}, "ray": {str(g): {} for g in gpus}}
+    work, began = Path(tempfile.mkdtemp(prefix="bench-gpu-")), time.time()
+    cpus = os.cpu_count() or 1
     try:
         args.model_dir, ov = work / f"model-{model}", args.base
         info = save_random_lm(args.model_dir, MODELS[model], max(ov["seq-len"], 512))
         payload["model"] = {"shape": model, "config": MODELS[model], **info}
-        chars = max(
-            max(clients) * ov["local-steps"] * ov["batch-size"] * ov["seq-len"] * 8, 400_000
-        )
-        args.data = save_text_dataset(work / "text", min_chars=chars, chunk=2000)
+        chars = max(clients) * ov["local-steps"] * ov["batch-size"] * ov["seq-len"] * 8
+        args.data = save_text_dataset(work / "text", min_chars=max(chars, 400_000), chunk=2000)
         for n in clients:
-            floor = {"mode": "floor", "nodes": n, "gpus": 1} | (
-                {"cuda_visible_devices": ids[0]} if ids else {}
-            )
+            floor = {"mode": "floor", "nodes": n, "gpus": 1}
+            floor |= {"cuda_visible_devices": ids[0]} if ids else {}
             runs = [(payload["floor"], floor, f"floor-n{n}")]
-            for g in gpus:
-                spec = {
-                    "mode": "ray",
-                    "nodes": n,
-                    "gpus": g,
-                    "num_cpus": max(1, cpus // n),
-                    "num_gpus": g / n if n >= g else 1.0,
-                }
-                spec |= (
-                    {"cuda_visible_devices": ",".join(ids[:g])}
-                    if ids
-                    else {"init_args": {"num_gpus": g, "num_cpus": max(cpus, n)}}
-                )
+            for g in gpus:  # 1/N of G GPUs each; without a GPU, Ray gets logical ones
+                spec = {"mode": "ray", "nodes": n, "gpus": g, "num_cpus": max(1, cpus // n)}
+                spec["num_gpus"] = g / n if n >= g else 1.0
+                logical = {"init_args": {"num_gpus": g, "num_cpus": max(cpus, n)}}
+                spec |= {"cuda_visible_devices": ",".join(ids[:g])} if ids else logical
                 runs.append((payload["ray"][str(g)], spec, f"ray-g{g}-n{n}"))
             for into, spec, tag in runs:
                 into[str(n)] = row = probed_run(args, spec, work, tag)
@@ -771,16 +557,15 @@ def gpu_clients(args: Any) -> dict:
         for n in clients:
             row = {"clients": n, "floor_tokens_per_s": payload["floor"][str(n)].get("tokens_per_s")}
             for g in gpus:
-                tps = row[f"ray_{g}gpu_tokens_per_s"] = payload["ray"][str(g)][str(n)].get(
-                    "tokens_per_s"
-                )
+                tps = payload["ray"][str(g)][str(n)].get("tokens_per_s")
+                row[f"ray_{g}gpu_tokens_per_s"] = tps
                 row[f"ray_{g}gpu_per_gpu_over_floor"] = h.ratio(
                     tps and tps / g, row["floor_tokens_per_s"]
                 )
                 if g > 1:
                     row[f"ray_{g}gpu_over_1gpu"] = h.ratio(tps, row.get("ray_1gpu_tokens_per_s"))
             payload["comparison"].append(row)
-        payload["total_wall_s"] = time.perf_counter() - began
+        payload["total_wall_s"] = time.time() - began
         h.write_result(args.name, payload, args.out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -805,8 +590,7 @@ p = h.command(subs, "gpu-sim", gpu_sim, "")
 p.add_argument("--configs", default="16x4,16x8,64x4,64x8", help="NxK,... (K clients per GPU)")
 p.add_argument("--shape", choices=sorted(SHAPES), default="qwen-0.36b")
 p.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all)")
-p.add_argument("--app-dir", default=str(h.REPO), help="checkout whose launcher runs")
-p.add_argument("--label", default="after", help="row label (before/after)")
+p.add_argument("--label", default="after", help="row label, in the file name")
 p.add_argument("--cpu", action="store_true", help="CPU run settings (fp32, short steps)")
 p = h.command(subs, "gpu-clients", gpu_clients, "gpu_clients")
 p.add_argument("--clients", help="client counts (default 1,2,4,8; --tiny 1,2)")

@@ -165,6 +165,11 @@ def seeds(text: str) -> list[int]:
     return ints(text) if "," in text else list(range(int(text)))
 
 
+def pick(ns: Any, *names: str) -> dict[str, Any]:
+    """The named attributes of `ns` (options to store beside a result)."""
+    return {n.replace("-", "_"): getattr(ns, n.replace("-", "_")) for n in names}
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 

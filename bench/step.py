@@ -1,29 +1,24 @@
-"""One client's training step: its time and memory against the frozen model, the capture
-cost per round of the graphed step, and the memory of a quantized base.
+"""One client's training step: time and memory against the frozen model, the capture cost
+per round of the graphed step, and the memory of a quantized base.
 
     python -m bench.step overhead --device cuda [--liger]   # step_time_<device>.json
     python -m bench.step graph-reuse --preset llama2-7b      # graph_reuse-<preset>.json (CUDA)
     python -m bench.step quant-memory                        # quant_memory.json (CUDA, bnb)
 
-`overhead`: one forward + backward + AdamW step per iteration, every variant on a fresh
-model from the same seed, the same token batch, all seven projections of a Qwen2/Llama
-block adapted at one rank, side by side in one process (order reversed on odd passes):
-`floor` (frozen model, backward to the input embeddings), `peft-lora`, `peft-lora-frozen-a`,
-`seedlora-<kind>` (fused path), `-reference` (plain autograd), `-grouped` (q/k/v and gate/up
-one node), `-graphed` (the whole step one CUDA graph), `-liger` (Liger kernels in the base).
-Time: median of the timed steps. Memory: CUDA's allocator peak; on the CPU the profiler's
-allocator high-water mark plus the resident tensors. `saved_for_backward_bytes`: what
-autograd keeps in one forward (parameters excluded). Goals: time and memory <= PEFT; the
-fused path <= 1.25x floor and <= 0.6x PEFT; grouped/graphed <= 1.25x the floor's GPU-busy
-time and <= 0.35x PEFT.
+`overhead`: forward + backward + AdamW steps of each variant on a fresh model from one seed,
+one token batch, all seven projections adapted, side by side (odd passes reversed): `floor`
+(frozen, backward to the embeddings), `peft-lora`, `peft-lora-frozen-a`, `seedlora-<kind>`
+(fused), `-reference` (plain autograd), `-grouped` (q/k/v and gate/up one node), `-graphed`
+(the step one CUDA graph), `-liger` (Liger kernels in the base). Median step time; peak
+memory (CUDA's allocator, or the CPU profiler's high-water mark plus resident tensors);
+bytes saved for backward. Goals: <= PEFT in time and memory; fused <= 1.25x floor and
+<= 0.6x PEFT; grouped/graphed <= 1.25x the floor's GPU-busy time and <= 0.35x PEFT.
 
-`graph-reuse`: R rounds of S steps of one link run twice: `fresh` (a new capturable AdamW
-and CUDA graph each round, the old path) and `kept` (`seedlora.capture.kept_step`: one
-capture, B and moments reset in place, lr a tensor). Goal: kept setup after round 1 <= 0.05 s,
-with the same losses and B as fresh.
-
-`quant-memory`: GPU memory of one client on a bf16 / 8bit / 4bit base (bitsandbytes layers
-made from bf16 weights, as the loader makes them), with `--links` merged links as side paths.
+`graph-reuse`: R rounds of S steps of one link, `fresh` (a graph captured every round)
+against `kept` (`seedlora.capture.kept_step`: one capture, state reset in place). Goal: kept
+setup after round 1 <= 0.05 s, with fresh's losses and B. `quant-memory`: one client's GPU
+memory on a bf16 / 8bit / 4bit base (bitsandbytes layers as the loader makes them) with
+`--links` merged links as side paths.
 """
 
 from __future__ import annotations
@@ -33,6 +28,7 @@ import json
 import statistics
 import tempfile
 import time
+from argparse import BooleanOptionalAction
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.harness import MIB, cli, command, figure, main_of, ratio, write_result
+from bench.harness import MIB, bars, cli, command, main_of, pick, ratio, write_result
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SEED_KINDS = ("gaussian", "circulant", "random-block")
@@ -205,9 +201,9 @@ def saved_for_backward_bytes(model: nn.Module, forward: Callable[[], torch.Tenso
     return sum(seen.values())
 
 
-def profile_step(step: Callable[[], Any], cuda: bool, top: int) -> dict[str, Any]:
+def profile_step(step: Callable[[], Any], cuda: bool) -> dict[str, Any]:
     """One `step()` under torch.profiler: aten self time (kernel time on CUDA: what the GPU
-    does, whatever the host), op calls, the `top` ops and (CPU) the allocator's peak above
+    does, whatever the host), aten op calls and (CPU) the allocator's peak above
     the start (its "[memory]" events carry the running total)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -217,53 +213,43 @@ def profile_step(step: Callable[[], Any], cuda: bool, top: int) -> dict[str, Any
         if cuda:
             torch.cuda.synchronize()
     ops = [
-        (a.key, a.count, (a.self_device_time_total if cuda else a.self_cpu_time_total) / 1e3)
+        (a.count, a.self_device_time_total if cuda else a.self_cpu_time_total)
         for a in prof.key_averages()
         if a.key.startswith("aten::")
     ]
     out = {
-        "busy_ms": sum(o[2] for o in ops),
-        "aten_op_calls": sum(o[1] for o in ops),
+        "busy_ms": sum(o[1] for o in ops) / 1e3,
+        "aten_op_calls": sum(o[0] for o in ops),
         "cpu_peak": 0,
     }
-    out["top_ops"] = [
-        {"op": k, "calls": c, "self_ms": ms}
-        for k, c, ms in sorted(ops, key=lambda o: -o[2])[:top]
-        if ms > 0
-    ]
     if not cuda:
         with tempfile.TemporaryDirectory() as tmp:
             prof.export_chrome_trace(f"{tmp}/t.json")
             events = json.loads(Path(f"{tmp}/t.json").read_text())["traceEvents"]
+        mem = [e["args"] for e in events if e.get("name") == "[memory]"]
         mem = sorted(
-            (
-                e
-                for e in events
-                if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0
-            ),
-            key=lambda e: (e["ts"], e["args"].get("Ev Idx", 0)),
+            (m for m in mem if m.get("Device Type") == 0), key=lambda m: m.get("Ev Idx", 0)
         )
         if mem:
-            start = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
-            out["cpu_peak"] = max(0, max(m["args"]["Total Allocated"] for m in mem) - start)
+            start = mem[0]["Total Allocated"] - mem[0]["Bytes"]
+            out["cpu_peak"] = max(0, max(m["Total Allocated"] for m in mem) - start)
     return out
 
 
 def measure(variant: str, shape: Shape, ids: torch.Tensor, args: Any) -> dict[str, Any]:
     """Build, adapt and time one variant on a fresh model: its row of the result."""
     cuda = ids.device.type == "cuda"
-    leftover = torch.cuda.memory_allocated() - unique_bytes([ids]) if cuda else 0
+    sync = torch.cuda.synchronize if cuda else lambda: None
     model = prepare(variant, build_model(shape, ids.device, args.seed), shape, args.seed)
     graphed = variant.removesuffix(LIGER).endswith(GRAPHED)
     params = [p for p in model.parameters() if p.requires_grad]
-    # The step modes take a fused AdamW on CUDA (capturable when graphed).
-    opt_kw = (
-        {"fused": True, "capturable": graphed} if cuda and variant != base_variant(variant) else {}
-    )
+    fused = cuda and variant != base_variant(variant)  # the step modes: a fused AdamW on CUDA
+    opt_kw = {"fused": True, "capturable": graphed} if fused else {}
     opt = torch.optim.AdamW(params, lr=args.lr, **opt_kw) if params else None
 
-    def forward() -> torch.Tensor:
-        return model(input_ids=ids, labels=ids, use_cache=False).loss
+    def forward(batch: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        x = ids if batch is None else batch["x"]
+        return model(input_ids=x, labels=x, use_cache=False).loss
 
     def step() -> torch.Tensor:
         loss = forward()
@@ -278,70 +264,51 @@ def measure(variant: str, shape: Shape, ids: torch.Tensor, args: Any) -> dict[st
         from seedlora.capture import CapturedStep
 
         start = time.perf_counter()
-        captured = CapturedStep(
-            lambda b: model(input_ids=b["input_ids"], labels=b["input_ids"], use_cache=False).loss,
-            params,
-            opt,
-            {"input_ids": ids},
-        )
-        torch.cuda.synchronize()
+        captured = CapturedStep(forward, params, opt, {"x": ids})
+        sync()
         capture_ms = (time.perf_counter() - start) * 1e3
-        step = lambda: captured({"input_ids": ids}).clone()  # noqa: E731
+        step = lambda: captured({"x": ids}).clone()  # noqa: E731
     if cuda:
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     losses, times = [], []
     for i in range(args.warmup + args.steps):
-        torch.cuda.synchronize() if cuda else None
+        sync()
         start = time.perf_counter()
         losses.append(step())
-        torch.cuda.synchronize() if cuda else None
-        if i >= args.warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-    kept = unique_bytes(resident(model, opt))
-    prof = (
-        profile_step(lambda: losses.append(step()), cuda, args.top_ops)
-        if not cuda or args.top_ops
-        else {}
-    )
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    times, kept = times[args.warmup :], unique_bytes(resident(model, opt))
+    prof = profile_step(lambda: losses.append(step()), cuda) if not cuda or args.profile else {}
     peak = torch.cuda.max_memory_allocated() if cuda else kept + prof["cpu_peak"]
-    return {
-        "variant": variant,
-        "trainable_params": sum(p.numel() for p in params),
-        "trainable_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in params}),
-        "optimizer": f"AdamW({opt_kw})",
-        "times_ms": times,
-        "median_ms": statistics.median(times),
-        "capture_ms": capture_ms,
-        "peak_bytes": peak,
-        "resident_bytes": kept,
-        "saved_for_backward_bytes": saved_for_backward_bytes(model, forward),
-        "leftover_bytes_at_start": leftover,
-        "memory_method": "torch.cuda.max_memory_allocated"
-        if cuda
-        else "resident + profiler CPU peak",
-        "loss_first": float(losses[0]),
-        "loss_last": float(losses[-1]),
-        "busy_ms": None if graphed else prof.get("busy_ms"),  # a replay's kernels go unattributed
-        "aten_op_calls": prof.get("aten_op_calls"),
-        "top_ops": prof.get("top_ops", []),
-    }
+    row = {"variant": variant, "trainable_params": sum(p.numel() for p in params)}
+    row |= {"times_ms": times, "median_ms": statistics.median(times), "capture_ms": capture_ms}
+    row |= {"peak_bytes": peak, "resident_bytes": kept}
+    row["saved_for_backward_bytes"] = saved_for_backward_bytes(model, forward)
+    row |= {"loss_first": float(losses[0]), "loss_last": float(losses[-1])}
+    row["busy_ms"] = None if graphed else prof.get("busy_ms")  # replays go unattributed
+    return row | {"aten_op_calls": prof.get("aten_op_calls")}
 
 
 def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Ratios to the floor and PEFT into each row; each seedlora row's goals (docstring)."""
     by = {r["variant"]: r for r in rows}
-    floor, peft = by.get(FLOOR, {}), by.get(PEFT, {})
+    floor, peft, graphed = by.get(FLOOR, {}), by.get(PEFT, {}), by.get(FLOOR + GRAPHED, {})
     for r in rows:
-        r["time_x_floor"] = ratio(r["median_ms"], floor.get("median_ms"))
-        r["time_x_floor_busy"] = ratio(r["median_ms"], floor.get("busy_ms"))
-        r["time_x_floor_graphed"] = ratio(
-            r["median_ms"], by.get(FLOOR + GRAPHED, {}).get("median_ms")
+        t, m = r["median_ms"], r["peak_bytes"]
+        r["time_x_floor"], r["time_x_floor_busy"] = (
+            ratio(t, floor.get("median_ms")),
+            ratio(t, floor.get("busy_ms")),
         )
-        r["time_x_peft"] = ratio(r["median_ms"], peft.get("median_ms"))
-        r["memory_x_floor"] = ratio(r["peak_bytes"], floor.get("peak_bytes"))
-        r["memory_x_peft"] = ratio(r["peak_bytes"], peft.get("peak_bytes"))
+        r["time_x_floor_graphed"], r["time_x_peft"] = (
+            ratio(t, graphed.get("median_ms")),
+            ratio(t, peft.get("median_ms")),
+        )
+        r["memory_x_floor"], r["memory_x_peft"] = (
+            ratio(m, floor.get("peak_bytes")),
+            ratio(m, peft.get("peak_bytes")),
+        )
     out: dict[str, Any] = {}
     for r in rows:
         v = r["variant"]
@@ -370,7 +337,6 @@ def overhead(args: Any) -> dict[str, Any]:
     """Step time and peak memory of every variant against the frozen model and PEFT."""
     if args.tiny:
         args.device, args.preset, args.warmup, args.steps, args.threads = "cpu", "tiny", 1, 2, 1
-        args.top_ops = min(args.top_ops, 5)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -378,28 +344,22 @@ def overhead(args: Any) -> dict[str, Any]:
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
     preset = args.preset or ("qwen2.5-0.5b" if cuda else "small")
-    shape = PRESETS[preset]
-    variants = args.variants or [
-        *VARIANTS,
-        *(CUDA_VARIANTS if cuda else ()),
-        *(LIGER_VARIANTS if args.liger else ()),
-    ]
+    shape, extra = (
+        PRESETS[preset],
+        (*(CUDA_VARIANTS if cuda else ()), *(LIGER_VARIANTS if args.liger else ())),
+    )
+    variants = args.variants or [*VARIANTS, *extra]
     if not cuda and any(v.endswith(LIGER) or v.endswith(GRAPHED) for v in variants):
         raise SystemExit("--variants: the -liger and -graphed variants are CUDA only")
-    ids = torch.randint(
-        shape.vocab, (shape.batch, shape.seq), generator=torch.Generator().manual_seed(args.seed)
-    )
-    ids = ids.to(device)
+    gen = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(shape.vocab, (shape.batch, shape.seq), generator=gen).to(device)
     passes: dict[str, list[dict]] = {v: [] for v in variants}
     failed: dict[str, str] = {}
     for rnd in range(args.rounds):
         for v in variants if rnd % 2 == 0 else variants[::-1]:
             try:
                 passes[v].append(row := measure(v, shape, ids, args))
-                print(
-                    f"pass {rnd} {v:<36} {row['median_ms']:9.2f} ms  peak {row['peak_bytes'] / MIB:9.1f} MiB",
-                    flush=True,
-                )
+                print(f"pass {rnd} {v:<36} {row['median_ms']:9.2f} ms", flush=True)
             except RuntimeError as err:  # a failed capture must not lose the other rows
                 if v in VARIANTS:
                     raise
@@ -407,47 +367,28 @@ def overhead(args: Any) -> dict[str, Any]:
             gc.collect()
             torch.cuda.empty_cache() if cuda else None
     rows = []
-    for v in variants:
-        if v in failed or not passes[v]:
-            continue
-        row = dict(passes[v][-1])
-        row["times_ms"] = [t for p in passes[v] for t in p["times_ms"]]
-        row["median_ms"] = statistics.median(row["times_ms"])
+    for v in (v for v in variants if passes[v] and v not in failed):  # passes pooled
+        times = [t for p in passes[v] for t in p["times_ms"]]
+        row = {**passes[v][-1], "times_ms": times, "median_ms": statistics.median(times)}
         row["peak_bytes"] = max(p["peak_bytes"] for p in passes[v])
-        row["loss_first"] = passes[v][0]["loss_first"]
-        rows.append(row)
+        rows.append(row | {"loss_first": passes[v][0]["loss_first"]})
     config = {
         "preset": preset,
         "device": str(device),
         **asdict(shape),
         "targets": list(PROJECTIONS),
+    }
+    config |= {
         "layer_dims": layer_dims(shape),
-        "warmup": args.warmup,
-        "steps": args.steps,
-        "rounds": args.rounds,
-        "lr": args.lr,
-        "seed": args.seed,
+        **pick(args, "warmup", "steps", "rounds", "lr", "seed"),
     }
-    payload = {
-        "benchmark": "step_time",
-        "config": config,
-        "variants": rows,
-        "failed": failed,
-        "goals": goals(rows),
-    }
+    payload = {"benchmark": "step_time", "config": config, "variants": rows, "failed": failed}
     name = args.name or f"step_time_{device.type}"
-    write_result(name, payload, args.out)
-    with figure(args.out / f"{name}.png", 1, 2, figsize=(12, 0.5 * len(rows) + 1.8)) as (fig, axes):
-        for ax, key, scale, title in (
-            (axes[0], "median_ms", 1, "median step (ms)"),
-            (axes[1], "peak_bytes", MIB, "peak memory (MiB)"),
-        ):
-            ax.barh([r["variant"] for r in rows], [r[key] / scale for r in rows])
-            ax.invert_yaxis()
-            ax.set_title(title)
-        fig.suptitle(
-            f"fwd+bwd+AdamW, {preset}, batch {shape.batch} x {shape.seq}, rank {shape.rank}"
-        )
+    write_result(name, payload | {"goals": goals(rows)}, args.out)
+    series = {"median step (ms)": [r["median_ms"] for r in rows]}
+    series["peak memory (MiB)"] = [r["peak_bytes"] / MIB for r in rows]
+    title = f"fwd+bwd+AdamW, {preset}, batch {shape.batch} x {shape.seq}, rank {shape.rank}"
+    bars(args.out / f"{name}.png", title, [r["variant"] for r in rows], series, log=True)
     return payload
 
 
@@ -457,65 +398,62 @@ def graph_reuse(args: Any) -> dict[str, Any]:
 
     if not torch.cuda.is_available():
         raise SystemExit("bench.step graph-reuse captures CUDA graphs: no CUDA device is visible")
-    preset = "tiny" if args.tiny else args.preset
-    shape, device = PRESETS[preset], torch.device("cuda")
-    model = prepare(
-        f"seedlora-circulant{GRAPHED}", build_model(shape, device, args.seed), shape, args.seed
+    preset, variant, dev = (
+        "tiny" if args.tiny else args.preset,
+        f"seedlora-circulant{GRAPHED}",
+        "cuda",
     )
+    shape = PRESETS[preset]
+    model = prepare(variant, build_model(shape, dev, args.seed), shape, args.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    on = {"device": device, "generator": torch.Generator(device).manual_seed(args.seed)}
+    on = {"device": dev, "generator": torch.Generator(dev).manual_seed(args.seed)}
     batches = [
-        {"input_ids": torch.randint(shape.vocab, (shape.batch, shape.seq), **on)}
-        for _ in range(args.steps)
+        {"x": torch.randint(shape.vocab, (shape.batch, shape.seq), **on)} for _ in range(args.steps)
     ]
     received = [[0.01 * torch.randn(p.shape, **on) for p in params] for _ in range(args.rounds)]
     lrs = [args.lr * 0.7**r for r in range(args.rounds)]
-    loss_of = lambda b: model(input_ids=b["input_ids"], labels=b["input_ids"], use_cache=False).loss  # noqa: E731
+    loss_of = lambda b: model(input_ids=b["x"], labels=b["x"], use_cache=False).loss  # noqa: E731
     clip = lambda: torch.nn.utils.clip_grad_norm_(params, 1.0)  # noqa: E731
     adamw = lambda lr: torch.optim.AdamW(params, lr=lr, fused=True, capturable=True)  # noqa: E731
     rows: dict[str, list[dict]] = {"fresh": [], "kept": []}
     trained: dict[str, list[list[torch.Tensor]]] = {"fresh": [], "kept": []}
-    for mode in rows:
-        for r in range(args.rounds):
-            with torch.no_grad():
-                for p, b in zip(params, received[r], strict=True):
-                    p.copy_(b)
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            if mode == "kept":
-                kept = kept_step(
-                    model, "bench", params, lambda: adamw(torch.ones((), device=device))
-                )
-                kept.begin(lrs[r])
-                step, captures = kept.ready(loss_of, batches[0], clip), kept.captures
-            else:
-                step, captures = (
-                    CapturedStep(loss_of, params, adamw(lrs[r]), batches[0], before_step=clip),
-                    r + 1,
-                )
-            torch.cuda.synchronize()
-            setup = time.perf_counter() - start
-            total = sum(
-                (step(b).double() for b in batches),
-                torch.zeros((), dtype=torch.float64, device=device),
-            )
-            torch.cuda.synchronize()
-            trained[mode].append([p.detach().clone() for p in params])
-            del step
-            model.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-            rows[mode].append(
-                {
-                    "round": r,
-                    "lr": lrs[r],
-                    "setup_s": setup,
-                    "steps_s": time.perf_counter() - start - setup,
-                    "loss": float(total) / args.steps,
-                    "captures": captures,
-                    "allocated_after_bytes": torch.cuda.memory_allocated(),
-                }
-            )
-            rows[mode][-1]["round_s"] = setup + rows[mode][-1]["steps_s"]
+    for mode, r in ((m, r) for m in rows for r in range(args.rounds)):
+        with torch.no_grad():
+            for p, b in zip(params, received[r], strict=True):
+                p.copy_(b)  # the round's received B
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        if mode == "kept":
+            kept = kept_step(model, "bench", params, lambda: adamw(torch.ones((), device=dev)))
+            kept.begin(lrs[r])
+            step, captures = kept.ready(loss_of, batches[0], clip), kept.captures
+        else:
+            step = CapturedStep(loss_of, params, adamw(lrs[r]), batches[0], before_step=clip)
+            captures = r + 1
+        torch.cuda.synchronize()
+        setup = time.perf_counter() - start
+        loss = sum(float(step(b)) for b in batches) / args.steps
+        torch.cuda.synchronize()
+        steps_s = time.perf_counter() - start - setup
+        trained[mode].append([p.detach().clone() for p in params])
+        del step
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        row = {
+            "round": r,
+            "lr": lrs[r],
+            "setup_s": setup,
+            "steps_s": steps_s,
+            "round_s": setup + steps_s,
+        }
+        rows[mode].append(
+            row
+            | {
+                "loss": loss,
+                "captures": captures,
+                "allocated_after_bytes": torch.cuda.memory_allocated(),
+            }
+        )
     for r, row in enumerate(rows["kept"]):
         pairs = list(zip(trained["kept"][r], trained["fresh"][r], strict=True))
         row["max_abs_b_diff"] = max(float((a - b).abs().max()) for a, b in pairs)
@@ -524,70 +462,29 @@ def graph_reuse(args: Any) -> dict[str, Any]:
     later = {m: [x["setup_s"] for x in rows[m][1:]] or [float("nan")] for m in rows}
     summary = {
         "kept_setup_after_first_round_max_s": max(later["kept"]),
-        "fresh_setup_after_first_round_median_s": statistics.median(later["fresh"]),
-        "kept_captures": rows["kept"][-1]["captures"],
-        "goal_s": CAPTURE_GOAL_S,
-        "goal_met": max(later["kept"]) <= CAPTURE_GOAL_S,
+        "kept_captures": kept.captures,
     }
+    summary["fresh_setup_after_first_round_median_s"] = statistics.median(later["fresh"])
+    summary |= {"goal_s": CAPTURE_GOAL_S, "goal_met": max(later["kept"]) <= CAPTURE_GOAL_S}
     config = {
         "preset": preset,
         **asdict(shape),
-        "variant": f"seedlora-circulant{GRAPHED}",
-        "rounds": args.rounds,
-        "steps": args.steps,
+        "variant": variant,
         "lrs": lrs,
-        "seed": args.seed,
         "max_grad_norm": 1.0,
     }
+    config |= pick(args, "rounds", "steps", "seed")
     payload = {"benchmark": "graph_reuse", "config": config, "rounds": rows, "summary": summary}
     write_result(args.name or f"graph_reuse-{preset}", payload, args.out)
     return payload
 
 
-def quantize(model: nn.Module, quantization: str) -> None:
-    """Every target nn.Linear as its bitsandbytes layer (nf4 + double quantization, bf16
-    compute; or LLM.int8() at threshold 6), as transformers' BitsAndBytesConfig loader does."""
+def quant_row(preset: str, base: str, args: Any) -> dict[str, Any]:
+    """One client's GPU memory on a `base` base: weights (the target layers made bitsandbytes
+    nf4 + double quantization or LLM.int8() from bf16 weights, as transformers' loader makes
+    them), adapted with `--links` merged links of random B, and one B-only step's peak."""
     import bitsandbytes as bnb
 
-    for name in [n for n, _ in model.named_modules() if n.split(".")[-1] in PROJECTIONS]:
-        lin, bias = model.get_submodule(name), model.get_submodule(name).bias is not None
-        if quantization == "4bit":
-            q = bnb.nn.Linear4bit(
-                lin.in_features,
-                lin.out_features,
-                bias=bias,
-                compute_dtype=torch.bfloat16,
-                compress_statistics=True,
-                quant_type="nf4",
-                device="meta",
-            )
-            q.weight = bnb.nn.Params4bit(
-                lin.weight.data,
-                requires_grad=False,
-                compress_statistics=True,
-                quant_type="nf4",
-                module=q,
-            )
-        else:
-            q = bnb.nn.Linear8bitLt(
-                lin.in_features,
-                lin.out_features,
-                bias=bias,
-                has_fp16_weights=False,
-                threshold=6.0,
-                device="meta",
-            )
-            q.weight = bnb.nn.Int8Params(
-                lin.weight.data.cpu(), requires_grad=False, has_fp16_weights=False
-            )
-        if bias:
-            q.bias = nn.Parameter(lin.bias.data, requires_grad=False)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, q.to("cuda"))
-
-
-def quant_row(preset: str, base: str, args: Any) -> dict[str, Any]:
-    """One client's weights, adapted and step-peak GPU memory on a `base` base."""
     from seedlora import adapter_layers, inject, trainable_state
     from seedlora.chain import Link, apply_link
     from seedlora.spec import ASpec
@@ -598,12 +495,35 @@ def quant_row(preset: str, base: str, args: Any) -> dict[str, Any]:
     start, t0 = torch.cuda.memory_allocated(), time.perf_counter()
     model = build_model(shape, "cuda", 0).eval()
     params = sum(p.numel() for p in model.parameters())
-    if base != "bf16":
-        quantize(model, base)
+    for name in (
+        [n for n, _ in model.named_modules() if n.split(".")[-1] in PROJECTIONS]
+        if base != "bf16"
+        else []
+    ):
+        lin = model.get_submodule(name)
+        dims, w, bias = (lin.in_features, lin.out_features), lin.weight.data, lin.bias is not None
+        nf4 = {"compress_statistics": True, "quant_type": "nf4"}
+        if base == "4bit":
+            q = bnb.nn.Linear4bit(
+                *dims, bias=bias, compute_dtype=torch.bfloat16, device="meta", **nf4
+            )
+            q.weight = bnb.nn.Params4bit(w, requires_grad=False, module=q, **nf4)
+        else:
+            q = bnb.nn.Linear8bitLt(
+                *dims, bias=bias, has_fp16_weights=False, threshold=6.0, device="meta"
+            )
+            q.weight = bnb.nn.Int8Params(w.cpu(), requires_grad=False, has_fp16_weights=False)
+        if bias:
+            q.bias = nn.Parameter(lin.bias.data, requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, q.to("cuda"))
     gc.collect()
     torch.cuda.empty_cache()
-    weights, build_s = torch.cuda.memory_allocated() - start, time.perf_counter() - t0
-    alpha = 2.0 * args.rank
+    weights, build_s, alpha = (
+        torch.cuda.memory_allocated() - start,
+        time.perf_counter() - t0,
+        2.0 * args.rank,
+    )
     inject(
         model,
         list(PROJECTIONS),
@@ -613,26 +533,17 @@ def quant_row(preset: str, base: str, args: Any) -> dict[str, Any]:
         alpha=alpha,
         chain_index=args.links,
     )
-    layers, gen = list(adapter_layers(model)), torch.Generator().manual_seed(1)
-    for c in range(args.links):  # merged links of random B (side paths on a quantized base)
+    layers, gen = [m for _, m in adapter_layers(model)], torch.Generator().manual_seed(1)
+    for c in range(args.links):  # side paths on a quantized base, merged into a bf16 one
         specs = tuple(
             ASpec(s.kind, s.seed, c, s.rank, s.layer, s.n_in, s.n_out)
-            for s in (m.spec for _, m in layers)
+            for s in (m.spec for m in layers)
         )
-        apply_link(
-            model,
-            Link(
-                alpha,
-                specs,
-                {
-                    m.spec.layer: 0.01 * torch.randn(m.lora_B.shape, generator=gen)
-                    for _, m in layers
-                },
-            ),
-        )
+        factors = {m.spec.layer: 0.01 * torch.randn(m.lora_B.shape, generator=gen) for m in layers}
+        apply_link(model, Link(alpha, specs, factors))
     side = sum(
         t.numel() * t.element_size()
-        for _, m in layers
+        for m in layers
         if m.aside is not None
         for t in m.aside.buffers()
     )
@@ -653,22 +564,17 @@ def quant_row(preset: str, base: str, args: Any) -> dict[str, Any]:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
         losses.append(float(loss))
-    row = {
-        "shape": preset,
-        "base": base,
-        "params": params,
-        "trainable": sum(t.numel() for t in trainable_state(model).values()),
-        "weights_gib": round(weights / gib, 3),
-        "adapted_gib": round(adapted / gib, 3),
-        "side_path_mib": round(side / MIB, 2),
+    row = {"shape": preset, "base": base, "params": params, "build_s": round(build_s, 2)}
+    row["trainable"] = sum(t.numel() for t in trainable_state(model).values())
+    row |= {"weights_gib": round(weights / gib, 3), "adapted_gib": round(adapted / gib, 3)}
+    row |= {"side_path_mib": round(side / MIB, 2), "step_s": round(min(times[1:] or times), 4)}
+    row |= {
         "step_peak_gib": round((torch.cuda.max_memory_allocated() - start) / gib, 3),
-        "step_s": round(min(times[1:] or times), 4),
-        "build_s": round(build_s, 2),
         "losses": losses,
-        "only_b_has_gradients": all(
-            p.grad is None for n, p in model.named_parameters() if "lora_B" not in n
-        ),
     }
+    row["only_b_has_gradients"] = all(
+        p.grad is None for n, p in model.named_parameters() if "lora_B" not in n
+    )
     print(row, flush=True)
     del model, opt
     return row
@@ -682,26 +588,24 @@ def quant_memory(args: Any) -> dict[str, Any]:
 
     shapes = ["tiny"] if args.tiny else args.shapes.split(",")
     rows = [quant_row(s, b, args) for s in shapes for b in args.bases.split(",")]
-    setup = {"rank": args.rank, "links": args.links, "steps": args.steps}
-    payload = {"setup": setup, "bitsandbytes": bitsandbytes.__version__, "rows": rows}
-    write_result(args.name, payload, args.out)
+    payload = {
+        "setup": pick(args, "rank", "links", "steps"),
+        "bitsandbytes": bitsandbytes.__version__,
+    }
+    write_result(args.name, payload | {"rows": rows}, args.out)
     return payload
 
 
 ap, subs = cli(__doc__)
 p = command(subs, "overhead", overhead, "", "step time and memory vs the frozen model and PEFT")
 p.add_argument("--device", default="cpu", help="cpu or cuda")
-p.add_argument(
-    "--preset", choices=sorted(PRESETS), help="default: qwen2.5-0.5b on cuda, small on cpu"
-)
+p.add_argument("--preset", choices=sorted(PRESETS), help="default: qwen2.5-0.5b (cuda), small")
 p.add_argument("--variants", nargs="+", choices=ALL_VARIANTS, help="default: all the device runs")
 p.add_argument("--liger", action="store_true", help="add the -liger variants (CUDA)")
 p.add_argument("--warmup", type=int, default=3)
 p.add_argument("--steps", type=int, default=10, help="timed steps per variant (median)")
 p.add_argument("--rounds", type=int, default=1, help="passes over the variants, odd ones reversed")
-p.add_argument(
-    "--top-ops", type=int, default=12, help="ops kept from one profiled step (0: none on CUDA)"
-)
+p.add_argument("--profile", action=BooleanOptionalAction, default=True, help="GPU-busy time (CUDA)")
 p.add_argument("--threads", type=int, help="torch CPU threads")
 for p in (p, command(subs, "graph-reuse", graph_reuse, "", "capture cost per round (CUDA)")):
     p.add_argument("--lr", type=float, default=1e-3)
