@@ -30,7 +30,7 @@ import tempfile
 import time
 from argparse import BooleanOptionalAction
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,21 +43,11 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 SEED_KINDS = ("gaussian", "circulant", "random-block")
 FLOOR, PEFT, PEFT_FROZEN_A = "floor", "peft-lora", "peft-lora-frozen-a"
 REFERENCE, GROUPED, GRAPHED, LIGER = "-reference", "-grouped", "-graphed", "-liger"
-VARIANTS = (
-    FLOOR,
-    PEFT,
-    PEFT_FROZEN_A,
-    *(f"seedlora-{k}{m}" for m in (REFERENCE, "", GROUPED) for k in SEED_KINDS),
-)
+SEEDLORA = tuple(f"seedlora-{k}{m}" for m in (REFERENCE, "", GROUPED) for k in SEED_KINDS)
+VARIANTS = (FLOOR, PEFT, PEFT_FROZEN_A, *SEEDLORA)
 CUDA_VARIANTS = (f"{FLOOR}{GRAPHED}", *(f"seedlora-{k}{GRAPHED}" for k in SEED_KINDS))
-LIGER_VARIANTS = tuple(
-    f"{v}{LIGER}"
-    for v in (
-        FLOOR,
-        f"{FLOOR}{GRAPHED}",
-        *(f"seedlora-{k}{m}" for m in (GROUPED, GRAPHED) for k in SEED_KINDS),
-    )
-)
+LIGER_VARIANTS = tuple(f"{v}{LIGER}" for v in (FLOOR, *CUDA_VARIANTS[:1], *SEEDLORA[6:]))
+LIGER_VARIANTS += tuple(f"{v}{LIGER}" for v in CUDA_VARIANTS[1:])
 ALL_VARIANTS = (*VARIANTS, *CUDA_VARIANTS, *LIGER_VARIANTS)
 FAST_FLOOR, FAST_PEFT, STEP_BUSY, STEP_PEFT = 1.25, 0.6, 1.25, 0.35  # the goals above
 CAPTURE_GOAL_S = 0.05
@@ -106,18 +96,13 @@ def build_model(shape: Shape, device: torch.device | str, seed: int) -> nn.Modul
     """A random-init Qwen2 or Llama causal LM of `shape`, built in its dtype on `device`."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    config = (Qwen2Config if shape.arch == "qwen2" else LlamaConfig)(
-        vocab_size=shape.vocab,
-        hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads,
-        max_position_embeddings=max(shape.seq, 32768),
-        tie_word_embeddings=shape.arch == "qwen2",
-        use_cache=False,
-        attn_implementation="sdpa",
+    kw = dict(
+        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate
     )
+    kw |= dict(num_hidden_layers=shape.layers, num_attention_heads=shape.heads, use_cache=False)
+    kw |= dict(num_key_value_heads=shape.kv_heads, tie_word_embeddings=shape.arch == "qwen2")
+    kw |= dict(max_position_embeddings=max(shape.seq, 32768), attn_implementation="sdpa")
+    config = (Qwen2Config if shape.arch == "qwen2" else LlamaConfig)(**kw)
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, shape.dtype))
@@ -144,14 +129,8 @@ def prepare(variant: str, model: nn.Module, shape: Shape, seed: int) -> nn.Modul
     if variant in (PEFT, PEFT_FROZEN_A):
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(
-            r=shape.rank,
-            lora_alpha=shape.alpha,
-            target_modules=list(PROJECTIONS),
-            lora_dropout=0.0,
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
+        config = LoraConfig(r=shape.rank, lora_alpha=shape.alpha, target_modules=list(PROJECTIONS))
+        config.lora_dropout, config.bias, config.task_type = 0.0, "none", "CAUSAL_LM"
         peft_model = get_peft_model(model, config)
         for name, param in peft_model.named_parameters():
             if variant == PEFT_FROZEN_A and "lora_A" in name:
@@ -170,11 +149,8 @@ def prepare(variant: str, model: nn.Module, shape: Shape, seed: int) -> nn.Modul
 
 def unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes of the distinct storages behind `tensors` (tied or viewed tensors count once)."""
-    seen = {
-        (str(t.device), t.untyped_storage().data_ptr()): t.untyped_storage().nbytes()
-        for t in tensors
-    }
-    return sum(seen.values())
+    seen = {(str(t.device), t.untyped_storage().data_ptr()): t.untyped_storage() for t in tensors}
+    return sum(s.nbytes() for s in seen.values())
 
 
 def resident(model: nn.Module, opt: torch.optim.Optimizer | None) -> list[torch.Tensor]:
@@ -212,16 +188,9 @@ def profile_step(step: Callable[[], Any], cuda: bool) -> dict[str, Any]:
         step()
         if cuda:
             torch.cuda.synchronize()
-    ops = [
-        (a.count, a.self_device_time_total if cuda else a.self_cpu_time_total)
-        for a in prof.key_averages()
-        if a.key.startswith("aten::")
-    ]
-    out = {
-        "busy_ms": sum(o[1] for o in ops) / 1e3,
-        "aten_op_calls": sum(o[0] for o in ops),
-        "cpu_peak": 0,
-    }
+    ops = [a for a in prof.key_averages() if a.key.startswith("aten::")]
+    busy = sum(a.self_device_time_total if cuda else a.self_cpu_time_total for a in ops) / 1e3
+    out = {"busy_ms": busy, "aten_op_calls": sum(a.count for a in ops), "cpu_peak": 0}
     if not cuda:
         with tempfile.TemporaryDirectory() as tmp:
             prof.export_chrome_trace(f"{tmp}/t.json")
@@ -273,7 +242,7 @@ def measure(variant: str, shape: Shape, ids: torch.Tensor, args: Any) -> dict[st
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     losses, times = [], []
-    for i in range(args.warmup + args.steps):
+    for _ in range(args.warmup + args.steps):
         sync()
         start = time.perf_counter()
         losses.append(step())
@@ -297,14 +266,12 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     floor, peft, graphed = by.get(FLOOR, {}), by.get(PEFT, {}), by.get(FLOOR + GRAPHED, {})
     for r in rows:
         t, m = r["median_ms"], r["peak_bytes"]
-        r["time_x_floor"], r["time_x_floor_busy"] = (
+        r["time_x_floor"], r["time_x_peft"] = (
             ratio(t, floor.get("median_ms")),
-            ratio(t, floor.get("busy_ms")),
-        )
-        r["time_x_floor_graphed"], r["time_x_peft"] = (
-            ratio(t, graphed.get("median_ms")),
             ratio(t, peft.get("median_ms")),
         )
+        r["time_x_floor_busy"] = ratio(t, floor.get("busy_ms"))
+        r["time_x_floor_graphed"] = ratio(t, graphed.get("median_ms"))
         r["memory_x_floor"], r["memory_x_peft"] = (
             ratio(m, floor.get("peak_bytes")),
             ratio(m, peft.get("peak_bytes")),
@@ -314,10 +281,8 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
         v = r["variant"]
         if not v.startswith("seedlora-") or not peft:
             continue
-        g = out[v] = {
-            "time_le_peft": r["time_x_peft"] <= 1,
-            "memory_le_peft": r["memory_x_peft"] <= 1,
-        }
+        g = out[v] = {"time_le_peft": r["time_x_peft"] <= 1}
+        g["memory_le_peft"] = r["memory_x_peft"] <= 1
         if not v.endswith(REFERENCE):
             g["time_le_0.6_peft"] = r["time_x_peft"] <= FAST_PEFT
             if r["time_x_floor"] is not None:
@@ -344,10 +309,7 @@ def overhead(args: Any) -> dict[str, Any]:
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
     preset = args.preset or ("qwen2.5-0.5b" if cuda else "small")
-    shape, extra = (
-        PRESETS[preset],
-        (*(CUDA_VARIANTS if cuda else ()), *(LIGER_VARIANTS if args.liger else ())),
-    )
+    shape, extra = PRESETS[preset], (*(CUDA_VARIANTS * cuda), *(LIGER_VARIANTS * args.liger))
     variants = args.variants or [*VARIANTS, *extra]
     if not cuda and any(v.endswith(LIGER) or v.endswith(GRAPHED) for v in variants):
         raise SystemExit("--variants: the -liger and -graphed variants are CUDA only")
@@ -372,16 +334,8 @@ def overhead(args: Any) -> dict[str, Any]:
         row = {**passes[v][-1], "times_ms": times, "median_ms": statistics.median(times)}
         row["peak_bytes"] = max(p["peak_bytes"] for p in passes[v])
         rows.append(row | {"loss_first": passes[v][0]["loss_first"]})
-    config = {
-        "preset": preset,
-        "device": str(device),
-        **asdict(shape),
-        "targets": list(PROJECTIONS),
-    }
-    config |= {
-        "layer_dims": layer_dims(shape),
-        **pick(args, "warmup", "steps", "rounds", "lr", "seed"),
-    }
+    config = {"preset": preset, "device": str(device), **asdict(shape), "targets": PROJECTIONS}
+    config |= {"layer_dims": layer_dims(shape), **pick(args, "warmup", "steps", "rounds", "lr")}
     payload = {"benchmark": "step_time", "config": config, "variants": rows, "failed": failed}
     name = args.name or f"step_time_{device.type}"
     write_result(name, payload | {"goals": goals(rows)}, args.out)
@@ -439,40 +393,21 @@ def graph_reuse(args: Any) -> dict[str, Any]:
         del step
         model.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
-        row = {
-            "round": r,
-            "lr": lrs[r],
-            "setup_s": setup,
-            "steps_s": steps_s,
-            "round_s": setup + steps_s,
-        }
-        rows[mode].append(
-            row
-            | {
-                "loss": loss,
-                "captures": captures,
-                "allocated_after_bytes": torch.cuda.memory_allocated(),
-            }
+        row = dict(round=r, lr=lrs[r], setup_s=setup, steps_s=steps_s, round_s=setup + steps_s)
+        row |= dict(
+            loss=loss, captures=captures, allocated_after_bytes=torch.cuda.memory_allocated()
         )
+        rows[mode].append(row)
     for r, row in enumerate(rows["kept"]):
         pairs = list(zip(trained["kept"][r], trained["fresh"][r], strict=True))
         row["max_abs_b_diff"] = max(float((a - b).abs().max()) for a, b in pairs)
         row["bitwise"] = all(torch.equal(a, b) for a, b in pairs)
         row["loss_diff"] = row["loss"] - rows["fresh"][r]["loss"]
     later = {m: [x["setup_s"] for x in rows[m][1:]] or [float("nan")] for m in rows}
-    summary = {
-        "kept_setup_after_first_round_max_s": max(later["kept"]),
-        "kept_captures": kept.captures,
-    }
+    summary = {"kept_setup_after_first_round_max_s": max(later["kept"]), "kept_captures": captures}
     summary["fresh_setup_after_first_round_median_s"] = statistics.median(later["fresh"])
     summary |= {"goal_s": CAPTURE_GOAL_S, "goal_met": max(later["kept"]) <= CAPTURE_GOAL_S}
-    config = {
-        "preset": preset,
-        **asdict(shape),
-        "variant": variant,
-        "lrs": lrs,
-        "max_grad_norm": 1.0,
-    }
+    config = {"preset": preset, **asdict(shape), "variant": variant, "lrs": lrs, "max_grad_norm": 1}
     config |= pick(args, "rounds", "steps", "seed")
     payload = {"benchmark": "graph_reuse", "config": config, "rounds": rows, "summary": summary}
     write_result(args.name or f"graph_reuse-{preset}", payload, args.out)
@@ -487,7 +422,6 @@ def quant_row(preset: str, base: str, args: Any) -> dict[str, Any]:
 
     from seedlora import adapter_layers, inject, trainable_state
     from seedlora.chain import Link, apply_link
-    from seedlora.spec import ASpec
 
     shape, gib = PRESETS[preset], 2**30
     gc.collect()
@@ -519,34 +453,15 @@ def quant_row(preset: str, base: str, args: Any) -> dict[str, Any]:
         setattr(model.get_submodule(parent), child, q.to("cuda"))
     gc.collect()
     torch.cuda.empty_cache()
-    weights, build_s, alpha = (
-        torch.cuda.memory_allocated() - start,
-        time.perf_counter() - t0,
-        2.0 * args.rank,
-    )
-    inject(
-        model,
-        list(PROJECTIONS),
-        kind="circulant",
-        seed=0,
-        rank=args.rank,
-        alpha=alpha,
-        chain_index=args.links,
-    )
+    weights, build_s = torch.cuda.memory_allocated() - start, time.perf_counter() - t0
+    alpha, kw = 2.0 * args.rank, {"kind": "circulant", "seed": 0, "chain_index": args.links}
+    inject(model, list(PROJECTIONS), rank=args.rank, alpha=alpha, **kw)
     layers, gen = [m for _, m in adapter_layers(model)], torch.Generator().manual_seed(1)
     for c in range(args.links):  # side paths on a quantized base, merged into a bf16 one
-        specs = tuple(
-            ASpec(s.kind, s.seed, c, s.rank, s.layer, s.n_in, s.n_out)
-            for s in (m.spec for m in layers)
-        )
+        specs = tuple(replace(m.spec, chain_index=c) for m in layers)
         factors = {m.spec.layer: 0.01 * torch.randn(m.lora_B.shape, generator=gen) for m in layers}
         apply_link(model, Link(alpha, specs, factors))
-    side = sum(
-        t.numel() * t.element_size()
-        for m in layers
-        if m.aside is not None
-        for t in m.aside.buffers()
-    )
+    side = sum(unique_bytes(m.aside.buffers()) for m in layers if m.aside is not None)
     adapted = torch.cuda.memory_allocated() - start
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), device="cuda")
@@ -568,10 +483,8 @@ def quant_row(preset: str, base: str, args: Any) -> dict[str, Any]:
     row["trainable"] = sum(t.numel() for t in trainable_state(model).values())
     row |= {"weights_gib": round(weights / gib, 3), "adapted_gib": round(adapted / gib, 3)}
     row |= {"side_path_mib": round(side / MIB, 2), "step_s": round(min(times[1:] or times), 4)}
-    row |= {
-        "step_peak_gib": round((torch.cuda.max_memory_allocated() - start) / gib, 3),
-        "losses": losses,
-    }
+    row["step_peak_gib"] = round((torch.cuda.max_memory_allocated() - start) / gib, 3)
+    row["losses"] = losses
     row["only_b_has_gradients"] = all(
         p.grad is None for n, p in model.named_parameters() if "lora_B" not in n
     )
@@ -588,10 +501,9 @@ def quant_memory(args: Any) -> dict[str, Any]:
 
     shapes = ["tiny"] if args.tiny else args.shapes.split(",")
     rows = [quant_row(s, b, args) for s in shapes for b in args.bases.split(",")]
-    payload = {
-        "setup": pick(args, "rank", "links", "steps"),
-        "bitsandbytes": bitsandbytes.__version__,
-    }
+    payload = dict(
+        setup=pick(args, "rank", "links", "steps"), bitsandbytes=bitsandbytes.__version__
+    )
     write_result(args.name, payload | {"rows": rows}, args.out)
     return payload
 
@@ -607,9 +519,11 @@ p.add_argument("--steps", type=int, default=10, help="timed steps per variant (m
 p.add_argument("--rounds", type=int, default=1, help="passes over the variants, odd ones reversed")
 p.add_argument("--profile", action=BooleanOptionalAction, default=True, help="GPU-busy time (CUDA)")
 p.add_argument("--threads", type=int, help="torch CPU threads")
-for p in (p, command(subs, "graph-reuse", graph_reuse, "", "capture cost per round (CUDA)")):
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+g = command(subs, "graph-reuse", graph_reuse, "", "capture cost per round (CUDA)")
+for q in (p, g):
+    q.add_argument("--lr", type=float, default=1e-3)
+    q.add_argument("--seed", type=int, default=0)
+p = g
 p.add_argument("--preset", choices=sorted(PRESETS), default="qwen2.5-0.5b")
 p.add_argument("--rounds", type=int, default=4, help="rounds of one link, per mode")
 p.add_argument("--steps", type=int, default=10, help="optimizer steps per round")
