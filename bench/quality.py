@@ -38,34 +38,20 @@ from simulation.sweep import Point, run_grid
 
 CHAINS = ("c3la", "r-c3la", "rac-lora", "seedcore")
 EXACT = CHAINS  # this project's methods whose average is exact (not with int8 uploads)
-VARIANTS: dict[str, dict[str, Any]] = {
-    "c3la": {"method": "seedlora", "a-kind": "circulant"},
-    "r-c3la": {"method": "seedlora", "a-kind": "random-block"},
-    "rac-lora": {"method": "seedlora", "a-kind": "gaussian"},
-    "ffa": {"method": "ffa"},
-    "fedit": {"method": "fedit"},
-    "seedcore": {"method": "seedcore"},
-    "central": {"method": "seedlora", "a-kind": "circulant"},
+A_KINDS = {
+    "c3la": "circulant",
+    "r-c3la": "random-block",
+    "rac-lora": "gaussian",
+    "central": "circulant",
 }
+VARIANTS = {m: {"method": m} for m in ("ffa", "fedit", "seedcore")}
+VARIANTS |= {m: {"method": "seedlora", "a-kind": kind} for m, kind in A_KINDS.items()}
 METRIC = {"code-lm": "ppl", "code-cls": "accuracy"}
 HIGHER_IS_BETTER = {"ppl": False, "accuracy": True}
-BASE: dict[str, Any] = {
-    "num-links": 3,
-    "rounds-per-link": 2,
-    "local-steps": 8,
-    "lr": 5e-3,
-    "rank": 8,
-    "alpha": 16.0,
-    "batch-size": 8,
-    "seq-len": 128,
-    "max-train-blocks": 64,
-    "max-eval-blocks": 64,
-    "fraction-train": 1.0,
-    "fraction-evaluate": 0.0,
-    "central-eval": True,
-    "export": False,
-    "device": "cpu",
-}
+BASE: dict[str, Any] = {"num-links": 3, "rounds-per-link": 2, "local-steps": 8, "lr": 5e-3}
+BASE |= {"rank": 8, "alpha": 16.0, "batch-size": 8, "seq-len": 128, "max-train-blocks": 64}
+BASE |= {"max-eval-blocks": 64, "fraction-train": 1.0, "fraction-evaluate": 0.0}
+BASE |= {"central-eval": True, "export": False, "device": "cpu"}
 # Per task, unless `--set`: code-cls's 1024 held-out snippets capped class-stratified give
 # halves of ~512 (one snippet 0.2 points of accuracy, not 3 at 64); code-lm halves of 128 blocks.
 TASK_BASE = {"code-cls": {"max-eval-blocks": 1024}, "code-lm": {"max-eval-blocks": 256}}
@@ -74,6 +60,8 @@ CELLS = ("code-lm:iid", "code-lm:dirichlet", "code-cls:iid", "code-cls:dirichlet
 # needs larger steps.
 LR_RANGES = {m: (1e-3 * 10 ** (1 / 3), 1e-2 * 10 ** (2 / 3)) for m in (*CHAINS[:3], "ffa", "fedit")}
 LR_RANGES["seedcore"] = (1e-2 / 5 ** (1 / 3), 5e-2)
+GRID_METHODS = "c3la,r-c3la,rac-lora,seedcore,c3la@r4,ffa,fedit,central"
+HARNESS = "simulation.local.run_local: the real ServerApp and ClientApp in one process"
 TOLERANCE, BYTES_RATIO, CORE_BYTES_RATIO, SEEDS_NEEDED, CELLS_NEEDED = 0.02, 0.5, 0.05, 3, 3
 
 
@@ -106,11 +94,8 @@ def point(args: Any, task: str, part: str, method: str, seed: int, **extra: Any)
     ov = {"server-device": args.base.get("device", "auto"), **args.base}
     ov |= {k: v for k, v in TASK_BASE[task].items() if k not in named and not args.tiny}
     ov |= {"task": task, "seed": seed, "partitioner": "iid" if central else part}
-    ov |= {
-        "min-available-nodes": 1 if central else min(2, args.clients),
-        **VARIANTS[base],
-        **changes,
-    }
+    ov |= {"min-available-nodes": 1 if central else min(2, args.clients), **VARIANTS[base]}
+    ov |= changes
     if central:
         ov |= {k: ov[k] * args.clients for k in ("local-steps", "max-train-blocks")}
     tags = {"task": task, "partitioning": "pooled" if central else part, "panel": part}
@@ -130,26 +115,17 @@ def run_point(point: Point, fresh_cache: bool = False, threads: int | None = Non
     start = time.perf_counter()
     doc = run_local(ov, point.nodes, fresh_cache=fresh_cache).metrics
     rounds = [r for r in doc["rounds"] if r["round"] > 0]
-    row = {
-        "nodes": point.nodes,
-        "rank": ov["rank"],
-        "lr": ov["lr"],
-        "metric": metric,
-        "base": doc["rounds"][0]["central"].get(metric),
-        "final": rounds[-1]["central"].get(metric) if rounds else None,
-        "total_bytes_up": sum(r["bytes_up"] for r in rounds),
-        "total_optimizer_steps": ov["local-steps"] * point.nodes * len(rounds),
-        "rounds": len(rounds),
-        "skipped_rounds": sum(bool(r["skipped"]) for r in rounds),
-        "wall_time_s": time.perf_counter() - start,
-        "series": [
-            {"round": r["round"], metric: r["central"].get(metric), "bytes_up": r["bytes_up"]}
-            for r in rounds
-        ],
-    }
-    print(
-        f"    {metric} {row['base']:.4g} -> {row['final']:.4g} | {row['total_bytes_up'] / 1e6:.3f} MB up"
-    )
+    row = dict(nodes=point.nodes, rank=ov["rank"], lr=ov["lr"], metric=metric)
+    row |= dict(base=doc["rounds"][0]["central"].get(metric), rounds=len(rounds))
+    row["final"] = rounds[-1]["central"].get(metric) if rounds else None
+    row["total_bytes_up"] = sum(r["bytes_up"] for r in rounds)
+    row["total_optimizer_steps"] = ov["local-steps"] * point.nodes * len(rounds)
+    row["skipped_rounds"] = sum(bool(r["skipped"]) for r in rounds)
+    row["wall_time_s"] = time.perf_counter() - start
+    row["series"] = [{"round": r["round"], metric: r["central"].get(metric)} for r in rounds]
+    for point_, r in zip(row["series"], rounds, strict=True):
+        point_["bytes_up"] = r["bytes_up"]
+    print(f"    {metric} {row['base']:.4g} -> {row['final']:.4g}, {row['total_bytes_up']} B up")
     return row
 
 
@@ -162,23 +138,17 @@ def aggregate(records: Sequence[dict]) -> list[dict]:
     rows = []
     for (task, part, method), rs in sorted(groups.items()):
         finals = [r["final"] for r in rs]
-        rows.append(
-            {
-                "task": task,
-                "partitioning": part,
-                "method": method,
-                "metric": rs[0]["metric"],
-                "seeds": sorted(r["seed"] for r in rs),
-                "finals": {str(r["seed"]): r["final"] for r in rs},
-                "final_mean": statistics.fmean(finals),
-                "final_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
-                "final_min": min(finals),
-                "final_max": max(finals),
-                "base": rs[0]["base"],
-                "total_mb_up_mean": statistics.fmean(r["total_bytes_up"] / 1e6 for r in rs),
-                "wall_time_s_mean": statistics.fmean(r["wall_time_s"] for r in rs),
-            }
+        row = dict(task=task, partitioning=part, method=method, metric=rs[0]["metric"])
+        row |= dict(
+            seeds=sorted(r["seed"] for r in rs), finals={str(r["seed"]): r["final"] for r in rs}
         )
+        row |= dict(
+            final_mean=statistics.fmean(finals), final_min=min(finals), final_max=max(finals)
+        )
+        row["final_std"] = statistics.stdev(finals) if len(finals) > 1 else 0.0
+        row["total_mb_up_mean"] = statistics.fmean(r["total_bytes_up"] / 1e6 for r in rs)
+        row["wall_time_s_mean"] = statistics.fmean(r["wall_time_s"] for r in rs)
+        rows.append(row | {"base": rs[0]["base"]})
     return rows
 
 
@@ -203,18 +173,10 @@ def grid_goal(rows: Sequence[dict]) -> dict:
             continue
         bytes_ratio = row["total_mb_up_mean"] / fedit["total_mb_up_mean"]
         quality = within(row["metric"], row["final_mean"], fedit["final_mean"])
-        checks.append(
-            {
-                "task": task,
-                "partitioning": part,
-                "method": method,
-                "final_mean": row["final_mean"],
-                "fedit_final_mean": fedit["final_mean"],
-                "bytes_ratio_vs_fedit": bytes_ratio,
-                "quality_at_least_fedit": quality,
-                "goal_met": quality and bytes_ratio <= BYTES_RATIO,
-            }
-        )
+        check = dict(task=task, partitioning=part, method=method, final_mean=row["final_mean"])
+        check |= dict(fedit_final_mean=fedit["final_mean"], bytes_ratio_vs_fedit=bytes_ratio)
+        met = quality and bytes_ratio <= BYTES_RATIO
+        checks.append(check | dict(quality_at_least_fedit=quality, goal_met=met))
     met = [c for c in checks if c["goal_met"]]
     summary = f"{len(met)}/{len(checks)} (task, partitioning, chain variant) meet the goal."
     return {"checks": checks, "goal_met_by": met, "summary": summary}
@@ -226,12 +188,7 @@ def tuned_goal(summary: Sequence[dict]) -> dict:
     for task, part in sorted({(r["task"], r["partitioning"]) for r in summary}):
         rows = [r for r in summary if (r["task"], r["partitioning"]) == (task, part)]
         fedit = next((r for r in rows if r["method"] == "fedit"), None)
-        cell: dict[str, Any] = {
-            "task": task,
-            "partitioning": part,
-            "fedit": fedit,
-            "candidates": [],
-        }
+        cell: dict[str, Any] = dict(task=task, partitioning=part, fedit=fedit, candidates=[])
         for r in rows if fedit else []:
             base, changes = split_variant(r["method"])
             if base not in EXACT or "upload-codec" in changes:
@@ -240,19 +197,14 @@ def tuned_goal(summary: Sequence[dict]) -> dict:
             bytes_ratio = r["total_mb_up_mean"] / fedit["total_mb_up_mean"]
             close = enough and within(r["metric"], r["final_mean"], fedit["final_mean"], TOLERANCE)
             reaches = enough and within(r["metric"], r["final_mean"], fedit["final_mean"])
-            cell["candidates"].append(
-                {
-                    "method": r["method"],
-                    "final_mean": r["final_mean"],
-                    "bytes_ratio_vs_fedit": bytes_ratio,
-                    "enough_seeds": enough,
-                    "within_2pct": close,
-                    "counts": close and bytes_ratio <= BYTES_RATIO,
-                    "core_counts": base == "seedcore"
-                    and reaches
-                    and bytes_ratio <= CORE_BYTES_RATIO,
-                }
+            c = dict(
+                method=r["method"], final_mean=r["final_mean"], bytes_ratio_vs_fedit=bytes_ratio
             )
+            c |= dict(
+                enough_seeds=enough, within_2pct=close, counts=close and bytes_ratio <= BYTES_RATIO
+            )
+            c["core_counts"] = base == "seedcore" and reaches and bytes_ratio <= CORE_BYTES_RATIO
+            cell["candidates"].append(c)
         cell["met"] = any(c["counts"] for c in cell["candidates"])
         cell["core_met"] = any(c["core_counts"] for c in cell["candidates"])
         cells.append(cell)
@@ -260,13 +212,10 @@ def tuned_goal(summary: Sequence[dict]) -> dict:
     complete = len(cells) == len(CELLS) and all(
         c["fedit"] and len(c["fedit"]["seeds"]) >= SEEDS_NEEDED for c in cells
     )
-    return {
-        "complete": complete,
-        "exact_within_2pct_at_half_bytes": {"cells_met": exact, "met": exact >= CELLS_NEEDED},
-        "seedcore_at_5pct_bytes": {"cells_met": core, "met": core >= 1},
-        "met": bool(complete and exact >= CELLS_NEEDED and core >= 1),
-        "cells": cells,
-    }
+    out = {"complete": complete, "cells": cells}
+    out["exact_within_2pct_at_half_bytes"] = {"cells_met": exact, "met": exact >= CELLS_NEEDED}
+    out["seedcore_at_5pct_bytes"] = {"cells_met": core, "met": core >= 1}
+    return out | {"met": bool(complete and exact >= CELLS_NEEDED and core >= 1)}
 
 
 def plot(records: Sequence[dict], task: str, part: str, path: Path) -> None:
@@ -275,7 +224,7 @@ def plot(records: Sequence[dict], task: str, part: str, path: Path) -> None:
     runs = [
         r
         for r in records
-        if (r["task"], r["panel"]) == (task, part) and r.get("phase", "final") == "final"
+        if (r["task"], r["panel"], r.get("phase", "final")) == (task, part, "final")
     ]
     if not runs:
         return
@@ -284,11 +233,8 @@ def plot(records: Sequence[dict], task: str, part: str, path: Path) -> None:
         mb = [
             sum(s["bytes_up"] for s in r["series"][: i + 1]) / 1e6 for i in range(len(r["series"]))
         ]
-        points = [
-            (x, s[r["metric"]])
-            for x, s in zip(mb, r["series"], strict=True)
-            if finite(s[r["metric"]])
-        ]
+        pts = [(x, s[r["metric"]]) for x, s in zip(mb, r["series"], strict=True)]
+        points = [(x, y) for x, y in pts if finite(y)]
         lines.setdefault(r["method"], []).append(points)
     with h.figure(path, figsize=(7, 5)) as (_, ax):
         for method, pts in sorted(lines.items()):
@@ -298,12 +244,7 @@ def plot(records: Sequence[dict], task: str, part: str, path: Path) -> None:
                 *zip(*mean, strict=True), "s--" if method == "fedit" else "o-", ms=3, label=method
             )
         ax.axhline(runs[0]["base"], color="grey", linestyle=":", label="base model")
-        ax.set(
-            xscale="log",
-            xlabel="cumulative uploaded MB",
-            ylabel=f"central {runs[0]['metric']}",
-            title=f"{task}, {part}",
-        )
+        ax.set(xscale="log", xlabel="cumulative uploaded MB", title=f"{task}, {part}")
         ax.legend(fontsize=7)
 
 
@@ -312,13 +253,7 @@ def prepare_args(args: Any, tmp: str) -> Any:
     args.seeds = h.seeds(args.seeds)
     args.base = h.with_sets(BASE, args)
     if args.tiny:
-        args.base = {
-            **args.base,
-            **h.tiny_assets(Path(tmp)),
-            **h.TINY_RUN,
-            "num-links": 1,
-            "rounds-per-link": 1,
-        }
+        args.base |= {**h.tiny_assets(Path(tmp)), **h.TINY_RUN, "rounds-per-link": 1}
         args.clients, args.seeds = 2, [0]
     return args
 
@@ -327,43 +262,24 @@ def grid(args: Any) -> dict:
     """Every method on every task, partitioning and seed at one lr."""
     with tempfile.TemporaryDirectory() as tmp:
         args = prepare_args(args, tmp)
-        tasks, parts = (
-            (["code-lm"], ["iid"])
-            if args.tiny
-            else (args.tasks.split(","), args.partitionings.split(","))
-        )
-        methods = "c3la,c3la@r2,fedit,central".split(",") if args.tiny else args.methods.split(",")
-        plan = [
-            point(args, t, p, m, s)
-            for s in args.seeds
-            for t in tasks
-            for m in methods
-            for p in (parts[:1] if split_variant(m)[0] == "central" else parts)
-        ]
+        tasks, parts = args.tasks.split(","), args.partitionings.split(",")
+        tasks, parts = (["code-lm"], ["iid"]) if args.tiny else (tasks, parts)
+        methods = ["c3la", "c3la@r2", "fedit", "central"] if args.tiny else args.methods.split(",")
+        plan = []  # seed by seed; central (pooled data) once per task and seed
+        for s, t, m in ((s, t, m) for s in args.seeds for t in tasks for m in methods):
+            central = split_variant(m)[0] == "central"
+            plan += [point(args, t, p, m, s) for p in (parts[:1] if central else parts)]
         started = time.perf_counter()
         result = run_grid(plan, run_point, args.out / f"{args.name}.runs.jsonl", resume=args.resume)
     summary = aggregate(result.rows)
-    options = {
-        "tasks": tasks,
-        "partitionings": parts,
-        "seeds": args.seeds,
-        "methods": methods,
-        "clients": args.clients,
-    }
-    payload = {
-        "benchmark": "quality",
-        "harness": "simulation.local.run_local: the real ServerApp and ClientApp in one process",
-        "options": options,
-        "run_config": args.base,
-        "quality_metric": {t: METRIC[t] for t in tasks},
-        "planned_runs": len(plan),
-        "completed_runs": len(result.rows),
-        "failed_runs": result.failed,
-        "grid_seconds_this_call": time.perf_counter() - started,
-        "summary": summary,
-        "goal": grid_goal(summary),
-        "runs": result.rows,
-    }
+    options = dict(tasks=tasks, partitionings=parts, seeds=args.seeds, methods=methods)
+    payload = dict(benchmark="quality", harness=HARNESS, options=options | h.pick(args, "clients"))
+    payload |= dict(run_config=args.base, quality_metric={t: METRIC[t] for t in tasks})
+    payload |= dict(
+        planned_runs=len(plan), completed_runs=len(result.rows), failed_runs=result.failed
+    )
+    payload["grid_seconds_this_call"] = time.perf_counter() - started
+    payload |= dict(summary=summary, goal=grid_goal(summary), runs=result.rows)
     h.write_result(args.name, payload, args.out)
     for task in tasks:
         plot(result.rows, task, parts[0], args.out / f"{args.name}-{task}.png")
@@ -375,24 +291,13 @@ def default_methods(base: dict[str, Any]) -> list[str]:
     the baselines, c3la at 2r and with int8 uploads, and a chain of twice the links."""
     r, links, rounds = base["rank"], base["num-links"], base["rounds-per-link"]
     half, swapped = f"@r{r * 7 // 8}", f"@fB@r{r * 9 // 8}"
-    chains = [
-        *CHAINS,
-        f"c3la{half}",
-        f"rac-lora{half}",
-        "c3la@fB",
-        "rac-lora@fB",
-        f"c3la{swapped}",
-        f"rac-lora{swapped}",
-    ]
+    chains = [*CHAINS, *(f"{m}{x}" for x in (half, "@fB", swapped) for m in ("c3la", "rac-lora"))]
     longer = f"@L{links * max(2, rounds)}x{max(1, rounds // 2)}"
     return [
         *chains,
         "ffa",
         "fedit",
-        f"c3la@r{2 * r}",
-        "c3la@int8",
-        f"c3la@r{2 * r}@int8",
-        f"c3la{longer}",
+        *(f"c3la{x}" for x in (f"@r{2 * r}", "@int8", f"@r{2 * r}@int8", longer)),
     ]
 
 
@@ -410,18 +315,11 @@ def tuned(args: Any) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         args = prepare_args(args, tmp)
         cells = ["code-lm:iid"] if args.tiny else args.cells.split(",")
-        methods = (
-            ["c3la", "fedit"]
-            if args.tiny
-            else (args.methods.split(",") if args.methods else default_methods(args.base))
-        )
+        methods = args.methods.split(",") if args.methods else default_methods(args.base)
+        methods = ["c3la", "fedit"] if args.tiny else methods
         args.lrs = "1e-3,3e-2" if args.tiny else args.lrs
         grids = {m: lr_grid(args, m) for m in methods}
-        run_one = (
-            run_point
-            if args.workers == 1
-            else functools.partial(run_point, fresh_cache=True, threads=args.threads)
-        )
+        run_one = functools.partial(run_point, fresh_cache=args.workers > 1, threads=args.threads)
         results, started = args.out / f"{args.name}.runs.jsonl", time.perf_counter()
         deadline = None if args.time_budget is None else time.monotonic() + args.time_budget
         opts = {"workers": args.workers, "deadline": deadline}
@@ -444,40 +342,24 @@ def tuned(args: Any) -> dict:
             finite_ = {float(k): v for k, v in entry["validation"].items() if finite(v)}
             pick = max if HIGHER_IS_BETTER[r["metric"]] else min
             entry["lr"] = pick(finite_, key=finite_.get) if finite_ else None
+        best = {(c, m): chosen.get(c, {}).get(m, {}).get("lr") for c in cells for m in methods}
         finals = [
-            run(c, m, s, chosen[c][m]["lr"], "final")
-            for s in args.seeds
-            for c in cells
-            for m in methods
-            if chosen.get(c, {}).get(m, {}).get("lr") is not None
+            run(c, m, s, lr, "final") for s in args.seeds for (c, m), lr in best.items() if lr
         ]
         result = run_grid(sweep + finals, run_one, results, resume=True, **opts)
     summary = aggregate([r for r in result.rows if r["phase"] == "final"])
     for row in summary:
         row["lr"] = chosen[f"{row['task']}:{row['partitioning']}"][row["method"]]["lr"]
         row["spread"] = (row["final_max"] - row["final_min"]) / abs(row["final_mean"])
-    payload = {
-        "benchmark": "quality_tuned",
-        "cells_run": sorted({f"{r['task']}:{r['panel']}" for r in result.rows}),
-        "options": {
-            "cells": cells,
-            "methods": methods,
-            "seeds": args.seeds,
-            "clients": args.clients,
-            "workers": args.workers,
-        },
-        "run_config": args.base,
-        "lr_grid": grids,
-        "chosen": chosen,
-        "summary": summary,
-        "goal": tuned_goal(summary),
-        "planned_runs": len(sweep) + len(finals),
-        "completed_runs": len(result.rows),
-        "not_run": len(result.not_run),
-        "failed_runs": result.failed,
-        "grid_seconds_this_call": time.perf_counter() - started,
-        "runs": result.rows,
-    }
+    options = dict(cells=cells, methods=methods, **h.pick(args, "seeds", "clients", "workers"))
+    payload = dict(
+        benchmark="quality_tuned", harness=HARNESS, options=options, run_config=args.base
+    )
+    payload["cells_run"] = sorted({f"{r['task']}:{r['panel']}" for r in result.rows})
+    payload |= dict(lr_grid=grids, chosen=chosen, summary=summary, goal=tuned_goal(summary))
+    payload |= dict(planned_runs=len(sweep) + len(finals), completed_runs=len(result.rows))
+    payload |= dict(not_run=len(result.not_run), failed_runs=result.failed, runs=result.rows)
+    payload["grid_seconds_this_call"] = time.perf_counter() - started
     h.write_result(args.name, payload, args.out)
     for cell in cells:
         plot(result.rows, *cell.split(":"), args.out / f"{args.name}-{cell.replace(':', '-')}.png")
@@ -491,12 +373,7 @@ for name, fn in (("grid", grid), ("tuned", tuned)):
         "--seeds", default="3", help="N (0..N-1) or a list a,b (tuned: sweeps on the first)"
     )
     p.add_argument("--clients", type=int, default=4)
-    p.add_argument(
-        "--methods",
-        default=""
-        if name == "tuned"
-        else "c3la,r-c3la,rac-lora,seedcore,c3la@r4,ffa,fedit,central",
-    )
+    p.add_argument("--methods", default="" if name == "tuned" else GRID_METHODS)
     p.add_argument("--resume", action="store_true", help="skip runs in <name>.runs.jsonl")
 p.add_argument("--cells", default=",".join(CELLS), help="task:split list")
 p.add_argument("--lrs", default="", help="one lr grid for every method (a,b,...)")
