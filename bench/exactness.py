@@ -27,7 +27,6 @@ import json
 import math
 import os
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,53 +39,27 @@ GOAL = 1e-6
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 B_STD = 0.02  # size of a trained B entry; relative errors do not depend on it
 SHIPPED, FLOAT32, METHODS = "shipped", 4, ("seedlora", "ffa", "fedit", "full")
-CONFIGS: dict[str, dict[str, Any]] = {
-    "qwen2.5-0.5b": {"model_type": "qwen2", **h.QWEN25_05B},
-    "llama2-7b": {
-        "model_type": "llama",
-        **h.LLAMA2_7B,
-        "vocab_size": 32000,
-        "tie_word_embeddings": False,
-    },
-    "qwen2.5-7b": {
-        "model_type": "qwen2",
-        "hidden_size": 3584,
-        "intermediate_size": 18944,
-        "num_attention_heads": 28,
-        "num_key_value_heads": 4,
-        "num_hidden_layers": 28,
-        "vocab_size": 152064,
-        "tie_word_embeddings": False,
-    },
-}
+UNTIED = {"tie_word_embeddings": False}
+QWEN25_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, vocab_size=152064)
+QWEN25_7B |= dict(num_attention_heads=28, num_key_value_heads=4, **UNTIED)
+CONFIGS = {"qwen2.5-0.5b": {"model_type": "qwen2", **h.QWEN25_05B}}
+CONFIGS["llama2-7b"] = {"model_type": "llama", **h.LLAMA2_7B, "vocab_size": 32000, **UNTIED}
+CONFIGS["qwen2.5-7b"] = {"model_type": "qwen2", **QWEN25_7B}
 DIGEST_REFERENCE = h.RESULTS / "a_digests_cpu.json"
-DIGEST_SPECS = tuple(
-    (kind, seed, link, rank, layer, n_in, n_out)
-    for kind in KINDS
-    for seed, link in ((0, 0), (1, 3))
-    for rank, layer, n_in, n_out in (
-        (16, "model.layers.0.self_attn.q_proj", 896, 896),
-        (16, "model.layers.0.self_attn.k_proj", 896, 128),
-        (8, "model.layers.23.mlp.down_proj", 4864, 896),
-        (8, "transformer.h.0.attn.c_attn", 192, 576),
-    )
-)
+DIGEST_LAYERS = [(16, "model.layers.0.self_attn.q_proj", 896, 896)]
+DIGEST_LAYERS += [(16, "model.layers.0.self_attn.k_proj", 896, 128)]
+DIGEST_LAYERS += [(8, "model.layers.23.mlp.down_proj", 4864, 896)]
+DIGEST_LAYERS += [(8, "transformer.h.0.attn.c_attn", 192, 576)]
+DIGEST_SPECS = [
+    (k, s, c, *layer) for k in KINDS for s, c in ((0, 0), (1, 3)) for layer in DIGEST_LAYERS
+]
 GOLDEN_LAYER = (
     "transformer.h.0.attn.c_attn"  # tests/test_spec.py: ASpec(kind, 1234, 2, 4, ., 64, 192)
 )
-GOLDEN = {
-    "gaussian": "9573cde1e9648a010d586daa346e65ad996e3bd0915a447bc54bc50c8a3fb61e",
-    "random-block": "85e5a8664ebaf69898a5496668eebe8418a38548b7a65a6c521fa990a966f0e5",
-}
-LLAMA_7B = [
-    ("self_attn.q_proj", 4096),
-    ("self_attn.k_proj", 4096),
-    ("self_attn.v_proj", 4096),
-    ("self_attn.o_proj", 4096),
-    ("mlp.gate_proj", 4096),
-    ("mlp.up_proj", 4096),
-    ("mlp.down_proj", 11008),
-]
+GOLDEN = {"gaussian": "9573cde1e9648a010d586daa346e65ad996e3bd0915a447bc54bc50c8a3fb61e"}
+GOLDEN["random-block"] = "85e5a8664ebaf69898a5496668eebe8418a38548b7a65a6c521fa990a966f0e5"
+LLAMA_7B = [(f"self_attn.{p}_proj", 4096) for p in "qkvo"]  # (module, n_in): A is r x n_in
+LLAMA_7B += [("mlp.gate_proj", 4096), ("mlp.up_proj", 4096), ("mlp.down_proj", 11008)]
 
 
 # --- exactness ------------------------------------------------------------------------
@@ -103,14 +76,11 @@ def flower_mean(states: list[dict], weights: list[float]) -> dict[str, torch.Ten
     from flwr.app import ArrayRecord, MetricRecord, RecordDict
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+    pairs = zip(states, weights, strict=True)
     records = [
-        RecordDict({"arrays": ArrayRecord(s), "metrics": MetricRecord({"num-examples": w})})
-        for s, w in zip(states, weights, strict=True)
+        RecordDict({"arrays": ArrayRecord(s), "metrics": MetricRecord({"w": w})}) for s, w in pairs
     ]
-    return {
-        k: torch.from_numpy(a.numpy())
-        for k, a in aggregate_arrayrecords(records, "num-examples").items()
-    }
+    return {k: torch.from_numpy(a.numpy()) for k, a in aggregate_arrayrecords(records, "w").items()}
 
 
 def trial(
@@ -147,26 +117,19 @@ def trial(
             base = nn.Linear(n_in, n_out, bias=False)
             nn.init.zeros_(base.weight)
             merge_delta(base, spec, flower[name], scaling)  # what the server folds into W0 = 0
-            results.append(
-                (
-                    f"seedlora-{kind}+flower",
-                    "float32",
-                    relative_error(base.weight.detach(), exact32),
-                )
-            )
+            error = relative_error(base.weight.detach(), exact32)
+            results.append((f"seedlora-{kind}+flower", "float32", error))
             for dname, dtype in DTYPES.items():
                 bs, a_d = [b.to(dtype) for b in bs32], a.to(dtype)
                 exact = (
-                    exact32
-                    if dtype == torch.float32
-                    else mean_update([a_d] * n, bs, weights, scaling)
+                    mean_update([a_d] * n, bs, weights, scaling)
+                    if dtype != torch.float32
+                    else exact32
                 )
                 ours = scaling * mean_in_dtype(bs, factors) @ a_d
                 results.append((f"seedlora-{kind}", dname, relative_error(ours, exact)))
-        rows += [
-            {"method": m, "dtype": d, "error": e, "clients": n, "seed": seed, "layer": name}
-            for m, d, e in results
-        ]
+        where = {"clients": n, "seed": seed, "layer": name}
+        rows += [{"method": m, "dtype": d, "error": e, **where} for m, d, e in results]
     return rows
 
 
@@ -186,63 +149,36 @@ def exactness(args: Any) -> dict:
     for r in rows:
         key = (r["method"], r["dtype"], r["clients"])
         if key not in worst or r["error"] > worst[key]["max_error"]:
-            worst[key] = dict(
-                zip(("method", "dtype", "clients"), key, strict=True),
-                max_error=r["error"],
-                at_layer=r["layer"],
-                at_seed=r["seed"],
-            )
+            worst[key] = dict(zip(("method", "dtype", "clients"), key, strict=True))
+            worst[key] |= dict(max_error=r["error"], at_layer=r["layer"], at_seed=r["seed"])
         k = (*key, r["layer"])
         per_layer[k] = max(per_layer.get(k, 0.0), r["error"])
     summary = list(worst.values())
-    ours = max(
-        s["max_error"]
-        for s in summary
-        if s["method"].startswith("seedlora") and s["dtype"] == "float32"
-    )
+    f32 = [s for s in summary if s["dtype"] == "float32"]
+    ours = max(s["max_error"] for s in f32 if s["method"].startswith("seedlora"))
     fedit = min(
         s["max_error"] for s in summary if s["method"] == "fedit" and s["dtype"] == "float32"
     )
-    goal = {
-        "threshold": GOAL,
-        "max_seedlora_float32": ours,
-        "pass": ours <= GOAL,
-        "min_fedit_float32": fedit,
-    }
+    goal = {"threshold": GOAL, "max_seedlora_float32": ours, "pass": ours <= GOAL}
+    goal["min_fedit_float32"] = fedit
     print(goal)
-    config = {
-        "clients": clients,
-        "seeds": n_seeds,
-        "rank": rank,
-        "alpha": alpha,
-        "b_std": B_STD,
-        "weights": "num-examples ~ U{1..1000}",
-        "layers": [{"name": n, "n_in": i, "n_out": o} for n, i, o in layers],
-    }
-    per = [
-        dict(zip(("method", "dtype", "clients", "layer"), k, strict=True), max_error=v)
-        for k, v in per_layer.items()
-    ]
+    config = dict(clients=clients, seeds=n_seeds, rank=rank, alpha=alpha, b_std=B_STD)
+    config["weights"] = "num-examples ~ U{1..1000}"
+    config["layers"] = [{"name": n, "n_in": i, "n_out": o} for n, i, o in layers]
+    keys = ("method", "dtype", "clients", "layer")
+    per = [dict(zip(keys, k, strict=True), max_error=v) for k, v in per_layer.items()]
     payload = {"config": config, "goal": goal, "summary": summary, "per_layer": per}
     h.write_result(args.name, payload, args.out)
     with h.figure(args.out / f"{args.name}.png", figsize=(9, 5)) as (_, ax):
         for method, dtype in sorted({(s["method"], s["dtype"]) for s in summary}):
-            pts = sorted(
-                (s["clients"], max(s["max_error"], 1e-18))
-                for s in summary
-                if (s["method"], s["dtype"]) == (method, dtype)
-            )
+            mine = [s for s in summary if (s["method"], s["dtype"]) == (method, dtype)]
+            pts = sorted((s["clients"], max(s["max_error"], 1e-18)) for s in mine)
             style = ("-" if dtype == "float32" else "--") + (
                 "x" if method.endswith("+flower") else "o"
             )
             ax.plot(*zip(*pts, strict=True), style, label=f"{method} ({dtype})")
         ax.axhline(GOAL, color="k", linestyle=":", label=f"goal {GOAL:.0e}")
-        ax.set(
-            xscale="log",
-            yscale="log",
-            xlabel="clients",
-            ylabel="relative error (max over layers, seeds)",
-        )
+        ax.set(xscale="log", yscale="log", xlabel="clients", ylabel="max relative error")
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return payload
 
@@ -301,15 +237,8 @@ def count_model(name: str, rank: int) -> dict[str, Any]:
     for method, kind in [("seedlora", k) for k in KINDS] + [(m, "gaussian") for m in METHODS[1:]]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PEFT's fan_in_fan_out notice on GPT-2
-            model = prepare(
-                meta_model(config),
-                method,
-                target_modules_for(config.model_type),
-                kind=kind,
-                seed=0,
-                rank=rank,
-                alpha=2.0 * rank,
-            )
+            targets, kw = target_modules_for(config.model_type), {"kind": kind, "seed": 0}
+            model = prepare(meta_model(config), method, targets, rank=rank, alpha=2.0 * rank, **kw)
         key = f"seedlora-{kind}" if method == "seedlora" else method
         prepared[key] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     expected = {f"seedlora-{k}": b for k in KINDS} | {m: numbers[m] for m in METHODS[1:]}
@@ -317,34 +246,20 @@ def count_model(name: str, rank: int) -> dict[str, Any]:
     for x in layers:
         key = (".".join(x["name"].split(".")[-2:]), x["n_in"], x["n_out"])
         groups[key] = groups.get(key, 0) + 1
-    return {
-        "model": name,
-        "model_type": config.model_type,
-        "rank": rank,
-        "num_adapted_layers": len(layers),
-        "num_params": numbers["full"],
-        "numbers": numbers,
-        "bytes": {
-            m: {"up": v * FLOAT32, "down_per_round": v * FLOAT32} for m, v in numbers.items()
-        },
-        "seedlora_join_at_link_k_extra_bytes_per_link": b * FLOAT32,
-        "ratio_up_ours_fedit": b / numbers["fedit"],
-        "ratio_up_ours_full": b / numbers["full"],
-        "layer_types": [
-            {
-                "group": g,
-                "n_in": i,
-                "n_out": o,
-                "count": c,
-                "ratio_ours_fedit": o / (i + o),
-                "exactly_half": i == o,
-            }
-            for (g, i, o), c in groups.items()
-        ],
-        "prepared_trainable_numbers": prepared,
-        "prepared_agree": prepared == expected,
-        "layers": layers,
+    row = dict(model=name, model_type=config.model_type, rank=rank, num_adapted_layers=len(layers))
+    row |= dict(num_params=numbers["full"], numbers=numbers, layers=layers)
+    row["bytes"] = {
+        m: {"up": v * FLOAT32, "down_per_round": v * FLOAT32} for m, v in numbers.items()
     }
+    row["seedlora_join_at_link_k_extra_bytes_per_link"] = b * FLOAT32
+    row |= dict(ratio_up_ours_fedit=b / numbers["fedit"], ratio_up_ours_full=b / numbers["full"])
+    types = [dict(group=g, n_in=i, n_out=o, count=c) for (g, i, o), c in groups.items()]
+    row["layer_types"] = [
+        t | {"ratio_ours_fedit": t["n_out"] / (t["n_in"] + t["n_out"])} for t in types
+    ]
+    for t in row["layer_types"]:
+        t["exactly_half"] = t["n_in"] == t["n_out"]
+    return row | dict(prepared_trainable_numbers=prepared, prepared_agree=prepared == expected)
 
 
 def measured_reply(rank: int) -> dict[str, Any]:
@@ -365,17 +280,11 @@ def measured_reply(rank: int) -> dict[str, Any]:
     record = ArrayRecord({k: v.float().contiguous() for k, v in trainable_state(model).items()})
     analytic = sum(x["n_out"] * rank for x in adapted_layers(config, rank)) * FLOAT32
     counted = record.count_bytes()
-    return {
-        "model": SHIPPED,
-        "rank": rank,
-        "arrays": len(record),
-        "analytic_bytes": analytic,
-        "arrayrecord_count_bytes": counted,
-        "arrayrecord_proto_bytes": array_record_to_proto(record).ByteSize(),
-        "overhead_bytes": counted - analytic,
-        "overhead_fraction": (counted - analytic) / analytic,
-        "one_link_safetensors_bytes": len(links_to_bytes([record_link(model)])),
-    }
+    row = dict(model=SHIPPED, rank=rank, arrays=len(record), analytic_bytes=analytic)
+    row |= dict(arrayrecord_count_bytes=counted, overhead_bytes=counted - analytic)
+    row["arrayrecord_proto_bytes"] = array_record_to_proto(record).ByteSize()
+    row["overhead_fraction"] = (counted - analytic) / analytic
+    return row | {"one_link_safetensors_bytes": len(links_to_bytes([record_link(model)]))}
 
 
 def bytes_(args: Any) -> dict:
@@ -384,27 +293,15 @@ def bytes_(args: Any) -> dict:
     rows = [count_model(m, r) for m in models for r in ranks]
     reply = measured_reply(4 if args.tiny else args.reply_rank)
     for r in rows:
-        print(
-            r["model"],
-            r["rank"],
-            {m: r["bytes"][m]["up"] for m in METHODS},
-            r["ratio_up_ours_fedit"],
-        )
-    notes = {
-        "seedlora_download": "an up-to-date client receives the global B only; one joining at link k "
-        "receives k*|B| once",
-        "ratio_ours_fedit": "per layer n_out/(n_in+n_out): 0.5 iff n_in == n_out",
-    }
+        print(r["model"], r["rank"], r["numbers"], r["ratio_up_ours_fedit"])
+    notes = {"ratio_ours_fedit": "per layer n_out/(n_in+n_out): 0.5 iff n_in == n_out"}
+    notes["seedlora_download"] = "the global B; a client joining at link k also k*|B| once"
     config = {"models": models, "ranks": ranks, "bytes_per_number": FLOAT32}
     payload = {"config": config, "notes": notes, "rows": rows, "measured_reply": reply}
     h.write_result(args.name, payload, args.out)
-    h.bars(
-        args.out / f"{args.name}.png",
-        "upload bytes per client-round (float32)",
-        [f"{r['model']} r{r['rank']}" for r in rows],
-        {m: [r["bytes"][m]["up"] for r in rows] for m in METHODS},
-        log=True,
-    )
+    labels, series = [f"{r['model']} r{r['rank']}" for r in rows], {}
+    series = {m: [r["bytes"][m]["up"] for r in rows] for m in METHODS}
+    h.bars(args.out / f"{args.name}.png", "upload bytes per client-round", labels, series, log=True)
     return payload
 
 
@@ -427,10 +324,8 @@ def digest_section(device: str) -> dict[str, Any]:
     section["moved_equal"] = all(d["digest"] == d["moved"] for d in here.values())
     if DIGEST_REFERENCE.exists():
         ref = json.loads(DIGEST_REFERENCE.read_text())
-        section |= {
-            "reference": str(DIGEST_REFERENCE.relative_to(h.REPO)),
-            "reference_environment": ref["environment"],
-        }
+        section["reference"] = str(DIGEST_REFERENCE.relative_to(h.REPO))
+        section["reference_environment"] = ref["environment"]
         section["equal_to_reference"] = ref["digests"].keys() == here.keys() and all(
             ref["digests"][k]["digest"] == here[k]["digest"] for k in here
         )
@@ -455,11 +350,8 @@ def a_draw(args: Any) -> dict:
     rank = 4 if args.tiny else args.rank
     sets = {f"4096x{rank}": [ASpec("gaussian", 0, 0, rank, "layer", 4096, 4096)]}
     blocks = 1 if args.tiny else 32
-    sets["llama-7b"] = [
-        ASpec("gaussian", 0, 0, rank, f"model.layers.{i}.{n}", n_in, 4096)
-        for i in range(blocks)
-        for n, n_in in LLAMA_7B
-    ]
+    layers = [(f"model.layers.{i}.{n}", n_in) for i in range(blocks) for n, n_in in LLAMA_7B]
+    sets["llama-7b"] = [ASpec("gaussian", 0, 0, rank, name, n_in, 4096) for name, n_in in layers]
     rows = []
     for label, specs in sets.items():
         row = {"set": label, "layers": len(specs), "entries": sum(s.rank * s.n_in for s in specs)}
@@ -473,18 +365,13 @@ def a_draw(args: Any) -> dict:
         rows.append(row)
         print(row, flush=True)
     found = {k: ASpec(k, 1234, 2, 4, GOLDEN_LAYER, 64, 192).digest() for k in GOLDEN}
-    payload = {
-        "rank": rank,
-        "workers": draws.default_workers(),
-        "rows": rows,
-        "golden_equal": found == GOLDEN,
-        "normals_99_1000001_sha256": hashlib.sha256(
-            draws.normals(99, 1_000_001).tobytes()
-        ).hexdigest(),
-        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "npy_disable_cpu_features": os.environ.get("NPY_DISABLE_CPU_FEATURES", ""),
-        "digests": digest_section("cpu"),
-    }
+    stream = hashlib.sha256(draws.normals(99, 1_000_001).tobytes()).hexdigest()
+    payload = dict(
+        rank=rank, workers=draws.default_workers(), rows=rows, golden_equal=found == GOLDEN
+    )
+    payload |= dict(normals_99_1000001_sha256=stream, digests=digest_section("cpu"))
+    payload["aten_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    payload["npy_disable_cpu_features"] = os.environ.get("NPY_DISABLE_CPU_FEATURES", "")
     h.write_result(args.name, payload, args.out)
     return payload
 
