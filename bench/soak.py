@@ -55,11 +55,8 @@ class DiskMeter:
         self.root, self.seen = root, {}
 
     def look(self) -> dict[str, int]:
-        now = {
-            p: (s.st_ino, s.st_size, s.st_mtime_ns)
-            for p in self.root.rglob("*")
-            if p.is_file() and (s := p.stat())
-        }
+        files = [(p, p.stat()) for p in self.root.rglob("*") if p.is_file()]
+        now = {p: (s.st_ino, s.st_size, s.st_mtime_ns) for p, s in files}
         before_states, written = set(self.seen.values()), {}
         for path, state in now.items():
             before = self.seen.get(path)
@@ -93,16 +90,9 @@ def soak_grid(inner: Any, log: Path, run_dir: Path) -> Any:
             began, cpu = time.perf_counter(), time.process_time()
             written, cache = self.meter.look(), os.environ.get("SEEDLORA_CACHE")
             cache_bytes = tree_bytes(Path(cache), MASTERS) if cache and rnd is not None else None
-            self.looks.append(
-                {
-                    "before_round": rnd,
-                    "written": written,
-                    "cache_bytes": cache_bytes,
-                    "look_s": time.perf_counter() - began,
-                    "cpu_began": cpu,
-                    "cpu_ended": time.process_time(),
-                }
-            )
+            look = dict(before_round=rnd, written=written, cache_bytes=cache_bytes, cpu_began=cpu)
+            look |= dict(look_s=time.perf_counter() - began, cpu_ended=time.process_time())
+            self.looks.append(look)
 
         def push_messages(self, messages: Iterable[Any]) -> Iterable[str]:
             messages = list(messages)
@@ -129,97 +119,61 @@ def bytes_summary(rows: list[dict], closing: bool) -> dict[str, Any]:
     if not chosen:
         return {"rounds": 0}
     links = sorted({r["link"] for r in chosen})
-    first, last = (
-        h.mean([r["bytes_written"] for r in chosen if r["link"] in s])
-        for s in (links[:EDGE_LINKS], links[-EDGE_LINKS:])
-    )
+    edges = (links[:EDGE_LINKS], links[-EDGE_LINKS:])
+    first, last = (h.mean([r["bytes_written"] for r in chosen if r["link"] in s]) for s in edges)
     xs, kinds = [r["link"] for r in chosen], sorted({k for r in chosen for k in r["bytes_by_kind"]})
-    return {
-        "rounds": len(chosen),
-        "first_links_mean_bytes": first,
-        "last_links_mean_bytes": last,
-        "last_over_first": h.ratio(last, first),
-        "growth_bytes_per_link": slope(xs, [r["bytes_written"] for r in chosen]),
-        "growth_bytes_per_link_by_kind": {
-            k: slope(xs, [r["bytes_by_kind"].get(k, 0) for r in chosen]) for k in kinds
-        },
-    }
+    out = dict(rounds=len(chosen), first_links_mean_bytes=first, last_links_mean_bytes=last)
+    out |= dict(last_over_first=h.ratio(last, first))
+    out["growth_bytes_per_link"] = slope(xs, [r["bytes_written"] for r in chosen])
+    by_kind = {k: [r["bytes_by_kind"].get(k, 0) for r in chosen] for k in kinds}
+    return out | {"growth_bytes_per_link_by_kind": {k: slope(xs, v) for k, v in by_kind.items()}}
 
 
 def chain_summary(rows: list[dict], run_dir: Path) -> dict[str, Any]:
     """The round-time, CPU, bytes and cache figures of the module docstring."""
     links = sorted((run_dir / "links").glob("*.safetensors"))
     size = lambda n: (run_dir / n).stat().st_size if (run_dir / n).exists() else 0  # noqa: E731
-    facts = {
-        "checkpoint_bytes": size("checkpoint.safetensors"),
-        "link_log_files": len(links),
-        "link_file_bytes": links[-1].stat().st_size if links else 0,
-        "link_log_bytes": sum(f.stat().st_size for f in links),
-        "metrics_json_bytes": size("metrics.json"),
-        "rounds_jsonl_bytes": size("rounds.jsonl"),
-        "run_dir_bytes": tree_bytes(run_dir),
-    }
+    facts = dict(checkpoint_bytes=size("checkpoint.safetensors"), link_log_files=len(links))
+    facts["link_file_bytes"] = links[-1].stat().st_size if links else 0
+    facts["link_log_bytes"] = sum(f.stat().st_size for f in links)
+    facts |= dict(metrics_json_bytes=size("metrics.json"), rounds_jsonl_bytes=size("rounds.jsonl"))
+    facts["run_dir_bytes"] = tree_bytes(run_dir)
     times, cpu = [r["round_time_s"] for r in rows], [r["cpu_s"] for r in rows[:-1]]
     early, late = h.mean(times[2:12]), h.mean(times[-10:])
-    cache = sorted(
-        {
-            r["link"]: r["cache_bytes"]
-            for r in rows
-            if r["cache_bytes"] is not None and r["link"] > 0
-        }.items()
-    )
+    cache = {r["link"]: r["cache_bytes"] for r in rows if r["cache_bytes"] is not None}
+    cache = sorted((link, b) for link, b in cache.items() if link > 0)  # as each link's last starts
     cache_slope = slope([x for x, _ in cache], [b for _, b in cache]) if cache else None
-    grows = {
-        name: bytes_summary(rows, closing)
-        for name, closing in (("round_commit", False), ("link_close", True))
-    }
+    grows = {"round_commit": bytes_summary(rows, False), "link_close": bytes_summary(rows, True)}
 
-    def kind_ratio(sel: list[dict]) -> float | None:  # the last 5 over 5 from the second on
-        t = [r["round_time_s"] for r in sel]
+    def kind_ratio(opens: bool) -> float | None:  # the last 5 over 5 from the second on
+        t = [r["round_time_s"] for r in rows if r["opens_link"] == opens]
         return h.ratio(h.mean(t[-5:]), h.mean(t[1:6]))
 
-    return {
-        "rounds": len(rows),
-        "links": len({r["link"] for r in rows}),
-        "round_time_early_mean_s": early,
-        "round_time_late_mean_s": late,
-        "round_time_ratio": h.ratio(late, early),
-        "round_time_ratio_is": "mean of the last 10 rounds / mean of rounds 3-12",
-        "round_cpu_ratio": h.ratio(h.mean(cpu[-10:]), h.mean(cpu[2:12])),
-        "round_time_ratio_by_kind": {
-            name: kind_ratio([r for r in rows if r["opens_link"] == opens])
-            for name, opens in (("first_round_of_link", True), ("other_rounds", False))
-        },
-        "bytes_per_round": grows,
-        "bytes_per_round_grow": {
-            n: bool(g.get("last_over_first") and g["last_over_first"] > 1.05)
-            for n, g in grows.items()
-        },
-        "cache_final_bytes": rows[-1]["cache_bytes"],
-        "cache_growth_bytes_per_link": cache_slope,
-        "cache_growth_over_link_file": h.ratio(cache_slope, facts["link_file_bytes"]),
-        **facts,
+    out = dict(rounds=len(rows), links=len({r["link"] for r in rows}), bytes_per_round=grows)
+    out |= dict(round_time_early_mean_s=early, round_time_late_mean_s=late)
+    out["round_time_ratio"] = h.ratio(late, early)
+    out["round_time_ratio_is"] = "mean of the last 10 rounds / mean of rounds 3-12"
+    out["round_cpu_ratio"] = h.ratio(h.mean(cpu[-10:]), h.mean(cpu[2:12]))
+    out["round_time_ratio_by_kind"] = {"first_round_of_link": kind_ratio(True)}
+    out["round_time_ratio_by_kind"]["other_rounds"] = kind_ratio(False)
+    out["bytes_per_round_grow"] = {
+        n: (g.get("last_over_first") or 0) > 1.05 for n, g in grows.items()
     }
+    out |= dict(cache_final_bytes=rows[-1]["cache_bytes"], cache_growth_bytes_per_link=cache_slope)
+    out["cache_growth_over_link_file"] = h.ratio(cache_slope, facts["link_file_bytes"])
+    return out | facts
 
 
 def chain(args: Any) -> dict:
     """A long chain: round time, bytes written and cache per round must not grow."""
     from simulation.local import make_grid, resolved_config, run_local
 
-    run = {
-        "rounds-per-link": 2,
-        "local-steps": 1,
-        "central-eval": False,
-        "fraction-evaluate": 0.0,
-        "export": False,
-    }
+    run = {"rounds-per-link": 2, "local-steps": 1, "central-eval": False, "export": False}
+    run["fraction-evaluate"] = 0.0
     links, clients = (4, 2) if args.tiny else (args.links, args.clients)
     with tempfile.TemporaryDirectory(prefix="chain-soak-") as tmp:
-        tiny = (
-            {**h.tiny_assets(Path(tmp)), "seq-len": 32, "max-train-blocks": 8, "rank": 4}
-            if args.tiny
-            else {}
-        )
+        tiny = {"seq-len": 32, "max-train-blocks": 8, "rank": 4, **h.tiny_assets(Path(tmp))}
+        tiny = tiny if args.tiny else {}
         ov = h.with_sets(run | tiny, args) | {"num-links": links}
         run_dir = Path(tmp) / "run"
         run_dir.mkdir()
@@ -237,31 +191,18 @@ def chain(args: Any) -> dict:
         for e in sorted((r for r in doc["rounds"] if r["round"] > 0), key=lambda r: r["round"]):
             i = at[e["round"]]
             nxt = looks[i + 1] if i + 1 < len(looks) else None
-            rows.append(
-                {
-                    "round": e["round"],
-                    "link": e["link"],
-                    "opens_link": e.get("round_in_link") == 1,
-                    "closes_link": e.get("round_in_link") == e.get("rounds_per_link"),
-                    "round_time_s": e["wall_time"] - looks[i]["look_s"],
-                    "metrics_wall_time_s": e["wall_time"],
-                    "cpu_s": nxt["cpu_began"] - looks[i]["cpu_ended"] if nxt else None,
-                    "bytes_written": sum(nxt["written"].values()) if nxt else 0,
-                    "bytes_by_kind": nxt["written"] if nxt else {},
-                    "cache_bytes": looks[i]["cache_bytes"],
-                }
-            )
+            at_round = e.get("round_in_link")
+            row = dict(round=e["round"], link=e["link"], opens_link=at_round == 1)
+            row["closes_link"] = at_round == e.get("rounds_per_link")
+            row["round_time_s"] = e["wall_time"] - looks[i]["look_s"]  # the look left out
+            row |= dict(metrics_wall_time_s=e["wall_time"], cache_bytes=looks[i]["cache_bytes"])
+            row["cpu_s"] = nxt["cpu_began"] - looks[i]["cpu_ended"] if nxt else None
+            written = nxt["written"] if nxt else {}
+            rows.append(row | dict(bytes_written=sum(written.values()), bytes_by_kind=written))
         summary = chain_summary(rows, run_dir)
     options = {"links": links, "clients": clients}
-    payload = {
-        "benchmark": "chain_soak",
-        "harness": "simulation.local.run_local",
-        "options": options,
-        "run_config": resolved_config(ov),
-        "run_wall_s": wall,
-        "summary": summary,
-        "rounds": rows,
-    }
+    payload = dict(benchmark="chain_soak", harness="simulation.local.run_local", options=options)
+    payload |= dict(run_config=resolved_config(ov), run_wall_s=wall, summary=summary, rounds=rows)
     h.write_result(args.name, payload, args.out)
     with h.figure(args.out / f"{args.name}.png", 3, 1, figsize=(8, 8.5), sharex=True) as (_, axes):
         x = [r["round"] for r in rows]
@@ -279,20 +220,9 @@ def chain(args: Any) -> dict:
 RULES = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
 ATTACKS = {"clean": None, "scale10": 10.0, "signflip": -1.0}
 TOLERANCE = 0.05
-BYZANTINE_RUN: dict[str, Any] = {
-    "partitioner": "iid",
-    "num-links": 2,
-    "rounds-per-link": 2,
-    "local-steps": 6,
-    "lr": 5e-3,
-    "max-train-blocks": 48,
-    "max-eval-blocks": 48,
-    "fraction-evaluate": 0.0,
-    "trim-beta": 0.2,
-    "krum-select": 3,
-    "export": False,
-    "device": "cpu",
-}
+BYZANTINE_RUN = {"partitioner": "iid", "num-links": 2, "rounds-per-link": 2, "local-steps": 6}
+BYZANTINE_RUN |= {"lr": 5e-3, "max-train-blocks": 48, "max-eval-blocks": 48, "export": False}
+BYZANTINE_RUN |= {"fraction-evaluate": 0.0, "trim-beta": 0.2, "krum-select": 3, "device": "cpu"}
 
 
 def attacked_run(point: Point) -> dict:
@@ -309,34 +239,20 @@ def attacked_run(point: Point) -> dict:
     rounds = run_local(point.overrides, grid=grid).metrics["rounds"]
     ppl = [r["central"]["ppl"] for r in rounds]
     rejected = sum(len(r.get("rejected", [])) for r in rounds[1:])
-    return {
-        "byzantine_nodes": byzantine,
-        "base_ppl": ppl[0],
-        "final_ppl": ppl[-1],
-        "series": ppl[1:],
-        "rejected": rejected,
-        "wall_time_s": time.perf_counter() - start,
-    }
+    row = dict(byzantine_nodes=byzantine, base_ppl=ppl[0], final_ppl=ppl[-1], series=ppl[1:])
+    return row | dict(rejected=rejected, wall_time_s=time.perf_counter() - start)
 
 
 def byzantine(args: Any) -> dict:
     """Final perplexity under each aggregation rule, clean and attacked."""
     with tempfile.TemporaryDirectory() as tmp:
-        tiny = (
-            {**h.tiny_assets(Path(tmp)), **h.TINY_RUN, "num-links": 1, "krum-select": 2}
-            if args.tiny
-            else {}
-        )
-        rules, attacks = (
-            (["fedavg", "fedmedian"], ["scale10"])
-            if args.tiny
-            else (args.rules.split(","), args.attacks.split(","))
-        )
+        tiny = {**h.tiny_assets(Path(tmp)), **h.TINY_RUN, "num-links": 1, "krum-select": 2}
+        tiny = tiny if args.tiny else {}
+        rules, attacks = args.rules.split(","), args.attacks.split(",")
+        rules, attacks = (["fedavg", "fedmedian"], ["scale10"]) if args.tiny else (rules, attacks)
         clients = 4 if args.tiny else args.clients
-        base = h.with_sets(BYZANTINE_RUN | tiny, args) | {
-            "min-available-nodes": clients,
-            "num-malicious": args.attackers,
-        }
+        base = h.with_sets(BYZANTINE_RUN | tiny, args)
+        base |= {"min-available-nodes": clients, "num-malicious": args.attackers}
         pairs = [("fedavg", "clean"), *((r, a) for a in attacks for r in rules)]
         plan = [Point({**base, "strategy": r}, clients, {"rule": r, "attack": a}) for r, a in pairs]
         started = time.perf_counter()
@@ -344,60 +260,37 @@ def byzantine(args: Any) -> dict:
             plan, attacked_run, args.out / f"{args.name}.runs.jsonl", resume=args.resume
         ).rows
     clean = {r["rule"]: r["final_ppl"] for r in runs if r["attack"] == "clean"}
-    table = [
-        {
-            "rule": r["rule"],
-            "attack": r["attack"],
-            "final_ppl": r["final_ppl"],
-            "ratio_to_clean_fedavg": r["final_ppl"] / clean["fedavg"],
-            "ratio_to_clean_same_rule": h.ratio(r["final_ppl"], clean.get(r["rule"])),
-            "within_5pct": r["final_ppl"] <= (1 + TOLERANCE) * clean["fedavg"],
-        }
-        for r in runs
-    ]
+    table = []
+    for r in runs:
+        row = {k: r[k] for k in ("rule", "attack", "final_ppl")}
+        row["ratio_to_clean_fedavg"] = r["final_ppl"] / clean["fedavg"]
+        row["ratio_to_clean_same_rule"] = h.ratio(r["final_ppl"], clean.get(r["rule"]))
+        table.append(row | {"within_5pct": row["ratio_to_clean_fedavg"] <= 1 + TOLERANCE})
     robust = [r for r in table if r["attack"] != "clean" and r["rule"] != "fedavg"]
-    fedavg = {
-        r["attack"]: r["final_ppl"]
-        for r in table
-        if r["attack"] != "clean" and r["rule"] == "fedavg"
-    }
-    summary = {
-        "robust_within_5pct": all(r["within_5pct"] for r in robust),
-        "robust_failures": [f"{r['rule']}/{r['attack']}" for r in robust if not r["within_5pct"]],
-        "fedavg_under_attack": {
-            a: {"final_ppl": v, "vs_base_ppl": v / runs[0]["base_ppl"]} for a, v in fedavg.items()
-        },
-    }
-    payload = {
-        "benchmark": "byzantine",
-        "harness": "simulation.local.run_local (real ServerApp/ClientApp, in-process transport)",
-        "attack": f"{args.attackers} of {clients} clients send sent + factor * (trained - sent)",
-        "options": {"rules": rules, "attacks": attacks, "clients": clients},
-        "run_config": base,
-        "reference": "clean fedavg final perplexity",
-        "tolerance": TOLERANCE,
-        "table": table,
-        "summary": summary,
-        "grid_seconds": time.perf_counter() - started,
-        "runs": runs,
-    }
+    attacked = [r for r in table if r["attack"] != "clean" and r["rule"] == "fedavg"]
+    fedavg = {r["attack"]: {"final_ppl": r["final_ppl"]} for r in attacked}
+    for v in fedavg.values():
+        v["vs_base_ppl"] = v["final_ppl"] / runs[0]["base_ppl"]
+    summary = {"robust_within_5pct": all(r["within_5pct"] for r in robust)}
+    summary["robust_failures"] = [
+        f"{r['rule']}/{r['attack']}" for r in robust if not r["within_5pct"]
+    ]
+    summary["fedavg_under_attack"] = fedavg
+    payload = dict(benchmark="byzantine", harness="simulation.local.run_local", run_config=base)
+    payload["attack"] = (
+        f"{args.attackers} of {clients} clients send sent + factor * (trained - sent)"
+    )
+    payload["options"] = {"rules": rules, "attacks": attacks, "clients": clients}
+    payload |= dict(reference="clean fedavg final perplexity", tolerance=TOLERANCE, table=table)
+    payload |= dict(summary=summary, grid_seconds=time.perf_counter() - started, runs=runs)
     h.write_result(args.name, payload, args.out)
     labels = list(dict.fromkeys(r["rule"] for r in runs))
+    ppl = {(r["rule"], r["attack"]): r["final_ppl"] for r in runs}
     series = {
-        a: [
-            next((r["final_ppl"] for r in runs if (r["rule"], r["attack"]) == (x, a)), 0)
-            for x in labels
-        ]
-        for a in dict.fromkeys(r["attack"] for r in runs)
+        a: [ppl.get((x, a), 0) for x in labels] for a in dict.fromkeys(r["attack"] for r in runs)
     }
-    h.bars(
-        args.out / f"{args.name}.png",
-        "final perplexity, 1 client Byzantine",
-        labels,
-        series,
-        log=True,
-        line=(1 + TOLERANCE) * clean["fedavg"],
-    )
+    title, line = "final perplexity, Byzantine clients", (1 + TOLERANCE) * clean["fedavg"]
+    h.bars(args.out / f"{args.name}.png", title, labels, series, log=True, line=line)
     print(json.dumps(summary))
     return payload
 
