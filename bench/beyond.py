@@ -26,51 +26,25 @@ from simulation.sweep import Point, run_grid
 
 TAGS = {"task": "code-lm", "partitioning": "iid", "panel": "iid", "method": "c3la"}
 CLIENTS = 4
-BASE: dict[str, Any] = {
-    **quality.BASE,
-    **quality.VARIANTS["c3la"],
-    "task": "code-lm",
-    "partitioner": "iid",
-    "min-available-nodes": 2,
-    "num-links": 2,
-    "rounds-per-link": 2,
-    "local-steps": 5,
-    "max-train-blocks": 32,
-    "max-eval-blocks": 32,
-}
-DP_CLIP, DP_DELTA = 1.0, 1e-5
+BASE = {**quality.BASE, **quality.VARIANTS["c3la"], "task": "code-lm", "partitioner": "iid"}
+BASE |= {"min-available-nodes": 2, "num-links": 2, "rounds-per-link": 2, "local-steps": 5}
+BASE |= {"max-train-blocks": 32, "max-eval-blocks": 32}
+DP_CLIP, DP_DELTA, DP_NOISE = 1.0, 1e-5, (0.0, 0.01, 0.03, 0.1, 0.3)
 # Adam moves every entry of a trained A by about lr, and A x sums n_in of them: a smaller step.
-ITEMS: dict[str, list[tuple[str, dict[str, Any]]]] = {
-    "ranks": [
-        ("all r_max=8", {}),
-        ("all r_min=2", {"client-ranks": "2"}),
-        ("mixed 8,4,2,2", {"client-ranks": "8,4,2,2"}),
-    ],
-    "compress": [
-        ("float32", {}),
-        ("float16", {"upload-codec": "float16"}),
-        ("bfloat16", {"upload-codec": "bfloat16"}),
-        ("int8 (no feedback)", {"upload-codec": "int8", "error-feedback": False}),
-        ("int8 + error feedback", {"upload-codec": "int8"}),
-    ],
-    "swapped": [
-        ("train B, circulant A", {}),
-        ("train A, circulant B", {"frozen-factor": "B"}),
-        ("train B, gaussian A", {"a-kind": "gaussian"}),
-        ("train A, gaussian B", {"a-kind": "gaussian", "frozen-factor": "B"}),
-        ("train A, circulant B, lr 1e-3", {"frozen-factor": "B", "lr": 1e-3}),
-        ("train A, gaussian B, lr 1e-3", {"a-kind": "gaussian", "frozen-factor": "B", "lr": 1e-3}),
-    ],
-    "dp": [("no DP", {})]
-    + [
-        (f"clip {DP_CLIP}, z={z}", {"dp-clip": DP_CLIP, "dp-noise-multiplier": z})
-        for z in (0.0, 0.01, 0.03, 0.1, 0.3)
-    ],
-    "secagg": [
-        ("plain FedAvg", {}),
-        ("SecAgg+", {"secure-aggregation": True, "secagg-max-weight": 32.0}),
-    ],
-}
+RANKS = {"all r_max=8": {}, "all r_min=2": {"client-ranks": "2"}}
+RANKS["mixed 8,4,2,2"] = {"client-ranks": "8,4,2,2"}
+CODECS = {"float32": {}, **{c: {"upload-codec": c} for c in ("float16", "bfloat16")}}
+CODECS["int8 (no feedback)"] = {"upload-codec": "int8", "error-feedback": False}
+CODECS["int8 + error feedback"] = {"upload-codec": "int8"}
+FROZEN_B, GAUSSIAN = {"frozen-factor": "B"}, {"a-kind": "gaussian"}
+SWAPPED = {"train B, circulant A": {}, "train A, circulant B": FROZEN_B}
+SWAPPED |= {"train B, gaussian A": GAUSSIAN, "train A, gaussian B": GAUSSIAN | FROZEN_B}
+SWAPPED["train A, circulant B, lr 1e-3"] = FROZEN_B | {"lr": 1e-3}
+SWAPPED["train A, gaussian B, lr 1e-3"] = GAUSSIAN | FROZEN_B | {"lr": 1e-3}
+DP = {"no DP": {}}
+DP |= {f"clip {DP_CLIP}, z={z}": {"dp-clip": DP_CLIP, "dp-noise-multiplier": z} for z in DP_NOISE}
+SECAGG = {"plain FedAvg": {}, "SecAgg+": {"secure-aggregation": True, "secagg-max-weight": 32.0}}
+ITEMS = {"ranks": RANKS, "compress": CODECS, "swapped": SWAPPED, "dp": DP, "secagg": SECAGG}
 
 
 def reply_bytes(message: Any) -> int:
@@ -78,10 +52,8 @@ def reply_bytes(message: Any) -> int:
     total = sum(r.count_bytes() for r in message.content.array_records.values())
     for record in message.content.config_records.values():
         for value in record.values():
-            total += sum(
-                len(v) if isinstance(v, bytes | str) else 8
-                for v in (value if isinstance(value, list) else [value])
-            )
+            values = value if isinstance(value, list) else [value]
+            total += sum(len(v) if isinstance(v, bytes | str) else 8 for v in values)
     return total
 
 
@@ -96,13 +68,11 @@ def run_point(point: Point) -> dict:
     start = time.perf_counter()
     result = run_local(point.overrides, point.nodes, fresh_cache=True)
     rounds = result.metrics["rounds"]
-    return {
-        "nodes": point.nodes,
-        "base": rounds[0]["central"]["ppl"],
-        "final": rounds[-1]["central"]["ppl"],
-        "total_bytes_up": sum(reply_bytes(m) for m in result.grid.replies),
-        "wall_time_s": time.perf_counter() - start,
-    }
+    row = dict(
+        nodes=point.nodes, base=rounds[0]["central"]["ppl"], final=rounds[-1]["central"]["ppl"]
+    )
+    row["total_bytes_up"] = sum(reply_bytes(m) for m in result.grid.replies)
+    return row | {"wall_time_s": time.perf_counter() - start}
 
 
 def summarize(item: str, rows: dict[str, dict], releases: int) -> dict:
@@ -112,52 +82,35 @@ def summarize(item: str, rows: dict[str, dict], releases: int) -> dict:
     first = next(iter(rows))
     if item == "ranks":
         full, low, mixed = ppl.values()
-        return {
-            "ppl_all_r_max": full,
-            "ppl_all_r_min": low,
-            "ppl_mixed": mixed,
-            "mixed_between_r_min_and_r_max": min(full, low) <= mixed <= max(full, low),
-            "bytes_ratio_mixed_vs_r_max": list(up.values())[2] / up[first],
-        }
+        out = dict(ppl_all_r_max=full, ppl_all_r_min=low, ppl_mixed=mixed)
+        out["mixed_between_r_min_and_r_max"] = min(full, low) <= mixed <= max(full, low)
+        return out | {"bytes_ratio_mixed_vs_r_max": list(up.values())[2] / up[first]}
     if item == "compress":
-        per = {
-            k: {
-                "bytes_ratio_vs_float32": up[k] / up[first],
-                "ppl_change_vs_float32": ppl[k] / ppl[first] - 1,
-            }
-            for k in rows
-        }
+        per = {k: {"bytes_ratio_vs_float32": up[k] / up[first]} for k in rows}
+        for k, v in per.items():
+            v["ppl_change_vs_float32"] = ppl[k] / ppl[first] - 1
         ef = per["int8 + error feedback"]
         met = abs(ef["ppl_change_vs_float32"]) <= 0.01 and ef["bytes_ratio_vs_float32"] <= 0.3
-        return {
-            "per_codec": per,
-            "goal": "int8 + error feedback within 1% of float32 at ~1/4 of its bytes",
-            "goal_met": met,
-        }
+        goal = "int8 + error feedback within 1% of float32 at ~1/4 of its bytes"
+        return {"per_codec": per, "goal": goal, "goal_met": met}
     if item == "dp":
         from strategies.privacy import epsilon
 
         points = []
-        for label, extra in ITEMS["dp"]:
+        for label, extra in DP.items():
             z = extra.get("dp-noise-multiplier")
             eps = None if z is None else epsilon(z, releases, CLIENTS, CLIENTS, DP_DELTA)
+            eps = None if eps is None or math.isinf(eps) else eps
             points.append(
-                {
-                    "variant": label,
-                    "noise_multiplier": z,
-                    "ppl": ppl[label],
-                    "epsilon": None if eps is None or math.isinf(eps) else eps,
-                }
+                {"variant": label, "noise_multiplier": z, "ppl": ppl[label], "epsilon": eps}
             )
         return {"delta": DP_DELTA, "releases": releases, "clip": DP_CLIP, "points": points}
     if item == "secagg":
         plain, secure = "plain FedAvg", "SecAgg+"
-        return {
-            "ppl_plain": ppl[plain],
-            "ppl_secagg": ppl[secure],
-            "ppl_change": ppl[secure] / ppl[plain] - 1,
-            "bytes_ratio_secagg_vs_plain": up[secure] / up[plain],
-        }
+        out = dict(
+            ppl_plain=ppl[plain], ppl_secagg=ppl[secure], ppl_change=ppl[secure] / ppl[plain] - 1
+        )
+        return out | {"bytes_ratio_secagg_vs_plain": up[secure] / up[plain]}
     return {k: {"ppl": ppl[k], "total_bytes_up": up[k]} for k in rows}
 
 
@@ -172,29 +125,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
     args = ap.parse_args(argv)
     payloads = {}
     with tempfile.TemporaryDirectory() as tmp:
-        tiny = (
-            {
-                **h.tiny_assets(Path(tmp)),
-                **h.TINY_RUN,
-                "num-links": 2,
-                "rounds-per-link": 1,
-                "rank": 8,
-                "alpha": 16.0,
-            }
-            if args.tiny
-            else {}
-        )
+        tiny = {**h.tiny_assets(Path(tmp)), **h.TINY_RUN, "num-links": 2, "rounds-per-link": 1}
+        tiny = tiny | {"rank": 8, "alpha": 16.0} if args.tiny else {}
         base = h.with_sets(BASE | tiny, args)
         for item in args.items.split(","):
-            plan = [
-                Point(
-                    {**base, **extra, "seed": s},
-                    CLIENTS,
-                    {"variant": label, "overrides": extra, **TAGS, "seed": s},
-                )
-                for s in h.ints(args.seeds)
-                for label, extra in ITEMS[item]
-            ]
+            plan = []
+            for s, (label, extra) in (
+                (s, v) for s in h.ints(args.seeds) for v in ITEMS[item].items()
+            ):
+                tags = {"variant": label, "overrides": extra, **TAGS, "seed": s}
+                plan.append(Point({**base, **extra, "seed": s}, CLIENTS, tags))
             runs = run_grid(
                 plan, run_point, args.out / f"beyond-{item}.runs.jsonl", resume=args.resume
             ).rows
@@ -204,40 +144,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
                 row["finals"].append(r["final"])
                 row["bytes"].append(r["total_bytes_up"])
             for row in rows.values():
-                row |= {
-                    "final_mean": h.mean(row["finals"]),
-                    "total_bytes_up_mean": h.mean(row["bytes"]),
-                }
+                row |= dict(
+                    final_mean=h.mean(row["finals"]), total_bytes_up_mean=h.mean(row["bytes"])
+                )
             releases = base["num-links"] * base["rounds-per-link"]
-            payload = {
-                "benchmark": f"beyond-{item}",
-                "harness": "simulation.local.run_local",
-                "run_config": base,
-                "clients": CLIENTS,
-                **{k: TAGS[k] for k in ("task", "partitioning", "method")},
-                "metric": "central held-out perplexity (lower is better)",
-                "summary": summarize(item, rows, releases),
-                "by_variant": rows,
-                "runs": runs,
-            }
+            payload = dict(benchmark=f"beyond-{item}", harness="simulation.local.run_local")
+            payload |= dict(
+                run_config=base, clients=CLIENTS, **{k: TAGS[k] for k in TAGS if k != "panel"}
+            )
+            payload["metric"] = "central held-out perplexity (lower is better)"
+            payload |= dict(summary=summarize(item, rows, releases), by_variant=rows, runs=runs)
             h.write_result(f"beyond-{item}", payload, args.out)
             payloads[item] = payload
             if item == "dp":
                 pts = [q for q in payload["summary"]["points"] if q["epsilon"] is not None]
                 with h.figure(args.out / "beyond-dp.png", figsize=(5.5, 3.6)) as (_, ax):
-                    ax.plot(
-                        [q["epsilon"] for q in pts],
-                        [q["ppl"] for q in pts],
-                        "o-",
-                        label="clip + noise",
-                    )
+                    xy = [q["epsilon"] for q in pts], [q["ppl"] for q in pts]
+                    ax.plot(*xy, "o-", label="clip + noise")
                     ax.axhline(rows["no DP"]["final_mean"], ls="--", color="gray", label="no DP")
-                    ax.set(
-                        xscale="log",
-                        yscale="log",
-                        xlabel=f"epsilon (delta {DP_DELTA})",
-                        ylabel="perplexity",
-                    )
+                    ax.set(xscale="log", yscale="log", xlabel=f"epsilon (delta {DP_DELTA})")
                     ax.legend(fontsize=7)
     return payloads
 
