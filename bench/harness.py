@@ -23,49 +23,18 @@ RESULTS = Path(__file__).resolve().parent / "results"
 REPO = RESULTS.parents[1]
 MIB = 2**20
 # Model shapes written out (their config.json on the hub), so nothing is downloaded.
-QWEN25_05B: dict[str, Any] = {
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "vocab_size": 151936,
-    "tie_word_embeddings": True,
-}
-LLAMA2_7B: dict[str, Any] = {
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-}
-TINY_SHAPE: dict[str, Any] = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-}
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+SHAPE_KEYS += ("num_key_value_heads",)
+QWEN25_05B: dict[str, Any] = dict(zip(SHAPE_KEYS, (896, 4864, 24, 14, 2), strict=True))
+QWEN25_05B |= {"vocab_size": 151936, "tie_word_embeddings": True}
+LLAMA2_7B: dict[str, Any] = dict(zip(SHAPE_KEYS, (4096, 11008, 32, 32, 32), strict=True))
+TINY_SHAPE: dict[str, Any] = dict(zip(SHAPE_KEYS, (64, 128, 2, 4, 2), strict=True))
 # A throughput run: one IID link, nothing evaluated or exported: rounds time training only.
-THROUGHPUT_RUN: dict[str, Any] = {
-    "partitioner": "iid",
-    "num-links": 1,
-    "max-eval-blocks": 8,
-    "fraction-evaluate": 0.0,
-    "central-eval": False,
-    "export": False,
-}
+THROUGHPUT_RUN: dict[str, Any] = {"partitioner": "iid", "num-links": 1, "max-eval-blocks": 8}
+THROUGHPUT_RUN |= {"fraction-evaluate": 0.0, "central-eval": False, "export": False}
 # The smallest app run (the `--tiny` mode of the app-running benchmarks): one local step.
-TINY_RUN: dict[str, Any] = {
-    "num-links": 1,
-    "rounds-per-link": 2,
-    "local-steps": 1,
-    "rank": 4,
-    "alpha": 8.0,
-    "seq-len": 32,
-    "max-train-blocks": 8,
-    "max-eval-blocks": 8,
-}
+TINY_RUN: dict[str, Any] = {"num-links": 1, "rounds-per-link": 2, "local-steps": 1, "rank": 4}
+TINY_RUN |= {"alpha": 8.0, "seq-len": 32, "max-train-blocks": 8, "max-eval-blocks": 8}
 
 
 def git_commit() -> str:
@@ -85,16 +54,10 @@ def environment() -> dict[str, Any]:
     """Machine and software facts stored beside every measurement."""
     import torch
 
-    info: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": git_commit(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
+    info = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    info |= {"commit": git_commit(), "python": sys.version.split()[0], "torch": torch.__version__}
+    info |= {"platform": platform.platform(), "cpu": platform.processor() or platform.machine()}
+    info |= {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     for package in ("transformers", "peft", "flwr"):
         with contextlib.suppress(ImportError):
             info[package] = __import__(package).__version__
@@ -248,10 +211,8 @@ class HostMemory(threading.Thread):
 
     def peak(self, name: str | None = None) -> int:
         """Peak bytes of one role, or of all together."""
-        return max(
-            (sum(t.values()) if name is None else t.get(name, 0) for _, t, _ in self.samples),
-            default=0,
-        )
+        sizes = [sum(t.values()) if name is None else t.get(name, 0) for _, t, _ in self.samples]
+        return max(sizes, default=0)
 
 
 @contextlib.contextmanager
@@ -312,13 +273,11 @@ def run_child(
     spec_path, result, log = (workdir / f"{tag}.{x}" for x in ("spec.json", "result.json", "log"))
     spec_path.write_text(json.dumps({**spec, "result": str(result)}))
     began = time.perf_counter()
-    code = run(
+    cmd, env = (
         [sys.executable, "-m", "bench.harness", str(spec_path)],
-        log,
-        timeout_s=timeout_s,
-        env={**os.environ, **(env or {})},
-        cwd=REPO,
+        {**os.environ, **(env or {})},
     )
+    code = run(cmd, log, timeout_s=timeout_s, env=env, cwd=REPO)
     row: dict[str, Any] = {"process_wall_s": time.perf_counter() - began}
     if code == 0 and result.exists():
         return {**row, "completed": True, **json.loads(result.read_text())}
@@ -345,21 +304,13 @@ def _child(spec_path: str) -> None:
         wrap = lambda grid: TimedGrid(grid, probe)  # noqa: E731
     start, began = time.time(), time.perf_counter()
     if spec["mode"] == "ray":
-        cpus, gpus, init = (
-            spec.get("num_cpus", 1.0),
-            spec.get("num_gpus", 0.0),
-            spec.get("init_args"),
-        )
+        cpus, gpus = spec.get("num_cpus", 1.0), spec.get("num_gpus", 0.0)
+        init = spec.get("init_args")
         doc = simulate(ov, nodes, cpus, gpus, init_args=init, client_app=app, wrap_grid=wrap)
     else:
         doc = run_local(ov, nodes, client_app=app, wrap_grid=wrap).metrics
-    result = {
-        "start": start,
-        "end": time.time(),
-        "run_wall_s": time.perf_counter() - began,
-        "torch_threads": torch.get_num_threads(),
-        "metrics": doc,
-    }
+    result = dict(start=start, end=time.time(), run_wall_s=time.perf_counter() - began, metrics=doc)
+    result["torch_threads"] = torch.get_num_threads()
     Path(spec["result"]).write_text(json.dumps(result))
 
 
