@@ -2,12 +2,9 @@
 
     python -m bench.beyond --items ranks,compress,swapped,dp,secagg   # beyond-<item>.json
 
-Per item a few variants of one small job (4 clients, 2 links x 2 rounds, c3la on code-lm,
-`simulation.local.run_local` as bench.quality runs it; `--set KEY=VALUE` over it):
-ranks (all r_max, all r_min, a mix: exact heterogeneous ranks), compress (float32 uploads
-against float16, bfloat16, int8, int8 with error feedback), swapped (B trained on a seeded
-A against A trained on a seeded B), dp (client-level DP: perplexity against epsilon), secagg
-(SecAgg+ against plain FedAvg; its bytes are every reply of its 4 stages).
+Per item a few variants of one small job (4 clients, 2 links x 2 rounds, c3la, code-lm):
+heterogeneous ranks, upload codecs, the swapped factor, client-level DP (perplexity
+against epsilon), SecAgg+ (its bytes: every reply of its 4 stages).
 """
 
 from __future__ import annotations
@@ -158,12 +155,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
             payloads[item] = payload
             if item == "dp":
                 pts = [q for q in payload["summary"]["points"] if q["epsilon"] is not None]
-                with h.figure(args.out / "beyond-dp.png", figsize=(5.5, 3.6)) as (_, ax):
-                    xy = [q["epsilon"] for q in pts], [q["ppl"] for q in pts]
-                    ax.plot(*xy, "o-", label="clip + noise")
-                    ax.axhline(rows["no DP"]["final_mean"], ls="--", color="gray", label="no DP")
-                    ax.set(xscale="log", yscale="log", xlabel=f"epsilon (delta {DP_DELTA})")
-                    ax.legend(fontsize=7)
+                xy = {"clip + noise": ([q["epsilon"] for q in pts], [q["ppl"] for q in pts])}
+                kw = {"xscale": "log", "xlabel": f"epsilon (delta {DP_DELTA})", "ylabel": "ppl"}
+                h.plot(args.out / "beyond-dp.png", "DP", xy, line=rows["no DP"]["final_mean"], **kw)
     return payloads
 
 

@@ -1,23 +1,16 @@
 """What the math promises: exact averages, half the bytes, the same A everywhere.
 
-    python -m bench.exactness exactness   # exactness.json: aggregate vs the exact mean
-    python -m bench.exactness bytes       # bytes.json: upload bytes per client-round
-    python -m bench.exactness a-draw      # a_draw.json: A's draw time and golden digests
+    python -m bench.exactness exactness   # exactness.json
+    python -m bench.exactness bytes       # bytes.json
+    python -m bench.exactness a-draw      # a_draw.json
 
-`exactness`: averaging B alone is exact because every client shares A, mean_i(B_i) A ==
-mean_i(B_i A) up to rounding; FedIT's mean(B_i) mean(A_i) != mean(B_i A_i). Relative
-Frobenius error of the aggregate against a float64 reference from the same client values,
-in float32 and bfloat16, and through Flower's `aggregate_arrayrecords` plus the project's
-merge (what the server runs). Goal: <= 1e-6 in float32.
-
-`bytes`: per adapted layer ours/fedit = n_out / (n_in + n_out) (0.5 only when square),
-counted on real model structures built on the meta device, checked against what
-`seedlora.methods.prepare` marks trainable, plus one real Flower reply's wire overhead.
-
-`a-draw`: time to derive the gaussian A's (exact-v2: integer and exactly rounded float64
-operations) against the legacy float32 `randn`, for one 4096-wide A and a Llama-7B layer
-set; the golden digests of tests/test_spec.py here (run it with ATEN_CPU_CAPABILITY=default
-too), and the digests of a fixed list of specs against bench/results/a_digests_cpu.json.
+exactness: mean_i(B_i) A == mean_i(B_i A) because clients share A; FedIT's mean(B_i)
+mean(A_i) is not mean(B_i A_i). Relative Frobenius error against a float64 reference, in
+float32, bfloat16 and through Flower's aggregate_arrayrecords plus the merge. Goal <= 1e-6.
+bytes: ours/fedit = n_out / (n_in + n_out) per layer, counted on meta-device models, checked
+against what `prepare` trains, plus one real Flower reply's overhead.
+a-draw: the exact A rule's draw time against the legacy randn, the golden digests here (run
+it under ATEN_CPU_CAPABILITY=default too) and a_digests_cpu.json's.
 """
 
 from __future__ import annotations
@@ -169,17 +162,12 @@ def exactness(args: Any) -> dict:
     per = [dict(zip(keys, k, strict=True), max_error=v) for k, v in per_layer.items()]
     payload = {"config": config, "goal": goal, "summary": summary, "per_layer": per}
     h.write_result(args.name, payload, args.out)
-    with h.figure(args.out / f"{args.name}.png", figsize=(9, 5)) as (_, ax):
-        for method, dtype in sorted({(s["method"], s["dtype"]) for s in summary}):
-            mine = [s for s in summary if (s["method"], s["dtype"]) == (method, dtype)]
-            pts = sorted((s["clients"], max(s["max_error"], 1e-18)) for s in mine)
-            style = ("-" if dtype == "float32" else "--") + (
-                "x" if method.endswith("+flower") else "o"
-            )
-            ax.plot(*zip(*pts, strict=True), style, label=f"{method} ({dtype})")
-        ax.axhline(GOAL, color="k", linestyle=":", label=f"goal {GOAL:.0e}")
-        ax.set(xscale="log", yscale="log", xlabel="clients", ylabel="max relative error")
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    curves = {}
+    for method, dtype in sorted({(s["method"], s["dtype"]) for s in summary}):
+        mine = [s for s in summary if (s["method"], s["dtype"]) == (method, dtype)]
+        curves[f"{method} ({dtype})"] = zip(*sorted((s["clients"], s["max_error"]) for s in mine), strict=True)
+    kw = {"xscale": "log", "yscale": "log", "xlabel": "clients", "line": GOAL}
+    h.plot(args.out / f"{args.name}.png", "max relative error vs the exact mean", curves, **kw)
     return payload
 
 
@@ -301,7 +289,9 @@ def bytes_(args: Any) -> dict:
     h.write_result(args.name, payload, args.out)
     labels, series = [f"{r['model']} r{r['rank']}" for r in rows], {}
     series = {m: [r["bytes"][m]["up"] for r in rows] for m in METHODS}
-    h.bars(args.out / f"{args.name}.png", "upload bytes per client-round", labels, series, log=True)
+    h.plot(
+        args.out / f"{args.name}.png", "upload bytes per client-round", series, labels, yscale="log"
+    )
     return payload
 
 

@@ -1,32 +1,25 @@
-"""The federation around the clients: what the transport, the processes and the GPUs cost.
+"""The federation around the clients: transport, processes and GPUs.
 
-    python -m bench.federation sim                  # Ray vs one process: sim_overhead.json
-    python -m bench.federation deploy --preset cpu-default --nodes 2      # deploy-<preset>.json
-    python -m bench.federation gpu-sim --configs 16x4 --shape llama2-7b   # gpu_sim-<label>-<shape>
-    python -m bench.federation gpu-clients --gpus 1,2                     # gpu_clients.json
+    python -m bench.federation sim                                      # sim_overhead.json
+    python -m bench.federation deploy --preset cpu-default --nodes 2    # deploy-<preset>.json
+    python -m bench.federation gpu-sim --configs 16x4 --shape llama2-7b # gpu_sim-<label>-<shape>
+    python -m bench.federation gpu-clients --gpus 1,2                   # gpu_clients.json
 
-`sim`: the same clients run in one process (simulation.local: the real apps, clients in
-turn; 1 and default torch threads) and through Ray (nice 15 as shipped, and 0), each in a
-child process: Ray's steady round (rounds >= 2) over the best plain one (goal <= 1.3).
-
-`deploy`: a real `flower-superlink` and the data owners' `python -m client.node` side by
-side with `simulation.launch` on one run config, and Flower's floor (the same processes and
-messages with the work cut to one step of batch 1; `floor` on Flower's SuperNode poll,
-`floor_fast_poll` on the node command's). `--layout` partition (a worker per partition),
-host (one worker for all) or node (a command per node). Per run every round's wall time,
-per worker its builds and tokenized datasets. Goals per N: steady median deployed <=
-floor + 1.1 x simulated + 1 s; builds <= 1 per worker per link; one tokenizing per split.
-
-`gpu-sim`: `simulation.launch` per config NxK (K clients per GPU) on a random-init model,
-NVML sampled every 0.25 s, host memory as PSS summed for the clients (Ray's ClientAppActor),
-the server (flwr-simulation) and the rest, over one float32 master (goal <= 1.3 each); the
-steady round over the clients' critical path (goal 1.25); tokens/s per GPU against one client
-trained in this process.
-
-`gpu-clients`: N clients sharing G GPUs under Ray against the same clients in turn in one
-process (the floor), probed per call: tokens/s, each client's GPU memory, the round split
-into client compute, Flower/Ray overhead and server time; G GPUs over one; the A digests
-here against the CPU's. Without a GPU (`--tiny`) Ray gets logical GPUs.
+sim: the same clients in one process (simulation.local) and under Ray, each in a child
+process; Ray's steady round (rounds >= 2) over the best plain one (goal <= 1.3).
+deploy: a real flower-superlink and the data owners' `python -m client.node` (--layout
+partition: a worker per partition; host: one worker; node: a command per node) beside
+simulation.launch and Flower's floor (the same messages, the work cut to one step; `floor`
+on Flower's SuperNode poll, `floor_fast_poll` on the node command's). Goals per N: steady
+median deployed <= floor + 1.1 x simulated + 1 s; <= 1 build per worker per link; one
+tokenizing per partition and split.
+gpu-sim: simulation.launch per config NxK (K clients per GPU): NVML samples, host PSS of the
+clients, the server and the rest over one float32 master (goal <= 1.3 each), the steady
+round over the clients' critical path (goal 1.25), tokens/s per GPU against one client here.
+gpu-clients: N clients sharing G GPUs under Ray against the same clients in turn in one
+process, probed per call (tokens/s, GPU memory, the round split into client compute,
+Flower/Ray overhead and server time), and the A digests here against the CPU's. Without a
+GPU (--tiny) Ray gets logical GPUs.
 """
 
 from __future__ import annotations
@@ -39,7 +32,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -72,13 +64,14 @@ def sim(args: Any) -> dict:
         ov = {**run, **h.tiny_assets(Path(tmp)), "output-dir": tmp}
         for name in chosen:
             spec = {**variants[name], "overrides": {**ov, "run-name": name}, "nodes": clients}
-            memory = h.HostMemory(os.getpid(), lambda cmd: "all", period=0.2)
+            memory = h.Sampler(lambda: h.host_memory(os.getpid(), lambda cmd: "all"), 0.2)
             memory.start()
             row = h.run_child(
                 spec | {"num_cpus": args.num_cpus}, Path(tmp), args.timeout_s, spec.get("env")
             )
             memory.stop.set()
-            runs[name] = sim_row(row, memory.peak() / h.MIB)
+            peak = max((m["all"][0] for _, m in memory.samples), default=0)
+            runs[name] = sim_row(row, peak / h.MIB)
             print(name, runs[name].get("steady_round_s"), runs[name].get("why"), flush=True)
     plain = [r.get("steady_round_s") for k, r in runs.items() if k.startswith("plain")]
     best = min((t for t in plain if t), default=None)
@@ -107,26 +100,18 @@ def sim_row(row: dict, peak_mb: float) -> dict:
 
 
 # --- the launcher, watched ------------------------------------------------------------
-class GpuSampler(threading.Thread):
-    """NVML utilisation and memory of the first `gpus` GPUs every `period` s."""
+def nvml(gpus: int) -> Any:
+    """A sampler of the first `gpus` GPUs' NVML utilisation (0-1) and used memory, or one of
+    nothing where there is no NVML (the CPU check)."""
+    try:
+        import pynvml
 
-    def __init__(self, gpus: int, period: float = 0.25):
-        super().__init__(daemon=True)
-        self.gpus, self.period, self.samples, self.stop = gpus, period, [], threading.Event()
-
-    def run(self) -> None:
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-        except Exception:  # noqa: BLE001 - no NVML (CPU check): no samples
-            return
-        count = min(self.gpus, pynvml.nvmlDeviceGetCount())
-        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
-        while not self.stop.wait(self.period):
-            util = [pynvml.nvmlDeviceGetUtilizationRates(x).gpu / 100 for x in handles]
-            used = [pynvml.nvmlDeviceGetMemoryInfo(x).used for x in handles]
-            self.samples.append((time.time(), util, used))
+        pynvml.nvmlInit()
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(gpus)]
+    except Exception:  # noqa: BLE001
+        return lambda: None
+    utilisation, memory = pynvml.nvmlDeviceGetUtilizationRates, pynvml.nvmlDeviceGetMemoryInfo
+    return lambda: ([utilisation(x).gpu / 100 for x in handles], [memory(x).used for x in handles])
 
 
 def role(cmdline: str) -> str:
@@ -144,13 +129,13 @@ def launch(overrides: dict, nodes: int, per_gpu: int, gpus: int) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{h.REPO}:{os.environ.get('PYTHONPATH', '')}"}
     if gpus:  # the first `gpus` GPUs only, so one machine measures 1 GPU against 2
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
-    sampler, ended, start = GpuSampler(gpus), {}, time.time()
+    sampler, ended, start = h.Sampler(nvml(gpus), 0.25), {}, time.time()
     sampler.start()
     with open(run_dir.parent / f"{overrides['run-name']}.log", "w") as log:
         proc = subprocess.Popen(
             [*cmd, "--run-config", text], cwd=h.REPO, env=env, stdout=log, stderr=subprocess.STDOUT
         )
-        memory = h.HostMemory(proc.pid, role)
+        memory = h.Sampler(lambda: h.host_memory(proc.pid, role))
         memory.start()
         while proc.poll() is None:
             for entry in h.read_rounds(run_dir):
@@ -165,17 +150,18 @@ def launch(overrides: dict, nodes: int, per_gpu: int, gpus: int) -> dict:
     return out | dict(samples=sampler.samples, host=memory.samples)
 
 
-def host_memory(samples: list, window: tuple[float, float], master: float) -> dict:
+def host_pss(samples: list, window: tuple[float, float], master: float) -> dict:
     """Peak and steady-window mean PSS per role (GB), and each over one `master` (bytes)."""
     out: dict[str, Any] = {"master_gb": master / 1e9}
     for name in ("clients", "server", "other"):
-        peak = max((t.get(name, 0) for _, t, _ in samples), default=0)
-        mean = h.mean([t.get(name, 0) for at, t, _ in samples if window[0] <= at <= window[1]])
+        sizes = [(at, m.get(name, [0, 0])) for at, m in samples]
+        peak = max((b for _, (b, _) in sizes), default=0)
+        mean = h.mean([b for at, (b, _) in sizes if window[0] <= at <= window[1]])
         out[name] = dict(peak_gb=peak / 1e9, steady_gb=mean and mean / 1e9)
         out[name] |= dict(
             peak_over_master=h.ratio(peak, master), steady_over_master=h.ratio(mean, master)
         )
-        out[name]["processes"] = max((c.get(name, 0) for _, _, c in samples), default=0)
+        out[name]["processes"] = max((n for _, (_, n) in sizes), default=0)
     return out
 
 
@@ -370,7 +356,7 @@ def gpu_summary(run: dict, nodes: int, per_gpu: int, gpus: int, ov: dict, master
         row = dict(round=cur["round"], wall=wall, critical_path=train / concurrent)
         per_round.append(row | dict(accepted=cur.get("accepted"), phases=cur.get("phases")))
     window = (rounds[0]["ended_at"], rounds[-1]["ended_at"]) if rounds else (0, 0)
-    util = [sum(u) / len(u) for t, u, _ in run["samples"] if window[0] <= t <= window[1] and u]
+    util = [sum(u) / len(u) for t, (u, _) in run["samples"] if window[0] <= t <= window[1] and u]
     wall = h.mean([r["wall"] for r in per_round])
     critical = h.mean([r["critical_path"] for r in per_round])
     tokens = nodes * ov["local-steps"] * ov["batch-size"] * ov["seq-len"]
@@ -379,8 +365,8 @@ def gpu_summary(run: dict, nodes: int, per_gpu: int, gpus: int, ov: dict, master
     out |= dict(round_time_mean=wall, critical_path_mean=critical)
     out |= dict(round_over_critical_path=h.ratio(wall, critical), gpu_util_mean=h.mean(util))
     out["tokens_per_s_per_gpu"] = tokens / wall / max(gpus, 1) if wall else None
-    out["peak_gpu_memory_gb"] = max((max(m) for _, _, m in run["samples"] if m), default=0) / 1e9
-    out["host_pss"] = host_memory(run.get("host", []), window, master)
+    out["peak_gpu_memory_gb"] = max((max(m) for _, (_, m) in run["samples"] if m), default=0) / 1e9
+    out["host_pss"] = host_pss(run.get("host", []), window, master)
     return out | {"rounds": per_round}
 
 
@@ -419,7 +405,7 @@ def gpu_sim(args: Any) -> dict:
     series = {"round / critical path": [r["round_over_critical_path"] or 0 for r in rows]}
     for who in ("clients", "server"):
         series[f"{who} PSS / master"] = [r["host_pss"][who]["peak_over_master"] or 0 for r in rows]
-    h.bars(out / f"{name}.png", f"{shape} (goals 1.25, 1.3)", [r["config"] for r in rows], series)
+    h.plot(out / f"{name}.png", f"{shape} (goals 1.25, 1.3)", series, [r["config"] for r in rows])
     return payload
 
 

@@ -178,41 +178,33 @@ def pss_bytes(pid: int) -> int | None:
         return None
 
 
-class HostMemory(threading.Thread):
-    """PSS (RSS where /proc has none) of `pid` and its descendants summed by `role(cmdline)`
-    every `period` s: samples of (time, {role: bytes}, {role: processes})."""
+class Sampler(threading.Thread):
+    """`sample()` every `period` s in the background until `stop` is set: (time, value)."""
 
-    def __init__(self, pid: int, role: Callable[[str], str], period: float = 1.0):
+    def __init__(self, sample: Callable[[], Any], period: float = 1.0):
         super().__init__(daemon=True)
-        self.pid, self.role, self.period = pid, role, period
-        self.samples: list[tuple[float, dict[str, int], dict[str, int]]] = []
-        self.stop = threading.Event()
+        self.sample, self.period, self.samples, self.stop = sample, period, [], threading.Event()
 
     def run(self) -> None:
-        import psutil
+        while not self.stop.wait(self.period):
+            if (value := self.sample()) is not None:
+                self.samples.append((time.time(), value))
 
-        while not self.stop.is_set():
-            try:
-                top = psutil.Process(self.pid)
-                procs = [top, *top.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                return
-            total: dict[str, int] = {}
-            count: dict[str, int] = {}
-            for proc in procs:
-                try:
-                    name = self.role(" ".join(proc.cmdline()))
-                    size = pss_bytes(proc.pid) or proc.memory_info().rss
-                except psutil.Error:
-                    continue
-                total[name], count[name] = total.get(name, 0) + size, count.get(name, 0) + 1
-            self.samples.append((time.time(), total, count))
-            self.stop.wait(self.period)
 
-    def peak(self, name: str | None = None) -> int:
-        """Peak bytes of one role, or of all together."""
-        sizes = [sum(t.values()) if name is None else t.get(name, 0) for _, t, _ in self.samples]
-        return max(sizes, default=0)
+def host_memory(pid: int, role: Callable[[str], str]) -> dict[str, list[int]] | None:
+    """PSS (RSS where /proc has none) of `pid` and its descendants by `role(cmdline)`:
+    {role: [bytes, processes]}."""
+    import psutil
+
+    out: dict[str, list[int]] = {}
+    with contextlib.suppress(psutil.Error):
+        top = psutil.Process(pid)
+        for proc in [top, *top.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                size = pss_bytes(proc.pid) or proc.memory_info().rss
+                entry = out.setdefault(role(" ".join(proc.cmdline())), [0, 0])
+                entry[0], entry[1] = entry[0] + size, entry[1] + 1
+    return out or None
 
 
 @contextlib.contextmanager
@@ -233,27 +225,22 @@ def figure(path: Path, *args: Any, dpi: int = 120, **kwargs: Any) -> Iterator[tu
         plt.close(fig)
 
 
-def bars(
-    path: Path,
-    title: str,
-    labels: Sequence[str],
-    series: Mapping[str, Sequence[float]],
-    *,
-    log: bool = False,
-    line: float | None = None,
-) -> None:
-    """Grouped bars, one group per label and one bar per series; `line` a dashed goal."""
-    with figure(path, figsize=(max(6, 0.9 * len(labels) * len(series)), 4.5)) as (_, ax):
-        width = 0.8 / max(1, len(series))
+def plot(path: Path, title: str, series: Mapping[str, Any], labels: Sequence[str] = (), **kw: Any):
+    """Grouped bars (`labels`: one value per label in each series) or, without labels,
+    curves (each series (xs, ys)); `line`: a dashed goal; other `kw` to `Axes.set`."""
+    line, width = kw.pop("line", None), 0.8 / max(1, len(series))
+    with figure(path, figsize=(max(7, 0.9 * len(labels) * len(series)), 4.5)) as (_, ax):
         for j, (name, values) in enumerate(series.items()):
-            ax.bar([i + j * width for i in range(len(labels))], values, width, label=name)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, fontsize=8)
+            if labels:
+                ax.bar([i + j * width for i in range(len(labels))], values, width, label=name)
+            else:
+                ax.plot(*values, "o-", ms=3, label=name)
+        if labels:
+            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, fontsize=7)
         if line is not None:
             ax.axhline(line, color="k", linestyle="--", linewidth=1)
-        if log:
-            ax.set_yscale("log")
-        ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=8)
+        ax.set(title=title, **kw)
+        ax.legend(fontsize=7)
 
 
 def run_child(

@@ -1,30 +1,23 @@
 """Quality per uploaded byte: seed-defined chains against FFA-LoRA, FedIT and a central ceiling.
 
-    python -m bench.quality grid     # one lr for all: quality.json, quality-<task>.png
+    python -m bench.quality grid     # one lr for all: quality.json
     python -m bench.quality tuned    # each method at its best lr: quality_tuned.json
 
-Every run is `simulation.local.run_local` (the real ServerApp/ClientApp, clients in turn
-in one process) on the run config BASE, `--set KEY=VALUE` over it, then the method's keys;
-each finished run is appended to `<name>.runs.jsonl` and `--resume` skips those done.
-
-Methods (suffixes @r<rank>, @lr<lr>, @int8 uploads, @fB frozen-factor B, @L<links>x<rounds>):
-c3la (circulant A), r-c3la (random-block A), rac-lora (gaussian A), seedcore (only the r x r
-core trained), ffa (B-only on one fixed A), fedit (plain LoRA, A and B averaged), and
-central: one node holding all clients' data taking all their local steps (the ceiling at
-the same optimizer-step budget).
-
-`grid`: final central metric (perplexity for code-lm, accuracy for code-cls) against total
-upload bytes; goal per (task, split): a chain at FedIT's quality or better with <= 0.5x its
-bytes. `tuned`: per (task:split) cell and method an lr sweep (`--lr-points` on a log grid)
-scored on the central set's validation half, the best lr chosen, then every seed at it
-scored on the test half (the only numbers judged). Goal: in >= 3 of the 4 cells an exact
-method within 2% of FedIT at <= 0.5x its bytes, and seedcore at FedIT's quality at <= 0.05x
-its bytes in >= 1 cell, each over >= 3 seeds.
+Every run is simulation.local.run_local on BASE (`--set` over it) plus the method's keys,
+appended to `<name>.runs.jsonl` (`--resume` skips those done). Methods: c3la (circulant A),
+r-c3la (random-block A), rac-lora (gaussian A), seedcore (r x r core), ffa, fedit, central
+(one node with all the data and all the steps); suffixes @r<rank>, @lr<lr>, @int8, @fB
+(frozen B), @L<links>x<rounds>.
+grid goal: a chain at FedIT's quality or better with <= 0.5x its bytes. tuned: per cell an
+lr sweep scored on the validation half, then every seed at the best lr on the test half;
+goal: in >= 3 of 4 cells an exact method within 2% of FedIT at <= 0.5x its bytes, and
+seedcore at FedIT's quality at <= 0.05x its bytes in one, over >= 3 seeds.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import statistics
 import tempfile
@@ -221,31 +214,21 @@ def tuned_goal(summary: Sequence[dict]) -> dict:
 def plot(records: Sequence[dict], task: str, part: str, path: Path) -> None:
     """The central metric after each round against cumulative uploaded MB (log x), one
     line per method (mean over seeds); the base model dotted."""
-    runs = [
-        r
-        for r in records
-        if (r["task"], r["panel"], r.get("phase", "final")) == (task, part, "final")
-    ]
-    if not runs:
-        return
+    runs = [r for r in records if (r["task"], r["panel"]) == (task, part)]
+    runs = [r for r in runs if r.get("phase", "final") == "final"]
     lines: dict[str, list[list[tuple[float, float]]]] = {}
     for r in runs:
-        mb = [
-            sum(s["bytes_up"] for s in r["series"][: i + 1]) / 1e6 for i in range(len(r["series"]))
-        ]
+        mb = itertools.accumulate(s["bytes_up"] / 1e6 for s in r["series"])
         pts = [(x, s[r["metric"]]) for x, s in zip(mb, r["series"], strict=True)]
-        points = [(x, y) for x, y in pts if finite(y)]
-        lines.setdefault(r["method"], []).append(points)
-    with h.figure(path, figsize=(7, 5)) as (_, ax):
-        for method, pts in sorted(lines.items()):
-            n = min(len(p) for p in pts)
-            mean = [tuple(statistics.fmean(p[k][i] for p in pts) for i in (0, 1)) for k in range(n)]
-            ax.plot(
-                *zip(*mean, strict=True), "s--" if method == "fedit" else "o-", ms=3, label=method
-            )
-        ax.axhline(runs[0]["base"], color="grey", linestyle=":", label="base model")
-        ax.set(xscale="log", xlabel="cumulative uploaded MB", title=f"{task}, {part}")
-        ax.legend(fontsize=7)
+        lines.setdefault(r["method"], []).append([(x, y) for x, y in pts if finite(y)])
+    curves = {}
+    for method, pts in sorted(lines.items()):
+        n = min(len(p) for p in pts)
+        curves[method] = [
+            [statistics.fmean(p[k][i] for p in pts) for k in range(n)] for i in (0, 1)
+        ]
+    kw = {"xscale": "log", "xlabel": "cumulative uploaded MB", "line": runs[0]["base"] if runs else None}
+    h.plot(path, f"{task}, {part} (dashed: the base model)", curves, **kw)
 
 
 def prepare_args(args: Any, tmp: str) -> Any:

@@ -3,21 +3,13 @@
     python -m bench.soak chain --links 256    # chain_soak.json
     python -m bench.soak byzantine            # byzantine.json
 
-Both run the embedded code-lm task in this process (`simulation.local.run_local`: the real
-ServerApp and ClientApp over an in-process grid); `--set KEY=VALUE` changes the run config.
-
-`chain`: `--links` links of 2 rounds of 1 local step, nothing evaluated or exported, so a
-round is training, aggregation and the chain's bookkeeping. Per round: its wall time less
-this benchmark's own look at the disk, the CPU time of this process, the bytes written to
-the run directory (a file created or replaced counts whole, an appended one its growth, a
-renamed one nothing), by kind, and the clients' link cache (master files left out). Summary:
-round time and CPU of the last 10 rounds over rounds 3-12, bytes per round in the first and
-last 5 links with their growth per link, and the cache's growth per link over one link file.
-
-`byzantine`: 1 of 5 clients trains honestly, then sends its update scaled x10 (`scale10`)
-or sign-flipped (`signflip`) (`testing.attackers.scaled_update`, placed by this script: no
-run-config key turns it on). Goal: the robust rules' final perplexity within 5% of clean
-fedavg's.
+Both run code-lm in this process (simulation.local.run_local); `--set` changes the run config.
+chain: 2 rounds of 1 step per link, nothing evaluated. Per round its wall time (this
+benchmark's look at the disk left out), CPU time, the bytes written to the run directory by
+kind (created or replaced: whole; appended: the growth; renamed: nothing) and the clients'
+link cache; the last rounds against the early ones, and growth per link.
+byzantine: one client trains, then sends its update x10 (scale10) or x-1 (signflip), placed
+by this script (testing.attackers). Goal: robust rules within 5% of clean fedavg.
 """
 
 from __future__ import annotations
@@ -204,14 +196,11 @@ def chain(args: Any) -> dict:
     payload = dict(benchmark="chain_soak", harness="simulation.local.run_local", options=options)
     payload |= dict(run_config=resolved_config(ov), run_wall_s=wall, summary=summary, rounds=rows)
     h.write_result(args.name, payload, args.out)
-    with h.figure(args.out / f"{args.name}.png", 3, 1, figsize=(8, 8.5), sharex=True) as (_, axes):
-        x = [r["round"] for r in rows]
-        axes[0].plot(x, [r["round_time_s"] for r in rows], ".-", lw=0.8, label="wall")
-        axes[0].set(ylabel="round time (s)", title=f"{links} links, {clients} clients")
-        axes[1].plot(x, [r["bytes_written"] / 1e3 for r in rows], ".")
-        axes[1].set(ylabel="kB written to the run dir")
-        axes[2].plot(x, [(r["cache_bytes"] or 0) / 1e6 for r in rows], "-")
-        axes[2].set(ylabel="client link cache (MB)", xlabel="round")
+    x, title = [r["round"] for r in rows], f"{links} links, {clients} clients, per round"
+    curves = {"round time (s) x 100": (x, [100 * r["round_time_s"] for r in rows])}
+    curves["kB written to the run dir"] = (x, [r["bytes_written"] / 1e3 for r in rows])
+    curves["client link cache (kB)"] = (x, [(r["cache_bytes"] or 0) / 1e3 for r in rows])
+    h.plot(args.out / f"{args.name}.png", title, curves, xlabel="round", yscale="log")
     print(json.dumps({k: v for k, v in summary.items() if k != "bytes_per_round"}, indent=1))
     return payload
 
@@ -290,7 +279,7 @@ def byzantine(args: Any) -> dict:
         a: [ppl.get((x, a), 0) for x in labels] for a in dict.fromkeys(r["attack"] for r in runs)
     }
     title, line = "final perplexity, Byzantine clients", (1 + TOLERANCE) * clean["fedavg"]
-    h.bars(args.out / f"{args.name}.png", title, labels, series, log=True, line=line)
+    h.plot(args.out / f"{args.name}.png", title, series, labels, yscale="log", line=line)
     print(json.dumps(summary))
     return payload
 

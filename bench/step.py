@@ -1,24 +1,19 @@
-"""One client's training step: time and memory against the frozen model, the capture cost
-per round of the graphed step, and the memory of a quantized base.
+"""One client's training step: time and memory against the frozen model, capture cost per
+round, memory of a quantized base.
 
     python -m bench.step overhead --device cuda [--liger]   # step_time_<device>.json
     python -m bench.step graph-reuse --preset llama2-7b      # graph_reuse-<preset>.json (CUDA)
     python -m bench.step quant-memory                        # quant_memory.json (CUDA, bnb)
 
-`overhead`: forward + backward + AdamW steps of each variant on a fresh model from one seed,
-one token batch, all seven projections adapted, side by side (odd passes reversed): `floor`
-(frozen, backward to the embeddings), `peft-lora`, `peft-lora-frozen-a`, `seedlora-<kind>`
-(fused), `-reference` (plain autograd), `-grouped` (q/k/v and gate/up one node), `-graphed`
-(the step one CUDA graph), `-liger` (Liger kernels in the base). Median step time; peak
-memory (CUDA's allocator, or the CPU profiler's high-water mark plus resident tensors);
-bytes saved for backward. Goals: <= PEFT in time and memory; fused <= 1.25x floor and
-<= 0.6x PEFT; grouped/graphed <= 1.25x the floor's GPU-busy time and <= 0.35x PEFT.
-
-`graph-reuse`: R rounds of S steps of one link, `fresh` (a graph captured every round)
-against `kept` (`seedlora.capture.kept_step`: one capture, state reset in place). Goal: kept
-setup after round 1 <= 0.05 s, with fresh's losses and B. `quant-memory`: one client's GPU
-memory on a bf16 / 8bit / 4bit base (bitsandbytes layers as the loader makes them) with
-`--links` merged links as side paths.
+overhead: forward + backward + AdamW steps of each variant on a fresh model from one seed,
+one batch, all seven projections adapted, side by side: `floor` (frozen, backward to the
+embeddings), PEFT LoRA (and with A frozen), seedlora's fused layer, `-reference` (plain
+autograd), `-grouped` (siblings one node), `-graphed` (the step one CUDA graph), `-liger`.
+Goals: <= PEFT in time and memory; fused <= 1.25x floor and <= 0.6x PEFT; grouped/graphed
+<= 1.25x the floor's GPU-busy time and <= 0.35x PEFT.
+graph-reuse: a link's rounds with a graph captured every round (`fresh`) against one kept
+graph (`kept`, seedlora.capture.kept_step). Goal: kept setup after round 1 <= 0.05 s.
+quant-memory: one client's GPU memory on a bf16 / 8bit / 4bit base with merged links.
 """
 
 from __future__ import annotations
@@ -37,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.harness import MIB, bars, cli, command, main_of, pick, ratio, write_result
+from bench.harness import MIB, cli, command, main_of, pick, plot, ratio, write_result
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SEED_KINDS = ("gaussian", "circulant", "random-block")
@@ -342,7 +337,7 @@ def overhead(args: Any) -> dict[str, Any]:
     series = {"median step (ms)": [r["median_ms"] for r in rows]}
     series["peak memory (MiB)"] = [r["peak_bytes"] / MIB for r in rows]
     title = f"fwd+bwd+AdamW, {preset}, batch {shape.batch} x {shape.seq}, rank {shape.rank}"
-    bars(args.out / f"{name}.png", title, [r["variant"] for r in rows], series, log=True)
+    plot(args.out / f"{name}.png", title, series, [r["variant"] for r in rows], yscale="log")
     return payload
 
 
