@@ -65,9 +65,8 @@ def run_point(point: Point) -> dict:
     start = time.perf_counter()
     result = run_local(point.overrides, point.nodes, fresh_cache=True)
     rounds = result.metrics["rounds"]
-    row = dict(
-        nodes=point.nodes, base=rounds[0]["central"]["ppl"], final=rounds[-1]["central"]["ppl"]
-    )
+    ppl = [r["central"]["ppl"] for r in rounds]
+    row = dict(nodes=point.nodes, base=ppl[0], final=ppl[-1])
     row["total_bytes_up"] = sum(reply_bytes(m) for m in result.grid.replies)
     return row | {"wall_time_s": time.perf_counter() - start}
 
@@ -98,15 +97,12 @@ def summarize(item: str, rows: dict[str, dict], releases: int) -> dict:
             z = extra.get("dp-noise-multiplier")
             eps = None if z is None else epsilon(z, releases, CLIENTS, CLIENTS, DP_DELTA)
             eps = None if eps is None or math.isinf(eps) else eps
-            points.append(
-                {"variant": label, "noise_multiplier": z, "ppl": ppl[label], "epsilon": eps}
-            )
+            points.append(dict(variant=label, noise_multiplier=z, ppl=ppl[label], epsilon=eps))
         return {"delta": DP_DELTA, "releases": releases, "clip": DP_CLIP, "points": points}
     if item == "secagg":
         plain, secure = "plain FedAvg", "SecAgg+"
-        out = dict(
-            ppl_plain=ppl[plain], ppl_secagg=ppl[secure], ppl_change=ppl[secure] / ppl[plain] - 1
-        )
+        out = dict(ppl_plain=ppl[plain], ppl_secagg=ppl[secure])
+        out["ppl_change"] = ppl[secure] / ppl[plain] - 1
         return out | {"bytes_ratio_secagg_vs_plain": up[secure] / up[plain]}
     return {k: {"ppl": ppl[k], "total_bytes_up": up[k]} for k in rows}
 
@@ -132,23 +128,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
             ):
                 tags = {"variant": label, "overrides": extra, **TAGS, "seed": s}
                 plan.append(Point({**base, **extra, "seed": s}, CLIENTS, tags))
-            runs = run_grid(
-                plan, run_point, args.out / f"beyond-{item}.runs.jsonl", resume=args.resume
-            ).rows
+            results = args.out / f"beyond-{item}.runs.jsonl"
+            runs = run_grid(plan, run_point, results, resume=args.resume).rows
             rows: dict[str, dict] = {}
             for r in runs:
                 row = rows.setdefault(r["variant"], {"finals": [], "bytes": []})
                 row["finals"].append(r["final"])
                 row["bytes"].append(r["total_bytes_up"])
             for row in rows.values():
-                row |= dict(
-                    final_mean=h.mean(row["finals"]), total_bytes_up_mean=h.mean(row["bytes"])
-                )
+                row["final_mean"] = h.mean(row["finals"])
+                row["total_bytes_up_mean"] = h.mean(row["bytes"])
             releases = base["num-links"] * base["rounds-per-link"]
             payload = dict(benchmark=f"beyond-{item}", harness="simulation.local.run_local")
-            payload |= dict(
-                run_config=base, clients=CLIENTS, **{k: TAGS[k] for k in TAGS if k != "panel"}
-            )
+            payload |= dict(run_config=base, clients=CLIENTS, task="code-lm", partitioning="iid")
             payload["metric"] = "central held-out perplexity (lower is better)"
             payload |= dict(summary=summarize(item, rows, releases), by_variant=rows, runs=runs)
             h.write_result(f"beyond-{item}", payload, args.out)

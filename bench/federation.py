@@ -25,6 +25,7 @@ GPU (--tiny) Ray gets logical GPUs.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -51,52 +52,37 @@ CPU_RUN = {"precision": "fp32", "seq-len": 32, "local-steps": 2, "max-eval-block
 
 # --- sim ------------------------------------------------------------------------------
 def sim(args: Any) -> dict:
-    """Ray simulation against the same clients in one process (steady round, start-up)."""
-    run = {**h.THROUGHPUT_RUN, "rounds-per-link": 3, "local-steps": 3, "seq-len": 32}
-    run |= {"max-train-blocks": 16, "rank": 4, "alpha": 8.0, "device": "cpu"}
-    run = h.with_sets(run | ({"rounds-per-link": 2, "local-steps": 1} if args.tiny else {}), args)
+    """Ray simulation against the same clients in one process: the steady round."""
+    run = {**h.THROUGHPUT_RUN, "rounds-per-link": 3, "local-steps": 3, "batch-size": 4}
+    run |= {"seq-len": 32, "rank": 4, "alpha": 8.0, "device": "cpu", "min-available-nodes": 1}
+    run |= {"rounds-per-link": 2, "local-steps": 1} if args.tiny else {}
+    args.base = h.with_sets(run, args)
     variants = {"plain-1-thread": {"mode": "local", "threads": 1}, "ray": {"mode": "ray"}}
     variants["plain"] = {"mode": "local", "threads": args.threads}
     variants["ray-nice0"] = {"mode": "ray", "env": {"RAY_worker_niceness": "0"}}
     chosen = ["plain-1-thread"] if args.tiny else args.variants.split(",")
     clients, runs = 2 if args.tiny else args.clients, {}
     with tempfile.TemporaryDirectory(prefix="bench-sim-") as tmp:
-        ov = {**run, **h.tiny_assets(Path(tmp)), "output-dir": tmp}
+        assets = h.tiny_assets(Path(tmp))
+        args.model_dir, args.data = assets["model-name"], assets["dataset"]
         for name in chosen:
-            spec = {**variants[name], "overrides": {**ov, "run-name": name}, "nodes": clients}
+            spec = {**variants[name], "nodes": clients, "num_cpus": args.num_cpus}
             memory = h.Sampler(lambda: h.host_memory(os.getpid(), lambda cmd: "all"), 0.2)
             memory.start()
-            row = h.run_child(
-                spec | {"num_cpus": args.num_cpus}, Path(tmp), args.timeout_s, spec.get("env")
-            )
+            runs[name] = probed_run(args, spec, Path(tmp), name)
             memory.stop.set()
             peak = max((m["all"][0] for _, m in memory.samples), default=0)
-            runs[name] = sim_row(row, peak / h.MIB)
-            print(name, runs[name].get("steady_round_s"), runs[name].get("why"), flush=True)
-    plain = [r.get("steady_round_s") for k, r in runs.items() if k.startswith("plain")]
-    best = min((t for t in plain if t), default=None)
-    ratios = {k: h.ratio(r.get("steady_round_s"), best) for k, r in runs.items() if "ray" in k}
+            runs[name]["peak_rss_mb"] = peak / h.MIB
+            print(name, runs[name].get("round_s"), runs[name].get("why"), flush=True)
+    best = min((r.get("round_s") or math.inf for k, r in runs.items() if "plain" in k))
+    ratios = {k: h.ratio(r.get("round_s"), best) for k, r in runs.items() if "ray" in k}
     met = {k: v is not None and v <= 1.3 for k, v in ratios.items()}
     overhead = dict(clients=clients, runs=runs, best_plain_steady_round_s=best)
     overhead |= dict(steady_round_ratio_over_best_plain=ratios, goal_ratio_max=1.3, goal_met=met)
     options = {"clients": clients, "variants": chosen, "num_cpus": args.num_cpus}
-    payload = dict(benchmark="sim_overhead", options=options, run_config=run, overhead=overhead)
-    h.write_result(args.name, payload, args.out)
+    payload = dict(benchmark="sim_overhead", options=options, run_config=args.base)
+    h.write_result(args.name, payload | {"overhead": overhead}, args.out)
     return payload
-
-
-def sim_row(row: dict, peak_mb: float) -> dict:
-    """Round times, steady round, start-up of one child run (or why it did not finish)."""
-    if not row["completed"]:
-        return {**row, "peak_rss_mb": peak_mb}
-    rounds = [r for r in row["metrics"]["rounds"] if r["round"] > 0]
-    times = [r["wall_time"] for r in rounds]
-    steady, outside = h.mean(times[1:]), row["run_wall_s"] - sum(times)
-    out = dict(completed=True, run_wall_s=row["run_wall_s"], round_times_s=times)
-    out |= dict(steady_round_s=steady, startup_and_teardown_s=outside, peak_rss_mb=peak_mb)
-    out["one_time_s"] = outside + (times[0] - steady if steady else 0.0)
-    out["accepted_per_round"] = [r["accepted"] for r in rounds]
-    return out | {"torch_threads": row["torch_threads"]}
 
 
 # --- the launcher, watched ------------------------------------------------------------
@@ -132,9 +118,8 @@ def launch(overrides: dict, nodes: int, per_gpu: int, gpus: int) -> dict:
     sampler, ended, start = h.Sampler(nvml(gpus), 0.25), {}, time.time()
     sampler.start()
     with open(run_dir.parent / f"{overrides['run-name']}.log", "w") as log:
-        proc = subprocess.Popen(
-            [*cmd, "--run-config", text], cwd=h.REPO, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
+        cmd += ["--run-config", text]
+        proc = subprocess.Popen(cmd, cwd=h.REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         memory = h.Sampler(lambda: h.host_memory(proc.pid, role))
         memory.start()
         while proc.poll() is None:
@@ -158,19 +143,17 @@ def host_pss(samples: list, window: tuple[float, float], master: float) -> dict:
         peak = max((b for _, (b, _) in sizes), default=0)
         mean = h.mean([b for at, (b, _) in sizes if window[0] <= at <= window[1]])
         out[name] = dict(peak_gb=peak / 1e9, steady_gb=mean and mean / 1e9)
-        out[name] |= dict(
-            peak_over_master=h.ratio(peak, master), steady_over_master=h.ratio(mean, master)
-        )
+        out[name]["peak_over_master"] = h.ratio(peak, master)
+        out[name]["steady_over_master"] = h.ratio(mean, master)
         out[name]["processes"] = max((n for _, (_, n) in sizes), default=0)
     return out
 
 
 # --- deploy ---------------------------------------------------------------------------
-DEPLOY_PRESETS: dict[str, dict[str, Any]] = {
-    "cpu-default": {"shape": None, "gpu": False, "run": {"fraction-evaluate": 1.0}},
-    "tiny": {"shape": h.TINY_SHAPE, "gpu": False, "run": {**GPU_RUN, **CPU_RUN}},
-    "qwen-0.36b": {"shape": SHAPES["qwen-0.36b"], "gpu": True, "run": GPU_RUN},
-    "llama2-7b": {"shape": h.LLAMA2_7B, "gpu": True, "run": GPU_RUN},
+DEPLOY_PRESETS = {"cpu-default": {"shape": None, "gpu": False, "run": {"fraction-evaluate": 1.0}}}
+DEPLOY_PRESETS["tiny"] = {"shape": h.TINY_SHAPE, "gpu": False, "run": {**GPU_RUN, **CPU_RUN}}
+DEPLOY_PRESETS |= {
+    k: {"shape": SHAPES[k], "gpu": True, "run": GPU_RUN} for k in ("qwen-0.36b", "llama2-7b")
 }
 FLOOR_WORK = {"local-steps": 1, "batch-size": 1, "max-eval-blocks": 1, "eval-batch-size": 1}
 FLOWER_POLL = "3"  # the floor: Flower's own SuperNode idle poll (client/supernode.py)
@@ -293,9 +276,8 @@ def deploy(args: Any) -> None:
     for mode, nodes in ((m, n) for m in args.client_eval.split(",") for n in h.ints(args.nodes)):
         rows.append(row := {"client_eval": mode, "nodes": nodes})
         cfg, tag = {**base, "client-eval": mode}, f"{mode}-n{nodes}"
-        row["simulated"] = summary(
-            launch({**cfg, "run-name": f"{tag}-sim"}, nodes, nodes, int(gpu))
-        )
+        simulated = launch({**cfg, "run-name": f"{tag}-sim"}, nodes, nodes, int(gpu))
+        row["simulated"] = summary(simulated)
         save()
         for layout in args.layout.split(","):  # a worker per node shares the CPUs as actors do
             threads = ("--threads", str(max(1, (os.cpu_count() or 1) // nodes)))
@@ -328,9 +310,8 @@ def floor_tokens_per_s(overrides: dict, passes: int = 3) -> list[float]:
     cfg = RunConfig.from_flower(overrides)
     task, a, device = build_task(cfg.task_config(1)), cfg.adapter, pick_device(cfg.train.device)
     targets = a.targets(task.target_modules)
-    model = prepare(
-        task.load_model(), a.method, targets, kind=a.kind, seed=a.seed, rank=a.rank, alpha=a.alpha
-    )
+    kw = {"kind": a.kind, "seed": a.seed, "rank": a.rank, "alpha": a.alpha}
+    model = prepare(task.load_model(), a.method, targets, **kw)
     model, data = place(model, device, cfg.train.precision), task.train_dataset(0)
     train(model, task, data, cfg, device, data_seed=0)  # warm-up: kernels, allocator
     rates = []
@@ -396,9 +377,7 @@ def gpu_sim(args: Any) -> dict:
     passes = floor_tokens_per_s({**base, "device": "auto"})
     for row in rows:
         row |= {"floor_tokens_per_s": statistics.fmean(passes), "floor_passes": passes}
-        row["tokens_per_s_over_floor"] = h.ratio(
-            row["tokens_per_s_per_gpu"], row["floor_tokens_per_s"]
-        )
+        row["tokens_per_s_over_floor"] = h.ratio(row["tokens_per_s_per_gpu"], h.mean(passes))
     payload = dict(shape=shape, model=facts, run_config=base, rows=rows)
     name = args.name or f"gpu_sim-{args.label}-{shape}"
     h.write_result(name, payload | {"gpu": h.environment().get("gpu")}, out)
@@ -469,7 +448,7 @@ def probed_run(args: Any, spec: dict[str, Any], work: Path, tag: str) -> dict[st
     ov |= {"round-timeout": args.timeout_s, "output-dir": str(work), "run-name": tag}
     spec = {**spec, "overrides": ov, "probe": str(work / f"{tag}.probe")}
     env = {**OFFLINE_ENV, **SIMULATION_ENV, "HF_HUB_OFFLINE": "1"}
-    env["SEEDLORA_CACHE"] = str(work / "link-cache")
+    env |= {"SEEDLORA_CACHE": str(work / "link-cache"), **spec.get("env", {})}
     if spec.get("cuda_visible_devices") is not None:
         env["CUDA_VISIBLE_DEVICES"] = spec["cuda_visible_devices"]
     run = h.run_child(spec, work, args.timeout_s, env)
@@ -489,9 +468,8 @@ def probed_run(args: Any, spec: dict[str, Any], work: Path, tag: str) -> dict[st
     row["round_s"] = h.mean([r["round_s"] for r in steady])
     row["split_s"] = {k: h.mean([r["split_s"][k] for r in steady]) for k in steady[0]["split_s"]}
     row["client_train_time_s_mean"] = h.mean([r["client_train_time_s"]["mean"] for r in steady])
-    row |= dict(
-        peak_gpu_mb_per_client_max=max(peaks, default=None), gpu_mb_after_call_by_round=after
-    )
+    row["peak_gpu_mb_per_client_max"] = max(peaks, default=None)
+    row["gpu_mb_after_call_by_round"] = after
     grown = (after[rounds[-1]["round"]] - after[rounds[0]["round"]]) * h.MIB
     row["gpu_memory_grows"] = grown > GROWTH_TOLERANCE
     clean = all(r["accepted"] == spec["nodes"] and not r["errors"] for r in rounds)
@@ -545,9 +523,8 @@ def gpu_clients(args: Any) -> dict:
             for g in gpus:
                 tps = payload["ray"][str(g)][str(n)].get("tokens_per_s")
                 row[f"ray_{g}gpu_tokens_per_s"] = tps
-                row[f"ray_{g}gpu_per_gpu_over_floor"] = h.ratio(
-                    tps and tps / g, row["floor_tokens_per_s"]
-                )
+                per_gpu = h.ratio(tps, g * (row["floor_tokens_per_s"] or 0))
+                row[f"ray_{g}gpu_per_gpu_over_floor"] = per_gpu
                 if g > 1:
                     row[f"ray_{g}gpu_over_1gpu"] = h.ratio(tps, row.get("ray_1gpu_tokens_per_s"))
             payload["comparison"].append(row)

@@ -40,12 +40,9 @@ TINY_RUN |= {"alpha": 8.0, "seq-len": 32, "max-train-blocks": 8, "max-eval-block
 def git_commit() -> str:
     """HEAD's short hash, "+changes" when tracked files differ (a copied working tree)."""
     try:
-        git = lambda *a: subprocess.run(  # noqa: E731
-            ["git", *a], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        return git("rev-parse", "--short", "HEAD") + (
-            "+changes" if git("status", "-s", "-uno") else ""
-        )
+        run = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, check=True)  # noqa: E731
+        changed = "+changes" if run("status", "-s", "-uno").stdout.strip() else ""
+        return run("rev-parse", "--short", "HEAD").stdout.decode().strip() + changed
     except (OSError, subprocess.CalledProcessError):
         return os.environ.get("SEEDLORA_COMMIT", "unknown")
 

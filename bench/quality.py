@@ -31,12 +31,8 @@ from simulation.sweep import Point, run_grid
 
 CHAINS = ("c3la", "r-c3la", "rac-lora", "seedcore")
 EXACT = CHAINS  # this project's methods whose average is exact (not with int8 uploads)
-A_KINDS = {
-    "c3la": "circulant",
-    "r-c3la": "random-block",
-    "rac-lora": "gaussian",
-    "central": "circulant",
-}
+A_KINDS = {"c3la": "circulant", "r-c3la": "random-block", "rac-lora": "gaussian"}
+A_KINDS["central"] = "circulant"
 VARIANTS = {m: {"method": m} for m in ("ffa", "fedit", "seedcore")}
 VARIANTS |= {m: {"method": "seedlora", "a-kind": kind} for m, kind in A_KINDS.items()}
 METRIC = {"code-lm": "ppl", "code-cls": "accuracy"}
@@ -92,9 +88,8 @@ def point(args: Any, task: str, part: str, method: str, seed: int, **extra: Any)
     if central:
         ov |= {k: ov[k] * args.clients for k in ("local-steps", "max-train-blocks")}
     tags = {"task": task, "partitioning": "pooled" if central else part, "panel": part}
-    return Point(
-        ov | extra, 1 if central else args.clients, {**tags, "method": method, "seed": seed}
-    )
+    tags |= {"method": method, "seed": seed}
+    return Point(ov | extra, 1 if central else args.clients, tags)
 
 
 def run_point(point: Point, fresh_cache: bool = False, threads: int | None = None) -> dict:
@@ -133,11 +128,11 @@ def aggregate(records: Sequence[dict]) -> list[dict]:
         finals = [r["final"] for r in rs]
         row = dict(task=task, partitioning=part, method=method, metric=rs[0]["metric"])
         row |= dict(
-            seeds=sorted(r["seed"] for r in rs), finals={str(r["seed"]): r["final"] for r in rs}
+            seeds=sorted(r["seed"] for r in rs),
+            finals={str(r["seed"]): r["final"] for r in rs},
         )
-        row |= dict(
-            final_mean=statistics.fmean(finals), final_min=min(finals), final_max=max(finals)
-        )
+        row |= dict(final_mean=statistics.fmean(finals), final_min=min(finals))
+        row["final_max"] = max(finals)
         row["final_std"] = statistics.stdev(finals) if len(finals) > 1 else 0.0
         row["total_mb_up_mean"] = statistics.fmean(r["total_bytes_up"] / 1e6 for r in rs)
         row["wall_time_s_mean"] = statistics.fmean(r["wall_time_s"] for r in rs)
@@ -190,21 +185,17 @@ def tuned_goal(summary: Sequence[dict]) -> dict:
             bytes_ratio = r["total_mb_up_mean"] / fedit["total_mb_up_mean"]
             close = enough and within(r["metric"], r["final_mean"], fedit["final_mean"], TOLERANCE)
             reaches = enough and within(r["metric"], r["final_mean"], fedit["final_mean"])
-            c = dict(
-                method=r["method"], final_mean=r["final_mean"], bytes_ratio_vs_fedit=bytes_ratio
-            )
-            c |= dict(
-                enough_seeds=enough, within_2pct=close, counts=close and bytes_ratio <= BYTES_RATIO
-            )
+            c = dict(method=r["method"], final_mean=r["final_mean"], enough_seeds=enough)
+            c |= dict(bytes_ratio_vs_fedit=bytes_ratio, within_2pct=close)
+            c["counts"] = close and bytes_ratio <= BYTES_RATIO
             c["core_counts"] = base == "seedcore" and reaches and bytes_ratio <= CORE_BYTES_RATIO
             cell["candidates"].append(c)
         cell["met"] = any(c["counts"] for c in cell["candidates"])
         cell["core_met"] = any(c["core_counts"] for c in cell["candidates"])
         cells.append(cell)
     exact, core = sum(c["met"] for c in cells), sum(c["core_met"] for c in cells)
-    complete = len(cells) == len(CELLS) and all(
-        c["fedit"] and len(c["fedit"]["seeds"]) >= SEEDS_NEEDED for c in cells
-    )
+    seeded = [c["fedit"] and len(c["fedit"]["seeds"]) >= SEEDS_NEEDED for c in cells]
+    complete = len(cells) == len(CELLS) and all(seeded)
     out = {"complete": complete, "cells": cells}
     out["exact_within_2pct_at_half_bytes"] = {"cells_met": exact, "met": exact >= CELLS_NEEDED}
     out["seedcore_at_5pct_bytes"] = {"cells_met": core, "met": core >= 1}
@@ -224,10 +215,13 @@ def plot(records: Sequence[dict], task: str, part: str, path: Path) -> None:
     curves = {}
     for method, pts in sorted(lines.items()):
         n = min(len(p) for p in pts)
-        curves[method] = [
-            [statistics.fmean(p[k][i] for p in pts) for k in range(n)] for i in (0, 1)
-        ]
-    kw = {"xscale": "log", "xlabel": "cumulative uploaded MB", "line": runs[0]["base"] if runs else None}
+        mean = [[statistics.fmean(p[k][i] for p in pts) for k in range(n)] for i in (0, 1)]
+        curves[method] = mean
+    kw = {
+        "xscale": "log",
+        "xlabel": "cumulative uploaded MB",
+        "line": runs[0]["base"] if runs else None,
+    }
     h.plot(path, f"{task}, {part} (dashed: the base model)", curves, **kw)
 
 
@@ -258,9 +252,8 @@ def grid(args: Any) -> dict:
     options = dict(tasks=tasks, partitionings=parts, seeds=args.seeds, methods=methods)
     payload = dict(benchmark="quality", harness=HARNESS, options=options | h.pick(args, "clients"))
     payload |= dict(run_config=args.base, quality_metric={t: METRIC[t] for t in tasks})
-    payload |= dict(
-        planned_runs=len(plan), completed_runs=len(result.rows), failed_runs=result.failed
-    )
+    payload |= dict(planned_runs=len(plan), completed_runs=len(result.rows))
+    payload["failed_runs"] = result.failed
     payload["grid_seconds_this_call"] = time.perf_counter() - started
     payload |= dict(summary=summary, goal=grid_goal(summary), runs=result.rows)
     h.write_result(args.name, payload, args.out)
@@ -276,12 +269,8 @@ def default_methods(base: dict[str, Any]) -> list[str]:
     half, swapped = f"@r{r * 7 // 8}", f"@fB@r{r * 9 // 8}"
     chains = [*CHAINS, *(f"{m}{x}" for x in (half, "@fB", swapped) for m in ("c3la", "rac-lora"))]
     longer = f"@L{links * max(2, rounds)}x{max(1, rounds // 2)}"
-    return [
-        *chains,
-        "ffa",
-        "fedit",
-        *(f"c3la{x}" for x in (f"@r{2 * r}", "@int8", f"@r{2 * r}@int8", longer)),
-    ]
+    chains += [f"c3la{x}" for x in (f"@r{2 * r}", "@int8", f"@r{2 * r}@int8", longer)]
+    return [*chains[:10], "ffa", "fedit", *chains[10:]]
 
 
 def lr_grid(args: Any, method: str) -> list[float]:
@@ -313,31 +302,27 @@ def tuned(args: Any) -> dict:
             return Point(p.overrides, p.nodes, {**p.tags, "phase": phase, "lr": lr})
 
         sweep = [
-            run(c, m, args.seeds[0], lr, "sweep") for c in cells for m in methods for lr in grids[m]
+            run(c, m, args.seeds[0], x, "sweep") for c in cells for m in methods for x in grids[m]
         ]
         rows = run_grid(sweep, run_one, results, resume=args.resume, **opts).rows
         chosen: dict[str, dict[str, dict]] = {}
         for r in (r for r in rows if r["phase"] == "sweep"):
-            entry = chosen.setdefault(f"{r['task']}:{r['panel']}", {}).setdefault(
-                r["method"], {"validation": {}, "lr": None}
-            )
+            cell = chosen.setdefault(f"{r['task']}:{r['panel']}", {})
+            entry = cell.setdefault(r["method"], {"validation": {}, "lr": None})
             entry["validation"][repr(r["lr"])] = r["final"]
             finite_ = {float(k): v for k, v in entry["validation"].items() if finite(v)}
             pick = max if HIGHER_IS_BETTER[r["metric"]] else min
             entry["lr"] = pick(finite_, key=finite_.get) if finite_ else None
         best = {(c, m): chosen.get(c, {}).get(m, {}).get("lr") for c in cells for m in methods}
-        finals = [
-            run(c, m, s, lr, "final") for s in args.seeds for (c, m), lr in best.items() if lr
-        ]
+        finals = [run(c, m, s, x, "final") for s in args.seeds for (c, m), x in best.items() if x]
         result = run_grid(sweep + finals, run_one, results, resume=True, **opts)
     summary = aggregate([r for r in result.rows if r["phase"] == "final"])
     for row in summary:
         row["lr"] = chosen[f"{row['task']}:{row['partitioning']}"][row["method"]]["lr"]
         row["spread"] = (row["final_max"] - row["final_min"]) / abs(row["final_mean"])
     options = dict(cells=cells, methods=methods, **h.pick(args, "seeds", "clients", "workers"))
-    payload = dict(
-        benchmark="quality_tuned", harness=HARNESS, options=options, run_config=args.base
-    )
+    payload = dict(benchmark="quality_tuned", harness=HARNESS, options=options)
+    payload["run_config"] = args.base
     payload["cells_run"] = sorted({f"{r['task']}:{r['panel']}" for r in result.rows})
     payload |= dict(lr_grid=grids, chosen=chosen, summary=summary, goal=tuned_goal(summary))
     payload |= dict(planned_runs=len(sweep) + len(finals), completed_runs=len(result.rows))
@@ -352,9 +337,7 @@ def tuned(args: Any) -> dict:
 ap, subs = h.cli(__doc__)
 for name, fn in (("grid", grid), ("tuned", tuned)):
     p = h.command(subs, name, fn, {"grid": "quality", "tuned": "quality_tuned"}[name])
-    p.add_argument(
-        "--seeds", default="3", help="N (0..N-1) or a list a,b (tuned: sweeps on the first)"
-    )
+    p.add_argument("--seeds", default="3", help="N (0..N-1) or a list a,b (tuned: sweep on a)")
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--methods", default="" if name == "tuned" else GRID_METHODS)
     p.add_argument("--resume", action="store_true", help="skip runs in <name>.runs.jsonl")
@@ -363,9 +346,7 @@ p.add_argument("--lrs", default="", help="one lr grid for every method (a,b,...)
 p.add_argument("--lr-points", type=int, default=5, help="values per method's lr grid")
 p.add_argument("--workers", type=int, default=1, help="runs at once, each in its own process")
 p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-p.add_argument(
-    "--time-budget", type=float, default=None, metavar="S", help="start no run after S seconds"
-)
+p.add_argument("--time-budget", type=float, metavar="S", help="start no run after S seconds")
 p = subs.choices["grid"]
 p.add_argument("--tasks", default="code-lm,code-cls")
 p.add_argument("--partitionings", default="iid,dirichlet")

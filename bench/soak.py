@@ -100,9 +100,8 @@ def slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     if len(set(xs)) < 2:
         return None
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
-        (x - mx) ** 2 for x in xs
-    )
+    covariance = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
+    return covariance / sum((x - mx) ** 2 for x in xs)
 
 
 def bytes_summary(rows: list[dict], closing: bool) -> dict[str, Any]:
@@ -174,9 +173,8 @@ def chain(args: Any) -> dict:
         grid.keep_replies = False  # the in-process grid's own record would grow every round
         began = time.perf_counter()
         wrap = lambda g: grids.append(soak_grid(g, Path(tmp) / "grid.jsonl", run_dir)) or grids[0]  # noqa: E731
-        doc = run_local(
-            ov, clients, grid=grid, wrap_grid=wrap, out_dir=run_dir, fresh_cache=True
-        ).metrics
+        kw = {"grid": grid, "wrap_grid": wrap, "out_dir": run_dir, "fresh_cache": True}
+        doc = run_local(ov, clients, **kw).metrics
         wall, looks = time.perf_counter() - began, grids[0].looks
         grids[0].look(None)
         at, rows = {x["before_round"]: i for i, x in enumerate(looks)}, []
@@ -245,9 +243,8 @@ def byzantine(args: Any) -> dict:
         pairs = [("fedavg", "clean"), *((r, a) for a in attacks for r in rules)]
         plan = [Point({**base, "strategy": r}, clients, {"rule": r, "attack": a}) for r, a in pairs]
         started = time.perf_counter()
-        runs = run_grid(
-            plan, attacked_run, args.out / f"{args.name}.runs.jsonl", resume=args.resume
-        ).rows
+        results = args.out / f"{args.name}.runs.jsonl"
+        runs = run_grid(plan, attacked_run, results, resume=args.resume).rows
     clean = {r["rule"]: r["final_ppl"] for r in runs if r["attack"] == "clean"}
     table = []
     for r in runs:
@@ -266,18 +263,15 @@ def byzantine(args: Any) -> dict:
     ]
     summary["fedavg_under_attack"] = fedavg
     payload = dict(benchmark="byzantine", harness="simulation.local.run_local", run_config=base)
-    payload["attack"] = (
-        f"{args.attackers} of {clients} clients send sent + factor * (trained - sent)"
-    )
+    payload["attack"] = f"{args.attackers} of {clients} clients send sent + f * (trained - sent)"
     payload["options"] = {"rules": rules, "attacks": attacks, "clients": clients}
     payload |= dict(reference="clean fedavg final perplexity", tolerance=TOLERANCE, table=table)
     payload |= dict(summary=summary, grid_seconds=time.perf_counter() - started, runs=runs)
     h.write_result(args.name, payload, args.out)
     labels = list(dict.fromkeys(r["rule"] for r in runs))
     ppl = {(r["rule"], r["attack"]): r["final_ppl"] for r in runs}
-    series = {
-        a: [ppl.get((x, a), 0) for x in labels] for a in dict.fromkeys(r["attack"] for r in runs)
-    }
+    attacks = dict.fromkeys(r["attack"] for r in runs)
+    series = {a: [ppl.get((x, a), 0) for x in labels] for a in attacks}
     title, line = "final perplexity, Byzantine clients", (1 + TOLERANCE) * clean["fedavg"]
     h.plot(args.out / f"{args.name}.png", title, series, labels, yscale="log", line=line)
     print(json.dumps(summary))

@@ -66,13 +66,11 @@ class Shape:
     arch: str = "qwen2"  # qwen2 (tied embeddings) or llama
 
 
-PRESETS: dict[str, Shape] = {
-    "qwen2.5-0.5b": Shape(896, 4864, 24, 14, 2, 151936, 8, 512, 16, 32.0, "bfloat16"),
-    "qwen2-0.36b": Shape(896, 4864, 24, 14, 2, 4096, 4, 512, 16, 32.0, "bfloat16"),
-    "llama2-7b": Shape(4096, 11008, 32, 32, 32, 32000, 4, 512, 16, 32.0, "bfloat16", "llama"),
-    "small": Shape(256, 1024, 4, 4, 2, 4096, 4, 128, 16, 32.0, "float32"),
-    "tiny": Shape(64, 128, 2, 4, 2, 256, 2, 32, 4, 8.0, "float32"),
-}
+PRESETS = {"qwen2.5-0.5b": Shape(896, 4864, 24, 14, 2, 151936, 8, 512, 16, 32.0, "bfloat16")}
+PRESETS["qwen2-0.36b"] = Shape(896, 4864, 24, 14, 2, 4096, 4, 512, 16, 32.0, "bfloat16")
+PRESETS["llama2-7b"] = Shape(4096, 11008, 32, 32, 32, 32000, 4, 512, 16, 32.0, "bfloat16", "llama")
+PRESETS["small"] = Shape(256, 1024, 4, 4, 2, 4096, 4, 128, 16, 32.0, "float32")
+PRESETS["tiny"] = Shape(64, 128, 2, 4, 2, 256, 2, 32, 4, 8.0, "float32")
 
 
 def base_variant(variant: str) -> str:
@@ -91,10 +89,9 @@ def build_model(shape: Shape, device: torch.device | str, seed: int) -> nn.Modul
     """A random-init Qwen2 or Llama causal LM of `shape`, built in its dtype on `device`."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    kw = dict(
-        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate
-    )
-    kw |= dict(num_hidden_layers=shape.layers, num_attention_heads=shape.heads, use_cache=False)
+    kw = dict(vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers)
+    kw["intermediate_size"] = shape.intermediate
+    kw |= dict(num_attention_heads=shape.heads, use_cache=False)
     kw |= dict(num_key_value_heads=shape.kv_heads, tie_word_embeddings=shape.arch == "qwen2")
     kw |= dict(max_position_embeddings=max(shape.seq, 32768), attn_implementation="sdpa")
     config = (Qwen2Config if shape.arch == "qwen2" else LlamaConfig)(**kw)
@@ -191,9 +188,7 @@ def profile_step(step: Callable[[], Any], cuda: bool) -> dict[str, Any]:
             prof.export_chrome_trace(f"{tmp}/t.json")
             events = json.loads(Path(f"{tmp}/t.json").read_text())["traceEvents"]
         mem = [e["args"] for e in events if e.get("name") == "[memory]"]
-        mem = sorted(
-            (m for m in mem if m.get("Device Type") == 0), key=lambda m: m.get("Ev Idx", 0)
-        )
+        mem = sorted((m for m in mem if m.get("Device Type") == 0), key=lambda m: m["Ev Idx"])
         if mem:
             start = mem[0]["Total Allocated"] - mem[0]["Bytes"]
             out["cpu_peak"] = max(0, max(m["Total Allocated"] for m in mem) - start)
@@ -261,16 +256,12 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     floor, peft, graphed = by.get(FLOOR, {}), by.get(PEFT, {}), by.get(FLOOR + GRAPHED, {})
     for r in rows:
         t, m = r["median_ms"], r["peak_bytes"]
-        r["time_x_floor"], r["time_x_peft"] = (
-            ratio(t, floor.get("median_ms")),
-            ratio(t, peft.get("median_ms")),
-        )
+        r["time_x_floor"] = ratio(t, floor.get("median_ms"))
+        r["time_x_peft"] = ratio(t, peft.get("median_ms"))
         r["time_x_floor_busy"] = ratio(t, floor.get("busy_ms"))
         r["time_x_floor_graphed"] = ratio(t, graphed.get("median_ms"))
-        r["memory_x_floor"], r["memory_x_peft"] = (
-            ratio(m, floor.get("peak_bytes")),
-            ratio(m, peft.get("peak_bytes")),
-        )
+        r["memory_x_floor"] = ratio(m, floor.get("peak_bytes"))
+        r["memory_x_peft"] = ratio(m, peft.get("peak_bytes"))
     out: dict[str, Any] = {}
     for r in rows:
         v = r["variant"]
@@ -349,16 +340,15 @@ def graph_reuse(args: Any) -> dict[str, Any]:
         raise SystemExit("bench.step graph-reuse captures CUDA graphs: no CUDA device is visible")
     preset, variant, dev = (
         "tiny" if args.tiny else args.preset,
-        f"seedlora-circulant{GRAPHED}",
+        "seedlora-circulant-graphed",
         "cuda",
     )
     shape = PRESETS[preset]
     model = prepare(variant, build_model(shape, dev, args.seed), shape, args.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     on = {"device": dev, "generator": torch.Generator(dev).manual_seed(args.seed)}
-    batches = [
-        {"x": torch.randint(shape.vocab, (shape.batch, shape.seq), **on)} for _ in range(args.steps)
-    ]
+    size = (shape.batch, shape.seq)
+    batches = [{"x": torch.randint(shape.vocab, size, **on)} for _ in range(args.steps)]
     received = [[0.01 * torch.randn(p.shape, **on) for p in params] for _ in range(args.rounds)]
     lrs = [args.lr * 0.7**r for r in range(args.rounds)]
     loss_of = lambda b: model(input_ids=b["x"], labels=b["x"], use_cache=False).loss  # noqa: E731
@@ -389,9 +379,8 @@ def graph_reuse(args: Any) -> dict[str, Any]:
         model.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
         row = dict(round=r, lr=lrs[r], setup_s=setup, steps_s=steps_s, round_s=setup + steps_s)
-        row |= dict(
-            loss=loss, captures=captures, allocated_after_bytes=torch.cuda.memory_allocated()
-        )
+        row |= dict(loss=loss, captures=captures)
+        row["allocated_after_bytes"] = torch.cuda.memory_allocated()
         rows[mode].append(row)
     for r, row in enumerate(rows["kept"]):
         pairs = list(zip(trained["kept"][r], trained["fresh"][r], strict=True))
@@ -433,13 +422,11 @@ def quant_row(preset: str, base: str, args: Any) -> dict[str, Any]:
         dims, w, bias = (lin.in_features, lin.out_features), lin.weight.data, lin.bias is not None
         nf4 = {"compress_statistics": True, "quant_type": "nf4"}
         if base == "4bit":
-            q = bnb.nn.Linear4bit(
-                *dims, bias=bias, compute_dtype=torch.bfloat16, device="meta", **nf4
-            )
+            q = bnb.nn.Linear4bit(*dims, bias, torch.bfloat16, device="meta", **nf4)
             q.weight = bnb.nn.Params4bit(w, requires_grad=False, module=q, **nf4)
         else:
             q = bnb.nn.Linear8bitLt(
-                *dims, bias=bias, has_fp16_weights=False, threshold=6.0, device="meta"
+                *dims, bias, has_fp16_weights=False, threshold=6.0, device="meta"
             )
             q.weight = bnb.nn.Int8Params(w.cpu(), requires_grad=False, has_fp16_weights=False)
         if bias:
@@ -480,9 +467,8 @@ def quant_row(preset: str, base: str, args: Any) -> dict[str, Any]:
     row |= {"side_path_mib": round(side / MIB, 2), "step_s": round(min(times[1:] or times), 4)}
     row["step_peak_gib"] = round((torch.cuda.max_memory_allocated() - start) / gib, 3)
     row["losses"] = losses
-    row["only_b_has_gradients"] = all(
-        p.grad is None for n, p in model.named_parameters() if "lora_B" not in n
-    )
+    others = [p for n, p in model.named_parameters() if "lora_B" not in n]
+    row["only_b_has_gradients"] = all(p.grad is None for p in others)
     print(row, flush=True)
     del model, opt
     return row
@@ -496,9 +482,10 @@ def quant_memory(args: Any) -> dict[str, Any]:
 
     shapes = ["tiny"] if args.tiny else args.shapes.split(",")
     rows = [quant_row(s, b, args) for s in shapes for b in args.bases.split(",")]
-    payload = dict(
-        setup=pick(args, "rank", "links", "steps"), bitsandbytes=bitsandbytes.__version__
-    )
+    payload = {
+        "setup": pick(args, "rank", "links", "steps"),
+        "bitsandbytes": bitsandbytes.__version__,
+    }
     write_result(args.name, payload | {"rows": rows}, args.out)
     return payload
 
