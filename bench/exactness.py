@@ -108,10 +108,9 @@ def trial(
             results.append((f"seedlora-{kind}+flower", "float32", error))
             for dname, dtype in DTYPES.items():
                 bs, a_d = [b.to(dtype) for b in bs32], a.to(dtype)
-                exact = (
-                    mean_update([a_d] * n, bs, weights, scaling) if dtype != torch.float32 else 0
-                )
-                exact = exact32 if dtype == torch.float32 else exact
+                exact = exact32
+                if dtype != torch.float32:
+                    exact = mean_update([a_d] * n, bs, weights, scaling)
                 ours = scaling * mean_in_dtype(bs, factors) @ a_d
                 results.append((f"seedlora-{kind}", dname, relative_error(ours, exact)))
         where = {"clients": n, "seed": seed, "layer": name}
@@ -311,8 +310,6 @@ def a_draw(args: Any) -> dict:
         ref = {"environment": h.environment(), "device": "cpu", "digests": a_digests("cpu")}
         DIGEST_REFERENCE.write_text(json.dumps(ref, indent=1) + "\n")
         return ref
-    if args.workers:
-        draws.MAX_WORKERS = args.workers
 
     def legacy(spec: ASpec) -> torch.Tensor:  # the old rule: float32 randn of a torch.Generator
         gen = torch.Generator().manual_seed(derive_seed("gaussian", spec.seed, 0, spec.layer))
@@ -356,7 +353,6 @@ p.add_argument("--reply-rank", type=int, default=8, help="rank of the measured r
 p = h.command(subs, "a-draw", a_draw, "a_draw")
 p.add_argument("--repeats", type=int, default=3)
 p.add_argument("--rank", type=int, default=16)
-p.add_argument("--workers", type=int, help="threads of draws.normals (default: CPUs)")
 p.add_argument("--write-digest-reference", action="store_true", help="write a_digests_cpu.json")
 main = h.main_of(ap)
 

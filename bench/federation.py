@@ -39,7 +39,13 @@ from typing import Any
 
 from bench import harness as h
 
-CLIENT_MARK, SERVER_MARK = "ClientAppActor", "flwr-simulation"
+
+def role(cmd: str) -> str:  # a process of the run by its command line; Ray retitles actors
+    return (
+        "clients" if "ClientAppActor" in cmd else "server" if "flwr-simulation" in cmd else "other"
+    )
+
+
 # cpu-0.18b: a 0.73 GB master outweighs a Python process, so CPU host-memory rows mean something
 CPU_018B = dict(h.TINY_SHAPE, hidden_size=1024, intermediate_size=4096, num_hidden_layers=12)
 CPU_018B |= {"num_attention_heads": 16, "num_key_value_heads": 4}
@@ -58,7 +64,7 @@ def sim(args: Any) -> dict:
     run |= {"rounds-per-link": 2, "local-steps": 1} if args.tiny else {}
     args.base = h.with_sets(run, args)
     variants = {"plain-1-thread": {"mode": "local", "threads": 1}, "ray": {"mode": "ray"}}
-    variants["plain"] = {"mode": "local", "threads": args.threads}
+    variants["plain"] = {"mode": "local"}  # torch's default threads
     variants["ray-nice0"] = {"mode": "ray", "env": {"RAY_worker_niceness": "0"}}
     chosen = ["plain-1-thread"] if args.tiny else args.variants.split(",")
     clients, runs = 2 if args.tiny else args.clients, {}
@@ -66,7 +72,7 @@ def sim(args: Any) -> dict:
         assets = h.tiny_assets(Path(tmp))
         args.model_dir, args.data = assets["model-name"], assets["dataset"]
         for name in chosen:
-            spec = {**variants[name], "nodes": clients, "num_cpus": args.num_cpus}
+            spec = {**variants[name], "nodes": clients, "num_cpus": 1}
             memory = h.Sampler(lambda: h.host_memory(os.getpid(), lambda cmd: "all"), 0.2)
             memory.start()
             runs[name] = probed_run(args, spec, Path(tmp), name)
@@ -79,7 +85,7 @@ def sim(args: Any) -> dict:
     met = {k: v is not None and v <= 1.3 for k, v in ratios.items()}
     overhead = dict(clients=clients, runs=runs, best_plain_steady_round_s=best)
     overhead |= dict(steady_round_ratio_over_best_plain=ratios, goal_ratio_max=1.3, goal_met=met)
-    options = {"clients": clients, "variants": chosen, "num_cpus": args.num_cpus}
+    options = {"clients": clients, "variants": chosen}
     payload = dict(benchmark="sim_overhead", options=options, run_config=args.base)
     h.write_result(args.name, payload | {"overhead": overhead}, args.out)
     return payload
@@ -98,11 +104,6 @@ def nvml(gpus: int) -> Any:
         return lambda: None
     utilisation, memory = pynvml.nvmlDeviceGetUtilizationRates, pynvml.nvmlDeviceGetMemoryInfo
     return lambda: ([utilisation(x).gpu / 100 for x in handles], [memory(x).used for x in handles])
-
-
-def role(cmdline: str) -> str:
-    """ "clients", "server" or "other" for a process of the run, by its command line."""
-    return "clients" if CLIENT_MARK in cmdline else "server" if SERVER_MARK in cmdline else "other"
 
 
 def launch(overrides: dict, nodes: int, per_gpu: int, gpus: int) -> dict:
@@ -539,8 +540,6 @@ ap, subs = h.cli(__doc__)
 p = h.command(subs, "sim", sim, "sim_overhead")
 p.add_argument("--clients", type=int, default=8)
 p.add_argument("--variants", default="plain-1-thread,plain,ray,ray-nice0")
-p.add_argument("--num-cpus", type=float, default=1.0, help="Ray resources per client")
-p.add_argument("--threads", type=int, default=0, help="torch threads of 'plain' (0: torch's)")
 p.add_argument("--timeout-s", type=float, default=600.0, help="per run")
 p = h.command(subs, "deploy", deploy, "")
 p.add_argument("--preset", choices=sorted(DEPLOY_PRESETS), default="cpu-default")

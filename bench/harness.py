@@ -165,16 +165,6 @@ def best_time(fn: Callable[[], Any], repeats: int) -> float:
     return min(times)
 
 
-def pss_bytes(pid: int) -> int | None:
-    """Proportional set size of `pid` (a page shared by k processes counts 1/k in each, so a
-    sum over processes counts it once); /proc/<pid>/smaps_rollup, Linux only."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            return next(int(x.split()[1]) * 1024 for x in f if x.startswith("Pss:"))
-    except (OSError, StopIteration):
-        return None
-
-
 class Sampler(threading.Thread):
     """`sample()` every `period` s in the background until `stop` is set: (time, value)."""
 
@@ -189,8 +179,8 @@ class Sampler(threading.Thread):
 
 
 def host_memory(pid: int, role: Callable[[str], str]) -> dict[str, list[int]] | None:
-    """PSS (RSS where /proc has none) of `pid` and its descendants by `role(cmdline)`:
-    {role: [bytes, processes]}."""
+    """PSS of `pid` and its descendants (a page shared by k processes counts 1/k in each, so
+    a sum counts it once; /proc, Linux; else RSS) by `role(cmdline)`: {role: [bytes, count]}."""
     import psutil
 
     out: dict[str, list[int]] = {}
@@ -198,7 +188,9 @@ def host_memory(pid: int, role: Callable[[str], str]) -> dict[str, list[int]] | 
         top = psutil.Process(pid)
         for proc in [top, *top.children(recursive=True)]:
             with contextlib.suppress(psutil.Error):
-                size = pss_bytes(proc.pid) or proc.memory_info().rss
+                size = proc.memory_info().rss
+                with contextlib.suppress(OSError), open(f"/proc/{proc.pid}/smaps_rollup") as f:
+                    size = next((int(x.split()[1]) * 1024 for x in f if x[:4] == "Pss:"), size)
                 entry = out.setdefault(role(" ".join(proc.cmdline())), [0, 0])
                 entry[0], entry[1] = entry[0] + size, entry[1] + 1
     return out or None

@@ -293,8 +293,7 @@ def tuned(args: Any) -> dict:
         grids = {m: lr_grid(args, m) for m in methods}
         run_one = functools.partial(run_point, fresh_cache=args.workers > 1, threads=args.threads)
         results, started = args.out / f"{args.name}.runs.jsonl", time.perf_counter()
-        deadline = None if args.time_budget is None else time.monotonic() + args.time_budget
-        opts = {"workers": args.workers, "deadline": deadline}
+        opts = {"workers": args.workers}
 
         def run(cell: str, method: str, seed: int, lr: float, phase: str) -> Point:
             split = "validation" if phase == "sweep" else "test"
@@ -346,7 +345,6 @@ p.add_argument("--lrs", default="", help="one lr grid for every method (a,b,...)
 p.add_argument("--lr-points", type=int, default=5, help="values per method's lr grid")
 p.add_argument("--workers", type=int, default=1, help="runs at once, each in its own process")
 p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-p.add_argument("--time-budget", type=float, metavar="S", help="start no run after S seconds")
 p = subs.choices["grid"]
 p.add_argument("--tasks", default="code-lm,code-cls")
 p.add_argument("--partitionings", default="iid,dirichlet")

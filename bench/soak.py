@@ -27,18 +27,10 @@ from bench import harness as h
 from simulation.sweep import Point, run_grid
 
 EDGE_LINKS = 5
+KINDS = {"links": "link log", "tb": "tensorboard"}  # run-directory folders, for bytes by kind
 
 
 # --- chain ----------------------------------------------------------------------------
-def kind_of(rel: Path) -> str:
-    """What a file of the run directory is, for the bytes breakdown."""
-    if rel.parts[0] in ("links", "tb"):
-        return {"links": "link log", "tb": "tensorboard"}[rel.parts[0]]
-    if rel.name.startswith("checkpoint"):
-        return "checkpoint"
-    return rel.name if rel.name in ("rounds.jsonl", "metrics.json") else "other"
-
-
 class DiskMeter:
     """Bytes written under `root` between two looks (module docstring); only the name tells
     an append (rounds.jsonl, TensorBoard events) from a replacement."""
@@ -56,7 +48,9 @@ class DiskMeter:
                 continue  # unchanged, or renamed
             append = path.name == "rounds.jsonl" or path.name.startswith("events.out.tfevents.")
             size = state[1] - before[1] if append and before and state[1] >= before[1] else state[1]
-            kind = kind_of(path.relative_to(self.root))
+            rel = path.relative_to(self.root)
+            kind = KINDS.get(rel.parts[0]) or ("checkpoint" if "checkpoint" in rel.name else None)
+            kind = kind or (rel.name if rel.name in ("rounds.jsonl", "metrics.json") else "other")
             written[kind] = written.get(kind, 0) + size
         self.seen = now
         return written

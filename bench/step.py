@@ -78,13 +78,6 @@ def base_variant(variant: str) -> str:
     return variant.removesuffix(LIGER).removesuffix(GROUPED).removesuffix(GRAPHED)
 
 
-def layer_dims(shape: Shape) -> list[tuple[str, int, int]]:
-    """(projection, n_in, n_out) of one decoder block."""
-    h, i, kv = shape.hidden, shape.intermediate, shape.kv_heads * (shape.hidden // shape.heads)
-    dims = ((h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h))
-    return [(name, a, b) for name, (a, b) in zip(PROJECTIONS, dims, strict=True)]
-
-
 def build_model(shape: Shape, device: torch.device | str, seed: int) -> nn.Module:
     """A random-init Qwen2 or Llama causal LM of `shape`, built in its dtype on `device`."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
@@ -321,7 +314,7 @@ def overhead(args: Any) -> dict[str, Any]:
         row["peak_bytes"] = max(p["peak_bytes"] for p in passes[v])
         rows.append(row | {"loss_first": passes[v][0]["loss_first"]})
     config = {"preset": preset, "device": str(device), **asdict(shape), "targets": PROJECTIONS}
-    config |= {"layer_dims": layer_dims(shape), **pick(args, "warmup", "steps", "rounds", "lr")}
+    config |= pick(args, "warmup", "steps", "rounds", "lr")
     payload = {"benchmark": "step_time", "config": config, "variants": rows, "failed": failed}
     name = args.name or f"step_time_{device.type}"
     write_result(name, payload | {"goals": goals(rows)}, args.out)
