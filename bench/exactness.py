@@ -1,16 +1,13 @@
 """What the math promises: exact averages, half the bytes, the same A everywhere.
 
-    python -m bench.exactness exactness   # exactness.json
-    python -m bench.exactness bytes       # bytes.json
-    python -m bench.exactness a-draw      # a_draw.json
+    python -m bench.exactness exactness   # exactness.json: the aggregate vs the exact mean
+    python -m bench.exactness bytes       # bytes.json: upload per client-round, a real reply
+    python -m bench.exactness a-draw      # a_draw.json: A's draw time and digests
 
-exactness: mean_i(B_i) A == mean_i(B_i A) because clients share A; FedIT's mean(B_i)
-mean(A_i) is not mean(B_i A_i). Relative Frobenius error against a float64 reference, in
-float32, bfloat16 and through Flower's aggregate_arrayrecords plus the merge. Goal <= 1e-6.
-bytes: ours/fedit = n_out / (n_in + n_out) per layer, counted on meta-device models, checked
-against what `prepare` trains, plus one real Flower reply's overhead.
-a-draw: the exact A rule's draw time against the legacy randn, the golden digests here (run
-it under ATEN_CPU_CAPABILITY=default too) and a_digests_cpu.json's.
+mean_i(B_i) A == mean_i(B_i A) since clients share A; FedIT's mean(B_i) mean(A_i) is not
+mean(B_i A_i) (relative Frobenius error, float32, bfloat16, through Flower; goal <= 1e-6).
+ours/fedit bytes = n_out / (n_in + n_out) per layer. A's golden digests hold on every CPU
+(run a-draw under ATEN_CPU_CAPABILITY=default too) and on the GPU (a_digests_cpu.json).
 """
 
 from __future__ import annotations
@@ -39,13 +36,12 @@ CONFIGS = {"qwen2.5-0.5b": {"model_type": "qwen2", **h.QWEN25_05B}}
 CONFIGS["llama2-7b"] = {"model_type": "llama", **h.LLAMA2_7B, "vocab_size": 32000, **UNTIED}
 CONFIGS["qwen2.5-7b"] = {"model_type": "qwen2", **QWEN25_7B}
 DIGEST_REFERENCE = h.RESULTS / "a_digests_cpu.json"
-DIGEST_LAYERS = [(16, "model.layers.0.self_attn.q_proj", 896, 896)]
-DIGEST_LAYERS += [(16, "model.layers.0.self_attn.k_proj", 896, 128)]
-DIGEST_LAYERS += [(8, "model.layers.23.mlp.down_proj", 4864, 896)]
-DIGEST_LAYERS += [(8, "transformer.h.0.attn.c_attn", 192, 576)]
-DIGEST_SPECS = [(k, s, c, *x) for k in KINDS for s, c in ((0, 0), (1, 3)) for x in DIGEST_LAYERS]
 # tests/test_spec.py's golden digests: ASpec(kind, 1234, 2, 4, GOLDEN_LAYER, 64, 192)
 GOLDEN_LAYER = "transformer.h.0.attn.c_attn"
+DIGEST_LAYERS = [(16, "model.layers.0.self_attn.q_proj", 896, 896), (8, GOLDEN_LAYER, 192, 576)]
+DIGEST_LAYERS[1:1] = [(16, "model.layers.0.self_attn.k_proj", 896, 128)]
+DIGEST_LAYERS[2:2] = [(8, "model.layers.23.mlp.down_proj", 4864, 896)]
+DIGEST_SPECS = [(k, s, c, *x) for k in KINDS for s, c in ((0, 0), (1, 3)) for x in DIGEST_LAYERS]
 GOLDEN = {"gaussian": "9573cde1e9648a010d586daa346e65ad996e3bd0915a447bc54bc50c8a3fb61e"}
 GOLDEN["random-block"] = "85e5a8664ebaf69898a5496668eebe8418a38548b7a65a6c521fa990a966f0e5"
 LLAMA_7B = [(f"self_attn.{p}_proj", 4096) for p in "qkvo"]  # (module, n_in): A is r x n_in
@@ -200,11 +196,7 @@ def count_model(name: str, rank: int) -> dict[str, Any]:
     config = load_config(name)
     layers = adapted_layers(config, rank)
     b = sum(x["n_out"] * rank for x in layers)
-    numbers = {
-        "seedlora": b,
-        "ffa": b,
-        "fedit": sum((x["n_in"] + x["n_out"]) * rank for x in layers),
-    }
+    numbers = {"seedlora": b, "ffa": b, "fedit": sum(x["n_in"] + x["n_out"] for x in layers) * rank}
     numbers["full"] = sum(p.numel() for p in meta_model(config).parameters())
     prepared = {}
     for method, kind in [("seedlora", k) for k in KINDS] + [(m, "gaussian") for m in METHODS[1:]]:
@@ -221,16 +213,15 @@ def count_model(name: str, rank: int) -> dict[str, Any]:
         groups[key] = groups.get(key, 0) + 1
     row = dict(model=name, model_type=config.model_type, rank=rank, num_adapted_layers=len(layers))
     row |= dict(num_params=numbers["full"], numbers=numbers, layers=layers)
-    row["bytes"] = {
-        m: {"up": v * FLOAT32, "down_per_round": v * FLOAT32} for m, v in numbers.items()
-    }
+    row["bytes"] = {m: {"up": v * FLOAT32} for m, v in numbers.items()}
+    for m in row["bytes"].values():
+        m["down_per_round"] = m["up"]
     row["seedlora_join_at_link_k_extra_bytes_per_link"] = b * FLOAT32
     row |= dict(ratio_up_ours_fedit=b / numbers["fedit"], ratio_up_ours_full=b / numbers["full"])
     types = [dict(group=g, n_in=i, n_out=o, count=c) for (g, i, o), c in groups.items()]
-    row["layer_types"] = [
-        t | {"ratio_ours_fedit": t["n_out"] / (t["n_in"] + t["n_out"])} for t in types
-    ]
-    for t in row["layer_types"]:
+    row["layer_types"] = types
+    for t in types:
+        t["ratio_ours_fedit"] = t["n_out"] / (t["n_in"] + t["n_out"])
         t["exactly_half"] = t["n_in"] == t["n_out"]
     return row | dict(prepared_trainable_numbers=prepared, prepared_agree=prepared == expected)
 

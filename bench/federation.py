@@ -5,21 +5,16 @@
     python -m bench.federation gpu-sim --configs 16x4 --shape llama2-7b # gpu_sim-<label>-<shape>
     python -m bench.federation gpu-clients --gpus 1,2                   # gpu_clients.json
 
-sim: the same clients in one process (simulation.local) and under Ray, each in a child
-process; Ray's steady round (rounds >= 2) over the best plain one (goal <= 1.3).
-deploy: a real flower-superlink and the data owners' `python -m client.node` (--layout
-partition: a worker per partition; host: one worker; node: a command per node) beside
-simulation.launch and Flower's floor (the same messages, the work cut to one step; `floor`
-on Flower's SuperNode poll, `floor_fast_poll` on the node command's). Goals per N: steady
-median deployed <= floor + 1.1 x simulated + 1 s; <= 1 build per worker per link; one
+sim: the same clients in one process and under Ray; Ray's steady round over the plain one.
+deploy: a real flower-superlink and data owners' `client.node` commands beside the launcher's
+simulation and Flower's floor (the same messages, the work cut to one step); goals per N:
+steady median deployed <= floor + 1.1 x simulated + 1 s, one build per worker per link, one
 tokenizing per partition and split.
-gpu-sim: simulation.launch per config NxK (K clients per GPU): NVML samples, host PSS of the
-clients, the server and the rest over one float32 master (goal <= 1.3 each), the steady
-round over the clients' critical path (goal 1.25), tokens/s per GPU against one client here.
-gpu-clients: N clients sharing G GPUs under Ray against the same clients in turn in one
-process, probed per call (tokens/s, GPU memory, the round split into client compute,
-Flower/Ray overhead and server time), and the A digests here against the CPU's. Without a
-GPU (--tiny) Ray gets logical GPUs.
+gpu-sim: the launcher per NxK (K clients per GPU): the steady round over the clients'
+critical path (goal 1.25), GPU use, host PSS of clients and server over one float32 master
+(goal 1.3 each). gpu-clients: N clients sharing G GPUs under Ray against the same clients in
+turn in one process, probed per call, and the A digests here against the CPU's (no GPU,
+--tiny: Ray gets logical GPUs).
 """
 
 from __future__ import annotations
@@ -40,10 +35,9 @@ from typing import Any
 from bench import harness as h
 
 
-def role(cmd: str) -> str:  # a process of the run by its command line; Ray retitles actors
-    return (
-        "clients" if "ClientAppActor" in cmd else "server" if "flwr-simulation" in cmd else "other"
-    )
+def role(cmd: str) -> str:  # a process of the run, by its command line (Ray retitles actors)
+    marks = {"ClientAppActor": "clients", "flwr-simulation": "server"}
+    return next((name for mark, name in marks.items() if mark in cmd), "other")
 
 
 # cpu-0.18b: a 0.73 GB master outweighs a Python process, so CPU host-memory rows mean something
@@ -63,16 +57,15 @@ def sim(args: Any) -> dict:
     run |= {"seq-len": 32, "rank": 4, "alpha": 8.0, "device": "cpu", "min-available-nodes": 1}
     run |= {"rounds-per-link": 2, "local-steps": 1} if args.tiny else {}
     args.base = h.with_sets(run, args)
-    variants = {"plain-1-thread": {"mode": "local", "threads": 1}, "ray": {"mode": "ray"}}
-    variants["plain"] = {"mode": "local"}  # torch's default threads
-    variants["ray-nice0"] = {"mode": "ray", "env": {"RAY_worker_niceness": "0"}}
+    variants = {"plain-1-thread": {"threads": 1}, "plain": {}, "ray": {"mode": "ray"}}
+    variants["ray-nice0"] = {"mode": "ray", "env": {"RAY_worker_niceness": "0"}}  # 15 shipped
     chosen = ["plain-1-thread"] if args.tiny else args.variants.split(",")
     clients, runs = 2 if args.tiny else args.clients, {}
     with tempfile.TemporaryDirectory(prefix="bench-sim-") as tmp:
         assets = h.tiny_assets(Path(tmp))
         args.model_dir, args.data = assets["model-name"], assets["dataset"]
         for name in chosen:
-            spec = {**variants[name], "nodes": clients, "num_cpus": 1}
+            spec = {"mode": "local", **variants[name], "nodes": clients, "num_cpus": 1}
             memory = h.Sampler(lambda: h.host_memory(os.getpid(), lambda cmd: "all"), 0.2)
             memory.start()
             runs[name] = probed_run(args, spec, Path(tmp), name)
@@ -153,9 +146,8 @@ def host_pss(samples: list, window: tuple[float, float], master: float) -> dict:
 # --- deploy ---------------------------------------------------------------------------
 DEPLOY_PRESETS = {"cpu-default": {"shape": None, "gpu": False, "run": {"fraction-evaluate": 1.0}}}
 DEPLOY_PRESETS["tiny"] = {"shape": h.TINY_SHAPE, "gpu": False, "run": {**GPU_RUN, **CPU_RUN}}
-DEPLOY_PRESETS |= {
-    k: {"shape": SHAPES[k], "gpu": True, "run": GPU_RUN} for k in ("qwen-0.36b", "llama2-7b")
-}
+GPU_PRESETS = ("qwen-0.36b", "llama2-7b")
+DEPLOY_PRESETS |= {k: {"shape": SHAPES[k], "gpu": True, "run": GPU_RUN} for k in GPU_PRESETS}
 FLOOR_WORK = {"local-steps": 1, "batch-size": 1, "max-eval-blocks": 1, "eval-batch-size": 1}
 FLOWER_POLL = "3"  # the floor: Flower's own SuperNode idle poll (client/supernode.py)
 
@@ -263,9 +255,8 @@ def deploy(args: Any) -> None:
     base["output-dir"] = str(work / "outputs")
     (work / "outputs").mkdir(parents=True)
     if preset["shape"] is not None:
-        save_random_lm(
-            work / "model", {k: v for k, v in preset["shape"].items() if k != "vocab_size"}
-        )
+        shape = {k: v for k, v in preset["shape"].items() if k != "vocab_size"}
+        save_random_lm(work / "model", shape)
         save_text_dataset(work / "text", min_chars=2_000_000 if preset["gpu"] else 50_000)
         base |= {"model-name": str(work / "model"), "dataset": str(work / "text")}
     base, rows, gpu = h.with_sets(base, args), [], preset["gpu"]
@@ -434,7 +425,6 @@ def probe_round(entry: dict, records: list[dict], ov: dict) -> dict[str, Any]:
     out["client_train_time_s"] = {"mean": h.mean(train), "max": max(train, default=None)}
     out["peak_gpu_mb_per_client"] = [c["gpu"]["peak_allocated"] / h.MIB for c in gpu]
     out["gpu_mb_after_call"] = {str(c["pid"]): c["gpu"]["allocated_after"] / h.MIB for c in gpu}
-    out["gpu_names"] = sorted({c["gpu"]["name"] for c in gpu})
     gpu_ids = {",".join((c.get("ray") or {}).get("gpu_ids", [])) for c in calls}
     return out | {"ray_gpu_ids": sorted(gpu_ids), "pids": sorted({c["pid"] for c in calls})}
 

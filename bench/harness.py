@@ -235,25 +235,18 @@ def plot(path: Path, title: str, series: Mapping[str, Any], labels: Sequence[str
 def run_child(
     spec: dict[str, Any], workdir: Path, timeout_s: float, env: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
-    """One run of the app in a child process (`python -m bench.harness SPEC`), stopped with
-    all it started after `timeout_s`: caches start cold, memory is the run's own.
-
-    spec: `mode` ("ray": simulation.inprocess.simulate, else simulation.local.run_local),
-    `overrides` (with `run-name`), `nodes`; optional `threads`, `num_cpus`, `num_gpus`,
-    `init_args` (Ray), `probe` (a testing.probe log). Returns `completed`, `process_wall_s`
-    and the child's `start`/`end`, `run_wall_s`, `torch_threads`, `metrics`, or `why` and
-    `log_tail`."""
+    """One run of the app in a child process, stopped with all it started after `timeout_s`
+    (cold caches, its own memory). spec: `mode` ("ray": simulate, else run_local),
+    `overrides`, `nodes`; optional `threads`, `num_cpus`, `num_gpus`, `init_args`, `probe`.
+    Returns `completed`, `process_wall_s` and the child's `metrics` and times, or `why`."""
     from runtime.processes import run, tail
 
     tag = spec["overrides"]["run-name"]
     spec_path, result, log = (workdir / f"{tag}.{x}" for x in ("spec.json", "result.json", "log"))
     spec_path.write_text(json.dumps({**spec, "result": str(result)}))
     began = time.perf_counter()
-    cmd, env = (
-        [sys.executable, "-m", "bench.harness", str(spec_path)],
-        {**os.environ, **(env or {})},
-    )
-    code = run(cmd, log, timeout_s=timeout_s, env=env, cwd=REPO)
+    cmd = [sys.executable, "-m", "bench.harness", str(spec_path)]
+    code = run(cmd, log, timeout_s=timeout_s, env={**os.environ, **(env or {})}, cwd=REPO)
     row: dict[str, Any] = {"process_wall_s": time.perf_counter() - began}
     if code == 0 and result.exists():
         return {**row, "completed": True, **json.loads(result.read_text())}

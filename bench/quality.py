@@ -3,15 +3,13 @@
     python -m bench.quality grid     # one lr for all: quality.json
     python -m bench.quality tuned    # each method at its best lr: quality_tuned.json
 
-Every run is simulation.local.run_local on BASE (`--set` over it) plus the method's keys,
-appended to `<name>.runs.jsonl` (`--resume` skips those done). Methods: c3la (circulant A),
-r-c3la (random-block A), rac-lora (gaussian A), seedcore (r x r core), ffa, fedit, central
-(one node with all the data and all the steps); suffixes @r<rank>, @lr<lr>, @int8, @fB
-(frozen B), @L<links>x<rounds>.
-grid goal: a chain at FedIT's quality or better with <= 0.5x its bytes. tuned: per cell an
-lr sweep scored on the validation half, then every seed at the best lr on the test half;
-goal: in >= 3 of 4 cells an exact method within 2% of FedIT at <= 0.5x its bytes, and
-seedcore at FedIT's quality at <= 0.05x its bytes in one, over >= 3 seeds.
+Runs: simulation.local.run_local on BASE (`--set` over it) plus the method's keys, appended
+to `<name>.runs.jsonl` (`--resume` skips them). Methods: c3la, r-c3la, rac-lora (circulant,
+random-block, gaussian A), seedcore, ffa, fedit, central (all data and steps on one node);
+suffixes @r<rank>, @lr<lr>, @int8, @fB (frozen B), @L<links>x<rounds>. grid goal: a chain at
+FedIT's quality with <= 0.5x its bytes. tuned: lr chosen on the validation half, every seed
+on the test half; goal: in >= 3 of 4 cells an exact method within 2% of FedIT at <= 0.5x
+its bytes, seedcore at FedIT's quality at <= 0.05x in one, over >= 3 seeds.
 """
 
 from __future__ import annotations
@@ -127,10 +125,8 @@ def aggregate(records: Sequence[dict]) -> list[dict]:
     for (task, part, method), rs in sorted(groups.items()):
         finals = [r["final"] for r in rs]
         row = dict(task=task, partitioning=part, method=method, metric=rs[0]["metric"])
-        row |= dict(
-            seeds=sorted(r["seed"] for r in rs),
-            finals={str(r["seed"]): r["final"] for r in rs},
-        )
+        row["seeds"] = sorted(r["seed"] for r in rs)
+        row["finals"] = {str(r["seed"]): r["final"] for r in rs}
         row |= dict(final_mean=statistics.fmean(finals), final_min=min(finals))
         row["final_max"] = max(finals)
         row["final_std"] = statistics.stdev(finals) if len(finals) > 1 else 0.0
@@ -217,11 +213,7 @@ def plot(records: Sequence[dict], task: str, part: str, path: Path) -> None:
         n = min(len(p) for p in pts)
         mean = [[statistics.fmean(p[k][i] for p in pts) for k in range(n)] for i in (0, 1)]
         curves[method] = mean
-    kw = {
-        "xscale": "log",
-        "xlabel": "cumulative uploaded MB",
-        "line": runs[0]["base"] if runs else None,
-    }
+    kw = {"xscale": "log", "xlabel": "cumulative MB up", "line": runs[0]["base"] if runs else None}
     h.plot(path, f"{task}, {part} (dashed: the base model)", curves, **kw)
 
 
@@ -300,9 +292,8 @@ def tuned(args: Any) -> dict:
             p = point(args, *cell.split(":"), method, seed, lr=lr, **{"central-eval-split": split})
             return Point(p.overrides, p.nodes, {**p.tags, "phase": phase, "lr": lr})
 
-        sweep = [
-            run(c, m, args.seeds[0], x, "sweep") for c in cells for m in methods for x in grids[m]
-        ]
+        first = args.seeds[0]
+        sweep = [run(c, m, first, x, "sweep") for c in cells for m in methods for x in grids[m]]
         rows = run_grid(sweep, run_one, results, resume=args.resume, **opts).rows
         chosen: dict[str, dict[str, dict]] = {}
         for r in (r for r in rows if r["phase"] == "sweep"):

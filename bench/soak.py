@@ -141,9 +141,8 @@ def chain_summary(rows: list[dict], run_dir: Path) -> dict[str, Any]:
     out["round_cpu_ratio"] = h.ratio(h.mean(cpu[-10:]), h.mean(cpu[2:12]))
     out["round_time_ratio_by_kind"] = {"first_round_of_link": kind_ratio(True)}
     out["round_time_ratio_by_kind"]["other_rounds"] = kind_ratio(False)
-    out["bytes_per_round_grow"] = {
-        n: (g.get("last_over_first") or 0) > 1.05 for n, g in grows.items()
-    }
+    grow = {n: (g.get("last_over_first") or 0) > 1.05 for n, g in grows.items()}
+    out["bytes_per_round_grow"] = grow
     out |= dict(cache_final_bytes=rows[-1]["cache_bytes"], cache_growth_bytes_per_link=cache_slope)
     out["cache_growth_over_link_file"] = h.ratio(cache_slope, facts["link_file_bytes"])
     return out | facts
@@ -252,9 +251,8 @@ def byzantine(args: Any) -> dict:
     for v in fedavg.values():
         v["vs_base_ppl"] = v["final_ppl"] / runs[0]["base_ppl"]
     summary = {"robust_within_5pct": all(r["within_5pct"] for r in robust)}
-    summary["robust_failures"] = [
-        f"{r['rule']}/{r['attack']}" for r in robust if not r["within_5pct"]
-    ]
+    failed = [f"{r['rule']}/{r['attack']}" for r in robust if not r["within_5pct"]]
+    summary["robust_failures"] = failed
     summary["fedavg_under_attack"] = fedavg
     payload = dict(benchmark="byzantine", harness="simulation.local.run_local", run_config=base)
     payload["attack"] = f"{args.attackers} of {clients} clients send sent + f * (trained - sent)"

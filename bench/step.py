@@ -5,15 +5,12 @@ round, memory of a quantized base.
     python -m bench.step graph-reuse --preset llama2-7b      # graph_reuse-<preset>.json (CUDA)
     python -m bench.step quant-memory                        # quant_memory.json (CUDA, bnb)
 
-overhead: forward + backward + AdamW steps of each variant on a fresh model from one seed,
-one batch, all seven projections adapted, side by side: `floor` (frozen, backward to the
-embeddings), PEFT LoRA (and with A frozen), seedlora's fused layer, `-reference` (plain
-autograd), `-grouped` (siblings one node), `-graphed` (the step one CUDA graph), `-liger`.
-Goals: <= PEFT in time and memory; fused <= 1.25x floor and <= 0.6x PEFT; grouped/graphed
-<= 1.25x the floor's GPU-busy time and <= 0.35x PEFT.
-graph-reuse: a link's rounds with a graph captured every round (`fresh`) against one kept
-graph (`kept`, seedlora.capture.kept_step). Goal: kept setup after round 1 <= 0.05 s.
-quant-memory: one client's GPU memory on a bf16 / 8bit / 4bit base with merged links.
+overhead: fwd + bwd + AdamW of each variant on a fresh model, one seed and batch, all seven
+projections adapted: `floor` (frozen), PEFT LoRA (and with A frozen), seedlora fused,
+`-reference`, `-grouped`, `-graphed` (one CUDA graph), `-liger`. Goals: <= PEFT in time and
+memory; fused <= 1.25x floor, <= 0.6x PEFT; grouped/graphed <= 1.25x the floor's GPU-busy
+time, <= 0.35x PEFT. graph-reuse: a graph captured every round against one kept for the link
+(goal: kept setup after round 1 <= 0.05 s). quant-memory: bf16 / 8bit / 4bit bases.
 """
 
 from __future__ import annotations
@@ -331,12 +328,8 @@ def graph_reuse(args: Any) -> dict[str, Any]:
 
     if not torch.cuda.is_available():
         raise SystemExit("bench.step graph-reuse captures CUDA graphs: no CUDA device is visible")
-    preset, variant, dev = (
-        "tiny" if args.tiny else args.preset,
-        "seedlora-circulant-graphed",
-        "cuda",
-    )
-    shape = PRESETS[preset]
+    preset, variant = "tiny" if args.tiny else args.preset, f"seedlora-circulant{GRAPHED}"
+    shape, dev = PRESETS[preset], "cuda"
     model = prepare(variant, build_model(shape, dev, args.seed), shape, args.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     on = {"device": dev, "generator": torch.Generator(dev).manual_seed(args.seed)}
@@ -418,9 +411,7 @@ def quant_row(preset: str, base: str, args: Any) -> dict[str, Any]:
             q = bnb.nn.Linear4bit(*dims, bias, torch.bfloat16, device="meta", **nf4)
             q.weight = bnb.nn.Params4bit(w, requires_grad=False, module=q, **nf4)
         else:
-            q = bnb.nn.Linear8bitLt(
-                *dims, bias, has_fp16_weights=False, threshold=6.0, device="meta"
-            )
+            q = bnb.nn.Linear8bitLt(*dims, bias, False, 6.0, device="meta")  # int8, threshold 6
             q.weight = bnb.nn.Int8Params(w.cpu(), requires_grad=False, has_fp16_weights=False)
         if bias:
             q.bias = nn.Parameter(lin.bias.data, requires_grad=False)
@@ -475,10 +466,8 @@ def quant_memory(args: Any) -> dict[str, Any]:
 
     shapes = ["tiny"] if args.tiny else args.shapes.split(",")
     rows = [quant_row(s, b, args) for s in shapes for b in args.bases.split(",")]
-    payload = {
-        "setup": pick(args, "rank", "links", "steps"),
-        "bitsandbytes": bitsandbytes.__version__,
-    }
+    setup = pick(args, "rank", "links", "steps")
+    payload = {"setup": setup, "bitsandbytes": bitsandbytes.__version__}
     write_result(args.name, payload | {"rows": rows}, args.out)
     return payload
 
