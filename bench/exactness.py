@@ -183,7 +183,8 @@ def adapted_layers(config: Any, rank: int) -> list[dict[str, Any]]:
     from tasks.models import target_modules_for
 
     model = meta_model(config)
-    inject(model, target_modules_for(config.model_type), kind="circulant", seed=0, rank=rank)
+    targets = target_modules_for(config.model_type)
+    inject(model, targets, kind="circulant", seed=0, rank=rank, alpha=1.0)
     return [dict(name=n, n_in=m.spec.n_in, n_out=m.spec.n_out) for n, m in adapter_layers(model)]
 
 
@@ -238,7 +239,8 @@ def measured_reply(rank: int) -> dict[str, Any]:
 
     config = load_config(SHIPPED)
     model = AutoModelForCausalLM.from_config(config)  # shapes are all that count
-    inject(model, target_modules_for(config.model_type), kind="circulant", seed=0, rank=rank)
+    targets = target_modules_for(config.model_type)
+    inject(model, targets, kind="circulant", seed=0, rank=rank, alpha=16.0)
     record = ArrayRecord({k: v.float().contiguous() for k, v in trainable_state(model).items()})
     analytic = sum(x["n_out"] * rank for x in adapted_layers(config, rank)) * FLOAT32
     counted = record.count_bytes()
