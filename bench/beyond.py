@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
             releases = base["num-links"] * base["rounds-per-link"]
             payload = dict(benchmark=f"beyond-{item}", harness="simulation.local.run_local")
             payload |= dict(run_config=base, clients=CLIENTS, task="code-lm", partitioning="iid")
-            payload["metric"] = "central held-out perplexity (lower is better)"
+            payload |= dict(method="c3la", metric="central held-out perplexity (lower is better)")
             payload |= dict(summary=summarize(item, rows, releases), by_variant=rows, runs=runs)
             h.write_result(f"beyond-{item}", payload, args.out)
             payloads[item] = payload
