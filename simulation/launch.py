@@ -108,7 +108,7 @@ OFFLINE_ENV = {
 
 # Ray starts its workers at nice 15 so that they yield to the driver; in a simulation the
 # workers *are* the clients, and on a small shared machine that made each round 1.59x the
-# one-process round instead of 1.13x (`python -m bench.federation sim`).
+# one-process round instead of 1.13x (docs/results.md, Ray simulation round / one-process round).
 SIMULATION_ENV = {"RAY_worker_niceness": "0"}
 
 
