@@ -35,7 +35,8 @@ from typing import Any
 from bench import harness as h
 
 
-def role(cmd: str) -> str:  # a process of the run, by its command line (Ray retitles actors)
+def role(cmd: str) -> str:
+    """What a process of the run is, by its command line (Ray retitles its actors)."""
     marks = {"ClientAppActor": "clients", "flwr-simulation": "server"}
     return next((name for mark, name in marks.items() if mark in cmd), "other")
 
