@@ -237,7 +237,8 @@ def run_child(
 ) -> dict[str, Any]:
     """One run of the app in a child process, stopped with all it started after `timeout_s`
     (cold caches, its own memory). spec: `mode` ("ray": simulate, else run_local),
-    `overrides`, `nodes`; optional `threads`, `num_cpus`, `num_gpus`, `init_args`, `probe`.
+    `overrides`, `nodes`; optional `threads`, `num_cpus`, `num_gpus`, `init_args`, `probe`,
+    `cache_dir` (the clients' link cache).
     Returns `completed`, `process_wall_s` and the child's `metrics` and times, or `why`."""
     from runtime.processes import run, tail
 
