@@ -1,8 +1,8 @@
 """The model a client trains on: its task and partition, and the link's resident model,
 built from the link spec the server sent (contract/link_spec.py) and nothing else.
 
-Both train paths (client/app.py and the SecAgg+ one in client/secure.py) and evaluation
-get it here, from this process's `RESIDENT` model (client/resident.py).
+Both train paths (client/trainer.py and the SecAgg+ one in client/secure.py) and
+evaluation get it here, from the trainer's `ResidentModel` (client/resident.py).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from tasks import build_task
 from .links import BaseSource
 from .resident import ModelKey, ResidentModel, effective_chain_index
 
-RESIDENT = ResidentModel()
 REMEDY = "run one seedlora version on the server and every client"
 
 
@@ -100,21 +99,21 @@ def base_loader(
 
 @contextlib.contextmanager
 def link_model(
+    resident: ResidentModel,
     cfg: RunConfig,
     task,
     spec: LinkSpec,
     links_digest: str,
     links: Callable[[], Sequence[Link]],
     device: torch.device,
-    cache_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike,
 ) -> Iterator[torch.nn.Module]:
-    """The resident model of link `spec` on the base `links_digest`, on `device` in the
+    """`resident`'s model of link `spec` on the base `links_digest`, on `device` in the
     run's precision, for the length of one client's call; its trainable state is whatever
     the last client left: load the global state first. `links()` gives the links list
-    named by the digest; it is called only when neither this process nor the host's
-    master files in `cache_dir` (the node's `cache-dir`; default
-    client.links.default_cache_dir()) have that base."""
+    named by the digest; it is called only when neither `resident` nor the host's master
+    files in `cache_dir` (the node's cache folder) have that base."""
     load = base_loader(cfg, task, spec, device)
     key = model_key(cfg, task, spec, links_digest, device)
-    with RESIDENT.use(key, links, load, cache_dir) as model:
+    with resident.use(key, links, load, cache_dir) as model:
         yield model

@@ -1,6 +1,9 @@
 """Run one chain link with any Flower strategy, without touching the strategy's math.
 
-`LinkStrategy` wraps a fresh inner strategy per link and only composes:
+`LinkStrategy` wraps a fresh inner strategy per link and only composes. It is not itself
+a Flower `Strategy`: Flower's `Strategy.start` waits for every reply of a round, and a
+chain round streams them (server/rounds.py runs the round, the one loop); so it offers
+the hooks that loop calls, not the Strategy interface:
 
     configure_*  the inner strategy's messages, sampled by Flower's code with a seeded RNG
                  over the nodes in partition order (sampling.py) -> `Outgoing.decorate`
@@ -99,8 +102,9 @@ class SentRound:
     nodes: frozenset[int] = frozenset()  # the sampled nodes
 
 
-class LinkStrategy(Strategy):
-    """One chain link of `inner` (a fresh Flower strategy), with checks and links added."""
+class LinkStrategy:
+    """One chain link of `inner` (a fresh Flower strategy), with checks and links added:
+    the hooks of server/rounds.py's round (module docstring)."""
 
     def __init__(self, inner: Strategy, ctx: LinkContext):
         self.inner = inner
@@ -156,7 +160,7 @@ class LinkStrategy(Strategy):
         self.outgoing.note_replies(verdict.checked, verdict.rejected_nodes)
         return verdict.accepted
 
-    # --- Strategy interface --------------------------------------------------------
+    # --- the round's hooks ----------------------------------------------------------
     def summary(self) -> None:
         log(INFO, "link %d: %s", self.ctx.chain_index, type(self.inner).__name__)
         log_path(self.ctx.chain_index, self.buffering)
@@ -224,7 +228,7 @@ class LinkStrategy(Strategy):
     def aggregate_train(
         self, round_in_link: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Flower's hook: every reply of the round through `open_train`, then closed."""
+        """Every reply of the round at once: through `open_train`, then closed."""
         intake = self.open_train(round_in_link)
         for reply in replies:
             intake.add(reply)

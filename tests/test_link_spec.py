@@ -6,8 +6,8 @@ import pydantic
 import pytest
 from flwr.app import ConfigRecord
 
-from client.app import build_client_app
-from client.model import RESIDENT, link_spec
+from client.compose import build_client_app, build_trainer
+from client.model import link_spec
 from contract import protocol as p
 from contract.config import AdapterConfig, RunConfig
 from contract.link_spec import LinkSpec, LinkSpecError
@@ -98,8 +98,9 @@ def test_the_client_builds_the_link_from_the_spec_alone(overrides):
         "frozen-factor": "B",
     }
     same = run_local(ov, 2, fresh_cache=True).metrics
-    other = run_local(ov, 2, client_app=build_client_app(mine), fresh_cache=True).metrics
-    key = RESIDENT.key
+    trainer = build_trainer(mine)
+    other = run_local(ov, 2, client_app=trainer.app(), fresh_cache=True).metrics
+    key = trainer.resident.key
     assert key is not None and (key.method, key.kind, key.rank, key.alpha) == (
         "seedlora",
         "circulant",
