@@ -55,6 +55,7 @@ def test_central_eval_max_keeps_classes():
     assert len(labels) == 8 and set(labels) == set(every), (labels, sorted(set(every)))
 
 
+@pytest.mark.integration  # federated rounds in process
 def test_central_eval_in_half_precision_uses_a_replica_per_link(overrides, tmp_path):
     ov = {**overrides, "num-links": 2, "rounds-per-link": 2}
     ref = run_local(ov, 2, fresh_cache=True).metrics

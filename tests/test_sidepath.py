@@ -237,6 +237,7 @@ def test_copied_side_model_is_independent():
     assert len(next(layer for _, layer in adapter_layers(side)).aside) == 1
 
 
+@pytest.mark.integration  # a fresh interpreter
 def test_seedlora_core_imports_no_bitsandbytes():
     import subprocess
     import sys

@@ -255,6 +255,7 @@ def test_sweep_keeps_finished_rows_and_prints_a_table(tmp_path, monkeypatch, cap
     assert "--resume" in capsys.readouterr().err
 
 
+@pytest.mark.integration  # imports Ray, runs the in-process simulation
 def test_simulate_fails_fast_when_ray_cannot_start(tmp_path, monkeypatch):
     import ray
 

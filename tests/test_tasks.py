@@ -3,26 +3,22 @@
 from __future__ import annotations
 
 import math
-import os
 import sys
 from collections import Counter
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-import datasets  # noqa: E402
-import pydantic  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from transformers import (  # noqa: E402
+import datasets
+import pydantic
+import pytest
+import torch
+from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
 )
 
-from tasks import (  # noqa: E402
+from tasks import (
     EMBEDDED,
     TaskConfig,
     build_task,
@@ -31,10 +27,10 @@ from tasks import (  # noqa: E402
     resolve_model_path,
     split_corpus,
 )
-from tasks import models as models_mod  # noqa: E402
-from tasks.base import Task  # noqa: E402
-from tasks.code_lm import _stdlib_pools, lm_dataset  # noqa: E402
-from tasks.partitioning import split_for  # noqa: E402
+from tasks import models as models_mod
+from tasks.base import Task
+from tasks.code_lm import _stdlib_pools, lm_dataset
+from tasks.partitioning import split_for
 
 CPU = torch.device("cpu")
 torch.set_num_threads(2)
@@ -131,7 +127,9 @@ def test_resolve_model_path_fallbacks(monkeypatch: pytest.MonkeyPatch, tmp_path:
 
 # ---------------------------------------------------------------- partitions (stdlib corpus)
 
-UNCAPPED = {"max_train_blocks": 0, "max_eval_blocks": 0}
+# Uncapped, so every row counts; 512-token blocks: the same files and packages as the
+# default 128 in a quarter of the rows (the partition rules do not depend on the length).
+UNCAPPED = {"max_train_blocks": 0, "max_eval_blocks": 0, "seq_len": 512}
 
 
 def _sizes(task: Task) -> tuple[list[int], list[int]]:
@@ -141,8 +139,20 @@ def _sizes(task: Task) -> tuple[list[int], list[int]]:
     ]
 
 
-def test_natural_partition_puts_each_package_in_one_client() -> None:
-    task = build_task(TaskConfig(**UNCAPPED))
+@pytest.fixture(scope="module")
+def partitioned() -> dict[str, Task]:
+    """The stdlib corpus split three ways, built once for the tests below: natural (one
+    client per package), IID and Dirichlet(0.1), each over 8 clients."""
+    skewed = {"num_partitions": 8, "dirichlet_alpha": 0.1}
+    return {
+        "natural": build_task(TaskConfig(**UNCAPPED)),
+        "iid": build_task(TaskConfig(partitioner="iid", **skewed, **UNCAPPED)),
+        "dirichlet": build_task(TaskConfig(partitioner="dirichlet", **skewed, **UNCAPPED)),
+    }
+
+
+def test_natural_partition_puts_each_package_in_one_client(partitioned) -> None:
+    task = partitioned["natural"]
     seen: Counter = Counter()
     for p in range(task.config.num_partitions):
         train = _packages(task.train_dataset(p))
@@ -156,18 +166,17 @@ def test_natural_partition_puts_each_package_in_one_client() -> None:
 
 
 @pytest.mark.parametrize("kind", ["iid", "dirichlet"])
-def test_iid_and_dirichlet_cover_all_rows(kind: str) -> None:
-    natural = build_task(TaskConfig(**UNCAPPED))
-    task = build_task(TaskConfig(partitioner=kind, num_partitions=5, **UNCAPPED))
+def test_iid_and_dirichlet_cover_all_rows(partitioned, kind: str) -> None:
+    task = partitioned[kind]
     train, evals = _sizes(task)
-    assert len(train) == 5 and min(train) > 0
-    assert sum(train) == sum(_sizes(natural)[0])
+    assert len(train) == 8 and min(train) > 0
+    assert sum(train) == sum(_sizes(partitioned["natural"])[0])
     assert sum(evals) == len(task.eval_dataset(None))
 
 
-def test_dirichlet_is_more_skewed_than_iid() -> None:
+def test_dirichlet_is_more_skewed_than_iid(partitioned) -> None:
     def mean_entropy(kind: str) -> float:
-        task = build_task(TaskConfig(partitioner=kind, dirichlet_alpha=0.1, **UNCAPPED))
+        task = partitioned[kind]
         n = task.config.num_partitions
         counts = [Counter(task.train_dataset(p).with_format(None)["package"]) for p in range(n)]
         return sum(map(_entropy, counts)) / n
