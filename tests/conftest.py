@@ -2,6 +2,7 @@
 models (a GPT-2 with Conv1D layers, a Llama with nn.Linear layers) and a tiny saved model
 and text dataset, all from testing.tiny."""
 
+import contextlib
 import gc
 import os
 
@@ -34,6 +35,24 @@ from testing.tiny import (  # noqa: E402
 )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """One garbage collection where pytest makes five at the end of the session to surface
+    exceptions raised in finalizers: each is a full pass over torch's and transformers'
+    objects. One pass still runs every finalizer of what the tests left behind."""
+    with contextlib.suppress(ImportError):  # pytest's own knob for that count
+        from _pytest.unraisableexception import gc_collect_iterations_key
+
+        config.stash[gc_collect_iterations_key] = 1
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """What importing the test files made (modules, classes, functions: it lives as long as
+    the session) is frozen, so every later full collection (the resident model's rebuild
+    calls one) scans only what the tests make, and what they leave behind is collected as
+    before."""
+    freeze_survivors()
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     OUTSIDE_REFUSED.undo()
 
@@ -45,15 +64,19 @@ MODELS = {
 }
 
 
+def freeze_survivors() -> None:
+    """Collect garbage, then move every object still alive out of the collector's sight
+    (gc.freeze): later full collections, and gc.get_objects, see only what is made after.
+    Nothing is ever unfrozen (that would thaw every earlier freeze too)."""
+    gc.collect()
+    gc.freeze()
+
+
 @pytest.fixture
 def frozen_heap():
-    """Every object made before the test is moved out of the collector's sight (gc.freeze),
-    so the test's full collections (and gc.get_objects) see only what the test made: the
-    same verdict on what the test allocates, in a fraction of the time with torch and
-    transformers loaded."""
-    gc.freeze()
-    yield
-    gc.unfreeze()
+    """The test's collections scan only what the test makes: the same verdict on what it
+    allocates, in a fraction of the time with torch and transformers loaded."""
+    freeze_survivors()
 
 
 @pytest.fixture(params=sorted(MODELS))

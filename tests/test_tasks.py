@@ -204,7 +204,7 @@ def test_shipped_model_beats_random_init() -> None:
     model = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
     assert tok.eos_token == tok.pad_token == "<|endoftext|>"
-    task = build_task(TaskConfig())
+    task = build_task(TaskConfig(max_eval_blocks=32))  # 32 held-out blocks tell them apart
     assert isinstance(task, Task) and task.target_modules == ("c_attn", "c_proj", "c_fc")
     central = task.eval_dataset(None)
     base = task.evaluate(model, central, 32, CPU)
