@@ -30,7 +30,7 @@ from tasks import (
 from tasks import models as models_mod
 from tasks.base import Task
 from tasks.code_lm import _stdlib_pools, lm_dataset
-from tasks.partitioning import split_for
+from tasks.partitioning import ClientSplit, split_for
 
 CPU = torch.device("cpu")
 torch.set_num_threads(2)
@@ -127,59 +127,65 @@ def test_resolve_model_path_fallbacks(monkeypatch: pytest.MonkeyPatch, tmp_path:
 
 # ---------------------------------------------------------------- partitions (stdlib corpus)
 
-# Uncapped, so every row counts; 512-token blocks: the same files and packages as the
-# default 128 in a quarter of the rows (the partition rules do not depend on the length).
-UNCAPPED = {"max_train_blocks": 0, "max_eval_blocks": 0, "seq_len": 512}
-
-
-def _sizes(task: Task) -> tuple[list[int], list[int]]:
-    n = task.config.num_partitions
-    return [len(task.train_dataset(p)) for p in range(n)], [
-        len(task.eval_dataset(p)) for p in range(n)
-    ]
+# Uncapped, so every row counts; 1024-token blocks: the same files as the default 128 in an
+# eighth of the rows (the partition rules do not depend on the length).
+UNCAPPED = {"max_train_blocks": 0, "max_eval_blocks": 0, "seq_len": 1024}
 
 
 @pytest.fixture(scope="module")
-def partitioned() -> dict[str, Task]:
+def partitioned() -> dict[str, ClientSplit]:
     """The stdlib corpus split three ways, built once for the tests below: natural (one
-    client per package), IID and Dirichlet(0.1), each over 8 clients."""
+    client per package), IID and Dirichlet(0.1), each over 8 clients. The tests read the
+    clients' rows (what tasks.partitioning hands each client) rather than the block datasets
+    made from them, whose conversion would cost a pass over the corpus per split."""
     skewed = {"num_partitions": 8, "dirichlet_alpha": 0.1}
-    return {
-        "natural": build_task(TaskConfig(**UNCAPPED)),
-        "iid": build_task(TaskConfig(partitioner="iid", **skewed, **UNCAPPED)),
-        "dirichlet": build_task(TaskConfig(partitioner="dirichlet", **skewed, **UNCAPPED)),
+    configs = {
+        "natural": TaskConfig(**UNCAPPED),
+        "iid": TaskConfig(partitioner="iid", **skewed, **UNCAPPED),
+        "dirichlet": TaskConfig(partitioner="dirichlet", **skewed, **UNCAPPED),
     }
+    return {kind: split_for(cfg, _stdlib_pools, "package") for kind, cfg in configs.items()}
+
+
+def _sizes(split: ClientSplit) -> tuple[list[int], list[int]]:
+    clients = range(split.num_partitions)
+    return [len(split.rows(p, "train")) for p in clients], [
+        len(split.rows(p, "eval")) for p in clients
+    ]
 
 
 def test_natural_partition_puts_each_package_in_one_client(partitioned) -> None:
-    task = partitioned["natural"]
+    split = partitioned["natural"]
     seen: Counter = Counter()
-    for p in range(task.config.num_partitions):
-        train = _packages(task.train_dataset(p))
+    for p in range(split.num_partitions):
+        train = set(split.rows(p, "train")["package"])
         assert train, f"client {p} has no training data"
-        assert _packages(task.eval_dataset(p)) <= train  # eval files of its own packages
+        assert set(split.rows(p, "eval")["package"]) <= train  # eval files of its packages
         seen.update(train)
     assert set(seen.values()) == {1}
-    pool = split_for(task.config, _stdlib_pools, "package").partitioner.dataset
+    pool = split.partitioner.dataset
     with_blocks = {p for p, s in zip(pool["package"], pool["_split"], strict=True) if s == 0}
     assert set(seen) == with_blocks and with_blocks <= set(split_corpus(0).federated)
+    task = build_task(TaskConfig(**UNCAPPED))  # the client's dataset is made of those rows
+    assert _packages(task.train_dataset(3)) == set(split.rows(3, "train")["package"])
+    assert _packages(task.eval_dataset(3)) == set(split.rows(3, "eval")["package"])
 
 
 @pytest.mark.parametrize("kind", ["iid", "dirichlet"])
 def test_iid_and_dirichlet_cover_all_rows(partitioned, kind: str) -> None:
-    task = partitioned[kind]
-    train, evals = _sizes(task)
+    split = partitioned[kind]
+    train, evals = _sizes(split)
     assert len(train) == 8 and min(train) > 0
     assert sum(train) == sum(_sizes(partitioned["natural"])[0])
-    assert sum(evals) == len(task.eval_dataset(None))
+    assert sum(evals) == len(split.rows(None, "eval"))
 
 
 def test_dirichlet_is_more_skewed_than_iid(partitioned) -> None:
     def mean_entropy(kind: str) -> float:
-        task = partitioned[kind]
-        n = task.config.num_partitions
-        counts = [Counter(task.train_dataset(p).with_format(None)["package"]) for p in range(n)]
-        return sum(map(_entropy, counts)) / n
+        split = partitioned[kind]
+        clients = range(split.num_partitions)
+        counts = [Counter(split.rows(p, "train")["package"]) for p in clients]
+        return sum(map(_entropy, counts)) / len(counts)
 
     iid, skewed = mean_entropy("iid"), mean_entropy("dirichlet")
     print(f"mean package entropy per client: iid {iid:.2f}, dirichlet(0.1) {skewed:.2f}")
@@ -223,7 +229,7 @@ def test_shipped_model_beats_random_init() -> None:
 
 
 def test_code_cls_labels_and_head() -> None:
-    task = build_task(TaskConfig(task="code-cls"))
+    task = build_task(TaskConfig(task="code-cls", max_eval_blocks=32))  # 4 per class
     k = task.config.num_classes
     assert task.modules_to_save == ("score",)
     model = task.load_model()
