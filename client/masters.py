@@ -1,9 +1,9 @@
 """One float32 master of the base per host: a mapped file per links digest in the node cache.
 
 Every client process of a machine (the Ray actors of a simulation, the node worker of a
-deployment) trains against the same frozen base `W0 + sum_j (alpha/r) B_j A_j`. Each
-used to hold its own float32 copy (26 GB per process at 7B); now the first process that
-needs a base writes it once to
+deployment) trains against the same frozen base `W0 + sum_j s_j B_j A_j` (s_j: the
+link's `spec.scaling(alpha)`). Each used to hold its own float32 copy (26 GB per process
+at 7B); now the first process that needs a base writes it once to
 
     <cache dir>/masters/<source key>/<links digest>.safetensors
 

@@ -27,10 +27,10 @@ a `private_copy`, so nothing it does reaches the next client.
 
 A quantized run (`quantization` 8bit/4bit) has no master: `load` gives the quantized W0
 on the device once, and the merged links stay beside it as each adapter's frozen side path
-(seedlora/sidepath.py): `W_eff = Q(W0) + sum_j (alpha/r) B_j A_j`. W0 never changes, so
-a new key (a new link, another A) unwraps the old adapters and injects new ones on the same
-quantized layers, with the links list applied as side paths: the quantized base is loaded
-once per (task, quantization, device) and never copied.
+(seedlora/sidepath.py): `W_eff = Q(W0) + sum_j s_j B_j A_j` (s_j = `spec.scaling(alpha)`).
+W0 never changes, so a new key (a new link, another A) unwraps the old adapters and
+injects new ones on the same quantized layers, with the links list applied as side paths:
+the quantized base is loaded once per (task, quantization, device) and never copied.
 """
 
 from __future__ import annotations

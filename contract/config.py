@@ -17,8 +17,9 @@ only its section:
     output    OutputConfig        run folder, eval, exports  (server/)
 
 The section models are the one source of truth: validation comes from their fields, and
-`python -m contract.tables --write` writes pyproject's defaults and the README table from
-them (tests keep them in sync). A new key is one field in one section, then that command.
+`python -m contract.tables --write` writes pyproject's defaults and `python docs/generate.py`
+the README table from them (tests keep them in sync). A new key is one field in one
+section, then those two commands.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ class ChainConfig(Section):
 
 
 class StrategyConfig(Section):
-    name: Strategy = F("fedavg", "aggregation rule (see Strategies)", key="strategy")
+    name: Strategy = F("fedavg", "aggregation rule (docs/running.md, Strategies)", key="strategy")
     fraction_train: float = F(1.0, "fraction of nodes sampled for training", gt=0, le=1)
     fraction_evaluate: float = F(0.5, "fraction of nodes sampled for evaluation", ge=0, le=1)
     client_eval: Literal["with-train", "separate"] = F(

@@ -1,7 +1,9 @@
 """pyproject's `[tool.flwr.app.config]` and the README's run-config table, from the sections.
 
-`python -m contract.tables` prints the README table; `--write` rewrites both files in
-place (tests/test_config.py fails when either has drifted from contract/config.py).
+`python -m contract.tables` prints the README table; `--write` rewrites pyproject in place,
+and `python docs/generate.py` puts the table between the README's markers
+(tests/test_config.py and tests/test_docs.py fail when either has drifted from
+contract/config.py).
 """
 
 from __future__ import annotations
@@ -47,20 +49,16 @@ def pyproject_config() -> str:
 
 
 def write(root: Path = ROOT) -> None:
-    """Rewrite both tables in place; the config table is pyproject's last section."""
+    """Rewrite pyproject's config table in place (its last section); the README's is
+    docs/generate.py's."""
     pyproject = root / "pyproject.toml"
     head = pyproject.read_text().split(PYPROJECT_HEADER, 1)[0]
     pyproject.write_text(head + PYPROJECT_HEADER + pyproject_config())
-    readme = root / "README.md"
-    text = readme.read_text()
-    start = text.index(README_HEADER)
-    end = text.index("\n\n", start)
-    readme.write_text(text[:start] + markdown_table() + text[end:])
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--write", action="store_true", help="rewrite pyproject and README")
+    parser.add_argument("--write", action="store_true", help="rewrite pyproject's table")
     if parser.parse_args().write:
         write()
     else:

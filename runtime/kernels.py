@@ -5,7 +5,7 @@ speed. liger-kernel fuses RMSNorm (one kernel instead of ~7 elementwise ops, for
 backward) and the SwiGLU MLP's `silu(gate) * up` (one kernel, and it recomputes the
 product in backward instead of keeping it). On an H200 with the whole step captured as a
 CUDA graph this took a step from 48 to 37 ms at the Qwen2.5-0.5B shape and from 142 to
-106 ms at the Llama-2-7B shape, and lowered peak memory (bench/README.md, section 3).
+106 ms at the Llama-2-7B shape, and lowered peak memory (docs/results.md, step overhead).
 
 Only what liger-kernel patches on the model instance is used: RMSNorm and the MLP. Left
 off on purpose:

@@ -39,7 +39,7 @@ _EXPORTS = {
     "unwrap": "injection",
     "SeedLoRALayer": "layer",
     "merge_delta": "layer",
-    "project": "layer",
+    "project": "paths",
     "B_ONLY": "names",
     "CHAINED": "names",
     "LINKED": "names",
@@ -120,7 +120,8 @@ if TYPE_CHECKING:
         trainable_state,
         unwrap,
     )
-    from .layer import SeedLoRALayer, merge_delta, project
+    from .layer import SeedLoRALayer, merge_delta
     from .methods import prepare
     from .names import B_ONLY, BLOCK_KINDS, CHAINED, KINDS, LINKED, Method
+    from .paths import project
     from .spec import ASpec, derive_seed

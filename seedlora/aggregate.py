@@ -1,8 +1,8 @@
 """Aggregation math, and the error measure that shows why B-only averaging is exact.
 
-With every client on the same A,
+With every client on the same A (and so the same scale s = `spec.scaling(alpha)`),
 
-    sum_i w_i (alpha/r) B_i A = (alpha/r) (sum_i w_i B_i) A,
+    sum_i w_i s B_i A = s (sum_i w_i B_i) A,
 
 so the weighted mean of the B factors *is* the weighted mean of the weight updates.
 FedIT-style LoRA averages A and B separately: mean(B_i) mean(A_i) != mean(B_i A_i).
@@ -71,7 +71,7 @@ def weighted_mean(
 
 
 def fedit_update(a_list: Factors, b_list: Factors, weights: Weights, scaling: float) -> Tensor:
-    """FedIT's aggregated update `(alpha/r) mean(B_i) @ mean(A_i)`. For comparison only.
+    """FedIT's aggregated update `s mean(B_i) @ mean(A_i)`. For comparison only.
 
     This is what ordinary federated LoRA applies; it differs from `mean_update` by an
     error of the order of the update itself, which the tests show numerically.
@@ -80,7 +80,7 @@ def fedit_update(a_list: Factors, b_list: Factors, weights: Weights, scaling: fl
         a_list: the clients' A_i, each (r, n_in).
         b_list: the clients' B_i, each (n_out, r), same order as `a_list`.
         weights: one weight per client (>= 0, positive sum; normalised here).
-        scaling: alpha / r.
+        scaling: s (PEFT's LoRA: alpha / r).
 
     Returns:
         The update, (n_out, n_in), float64, on the factors' device.
@@ -92,14 +92,14 @@ def fedit_update(a_list: Factors, b_list: Factors, weights: Weights, scaling: fl
 
 
 def mean_update(a_list: Factors, b_list: Factors, weights: Weights, scaling: float) -> Tensor:
-    """The target every rule should hit: the weighted mean of `(alpha/r) B_i @ A_i`.
+    """The target every rule should hit: the weighted mean of `s B_i @ A_i`.
 
     Args:
         a_list: the clients' A_i, each (r, n_in) (the same A for every client in B-only
             training; per-client A's for FedIT).
         b_list: the clients' B_i, each (n_out, r), same order as `a_list`.
         weights: one weight per client (>= 0, positive sum; normalised here).
-        scaling: alpha / r.
+        scaling: s (`spec.scaling(alpha)` for B-only; alpha / r for FedIT).
 
     Returns:
         The mean weight update, (n_out, n_in), float64, on the factors' device.

@@ -3,8 +3,10 @@
 After K rounds at chain index c the averaged B is folded into the base (`merge`), recorded
 as the link `Link(specs_c, B_bar_c)`, and training moves to chain index c + 1: the next A,
 with B = 0. The links list is all a client needs, besides the public pretrained W0, to
-rebuild the current global base: `W = W0 + sum_j (alpha/r) B_j A_j`. Its digest (a sha256
-hash chain over a canonical serialization) names that base on the wire and in caches.
+rebuild the current global base: `W = W0 + sum_j s_j B_j A_j`, s_j = `spec.scaling(alpha)`
+of link j's layer spec (alpha / r for block kinds, alpha / sqrt(r n_in) for gaussian). Its
+digest (a sha256 hash chain over a canonical serialization) names that base on the wire
+and in caches.
 
 The digest of the first k links is `digest_k = H(digest_{k-1}, link_k)`, so a `Chain` keeps
 every `digest_k` as links are appended: its digest, and that of any prefix (what a node that
@@ -46,11 +48,12 @@ def _ruled(specs: Iterable[ASpec]) -> bool:
 class Link:
     """One merged link `(A-spec_c, B_bar_c)`: what chain index c added to the base.
 
-    Merging it is `W0 <- W0 + (alpha/r) B_bar @ A_c` for every adapted layer; a links list
-    plus the pretrained W0 rebuilds the global base (`rebuild`).
+    Merging it is `W0 <- W0 + s B_bar @ A_c` for every adapted layer, s = `spec.scaling(alpha)`
+    (a seeded core: `s B0 R_bar A0` at `core.core_scaling`); a links list plus the pretrained
+    W0 rebuilds the global base (`rebuild`).
 
     Attributes:
-        alpha: the LoRA alpha; each layer's scale is `alpha / spec.rank`.
+        alpha: the LoRA alpha; each layer's scale is `spec.scaling(alpha)`.
         specs: the A-spec of every adapted layer, in model order, all at one chain index.
         factors: layer name -> B_bar: (n_out, r), float32 on the CPU as `record_link`
             makes it. With swapped roles (`frozen == "B"`) the specs describe the frozen
@@ -305,7 +308,8 @@ def rebuild(model: nn.Module, links: Sequence[Link]) -> nn.Module:
         links: the merged links, chain index 0 first.
 
     Returns:
-        `model`, whose base weights are now `W0 + sum_j (alpha/r) B_j @ A_j`.
+        `model`, whose base weights are now `W0 + sum_j s_j B_j @ A_j` (s_j: each
+        layer's `spec.scaling(alpha)`).
     """
     for link in links:
         apply_link(model, link)

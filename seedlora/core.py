@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .layer import add_low_rank, describe, expand, frozen_b, project, wrap_frozen_base, zero_
+from .layer import add_low_rank, describe, expand, frozen_b, wrap_frozen_base, zero_
+from .paths import project
 from .spec import ASpec
 
 CORE = "AB"  # a link's `frozen` when both factors are seeded (seedcore)

@@ -4,8 +4,8 @@ Every party builds the same adapted model (`prepare` or `inject`: same seed, tar
 rank and alpha give the same A). A round is: each client loads the global trainable
 state, trains, and returns `trainable_state(model)`; the server averages them with
 `round_average` and loads the result. After K rounds, `close_link` folds the averaged
-(alpha/r) B A into the base, records it as a `Link` and moves every adapter on to the
-next A with B = 0:
+s B A (s = `spec.scaling(alpha)` per layer) into the base, records it as a `Link` and moves
+every adapter on to the next A with B = 0:
 
     links = []
     for _ in range(num_links):

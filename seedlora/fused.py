@@ -1,13 +1,15 @@
 """The fast path: base layer and B-only adapter in one autograd node.
 
-    y = x W^T + bias + B (s A x)          s = alpha / r,  A frozen,  W frozen
+    y = x W^T + bias + B (s A x)          s = spec.scaling(alpha),  A frozen,  W frozen
+
+(s = alpha / r for the block kinds, alpha / sqrt(r n_in) for the gaussian kind: spec.py.)
 
 Because A and W are frozen, backward needs no copy of x (autograd keeps none for a frozen
 linear either): only W, B and the r-dimensional `h = s A x`, which is r/n_in of x:
 
     dB = dy^T h          dx = dy W  +  s (dy B) A
 
-The straightforward path (`SeedLoRALayer.forward_reference`) lets autograd record each op:
+The straightforward path (`paths.Reference`) lets autograd record each op:
 casts of the adapter output to float32 and back, a separate add, and for block kinds a
 `slice_backward` that allocates a zero tensor the size of x per layer to place r columns.
 Here the adapter output is accumulated into the base output by one GEMM (`addmm_`, beta 1),
@@ -32,8 +34,8 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
 class BOnlyLinear(torch.autograd.Function):
     """`x W^T + bias + B h`, `h = s A x`, with gradients for x and B only.
 
-    Called by `SeedLoRALayer.forward` as `BOnlyLinear.apply(x, weight, bias, b, sa_t, cols,
-    offset, rank, scaling)`; the caller casts the frozen tensors to x's dtype once.
+    Called by `paths.Fused` as `BOnlyLinear.apply(x, weight, bias, b, sa_t, cols, offset,
+    rank, scaling)`; the caller casts the frozen tensors to x's dtype once.
 
     Args:
         x: (..., n_in), the compute dtype (bf16/fp16/fp32).
@@ -48,7 +50,7 @@ class BOnlyLinear(torch.autograd.Function):
         offset: the first column of a contiguous block (used when `sa_t` and `cols` are
             None).
         rank: r.
-        scaling: s = alpha / r.
+        scaling: s = `spec.scaling(alpha)`.
 
     Returns:
         y: (..., n_out) in x's dtype. Backward gives dx: (..., n_in) and dB: (n_out, r).

@@ -58,7 +58,7 @@ class Plan:
         offset: first column of that slice.
         spans: member i reads `H[:, a_i:b_i]`.
         shared: every member has the same block columns (H has r columns, not R).
-        scaling: s = alpha / r (the same for every member).
+        scaling: s = `spec.scaling(alpha)` (the same for every member: `groupable`).
     """
 
     weights: list[torch.Tensor]

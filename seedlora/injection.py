@@ -100,6 +100,9 @@ def inject(
             raise ValueError(f"modules-to-save: {head!r} matched no module")
         for module in found:
             module.requires_grad_(True)
+            for layer in module.modules():  # a head holding adapters: its bases now train
+                if isinstance(layer, SeedLoRALayer):
+                    layer.refresh_path()
     return adapted
 
 
@@ -115,7 +118,8 @@ def set_chain_index(model: nn.Module, chain_index: int) -> None:
 
 
 def merge_adapters(model: nn.Module) -> None:
-    """Fold every adapter's current `(alpha/r) B A` into its base weight (B becomes zero)."""
+    """Fold every adapter's current `s B A` into its base weight (B becomes zero; s is the
+    layer's `scaling`)."""
     for _, layer in adapter_layers(model):
         layer.merge()
 

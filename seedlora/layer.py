@@ -1,17 +1,21 @@
-"""The B-only adapter layer: `y = base(x) + (alpha/r) * B (A x)` with A frozen and seeded.
+"""The B-only adapter layer: `y = base(x) + s B (A x)` with A frozen and seeded.
 
-Only `lora_B` (n_out x r, zero whenever the chain index moves on) is a parameter. For the
-gaussian kind A is a non-persistent buffer, so it is never in a saved or sent state; for
-the block kinds no A exists at all: `A x` is a slice of x.
+The scale is `s = spec.scaling(alpha)` (seedlora/spec.py): alpha / r for the block kinds,
+(alpha / r) sqrt(r / n_in) = alpha / sqrt(r n_in) for the gaussian kind, so it depends on
+the layer's n_in there. Only `lora_B` (n_out x r, zero whenever the chain index moves on)
+is a parameter. For the gaussian kind A is a non-persistent buffer, so it is never in a
+saved or sent state; for the block kinds no A exists at all: `A x` is a slice of x.
 
-`forward` takes the fused path of `fused.BOnlyLinear` (one autograd node for base and
-adapter) unless adapter dropout is active, the base is trainable or quantized (its weight
-is codes: the base layer's own forward dequantizes); `forward_reference` is the plain
-composition of torch ops that it must match.
+`forward` is `self.path(self, x)`: one of the paths of seedlora/paths.py, chosen when the
+layer's state changes, never per call. The fused path (`fused.BOnlyLinear`, one autograd
+node for base and adapter; the sibling group's node when there is one) is taken unless
+adapter dropout is active, the base is trainable or quantized (its weight is codes: the
+base layer's own forward dequantizes); `paths.Reference` is the plain composition of
+torch ops that it must match.
 
 In side-path mode (`aside`, seedlora/sidepath.py: always for a quantized base) merged
 links are not added into the base weight but kept beside it, and `forward` adds them:
-`y = base(x) + x A_cat^T B_cat^T + (alpha/r) B (A x)`.
+`y = base(x) + x A_cat^T B_cat^T + s B (A x)`.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .fused import BOnlyLinear
 from .grouped import SiblingGroup
+from .paths import Path, choose_path
 from .sidepath import SidePath, is_quantized
 from .spec import ASpec
 
@@ -34,29 +38,6 @@ def layer_shape(base: nn.Module) -> tuple[int, int]:
     if isinstance(base, Conv1D):
         return base.weight.shape[0], base.weight.shape[1]
     raise TypeError(f"cannot adapt {type(base).__name__}: only nn.Linear and Conv1D")
-
-
-def project(x: torch.Tensor, spec: ASpec, a: torch.Tensor | None) -> torch.Tensor:
-    """`A x` over the last dimension: a slice/gather for block kinds, a matmul for gaussian.
-
-    Block kinds never materialise A: a block A picks r input columns, so `A x` is a slice
-    (a view of x) or, when the block wraps around n_in, an index_select.
-
-    Args:
-        x: (..., n_in), any float dtype and device.
-        spec: the A-spec (block offset and columns for block kinds).
-        a: dense A: (r, n_in) for the gaussian kind (cast to x's dtype here), None for
-            block kinds.
-
-    Returns:
-        (..., r) in x's dtype, on x's device.
-    """
-    if a is not None:
-        return F.linear(x, a.to(x.dtype))
-    offset = spec.offset()
-    if spec.contiguous():
-        return x[..., offset : offset + spec.rank]
-    return x.index_select(-1, spec.columns().to(x.device))
 
 
 def frozen_b(spec: ASpec, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -106,7 +87,7 @@ def wrap_frozen_base(
 def add_low_rank(
     weight: torch.Tensor, spec: ASpec, left: torch.Tensor, scaling: float, transposed: bool
 ) -> None:
-    """`weight += scaling * left @ A` in place, A from `spec` (a column scatter for blocks).
+    """`weight += (scaling * left) @ A` in place, A from `spec` (a column scatter for blocks).
 
     Both merges (B-only and swapped roles) are this. The product is formed in float32 on
     the weight's device with A from `spec.dense()` (float32 CPU, then moved), and added in
@@ -118,7 +99,8 @@ def add_low_rank(
         weight: (m, spec.n_in), or (spec.n_in, m) when `transposed`; any float dtype.
         spec: describes A: (r, spec.n_in).
         left: (m, r), any float dtype and device (B for the B-only merge).
-        scaling: alpha / r.
+        scaling: s, multiplied into `left` first: `spec.scaling(alpha)` for the B-only
+            and swapped merges, `core.core_scaling` for a seeded core.
         transposed: `weight` is stored the other way round (n_in x n_out, as GPT-2's
             Conv1D), so the product is added transposed.
     """
@@ -146,7 +128,7 @@ def merge_delta(base: nn.Module, spec: ASpec, b: torch.Tensor, scaling: float) -
             (n_in, n_out)); its weight changes in place, dtype kept.
         spec: describes A: (r, n_in).
         b: B: (n_out, r), any float dtype and device.
-        scaling: alpha / r.
+        scaling: s = `spec.scaling(alpha)`.
     """
     add_low_rank(base.weight, spec, b, scaling, transposed=isinstance(base, Conv1D))
 
@@ -154,16 +136,18 @@ def merge_delta(base: nn.Module, spec: ASpec, b: torch.Tensor, scaling: float) -
 class SeedLoRALayer(nn.Module):
     """Wraps a frozen `nn.Linear` / `Conv1D`; trains only `lora_B`.
 
-    forward:  y = base(x) + (alpha/r) * B (A dropout(x))
-    merge():  W0 <- W0 + (alpha/r) B A, then B <- 0
+    forward:  y = base(x) + s B (A dropout(x))          s = spec.scaling(alpha)
+    merge():  W0 <- W0 + s B A, then B <- 0
 
     Because A is the same on every client, averaging B alone averages the weight updates
-    exactly. `fused = False` forces the reference path (for comparison and debugging).
+    exactly. The forward is `self.path(self, x)`: the path (seedlora/paths.py) is chosen
+    again whenever what it depends on changes through the layer (`refresh_path`).
 
     Args:
         base: the `nn.Linear` or GPT-2 `Conv1D` to adapt; frozen here.
         spec: the A-spec; `(spec.n_in, spec.n_out)` must be the layer's shape.
-        alpha: the LoRA alpha; the scale is `alpha / spec.rank`.
+        alpha: the LoRA alpha; the scale is `spec.scaling(alpha)` (alpha / r for block
+            kinds, alpha / sqrt(r n_in) for gaussian).
         dropout: adapter dropout probability on x; above 0, training takes the reference
             path.
 
@@ -173,21 +157,85 @@ class SeedLoRALayer(nn.Module):
         lora_A: A: (r, n_in) float32 non-persistent buffer on the base's device, drawn on
             the CPU from the seeded generator then moved (gaussian kind); None for block
             kinds.
-        scaling: alpha / r.
+        scaling: s = `spec.scaling(alpha)`.
+        path: how forward computes y (`paths.choose_path`).
+        fused: False forces the reference path (for comparison and debugging).
+        group: the sibling group sharing one node (set by `grouped.group_siblings`), or None.
+        aside: the side path of merged links in side-path mode, else None.
     """
-
-    fused: bool = True
-    group: SiblingGroup | None = None  # set by grouped.group_siblings
 
     def __init__(self, base: nn.Module, spec: ASpec, alpha: float, dropout: float = 0.0):
         super().__init__()
+        self._fused = True
+        self._group: SiblingGroup | None = None
         like = wrap_frozen_base(self, base, alpha, spec, dropout, swapped=False)
         self.lora_B = nn.Parameter(torch.zeros(spec.n_out, spec.rank, **like))
         self.register_buffer("lora_A", None, persistent=False)
         self.aside: SidePath | None = None
         self.set_spec(spec)
+        self.path: Path = choose_path(self)
         if is_quantized(base):
             self.keep_links_aside()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`base(x) + s B (A dropout(x))` (plus the side path's merged links
+        `x A_cat^T B_cat^T` in side-path mode) through `self.path`.
+
+        Args:
+            x: (..., n_in) in the base's dtype (or any dtype under autocast), on its device.
+
+        Returns:
+            (..., n_out) in x's dtype (the autocast dtype under autocast; a quantized base's
+            output dtype).
+        """
+        return self.path(self, x)
+
+    def refresh_path(self) -> None:
+        """Choose the path again, for this layer and its siblings (whether a group can take
+        one node depends on every member). `train()`/`eval()` and `fused` call it (setting
+        `group` or side-path mode re-chooses this layer's alone); call it after changing
+        the base's `requires_grad` by hand."""
+        for member in self._group.members if self._group is not None else (self,):
+            member.path = choose_path(member)
+
+    def train(self, mode: bool = True) -> SeedLoRALayer:
+        """Set training mode and choose the path for it (adapter dropout is active only in
+        training)."""
+        super().train(mode)
+        self.refresh_path()
+        return self
+
+    @property
+    def fused(self) -> bool:
+        """Whether a fused node may be used; False forces `paths.Reference`."""
+        return self._fused
+
+    @fused.setter
+    def fused(self, value: bool) -> None:
+        self._fused = bool(value)
+        self.refresh_path()
+
+    @property
+    def group(self) -> SiblingGroup | None:
+        """The sibling group this layer shares a node with, or None."""
+        return self._group
+
+    @group.setter
+    def group(self, group: SiblingGroup | None) -> None:
+        self._group = group
+        self.path = choose_path(self)
+
+    def fusable(self) -> bool:
+        """Whether a fused node (`BOnlyLinear` or the group's) can compute this layer:
+        `fused` on, no adapter dropout in training, a frozen float base."""
+        dropping = self.training and isinstance(self.dropout, nn.Dropout)
+        weight = self.base.weight
+        return (
+            self._fused
+            and not dropping
+            and not weight.requires_grad
+            and not is_quantized(self.base)
+        )
 
     def keep_links_aside(self) -> SidePath:
         """Side-path mode from now on: `merge()` and `chain.apply_link` put links in
@@ -195,6 +243,7 @@ class SeedLoRALayer(nn.Module):
         if self.aside is None:
             s, b = self.spec, self.lora_B
             self.aside = SidePath(s.n_in, s.n_out, b.dtype, b.device)
+            self.path = choose_path(self)
         return self.aside
 
     def add_link(self, spec: ASpec, b: torch.Tensor, scaling: float) -> None:
@@ -218,6 +267,7 @@ class SeedLoRALayer(nn.Module):
         for spec, b, scaling in self.aside.links:
             merge_delta(self.base, spec, b, scaling)
         self.aside = None
+        self.path = choose_path(self)
 
     def set_spec(self, spec: ASpec) -> None:
         """Switch to another A-spec (a new chain index: its A, cached once) and zero B."""
@@ -226,98 +276,14 @@ class SeedLoRALayer(nn.Module):
         self.lora_A = a
         self._offset = spec.offset() if spec.is_block else 0
         self._cols = None if a is not None or spec.contiguous() else spec.columns()
-        self._cast: dict[tuple, torch.Tensor] = {}
-        if self.group is not None:
-            self.group.clear()
+        self._cast: dict[tuple, torch.Tensor] = {}  # paths.frozen_operands' cache
+        if self._group is not None:
+            self._group.clear()
         with torch.no_grad():
             self.lora_B.zero_()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`base(x) + (alpha/r) B (A x)`, through the fused node when it can, plus the side
-        path's merged links `x A_cat^T B_cat^T` in side-path mode.
-
-        Args:
-            x: (..., n_in) in the base's dtype (or any dtype under autocast), on its device.
-
-        Returns:
-            (..., n_out) in x's dtype (the autocast dtype under autocast; a quantized base's
-            output dtype).
-        """
-        y = self._adapted(x)
-        if self.aside is not None and len(self.aside):
-            y = y + self.aside(x).to(y.dtype)
-        return y
-
-    def fusable(self) -> bool:
-        """Whether `forward` can take a fused node (`BOnlyLinear` or the group's)."""
-        dropping = self.training and isinstance(self.dropout, nn.Dropout)
-        weight = self.base.weight
-        return (
-            self.fused and not dropping and not weight.requires_grad and not is_quantized(self.base)
-        )
-
-    def _adapted(self, x: torch.Tensor) -> torch.Tensor:
-        """`base(x) + (alpha/r) B (A x)` without the side path."""
-        if not self.fusable():
-            return self.forward_reference(x)
-        device = x.device.type
-        autocast = torch.is_autocast_enabled(device)
-        group = self.group
-        if group is not None and all(m.fusable() for m in group.members):
-            if not autocast:
-                return group.output(self, x, x.dtype)
-            with torch.autocast(device, enabled=False):
-                return group.output(self, x, torch.get_autocast_dtype(device))
-        weight, bias = self.base.weight, self.base.bias
-        if isinstance(self.base, Conv1D):
-            weight = weight.t()
-        if autocast:
-            # Do what autocast would do for a linear layer, then run the node outside it.
-            dtype = torch.get_autocast_dtype(device)
-            with torch.autocast(device, enabled=False):
-                return self._fused(x.to(dtype), weight.to(dtype), bias)
-        if weight.dtype != x.dtype:
-            weight = weight.to(x.dtype)
-        return self._fused(x, weight, bias)
-
-    def _fused(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-    ) -> torch.Tensor:
-        """`BOnlyLinear` on x: (..., n_in), weight: (n_out, n_in) in x's dtype, bias: (n_out,)."""
-        sa_t = cols = None
-        if self.lora_A is not None:  # (s A)^T in x's dtype, made once per dtype and device
-            key = ("sa_t", x.device, x.dtype)
-            if key not in self._cast:
-                self._cast[key] = (self.lora_A * self.scaling).t().contiguous().to(x.dtype)
-            sa_t = self._cast[key]
-        elif self._cols is not None:
-            key = ("cols", x.device)
-            if key not in self._cast:
-                self._cast[key] = self._cols.to(x.device)
-            cols = self._cast[key]
-        if bias is not None and bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
-        s = self.spec
-        return BOnlyLinear.apply(
-            x, weight, bias, self.lora_B, sa_t, cols, self._offset, s.rank, self.scaling
-        )
-
-    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The straightforward composition of torch ops (autograd records each one), without
-        the side path.
-
-        Args:
-            x: (..., n_in) in the base's dtype, on its device.
-
-        Returns:
-            (..., n_out) in the base output's dtype.
-        """
-        y = self.base(x)
-        h = project(self.dropout(x), self.spec, self.lora_A) * self.scaling
-        return y + F.linear(h.to(self.lora_B.dtype), self.lora_B).to(y.dtype)
-
     def delta_weight(self) -> torch.Tensor:
-        """The dense update `(alpha/r) B A`: (n_out, n_in), float32, on B's device, detached.
+        """The dense update `s B A`: (n_out, n_in), float32, on B's device, detached.
 
         nn.Linear orientation also for Conv1D. It builds a dense A, so it is for checks,
         not for the training path.
@@ -327,8 +293,8 @@ class SeedLoRALayer(nn.Module):
         )
 
     def merge(self) -> None:
-        """Fold the current `(alpha/r) B A` into the base weight (into the side path in
-        side-path mode: a copy of B) and reset B to zero."""
+        """Fold the current `s B A` into the base weight (into the side path in side-path
+        mode: a copy of B) and reset B to zero."""
         self.add_link(self.spec, self.lora_B.detach().clone(), self.scaling)
         zero_(self.lora_B)
 

@@ -46,3 +46,17 @@ def valid_device_name(name: str) -> bool:
     if name in ("auto", "cpu", "cuda"):
         return True
     return name.startswith("cuda:") and name[5:].isdigit()
+
+
+def rank_limit(method: str, frozen_factor: str, n_in: int, n_out: int) -> int | None:
+    """The largest rank `method` can adapt a layer `n_in -> n_out` with, or None for any.
+
+    A seeded factor is r x (its side) with r independent rows (`spec.ASpec`: r <= n_in), so
+    r is bounded by the frozen side: n_in with A frozen (B trained), n_out with B frozen
+    (`frozen_factor` "B"), both for seedcore (A0 and B0 seeded). fedit trains both factors
+    (PEFT takes any r) and full has no adapter: no limit."""
+    if method == "seedcore":
+        return min(n_in, n_out)
+    if method in B_ONLY:
+        return n_out if frozen_factor == "B" else n_in
+    return None

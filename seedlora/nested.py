@@ -2,9 +2,10 @@
 
 A is drawn once at the run's rank r_max and sliced (never regenerated at r_i): the
 gaussian A_i = A[:r_i], and for the block kinds the first r_i columns of the r_max-wide
-block (its offset is the r_max one). Every client uses the scale alpha/r_max, so
+block (its offset is the r_max one). Every client uses the r_max spec's scale s (alpha/r_max
+for the block kinds, alpha / sqrt(r_max n_in) for gaussian: `ASpec.scaling` at r_max), so
 
-    (alpha/r_max) B_i A[:r_i] = (alpha/r_max) pad(B_i) A,
+    s B_i A[:r_i] = s pad(B_i) A,
 
 where pad fills the missing columns with the global B's (zero at a fresh chain index). The
 server pads each reply to r_max and averages as usual; the mean of the padded B's times A
@@ -80,8 +81,8 @@ def shrink(model: nn.Module, rank: int) -> None:
     """Turn every r_max adapter (with the global B loaded) into a rank-`rank` one.
 
     The global B's columns beyond `rank` are frozen for this client: their part
-    `(alpha/r_max) B[:, rank:] A[rank:]` is folded into the base weight, and only the
-    first `rank` columns stay trainable, against A[:rank] at the scale alpha/r_max.
+    `s B[:, rank:] A[rank:]` is folded into the base weight, and only the first `rank`
+    columns stay trainable, against A[:rank] at the same scale s (the r_max spec's).
     Each `lora_B` becomes a new parameter B[:, :rank]: (n_out, rank), same dtype and
     device. Adapters already at rank <= `rank` (and swapped-role ones) are left as they are.
     """

@@ -79,13 +79,13 @@ class SidePath(nn.Module):
 
     @torch.no_grad()
     def add(self, spec: ASpec, b: torch.Tensor, scaling: float) -> None:
-        """Append one link `(A_c, B_bar_c)` with scale `scaling` (alpha / r).
+        """Append one link `(A_c, B_bar_c)` with scale `scaling` (`spec.scaling(alpha)`).
 
         Args:
             spec: describes A_c: (r, n_in); its shape must be the layer's.
             b: B_bar_c: (n_out, r), any float dtype and device; kept as given for `fold`,
                 and stacked as `scaling * B` in the side path's dtype on its device.
-            scaling: alpha / r.
+            scaling: s_c = `spec.scaling(alpha)`.
         """
         shape = (self.n_in, self.n_out)
         if (spec.n_in, spec.n_out) != shape:

@@ -1,12 +1,14 @@
 """Swapped roles: B (n_out x r) frozen and seeded, A (r x n_in) trained from zero.
 
-    y = base(x) + (alpha/r) * B (A dropout(x))
+    y = base(x) + s B (A dropout(x))          s = spec.scaling(alpha)
 
 The frozen factor is described by the same A-spec machinery, read transposed: the spec's
-`n_in` is the layer's n_out and `spec.dense()` (r x n_out) is B^T. For the block kinds B
-is `[0; I_r; 0]`, so `B h` scatters h into r output rows and no dense B exists. Exactness
-is the mirror image of the default: sum_i w_i (alpha/r) B A_i = (alpha/r) B (sum_i w_i A_i),
-the variant analysed in arXiv 2506.14530.
+`n_in` is the layer's n_out and `spec.dense()` (r x n_out) is B^T. So s = alpha / r for
+the block kinds and (alpha / r) sqrt(r / n_out) = alpha / sqrt(r n_out) for a gaussian B
+(its gain makes B's columns unit norm in expectation). For the block kinds B is
+`[0; I_r; 0]`, so `B h` scatters h into r output rows and no dense B exists. Exactness is
+the mirror image of the default: sum_i w_i s B A_i = s B (sum_i w_i A_i), the variant
+analysed in arXiv 2506.14530.
 """
 
 from __future__ import annotations
@@ -33,14 +35,14 @@ def frozen_spec(
 def merge_swapped(base: nn.Module, spec: ASpec, a: torch.Tensor, scaling: float) -> None:
     """Fold `scaling * B @ A` (B from `spec`, read transposed) into the base weight.
 
-    `W += s B A` is `W^T += s A^T B^T` with `B^T = spec.dense()`: the B-only merge of A^T
-    into the weight seen the other way round.
+    `W += s B A` is `W^T += (s A^T) B^T` with `B^T = spec.dense()`: the B-only merge of
+    A^T into the weight seen the other way round.
 
     Args:
         base: the frozen `nn.Linear` or `Conv1D`; its weight changes in place, dtype kept.
         spec: describes B^T: (r, n_out) (`frozen_spec`).
         a: the trained A: (r, n_in), any float dtype and device.
-        scaling: alpha / r.
+        scaling: s = `spec.scaling(alpha)`.
     """
     add_low_rank(base.weight, spec, a.t(), scaling, transposed=not isinstance(base, Conv1D))
 
@@ -48,13 +50,14 @@ def merge_swapped(base: nn.Module, spec: ASpec, a: torch.Tensor, scaling: float)
 class SwappedLoRALayer(nn.Module):
     """Wraps a frozen `nn.Linear` / `Conv1D`; trains only `lora_A` against a seeded B.
 
-    forward:  y = base(x) + (alpha/r) * B (A dropout(x))
-    merge():  W0 <- W0 + (alpha/r) B A, then A <- 0
+    forward:  y = base(x) + s B (A dropout(x))          s = spec.scaling(alpha)
+    merge():  W0 <- W0 + s B A, then A <- 0
 
     Args:
         base: the `nn.Linear` or GPT-2 `Conv1D` to adapt; frozen here.
         spec: the frozen B^T's spec (`frozen_spec`): `spec.n_in` is the layer's n_out.
-        alpha: the LoRA alpha; the scale is `alpha / spec.rank`.
+        alpha: the LoRA alpha; the scale is `spec.scaling(alpha)` (alpha / r for block
+            kinds, alpha / sqrt(r n_out) for gaussian).
         dropout: adapter dropout probability on x.
 
     Attributes:
@@ -62,7 +65,7 @@ class SwappedLoRALayer(nn.Module):
             (float64 under a float64 base).
         frozen_B: B: (n_out, r) float32 non-persistent buffer on the base's device
             (gaussian kind); None for block kinds, whose `B h` scatters h into r rows.
-        scaling: alpha / r.
+        scaling: s = `spec.scaling(alpha)`.
     """
 
     def __init__(self, base: nn.Module, spec: ASpec, alpha: float, dropout: float = 0.0):
@@ -82,15 +85,16 @@ class SwappedLoRALayer(nn.Module):
             self.lora_A.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`base(x) + (alpha/r) B (A x)`: x (..., n_in) -> (..., n_out), both in the
-        base's dtype and on its device, as in `SeedLoRALayer.forward`."""
+        """`base(x) + B h`, h = s A dropout(x) in A's dtype (float32 under a bf16 base),
+        `B h` added to y in y's dtype: x (..., n_in) -> (..., n_out), both in the base's
+        dtype and on its device, as in `SeedLoRALayer.forward`."""
         y = self.base(x)
         a = self.lora_A
         h = F.linear(self.dropout(x).to(a.dtype), a) * self.scaling
         return expand(y, h, self.frozen_B, self.rows)
 
     def delta_weight(self) -> torch.Tensor:
-        """The dense update `(alpha/r) B A`: (n_out, n_in), float32, on A's device, detached.
+        """The dense update `s B A`: (n_out, n_in), float32, on A's device, detached.
 
         nn.Linear orientation also for Conv1D; builds a dense B, so it is for checks.
         """
@@ -98,7 +102,7 @@ class SwappedLoRALayer(nn.Module):
         return self.scaling * b @ self.lora_A.detach().float()
 
     def merge(self) -> None:
-        """Fold the current `(alpha/r) B A` into the base weight and reset A to zero."""
+        """Fold the current `s B A` into the base weight and reset A to zero."""
         merge_swapped(self.base, self.spec, self.lora_A, self.scaling)
         zero_(self.lora_A)
 

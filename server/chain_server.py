@@ -5,7 +5,7 @@
     for each link:                       (a fresh strategy: B-space state resets)
         for each round:  configure -> send/receive -> aggregate    (a LinkRunner's round)
                          -> commit_round                           (eval, metrics, checkpoint)
-        close_link                       (merge (alpha/r) B_bar A_c, next A, B = 0)
+        close_link                       (merge s B_bar A_c, next A, B = 0)
 
 A `LinkRunner` (server/rounds.py: Flower's message-API strategies; server/secure.py:
 SecAgg+) does the rounds' communication; `ChainServer` does everything that is the

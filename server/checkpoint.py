@@ -44,10 +44,10 @@ from seedlora.serialize import (
 )
 from seedlora.spec import ARuleError
 
+from .rundir import CHECKPOINT as FILE
+from .rundir import PREVIOUS_CHECKPOINT as PREVIOUS
 from .state import ChainState
 
-FILE = "checkpoint.safetensors"
-PREVIOUS = "checkpoint.prev.safetensors"
 LINKS = "links"  # the link log's folder in the run directory
 log = logging.getLogger("flwr")
 

@@ -9,8 +9,13 @@
   ServerApp on the same folder (two runs with one `run-name`, or a `resume` started while
   an orphaned first run still writes) is refused, naming the folder and the holder's pid.
   The kernel drops the lock when its process dies, also on SIGKILL.
+- Under `simulation.launch` the launcher takes that lock itself (`hold`) before it starts
+  anything, so a second run on the folder is refused in its check, not 30 s later in its
+  ServerApp. The launcher names the folder in `SEEDLORA_RUN_HELD` for its process tree;
+  a ServerApp whose folder that names takes no lock of its own. The lock goes with the
+  launcher (also SIGKILLed; its ServerApp's watchdog then stops the run within 0.5 s).
 - A run that fails before its first checkpoint leaves nothing: a folder it created is
-  removed again.
+  removed again (one the launcher created: by the launcher, once the run has ended).
 """
 
 from __future__ import annotations
@@ -27,14 +32,11 @@ from pathlib import Path
 from contract.config import RunConfig, RunConfigError
 
 LOCK = ".lock"
-
-
-def _checkpoint_files() -> tuple[str, str]:
-    """(current, previous) checkpoint file names; imported late because server.checkpoint
-    loads torch, which the launcher's check does not otherwise need."""
-    from .checkpoint import FILE, PREVIOUS
-
-    return FILE, PREVIOUS
+HELD_ENV = "SEEDLORA_RUN_HELD"  # the folder the launcher holds for its process tree
+# The checkpoint's files (server/checkpoint.py writes them): named here, where the
+# launcher's check reads them without loading torch.
+CHECKPOINT = "checkpoint.safetensors"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.safetensors"
 
 
 def default_name() -> str:
@@ -44,7 +46,7 @@ def default_name() -> str:
 
 def holds_run(folder: Path) -> bool:
     """Whether `folder` holds a run's checkpoint (what `resume` continues)."""
-    return any((folder / name).exists() for name in _checkpoint_files())
+    return any((folder / name).exists() for name in (CHECKPOINT, PREVIOUS_CHECKPOINT))
 
 
 def _root(cfg: RunConfig) -> Path:
@@ -58,8 +60,7 @@ def named_folder(cfg: RunConfig) -> Path | None:
     if cfg.output.run_name:
         return root / cfg.output.run_name
     if cfg.output.resume:
-        current = _checkpoint_files()[0]
-        runs = sorted(root.glob(f"*/{current}"), key=lambda f: f.stat().st_mtime)
+        runs = sorted(root.glob(f"*/{CHECKPOINT}"), key=lambda f: f.stat().st_mtime)
         if not runs:
             raise RunConfigError(f"resume: no run with a checkpoint under output-dir {root}")
         return runs[-1].parent
@@ -76,7 +77,7 @@ def _holder(folder: Path) -> str:
 
 def _busy(folder: Path) -> RunConfigError:
     return RunConfigError(
-        f"run-name: run folder {folder} is in use by another ServerApp{_holder(folder)}; "
+        f"run-name: run folder {folder} is in use by another run{_holder(folder)}; "
         "wait for that run to end (or stop it) before starting or resuming a run there"
     )
 
@@ -144,9 +145,25 @@ def _new_folder(root: Path) -> Path:
     raise RunConfigError(f"output-dir: could not make a new run folder under {root}")
 
 
+def _make(cfg: RunConfig, folder: Path) -> bool:
+    """Create the named `folder` unless it exists (`resume` needs it); whether it was made."""
+    if cfg.output.resume and not folder.exists():
+        raise RunConfigError(f"resume: run folder {folder} does not exist")
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _held_by_launcher(folder: Path) -> bool:
+    """Whether the launcher that started this process holds `folder` (`hold`)."""
+    held = os.environ.get(HELD_ENV, "")
+    return bool(held) and Path(held) == folder
+
+
 @contextlib.contextmanager
 def claim(cfg: RunConfig) -> Iterator[Path]:
-    """The run's folder, created if needed and locked for the `with` block.
+    """The run's folder, created if needed and locked for the `with` block (unless the
+    launcher holds it: module docstring).
 
     Refuses (RunConfigError naming the key) what the module docstring lists. When the
     block raises before the folder holds a checkpoint, a folder this call created is
@@ -155,11 +172,8 @@ def claim(cfg: RunConfig) -> Iterator[Path]:
     if folder is None:
         folder, created = _new_folder(_root(cfg)), True
     else:
-        if cfg.output.resume and not folder.exists():
-            raise RunConfigError(f"resume: run folder {folder} does not exist")
-        created = not folder.exists()
-        folder.mkdir(parents=True, exist_ok=True)
-    fd = _lock(folder)
+        created = _make(cfg, folder)
+    fd = None if _held_by_launcher(folder) else _lock(folder)
     try:
         _check_contents(cfg, folder)
         yield folder
@@ -168,4 +182,26 @@ def claim(cfg: RunConfig) -> Iterator[Path]:
             shutil.rmtree(folder, ignore_errors=True)
         raise
     finally:
-        os.close(fd)  # releases the lock; the file stays (unlinking it would race)
+        if fd is not None:
+            os.close(fd)  # releases the lock; the file stays (unlinking it would race)
+
+
+@contextlib.contextmanager
+def hold(cfg: RunConfig) -> Iterator[Path | None]:
+    """The launcher's lock on the folder the config names, from before anything starts to
+    the end of the `with` block (None, and nothing held, for a fresh run without
+    `run-name`: its ServerApp makes a new folder). Refuses what `claim` refuses; a folder
+    this call created is removed at the end unless it then holds a checkpoint."""
+    folder = named_folder(cfg)
+    if folder is None:
+        yield None
+        return
+    created = _make(cfg, folder)
+    fd = _lock(folder)
+    try:
+        _check_contents(cfg, folder)
+        yield folder
+    finally:
+        if created and not holds_run(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+        os.close(fd)

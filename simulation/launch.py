@@ -26,8 +26,10 @@ Ray: Flower 1.42's federation config has no Ray address, but its ``ray.init()`` 
 
 Before it starts anything, the launcher checks the run (simulation/precheck.py): the
 `--run-config` syntax, unknown and repeated keys, every value, the model folder, target
-layers and data columns, `--num-supernodes` against the split's natural ids, and the run
-folder; a problem is one line naming the key, exit code 2, in seconds.
+layers, the rank they allow and data columns, `--num-supernodes` against the split's
+natural ids, the devices against the GPUs its ServerApp and clients will see, and the run
+folder, which it then holds locked until the run has ended (server/rundir.py `hold`); a
+problem is one line naming the key, exit code 2, in under a second.
 
 Its children die with it, also when it is SIGKILLed with no chance to clean up: each gets
 a parent-death signal, and the ServerApp (two levels below, with Ray below it) watches
@@ -50,6 +52,7 @@ Notes for app authors:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -64,6 +67,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
+from contract.config import RunConfigError
 from runtime.processes import (  # noqa: F401 - free_port re-exported
     die_with_parent,
     executable,
@@ -72,7 +76,8 @@ from runtime.processes import (  # noqa: F401 - free_port re-exported
     stop_process_tree,
     tail,
 )
-from simulation.precheck import PrecheckError, check
+from server import rundir
+from simulation.precheck import Placement, PrecheckError, check
 
 CONNECTION = "launch"  # name of the SuperLink connection in the private FLWR_HOME
 STARTUP_TIMEOUT_S = 60.0
@@ -108,22 +113,28 @@ OFFLINE_ENV = {
 
 # Ray starts its workers at nice 15 so that they yield to the driver; in a simulation the
 # workers *are* the clients, and on a small shared machine that made each round 1.59x the
-# one-process round instead of 1.13x (bench/README.md, simulation overhead).
+# one-process round instead of 1.13x (docs/results.md, Ray simulation round / one-process round).
 SIMULATION_ENV = {"RAY_worker_niceness": "0"}
 
 
-def launch_env(flwr_home: Path, ray_address: str | None) -> dict[str, str]:
-    """The SuperLink's environment: ours, unless the user set the same variable."""
+def launch_env(
+    flwr_home: Path, ray_address: str | None, held: Path | None = None
+) -> dict[str, str]:
+    """The SuperLink's environment: ours, unless the user set the same variable; `held`:
+    the run folder this launcher holds locked (its ServerApp then takes no lock)."""
     env = {
         **os.environ,
         "FLWR_HOME": str(flwr_home),
         WATCH_PID: str(os.getpid()),
         WATCH_REMOVE: str(flwr_home),  # SIGKILLed, the launcher cannot remove it itself
     }
+    env.pop(rundir.HELD_ENV, None)  # another launcher's, when started under one
     for key, value in {**OFFLINE_ENV, **SIMULATION_ENV}.items():
         env.setdefault(key, value)
     if ray_address:
         env[RAY_ADDRESS] = ray_address
+    if held is not None:
+        env[rundir.HELD_ENV] = str(held)
     return env
 
 
@@ -234,18 +245,27 @@ def relay_log(stream: IO[bytes], out: IO[bytes]) -> None:
 
 
 def launch(args: argparse.Namespace) -> int:
-    """Start a private SuperLink, run the app, stream logs; return the process exit code."""
+    """Check the run and hold its folder, then `run_app`; return the process exit code."""
     app_dir = Path(args.app_dir).expanduser().resolve()
     if not (app_dir / "pyproject.toml").is_file():
         print(f"[launch] error: --app-dir: no pyproject.toml in {app_dir}", file=sys.stderr)
         return 2
     checked = time.monotonic()
-    try:
-        check(app_dir, args.run_config, args.num_supernodes, local=True)
-    except PrecheckError as err:
-        print(f"[launch] error: {err}", file=sys.stderr)
-        return 2
-    print(f"[launch] run config checked in {time.monotonic() - checked:.1f}s", flush=True)
+    with contextlib.ExitStack() as stack:
+        try:
+            where = Placement.of_launcher(args.num_gpus or 0.0, args.ray_address)
+            cfg = check(app_dir, args.run_config, args.num_supernodes, where)
+            held = stack.enter_context(rundir.hold(cfg)) if cfg else None
+        except (PrecheckError, RunConfigError) as err:
+            print(f"[launch] error: {err}", file=sys.stderr)
+            return 2
+        print(f"[launch] run config checked in {time.monotonic() - checked:.1f}s", flush=True)
+        return run_app(app_dir, args, held)
+
+
+def run_app(app_dir: Path, args: argparse.Namespace, held: Path | None) -> int:
+    """Start a private SuperLink, run the app, stream logs, stop every process started;
+    `held`: the run folder this launcher holds (`launch_env`)."""
     flwr = _executable("flwr")
     superlink_cmd = [
         _executable("flower-superlink"),
@@ -258,7 +278,7 @@ def launch(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     flwr_home = Path(tempfile.mkdtemp(prefix="flwr-launch-"))
-    env = launch_env(flwr_home, args.ray_address)
+    env = launch_env(flwr_home, args.ray_address, held)
     log_file = flwr_home / "superlink.log"
     superlink: subprocess.Popen[bytes] | None = None
     streamer: subprocess.Popen[bytes] | None = None

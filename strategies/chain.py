@@ -252,7 +252,7 @@ class LinkStrategy(Strategy):
         log(
             WARNING,
             "round %d: %s kept a single client's update (node %s) and dropped %d: with "
-            "non-IID clients a round then trains on one client's data (README, Strategies)",
+            "non-IID clients a round then trains on one client's data (docs/running.md#strategies)",
             global_round,
             self.ctx.checks.name,
             kept[0] if len(kept) == 1 else "?",

@@ -5,9 +5,10 @@ Each link's inner strategy (FedAvg or FedProx) is wrapped in Flower's
 minus the global state, B and heads together) is clipped to L2 norm `dp-clip`, the
 updates are averaged with equal weights, and Gaussian noise of std
 `dp-noise-multiplier * dp-clip / n` (n = clients sampled per round) is added to each
-coordinate of the average. Because the rule is linear in B,
+coordinate of the average. Because the rule is linear in B (s = `spec.scaling(alpha)`, the
+layer's scale),
 
-    (alpha/r) (mean_i B_i + N) A = mean_i (alpha/r) B_i A + (alpha/r) N A,
+    s (mean_i B_i + N) A = mean_i s B_i A + s N A,
 
 the noised B aggregate is exactly the noised weight-space aggregate: the noise lives in
 the r-dimensional B coordinates, and A maps it to weights like any update.

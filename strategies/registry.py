@@ -4,7 +4,7 @@ Exact in weight space (linear in the client B's, so sum_i w_i B_i A = (sum_i w_i
   fedavg, fedprox (proximal term on B), fedavgm, fedadam, fedyogi, fedadagrad
   (the server optimizers act on the averaged pseudo-gradient, a linear function of B).
 B-space only (robust rules; legitimate, but not the same rule applied to full weight
-updates W_i = (alpha/r) B_i A): fedmedian, fedtrimmedavg, krum, multikrum.
+updates W_i = s B_i A, s = `spec.scaling(alpha)`): fedmedian, fedtrimmedavg, krum, multikrum.
 `trims_nothing` and `kept_replies` say when a robust rule degenerates in a round (no
 trimming; a single client kept), which the link wrapper logs.
 

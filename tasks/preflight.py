@@ -2,8 +2,8 @@
 
 The launcher runs them before it starts anything, and the ServerApp before round 1, so a
 wrong path, layer name or column fails in seconds with the run-config key to fix. They
-read only small files: the checkpoint's safetensors header (parameter names), the
-`save_to_disk` folder's JSON (column names), the stdlib corpus's package sizes. What
+read only small files: the checkpoint's safetensors headers (parameter names and shapes),
+the `save_to_disk` folder's JSON (column names), the stdlib corpus's package sizes. What
 they cannot see cheaply (a hub model or dataset that is not on disk) is left to the run.
 Every error is a `ValueError` whose message starts with the run-config key.
 """
@@ -24,6 +24,10 @@ from tasks.models import resolve_model_path, target_modules_for
 from tasks.sft_data import with_source
 
 _HEADER_LIMIT = 100_000_000  # bytes; a safetensors header is far smaller
+# transformers' models built of `pytorch_utils.Conv1D` (weight stored n_in x n_out), and
+# the names their Conv1D layers have (their other layers, e.g. `lm_head`, are nn.Linear).
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+CONV1D_LAYERS = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
 
 
 def model_dir(name: str) -> Path | None:
@@ -42,13 +46,14 @@ def default_targets(folder: Path) -> tuple[str, ...]:
     return target_modules_for(str(model_type))
 
 
-def _safetensors_names(path: Path) -> list[str]:
+def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape, from the JSON header that opens a safetensors file."""
     with path.open("rb") as handle:
         (size,) = struct.unpack("<Q", handle.read(8))
         if size > _HEADER_LIMIT:
             raise ValueError(f"{path}: not a safetensors file")
         header = json.loads(handle.read(size))
-    return [k for k in header if k != "__metadata__"]
+    return {k: list(v["shape"]) for k, v in header.items() if k != "__metadata__"}
 
 
 def parameter_names(folder: Path) -> list[str] | None:
@@ -59,8 +64,51 @@ def parameter_names(folder: Path) -> list[str] | None:
         return list(json.loads(index.read_text())["weight_map"])
     single = folder / "model.safetensors"
     if single.is_file():
-        return _safetensors_names(single)
+        return list(_safetensors_shapes(single))
     return None
+
+
+def weight_shapes(folder: Path) -> dict[str, list[int]] | None:
+    """Every tensor's shape, from the headers of the checkpoint's safetensors files (the
+    shards its index names); None when one is missing or it has none."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [folder / shard for shard in shards]
+    else:
+        files = [folder / "model.safetensors"]
+    if not all(f.is_file() for f in files):
+        return None
+    return {name: shape for f in files for name, shape in _safetensors_shapes(f).items()}
+
+
+def _is_embedding(module: str) -> bool:
+    """An embedding table: 2-D like a layer's weight, but no layer an adapter can wrap."""
+    last = module.rsplit(".", 1)[-1]
+    return last in ("wte", "wpe") or "embed" in last
+
+
+def layer_shapes(folder: Path) -> dict[str, tuple[int, int]] | None:
+    """`(n_in, n_out)` of every module with a 2-D weight but embeddings, from the
+    checkpoint's headers and config.json; None when not readable cheaply (no safetensors,
+    or a checkpoint saved quantized, whose stored shapes are packed).
+
+    An `nn.Linear` stores its weight (n_out, n_in); GPT-2-style models' `Conv1D` layers
+    (`CONV1D_MODEL_TYPES`, layers named `CONV1D_LAYERS`) store it (n_in, n_out)."""
+    config = json.loads((folder / "config.json").read_text())
+    shapes = weight_shapes(folder)
+    if shapes is None or "quantization_config" in config:
+        return None
+    conv1d = config.get("model_type") in CONV1D_MODEL_TYPES
+    layers: dict[str, tuple[int, int]] = {}
+    for name, shape in shapes.items():
+        module = name.removesuffix(".weight")
+        if module == name or len(shape) != 2 or _is_embedding(module):
+            continue
+        first, second = shape
+        flipped = conv1d and module.rsplit(".", 1)[-1] in CONV1D_LAYERS
+        layers[module] = (first, second) if flipped else (second, first)
+    return layers
 
 
 def module_names(parameters: Sequence[str]) -> list[str]:
@@ -209,14 +257,21 @@ def check_partitions(config: TaskConfig, count: int, what: str) -> None:
 
 def check_task(
     config: TaskConfig, targets: Callable[[Sequence[str]], str | Sequence[str]] | None
-) -> None:
+) -> dict[str, tuple[int, int]] | None:
     """The model folder, its layers (`targets` turns the model's default patterns into the
-    adapter's, e.g. `AdapterConfig.targets`; None skips the check), and the data columns."""
+    adapter's, e.g. `AdapterConfig.targets`; None skips the check), and the data columns.
+
+    Returns `(n_in, n_out)` of each layer the adapter will wrap (`layer_shapes`), or None
+    when they are not known cheaply (a hub id, no safetensors, no `targets`)."""
     folder = model_dir(config.model_name)
+    adapted = None
     if folder is not None and targets is not None:
         names = parameter_names(folder)
         if names is not None:
-            check_targets(module_names(names), targets(default_targets(folder)))
+            patterns = targets(default_targets(folder))
+            check_targets(module_names(names), patterns)
+            layers = layer_shapes(folder) or {}
+            adapted = {m: s for m, s in layers.items() if _targeted(m, patterns)} or None
     config = with_source(config)
     if config.dataset:
         columns = dataset_columns(config.dataset)
@@ -230,3 +285,4 @@ def check_task(
                 f"num-classes: {config.num_classes}, but only {classes} held-out packages "
                 "have evaluation files"
             )
+    return adapted

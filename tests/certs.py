@@ -1,7 +1,7 @@
 """Certificates and node keys made in the test (the `cryptography` package), never shipped.
 
 `make_tls` writes a throw-away CA and a SuperLink certificate for 127.0.0.1/localhost,
-the same three files the README's "Separate machines" section makes with openssl.
+the same three files docs/deployment.md (Certificates) makes with openssl.
 `make_node_key` writes a SuperNode's EC (NIST P-384) key pair in OpenSSH format, the
 format `flower-supernode --auth-supernode-private-key` and `flwr supernode register` read.
 """

@@ -88,17 +88,3 @@ def test_autocast_runs_in_the_autocast_dtype():
     assert got[0].dtype == torch.bfloat16 and got[2].dtype == torch.float32
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.float(), w.float(), rtol=3e-2, atol=3e-2)
-
-
-def test_dropout_or_trainable_base_take_the_reference_path(monkeypatch):
-    spec = ASpec("gaussian", 0, 0, 4, "l", 12, 10)
-    calls = []
-    layer = SeedLoRALayer(nn.Linear(12, 10), spec, alpha=8.0, dropout=0.5)
-    monkeypatch.setattr(layer, "forward_reference", lambda x: calls.append(1) or x)
-    layer.train()(torch.randn(2, 12))
-    assert calls == [1]
-    layer.eval()(torch.randn(2, 12))  # dropout inactive: fused
-    assert calls == [1]
-    layer.base.weight.requires_grad_(True)
-    layer(torch.randn(2, 12))
-    assert calls == [1, 1]

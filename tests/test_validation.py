@@ -344,7 +344,7 @@ def test_krum_says_when_a_round_keeps_a_single_client(caplog, rule):
     lines = [r.getMessage() for r in caplog.records if "kept a single client" in r.getMessage()]
     assert lines == [
         f"round 1: {rule} kept a single client's update (node {node}) and dropped 3: with "
-        "non-IID clients a round then trains on one client's data (README, Strategies)"
+        "non-IID clients a round then trains on one client's data (docs/running.md#strategies)"
     ]
     caplog.clear()
     several = link_strategy(inner=MultiKrum(num_nodes_to_select=2), name="multikrum")
