@@ -25,6 +25,8 @@ from tests.network import refuse_outside_network  # noqa: E402
 # test files' module-level code and every test (tests/network.py).
 OUTSIDE_REFUSED = refuse_outside_network()
 
+import torch  # noqa: E402
+
 from testing.tiny import (  # noqa: E402
     GPT2_TARGETS,
     LLAMA_TARGETS,
@@ -55,6 +57,13 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     OUTSIDE_REFUSED.undo()
+
+
+# One intra-op thread: the tiny models gain nothing from two, and on a busy 2-core machine
+# a second OpenMP thread spins against the other processes (test_scaling under load ~5:
+# 29 s of CPU and 64 s with two threads, 9 s and 15 s with one). Child processes keep
+# their own defaults.
+torch.set_num_threads(1)
 
 
 # (factory, adapter targets, an untied head module to train fully)

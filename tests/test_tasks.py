@@ -33,7 +33,6 @@ from tasks.code_lm import _stdlib_pools, lm_dataset
 from tasks.partitioning import ClientSplit, split_for
 
 CPU = torch.device("cpu")
-torch.set_num_threads(2)
 
 
 def _packages(ds: datasets.Dataset) -> set[str]:
@@ -147,6 +146,12 @@ def partitioned() -> dict[str, ClientSplit]:
     return {kind: split_for(cfg, _stdlib_pools, "package") for kind, cfg in configs.items()}
 
 
+def _trained_packages(split: ClientSplit) -> set[str]:
+    """The packages with at least one training block (the natural ids)."""
+    pool = split.partitioner.dataset
+    return {p for p, s in zip(pool["package"], pool["_split"], strict=True) if s == 0}
+
+
 def _sizes(split: ClientSplit) -> tuple[list[int], list[int]]:
     clients = range(split.num_partitions)
     return [len(split.rows(p, "train")) for p in clients], [
@@ -163,8 +168,7 @@ def test_natural_partition_puts_each_package_in_one_client(partitioned) -> None:
         assert set(split.rows(p, "eval")["package"]) <= train  # eval files of its packages
         seen.update(train)
     assert set(seen.values()) == {1}
-    pool = split.partitioner.dataset
-    with_blocks = {p for p, s in zip(pool["package"], pool["_split"], strict=True) if s == 0}
+    with_blocks = _trained_packages(split)
     assert set(seen) == with_blocks and with_blocks <= set(split_corpus(0).federated)
     task = build_task(TaskConfig(**UNCAPPED))  # the client's dataset is made of those rows
     assert _packages(task.train_dataset(3)) == set(split.rows(3, "train")["package"])
@@ -193,9 +197,9 @@ def test_dirichlet_is_more_skewed_than_iid(partitioned) -> None:
 
 
 def test_caps_apply_and_are_deterministic() -> None:
-    task = build_task(TaskConfig(max_train_blocks=16, max_eval_blocks=8))
+    task = build_task(TaskConfig())  # the default caps: 256 train blocks, 128 held out
     a = task.train_dataset(1)
-    assert len(a) == 16 and len(task.eval_dataset(None)) == 8
+    assert len(a) == 256 and len(task.eval_dataset(None)) == 128
     assert a[0]["input_ids"].shape == (128,) and torch.equal(a[0]["labels"], a[0]["input_ids"])
     again = lm_dataset.__wrapped__(task.config, 1, "train")  # recomputed, not cached
     assert torch.equal(a[:]["input_ids"], again[:]["input_ids"])
@@ -210,9 +214,9 @@ def test_shipped_model_beats_random_init() -> None:
     model = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
     assert tok.eos_token == tok.pad_token == "<|endoftext|>"
-    task = build_task(TaskConfig(max_eval_blocks=32))  # 32 held-out blocks tell them apart
+    task = build_task(TaskConfig())
     assert isinstance(task, Task) and task.target_modules == ("c_attn", "c_proj", "c_fc")
-    central = task.eval_dataset(None)
+    central = task.eval_dataset(None).select(range(32))  # 32 held-out blocks tell them apart
     base = task.evaluate(model, central, 32, CPU)
     torch.manual_seed(0)
     random_model = GPT2LMHeadModel(GPT2Config.from_pretrained(path))
@@ -229,7 +233,7 @@ def test_shipped_model_beats_random_init() -> None:
 
 
 def test_code_cls_labels_and_head() -> None:
-    task = build_task(TaskConfig(task="code-cls", max_eval_blocks=32))  # 4 per class
+    task = build_task(TaskConfig(task="code-cls"))
     k = task.config.num_classes
     assert task.modules_to_save == ("score",)
     model = task.load_model()
@@ -239,7 +243,7 @@ def test_code_cls_labels_and_head() -> None:
     assert labels and min(labels) >= 0 and max(labels) < k
     central = task.eval_dataset(None)
     assert set(central.with_format(None)["labels"]) == set(range(k))  # every class evaluated
-    metrics = task.evaluate(model, central, 32, CPU)
+    metrics = task.evaluate(model, central.select(range(32)), 32, CPU)
     assert 0.0 <= metrics["accuracy"] <= 1.0 and math.isfinite(metrics["loss"])
     with pytest.raises(ValueError, match="run-config key .num-classes.: 50, but only"):
         build_task(TaskConfig(task="code-cls", num_classes=50))
@@ -382,12 +386,10 @@ def test_classifier_checkpoint_with_another_head_size_gets_a_new_head(
 
 def test_natural_id_count_matches_the_split() -> None:
     """The launcher's cheap count (tasks/preflight) equals the packages the split keeps."""
-    from tasks.code_lm import _stdlib_pools
     from tasks.preflight import natural_ids
 
-    for seq_len in (128, 1024):
-        cfg = TaskConfig(seq_len=seq_len, num_partitions=1)
-        train, _, _ = _stdlib_pools(cfg)
-        assert natural_ids(cfg) == len(set(train["package"]))
+    for cfg in (TaskConfig(), TaskConfig(**UNCAPPED)):  # splits the tests above made
+        split = split_for(cfg, _stdlib_pools, "package")
+        assert natural_ids(cfg) == len(_trained_packages(split))
     assert natural_ids(TaskConfig(partitioner="iid")) is None
     assert natural_ids(TaskConfig(task="code-cls", partitioner="natural")) == 8
