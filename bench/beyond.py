@@ -1,45 +1,50 @@
 """Beyond exact averaging: quality and upload bytes of each extension on the embedded task.
 
-`python -m bench.beyond --items ranks,compress,swapped,dp` runs, per item, a few variants
-of the same small federated job (4 clients, 2 links x 2 rounds, code-lm on the embedded
-model, through `simulation.local.run_local` like `bench.quality`) and writes
-`bench/results/beyond-<item>.json` (`--set KEY=VALUE` changes every run's run config):
+    python -m bench.beyond --items ranks,compress,swapped,dp,secagg   # beyond-<item>.json
 
-  ranks     all clients at r_max, all at r_min, and a mix (exact heterogeneous ranks)
-  compress  float32 uploads against float16, bfloat16, int8 and int8 with error feedback
-  swapped   B trained on a seeded A (default) against A trained on a seeded B
-  dp        client-level DP: quality against epsilon (one run per noise multiplier)
-  secagg    SecAgg+ against plain FedAvg
+Per item a few variants of one small job (4 clients, 2 links x 2 rounds, c3la, code-lm):
+heterogeneous ranks, upload codecs, the swapped factor, client-level DP (perplexity
+against epsilon), SecAgg+ (its bytes: every reply of its 4 stages).
 """
 
 from __future__ import annotations
 
+import argparse
 import math
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from bench import harness as h
 from bench import quality
-from bench.common import figure, parser, with_sets, write_result
 from simulation.sweep import Point, run_grid
 
-TASK, PARTITIONING, METHOD, CLIENTS = "code-lm", "iid", "c3la", 4
-# The small CPU-sized job every variant runs (a few tens of seconds each).
-BASE: dict[str, Any] = {
-    **quality.BASE,
-    **quality.VARIANTS[METHOD],
-    "task": TASK,
-    "partitioner": PARTITIONING,
-    "min-available-nodes": 2,
-    "num-links": 2,
-    "rounds-per-link": 2,
-    "local-steps": 5,
-    "max-train-blocks": 32,
-    "max-eval-blocks": 32,
-}
+TAGS = {"task": "code-lm", "partitioning": "iid", "panel": "iid", "method": "c3la"}
+CLIENTS = 4
+BASE = {**quality.BASE, **quality.VARIANTS["c3la"], "task": "code-lm", "partitioner": "iid"}
+BASE |= {"min-available-nodes": 2, "num-links": 2, "rounds-per-link": 2, "local-steps": 5}
+BASE |= {"max-train-blocks": 32, "max-eval-blocks": 32}
+DP_CLIP, DP_DELTA, DP_NOISE = 1.0, 1e-5, (0.0, 0.01, 0.03, 0.1, 0.3)
+# Adam moves every entry of a trained A by about lr, and A x sums n_in of them: a smaller step.
+RANKS = {"all r_max=8": {}, "all r_min=2": {"client-ranks": "2"}}
+RANKS["mixed 8,4,2,2"] = {"client-ranks": "8,4,2,2"}
+CODECS = {"float32": {}, **{c: {"upload-codec": c} for c in ("float16", "bfloat16")}}
+CODECS["int8 (no feedback)"] = {"upload-codec": "int8", "error-feedback": False}
+CODECS["int8 + error feedback"] = {"upload-codec": "int8"}
+FROZEN_B, GAUSSIAN = {"frozen-factor": "B"}, {"a-kind": "gaussian"}
+SWAPPED = {"train B, circulant A": {}, "train A, circulant B": FROZEN_B}
+SWAPPED |= {"train B, gaussian A": GAUSSIAN, "train A, gaussian B": GAUSSIAN | FROZEN_B}
+SWAPPED["train A, circulant B, lr 1e-3"] = FROZEN_B | {"lr": 1e-3}
+SWAPPED["train A, gaussian B, lr 1e-3"] = GAUSSIAN | FROZEN_B | {"lr": 1e-3}
+DP = {"no DP": {}}
+DP |= {f"clip {DP_CLIP}, z={z}": {"dp-clip": DP_CLIP, "dp-noise-multiplier": z} for z in DP_NOISE}
+SECAGG = {"plain FedAvg": {}, "SecAgg+": {"secure-aggregation": True, "secagg-max-weight": 32.0}}
+ITEMS = {"ranks": RANKS, "compress": CODECS, "swapped": SWAPPED, "dp": DP, "secagg": SECAGG}
 
 
-def _reply_bytes(message) -> int:
+def reply_bytes(message: Any) -> int:
     """Payload of a reply: arrays, plus config values (bytes as is, 8 per number)."""
     total = sum(r.count_bytes() for r in message.content.array_records.values())
     for record in message.content.config_records.values():
@@ -50,8 +55,7 @@ def _reply_bytes(message) -> int:
 
 
 def run_point(point: Point) -> dict:
-    """One variant and seed, with a fresh link cache (and upload residuals). A SecAgg+ run's
-    bytes are every reply of its 4 stages; a plain run's the metrics' bytes_up."""
+    """One variant and seed with a fresh link cache; SecAgg+ counts every stage's reply."""
     from simulation.local import run_local
 
     if not point.overrides.get("secure-aggregation"):
@@ -61,217 +65,92 @@ def run_point(point: Point) -> dict:
     start = time.perf_counter()
     result = run_local(point.overrides, point.nodes, fresh_cache=True)
     rounds = result.metrics["rounds"]
-    return {
-        "nodes": point.nodes,
-        "base": rounds[0]["central"]["ppl"],
-        "final": rounds[-1]["central"]["ppl"],
-        "total_bytes_up": sum(_reply_bytes(m) for m in result.grid.replies),
-        "wall_time_s": time.perf_counter() - start,
-    }
+    ppl = [r["central"]["ppl"] for r in rounds]
+    row = dict(nodes=point.nodes, base=ppl[0], final=ppl[-1])
+    row["total_bytes_up"] = sum(reply_bytes(m) for m in result.grid.replies)
+    return row | {"wall_time_s": time.perf_counter() - start}
 
 
-def run_variants(args, item: str, variants: Sequence[tuple[str, dict]]) -> list[dict]:
-    """One row per (variant, seed), with the variant's label and overrides."""
-    tags = {"task": TASK, "partitioning": PARTITIONING, "panel": PARTITIONING, "method": METHOD}
-    plan = [
-        Point(
-            {**args.base, **extra, "seed": seed},
-            CLIENTS,
-            {"variant": label, "overrides": extra, **tags, "seed": seed},
-        )
-        for seed in args.seeds
-        for label, extra in variants
-    ]
-    results = args.out / f"beyond-{item}.runs.jsonl"
-    rows = run_grid(plan, run_point, results, resume=args.resume).rows
-    for r in rows:
-        print(
-            f"{r['variant']:>24} seed {r['seed']}: ppl {r['final']:.2f}, "
-            f"{r['total_bytes_up'] / 1e6:.3f} MB up, {r['wall_time_s']:.0f} s"
-        )
-    return rows
+def summarize(item: str, rows: dict[str, dict], releases: int) -> dict:
+    """What each item reports, from the mean final perplexity and bytes per variant."""
+    ppl = {k: v["final_mean"] for k, v in rows.items()}
+    up = {k: v["total_bytes_up_mean"] for k, v in rows.items()}
+    first = next(iter(rows))
+    if item == "ranks":
+        full, low, mixed = ppl.values()
+        out = dict(ppl_all_r_max=full, ppl_all_r_min=low, ppl_mixed=mixed)
+        out["mixed_between_r_min_and_r_max"] = min(full, low) <= mixed <= max(full, low)
+        return out | {"bytes_ratio_mixed_vs_r_max": list(up.values())[2] / up[first]}
+    if item == "compress":
+        per = {k: {"bytes_ratio_vs_float32": up[k] / up[first]} for k in rows}
+        for k, v in per.items():
+            v["ppl_change_vs_float32"] = ppl[k] / ppl[first] - 1
+        ef = per["int8 + error feedback"]
+        met = abs(ef["ppl_change_vs_float32"]) <= 0.01 and ef["bytes_ratio_vs_float32"] <= 0.3
+        goal = "int8 + error feedback within 1% of float32 at ~1/4 of its bytes"
+        return {"per_codec": per, "goal": goal, "goal_met": met}
+    if item == "dp":
+        from strategies.privacy import epsilon
+
+        points = []
+        for label, extra in DP.items():
+            z = extra.get("dp-noise-multiplier")
+            eps = None if z is None else epsilon(z, releases, CLIENTS, CLIENTS, DP_DELTA)
+            eps = None if eps is None or math.isinf(eps) else eps
+            points.append(dict(variant=label, noise_multiplier=z, ppl=ppl[label], epsilon=eps))
+        return {"delta": DP_DELTA, "releases": releases, "clip": DP_CLIP, "points": points}
+    if item == "secagg":
+        plain, secure = "plain FedAvg", "SecAgg+"
+        out = dict(ppl_plain=ppl[plain], ppl_secagg=ppl[secure])
+        out["ppl_change"] = ppl[secure] / ppl[plain] - 1
+        return out | {"bytes_ratio_secagg_vs_plain": up[secure] / up[plain]}
+    return {k: {"ppl": ppl[k], "total_bytes_up": up[k]} for k in rows}
 
 
-def by_variant(records: Sequence[dict]) -> dict[str, dict]:
-    """Mean final perplexity and bytes per variant (over seeds)."""
-    out: dict[str, dict] = {}
-    for r in records:
-        row = out.setdefault(r["variant"], {"finals": [], "bytes": []})
-        row["finals"].append(r["final"])
-        row["bytes"].append(r["total_bytes_up"])
-    for row in out.values():
-        row["final_mean"] = sum(row["finals"]) / len(row["finals"])
-        row["total_bytes_up_mean"] = sum(row["bytes"]) / len(row["bytes"])
-    return out
-
-
-# --- items ----------------------------------------------------------------------------
-RANKS = [
-    ("all r_max=8", {}),
-    ("all r_min=2", {"client-ranks": "2"}),
-    ("mixed 8,4,2,2", {"client-ranks": "8,4,2,2"}),
-]
-
-
-def summarize_ranks(rows: dict[str, dict]) -> dict:
-    full, low, mixed = (rows[label]["final_mean"] for label, _ in RANKS)
-    return {
-        "ppl_all_r_max": full,
-        "ppl_all_r_min": low,
-        "ppl_mixed": mixed,
-        "mixed_between_r_min_and_r_max": min(full, low) <= mixed <= max(full, low),
-        "bytes_ratio_mixed_vs_r_max": rows[RANKS[2][0]]["total_bytes_up_mean"]
-        / rows[RANKS[0][0]]["total_bytes_up_mean"],
-    }
-
-
-COMPRESS = [
-    ("float32", {}),
-    ("float16", {"upload-codec": "float16"}),
-    ("bfloat16", {"upload-codec": "bfloat16"}),
-    ("int8 (no feedback)", {"upload-codec": "int8", "error-feedback": False}),
-    ("int8 + error feedback", {"upload-codec": "int8"}),
-]
-
-
-def summarize_compress(rows: dict[str, dict]) -> dict:
-    base = rows["float32"]
-    per = {
-        label: {
-            "bytes_ratio_vs_float32": row["total_bytes_up_mean"] / base["total_bytes_up_mean"],
-            "ppl_change_vs_float32": row["final_mean"] / base["final_mean"] - 1,
-        }
-        for label, row in rows.items()
-    }
-    ef = per["int8 + error feedback"]
-    return {
-        "per_codec": per,
-        "goal": "int8 + error feedback within 1% of float32 perplexity at about 1/4 of its bytes",
-        "goal_met": abs(ef["ppl_change_vs_float32"]) <= 0.01
-        and ef["bytes_ratio_vs_float32"] <= 0.3,
-    }
-
-
-SWAPPED = [
-    ("train B, circulant A", {}),
-    ("train A, circulant B", {"frozen-factor": "B"}),
-    ("train B, gaussian A", {"a-kind": "gaussian"}),
-    ("train A, gaussian B", {"a-kind": "gaussian", "frozen-factor": "B"}),
-    # Adam moves every entry of A by about lr, and A x sums n_in of them coherently (B A x
-    # only r): the trained-A variant needs a smaller step.
-    ("train A, circulant B, lr 1e-3", {"frozen-factor": "B", "lr": 1e-3}),
-    ("train A, gaussian B, lr 1e-3", {"a-kind": "gaussian", "frozen-factor": "B", "lr": 1e-3}),
-]
-
-
-def summarize_swapped(rows: dict[str, dict]) -> dict:
-    return {
-        label: {"ppl": row["final_mean"], "total_bytes_up": row["total_bytes_up_mean"]}
-        for label, row in rows.items()
-    }
-
-
-DP_CLIP = 1.0
-DP_NOISE = (0.0, 0.01, 0.03, 0.1, 0.3)
-DP = [("no DP", {})] + [
-    (f"clip {DP_CLIP}, z={z}", {"dp-clip": DP_CLIP, "dp-noise-multiplier": z}) for z in DP_NOISE
-]
-
-
-def summarize_dp(rows: dict[str, dict]) -> dict:
-    """Perplexity against epsilon (delta 1e-5, 4 releases of 4 clients out of 4)."""
-    from strategies.privacy import epsilon
-
-    rounds, clients, delta = 4, 4, 1e-5
-    points = []
-    for (label, extra), row in zip(DP, rows.values(), strict=True):
-        z = extra.get("dp-noise-multiplier")
-        eps = None if z is None else epsilon(z, rounds, clients, clients, delta)
-        points.append(
-            {
-                "variant": label,
-                "noise_multiplier": z,
-                "epsilon": None if eps is None or math.isinf(eps) else eps,
-                "ppl": row["final_mean"],
-            }
-        )
-    return {"delta": delta, "releases": rounds, "clip": DP_CLIP, "points": points}
-
-
-def _plot_dp(points: list[dict], path) -> None:
-    with figure(path, figsize=(5.5, 3.6)) as (_, ax):
-        noised = [q for q in points if q["epsilon"] is not None]
-        ax.plot(
-            [q["epsilon"] for q in noised], [q["ppl"] for q in noised], "o-", label="clip + noise"
-        )
-        for q in noised:
-            ax.annotate(f"z={q['noise_multiplier']}", (q["epsilon"], q["ppl"]), fontsize=7)
-        for q in points:
-            if q["epsilon"] is None:
-                ax.axhline(q["ppl"], ls="--", lw=0.8, color="gray")
-                left = min(r["epsilon"] for r in noised)
-                ax.annotate(q["variant"], (left, q["ppl"]), fontsize=7, va="bottom")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("epsilon (delta 1e-5, 4 rounds, 4 clients, no amplification)")
-        ax.set_ylabel("central held-out perplexity")
-        ax.set_title("Client-level DP on the embedded task")
-
-
-SECAGG = [
-    ("plain FedAvg", {}),
-    ("SecAgg+", {"secure-aggregation": True, "secagg-max-weight": 32.0}),
-]
-
-
-def summarize_secagg(rows: dict[str, dict]) -> dict:
-    plain, secure = rows["plain FedAvg"], rows["SecAgg+"]
-    return {
-        "ppl_plain": plain["final_mean"],
-        "ppl_secagg": secure["final_mean"],
-        "ppl_change": secure["final_mean"] / plain["final_mean"] - 1,
-        "bytes_ratio_secagg_vs_plain": secure["total_bytes_up_mean"] / plain["total_bytes_up_mean"],
-        "bytes_note": "SecAgg+ bytes: every reply of its 4 stages (keys, shares, masked "
-        "vectors, unmask shares), arrays plus config values (8 bytes per number)",
-    }
-
-
-ITEMS: dict[str, tuple[list[tuple[str, dict]], Callable[[dict], dict]]] = {
-    "ranks": (RANKS, summarize_ranks),
-    "compress": (COMPRESS, summarize_compress),
-    "swapped": (SWAPPED, summarize_swapped),
-    "dp": (DP, summarize_dp),
-    "secagg": (SECAGG, summarize_secagg),
-}
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    ap = parser(__doc__, "beyond")
+def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
+    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     ap.add_argument("--items", default=",".join(ITEMS), help="comma list of items")
     ap.add_argument("--seeds", default="0", help="comma list of seeds")
     ap.add_argument("--resume", action="store_true", help="skip runs in beyond-<item>.runs.jsonl")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run config")
+    ap.add_argument("--out", type=Path, default=h.RESULTS, help="directory for JSON and PNG")
+    ap.add_argument("--tiny", action="store_true", help="a tiny model, one-step runs (the tests)")
     args = ap.parse_args(argv)
-    args.seeds, args.base = [int(s) for s in args.seeds.split(",")], with_sets(BASE, args)
-    for item in args.items.split(","):
-        variants, summarize = ITEMS[item]
-        records = run_variants(args, item, variants)
-        rows = by_variant(records)
-        payload = {
-            "benchmark": f"beyond-{item}",
-            "harness": "simulation.local.run_local (real ServerApp/ClientApp, in-process)",
-            "run_config": args.base,
-            "clients": CLIENTS,
-            "task": TASK,
-            "partitioning": PARTITIONING,
-            "method": METHOD,
-            "metric": "central held-out perplexity after 4 rounds (lower is better)",
-            "summary": summarize(rows),
-            "by_variant": rows,
-            "runs": records,
-        }
-        write_result(f"beyond-{item}", payload, args.out)
-        if item == "dp":
-            _plot_dp(payload["summary"]["points"], args.out / "beyond-dp.png")
+    payloads = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = {**h.tiny_assets(Path(tmp)), **h.TINY_RUN, "num-links": 2, "rounds-per-link": 1}
+        tiny = tiny | {"rank": 8, "alpha": 16.0} if args.tiny else {}
+        base = h.with_sets(BASE | tiny, args)
+        for item in args.items.split(","):
+            plan = []
+            for s, (label, extra) in (
+                (s, v) for s in h.ints(args.seeds) for v in ITEMS[item].items()
+            ):
+                tags = {"variant": label, "overrides": extra, **TAGS, "seed": s}
+                plan.append(Point({**base, **extra, "seed": s}, CLIENTS, tags))
+            results = args.out / f"beyond-{item}.runs.jsonl"
+            runs = run_grid(plan, run_point, results, resume=args.resume).rows
+            rows: dict[str, dict] = {}
+            for r in runs:
+                row = rows.setdefault(r["variant"], {"finals": [], "bytes": []})
+                row["finals"].append(r["final"])
+                row["bytes"].append(r["total_bytes_up"])
+            for row in rows.values():
+                row["final_mean"] = h.mean(row["finals"])
+                row["total_bytes_up_mean"] = h.mean(row["bytes"])
+            releases = base["num-links"] * base["rounds-per-link"]
+            payload = dict(benchmark=f"beyond-{item}", harness="simulation.local.run_local")
+            payload |= dict(run_config=base, clients=CLIENTS, task="code-lm", partitioning="iid")
+            payload |= dict(method="c3la", metric="central held-out perplexity (lower is better)")
+            payload |= dict(summary=summarize(item, rows, releases), by_variant=rows, runs=runs)
+            h.write_result(f"beyond-{item}", payload, args.out)
+            payloads[item] = payload
+            if item == "dp":
+                pts = [q for q in payload["summary"]["points"] if q["epsilon"] is not None]
+                xy = {"clip + noise": ([q["epsilon"] for q in pts], [q["ppl"] for q in pts])}
+                kw = {"xscale": "log", "xlabel": f"epsilon (delta {DP_DELTA})", "ylabel": "ppl"}
+                h.plot(args.out / "beyond-dp.png", "DP", xy, line=rows["no DP"]["final_mean"], **kw)
+    return payloads
 
 
 if __name__ == "__main__":

@@ -405,7 +405,7 @@ FAMILIES: list[Family] = [
     ),
     (
         "Quality",
-        "python -m bench.quality",
+        "python -m bench.quality {grid,tuned}",
         "Final central metric per (task, split, method), mean over seeds, with the bytes "
         "uploaded; the tuned grid picks each method's lr on a validation half and reports "
         "the test half. Then launcher runs' metrics.json.",
@@ -413,14 +413,14 @@ FAMILIES: list[Family] = [
     ),
     (
         "Exactness, bytes, A draw",
-        "python -m bench.exactness",
+        "python -m bench.exactness {exactness,bytes,a-draw}",
         "The aggregate against the mean of the clients' weight updates, the upload per "
         "client-round against FedIT's, and the cost and bits of drawing A.",
         exactness,
     ),
     (
         "Soak and Byzantine clients",
-        "python -m bench.soak",
+        "python -m bench.soak {chain,byzantine}",
         "A long chain: round time and bytes written per round as links pile up. Robust "
         "rules against one attacking client of five.",
         soak,

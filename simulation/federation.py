@@ -1,5 +1,5 @@
 """Real Flower processes on 127.0.0.1: a SuperLink, SuperNodes, data owners' node commands
-and `flwr` runs, for the deployment tests and bench/deploy.py.
+and `flwr` runs, for the deployment tests and `python -m bench.federation deploy`.
 
 `Federation` starts each process in its own session (so its pid is its process group and
 a SIGKILL takes its ClientApp/ServerApp children with it), keeps them by name, and stops

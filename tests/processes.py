@@ -1,4 +1,4 @@
-"""Real Flower processes for tests: simulation/federation.py (bench/deploy.py uses it too)."""
+"""Real Flower processes for tests: simulation/federation.py (bench.federation deploy too)."""
 
 from simulation.federation import REPO, Federation, read_json, wait_for
 
