@@ -197,14 +197,16 @@ def test_resident_side_path_model_reuses_its_frozen_base_across_links(tmp_path):
     assert resident.bases.loads == 0  # no float master in side-path mode
     with (
         pytest.raises(ValueError, match="hash"),
-        resident.use(_key("0" * 64, chain_index=4), lambda: links, load),
+        resident.use(_key("0" * 64, chain_index=4), lambda: links, load, tmp_path),
     ):
         pass
     # another base (quantization none -> a master) and back: W0 loaded again
     with resident.use(_key(links_digest(links), quantization="none"), lambda: links,
-                      tiny_llama) as dense_model:  # fmt: skip
+                      tiny_llama, tmp_path) as dense_model:  # fmt: skip
         assert next(layer for _, layer in adapter_layers(dense_model)).aside is None
-    with resident.use(_key(links_digest(links[:1]), chain_index=1), lambda: links[:1], load):
+    with resident.use(
+        _key(links_digest(links[:1]), chain_index=1), lambda: links[:1], load, tmp_path
+    ):
         assert resident.frozen_loads == 2
 
 
