@@ -439,8 +439,8 @@ def probed_run(args: Any, spec: dict[str, Any], work: Path, tag: str) -> dict[st
     ov["max-train-blocks"] = ov["local-steps"] * ov["batch-size"]
     ov |= {"round-timeout": args.timeout_s, "output-dir": str(work), "run-name": tag}
     spec = {**spec, "overrides": ov, "probe": str(work / f"{tag}.probe")}
-    env = {**OFFLINE_ENV, **SIMULATION_ENV, "HF_HUB_OFFLINE": "1"}
-    env |= {"SEEDLORA_CACHE": str(work / "link-cache"), **spec.get("env", {})}
+    spec["cache_dir"] = str(work / "link-cache")
+    env = {**OFFLINE_ENV, **SIMULATION_ENV, "HF_HUB_OFFLINE": "1", **spec.get("env", {})}
     if spec.get("cuda_visible_devices") is not None:
         env["CUDA_VISIBLE_DEVICES"] = spec["cuda_visible_devices"]
     run = h.run_child(spec, work, args.timeout_s, env)

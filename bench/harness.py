@@ -237,7 +237,8 @@ def run_child(
 ) -> dict[str, Any]:
     """One run of the app in a child process, stopped with all it started after `timeout_s`
     (cold caches, its own memory). spec: `mode` ("ray": simulate, else run_local),
-    `overrides`, `nodes`; optional `threads`, `num_cpus`, `num_gpus`, `init_args`, `probe`.
+    `overrides`, `nodes`; optional `threads`, `num_cpus`, `num_gpus`, `init_args`, `probe`,
+    `cache_dir` (the clients' link cache).
     Returns `completed`, `process_wall_s` and the child's `metrics` and times, or `why`."""
     from runtime.processes import run, tail
 
@@ -258,7 +259,7 @@ def _child(spec_path: str) -> None:
     """The child side of `run_child`."""
     import torch
 
-    from client.app import build_client_app
+    from client.compose import build_client_app
     from simulation.inprocess import simulate
     from simulation.local import run_local
     from testing.probe import TimedGrid, probed_client_app
@@ -267,7 +268,7 @@ def _child(spec_path: str) -> None:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     ov, nodes, probe = spec["overrides"], spec["nodes"], spec.get("probe")
-    app, wrap = build_client_app(ov), None
+    app, wrap = build_client_app(ov, spec.get("cache_dir")), None
     if probe:
         app = probed_client_app(app, probe)
         wrap = lambda grid: TimedGrid(grid, probe)  # noqa: E731

@@ -15,7 +15,6 @@ by this script (testing.attackers). Goal: robust rules within 5% of clean fedavg
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -62,9 +61,9 @@ def tree_bytes(root: Path, leave_out: str | None = None) -> int:
     return sum(f.stat().st_size for f in files if leave_out not in f.relative_to(root).parts)
 
 
-def soak_grid(inner: Any, log: Path, run_dir: Path) -> Any:
-    """The run's grid, looking at the run directory and the link cache before each round's
-    training (the look timed, to take it out of the round)."""
+def soak_grid(inner: Any, log: Path, run_dir: Path, cache: Path) -> Any:
+    """The run's grid, looking at the run directory and the link cache `cache` before each
+    round's training (the look timed, to take it out of the round)."""
     from client.masters import MASTERS
     from contract import protocol as p
     from testing.probe import TimedGrid
@@ -74,8 +73,8 @@ def soak_grid(inner: Any, log: Path, run_dir: Path) -> Any:
 
         def look(self, rnd: int | None) -> None:
             began, cpu = time.perf_counter(), time.process_time()
-            written, cache = self.meter.look(), os.environ.get("SEEDLORA_CACHE")
-            cache_bytes = tree_bytes(Path(cache), MASTERS) if cache and rnd is not None else None
+            written = self.meter.look()
+            cache_bytes = tree_bytes(cache, MASTERS) if rnd is not None else None
             look = dict(before_round=rnd, written=written, cache_bytes=cache_bytes, cpu_began=cpu)
             look |= dict(look_s=time.perf_counter() - began, cpu_ended=time.process_time())
             self.looks.append(look)
@@ -162,11 +161,13 @@ def chain(args: Any) -> dict:
         run_dir = Path(tmp) / "run"
         run_dir.mkdir()
         grids: list[Any] = []
-        grid = make_grid(ov, clients)
+        grid, cache = make_grid(ov, clients), Path(tmp) / "cache"
+        grid.use_cache(cache)  # the clients' link cache, of this run alone
         grid.keep_replies = False  # the in-process grid's own record would grow every round
         began = time.perf_counter()
-        wrap = lambda g: grids.append(soak_grid(g, Path(tmp) / "grid.jsonl", run_dir)) or grids[0]  # noqa: E731
-        kw = {"grid": grid, "wrap_grid": wrap, "out_dir": run_dir, "fresh_cache": True}
+        log = Path(tmp) / "grid.jsonl"
+        wrap = lambda g: grids.append(soak_grid(g, log, run_dir, cache)) or grids[0]  # noqa: E731
+        kw = {"grid": grid, "wrap_grid": wrap, "out_dir": run_dir}
         doc = run_local(ov, clients, **kw).metrics
         wall, looks = time.perf_counter() - began, grids[0].looks
         grids[0].look(None)

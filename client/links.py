@@ -12,7 +12,8 @@ found by walking back from its digest, catching up writes only the links a node 
 (the cache grows by one file per link), and a file that is damaged or does not hash to its
 name is removed and counts as a miss. In memory, the chain a cache directory last
 resolved is kept for the process (the Chain knows its digests), so a round whose digest
-is known, or that extends it, reads no file and hashes only the links it receives.
+is known, or that extends it, reads no file and hashes only the links it receives; the
+trainer (client/trainer.py) owns that memory and hands it to each LinkCache it makes.
 
 The rebuilt base (W0 plus the links) is `BaseCache`'s float32 master, one file per links
 digest in the same cache directory, mapped by every process of the host (client/masters.py).
@@ -42,20 +43,20 @@ from seedlora.serialize import (
 
 from .masters import Mapped, MasterStore
 
-# cache directory -> the chain it last resolved in this process (shared by LinkCache objects:
-# the ClientApp makes one per message).
-RESOLVED: dict[Path, Chain] = {}
+CACHE_ENV = "SEEDLORA_CACHE"  # the user's default cache folder (read once, where apps are built)
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("SEEDLORA_CACHE", Path.home() / ".cache" / "seedlora"))
+    """The cache folder a node uses when it is given none: $SEEDLORA_CACHE, else
+    ~/.cache/seedlora. Read by the composition root (client/compose.py) only."""
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "seedlora"))
 
 
 class LinkCache:
     """Links on disk under `root/<base key>/links/<digest>.safetensors`, one per file.
 
-    `memory` maps a cache directory to the chain it last resolved (default: this process's
-    `RESOLVED`; a test passes {} to see the disk alone)."""
+    `memory` maps a cache directory to the chain it last resolved: the trainer's, shared
+    by the LinkCache objects it makes (one per message); None or {} sees the disk alone."""
 
     def __init__(
         self,
@@ -65,7 +66,7 @@ class LinkCache:
     ):
         key = hashlib.sha256(base_name.encode()).hexdigest()[:16]
         self.dir = Path(root) / key / "links"
-        self.memory = RESOLVED if memory is None else memory
+        self.memory = {} if memory is None else memory
 
     def _path(self, digest: str) -> Path:
         return self.dir / f"{digest}.safetensors"
@@ -226,10 +227,10 @@ class BaseCache:
         digest: str,
         links: Callable[[], Sequence[Link]],
         load: Callable[[], nn.Module] | BaseSource,
-        root: str | os.PathLike | None = None,
+        root: str | os.PathLike,
     ) -> nn.Module:
         """The master for (`key`, `digest`); `links()` is asked for only when no master
-        file of `digest` exists. `root`: the node's cache directory (default_cache_dir()).
+        file of `digest` exists. `root`: the node's cache directory.
 
         Raises ValueError when `links()` does not hash to `digest`.
         """
@@ -237,7 +238,7 @@ class BaseCache:
             return self._model
         source = BaseSource.of(load)
         name = source.key(key)
-        store = MasterStore.of(root if root is not None else default_cache_dir(), name)
+        store = MasterStore.of(root, name)
         model = self._model if (key, name) == (self._key, self._source) else None
         mapped = store.open(digest)
         if mapped is None:

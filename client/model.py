@@ -1,7 +1,7 @@
 """The model a client trains on: its task and partition, and the link's resident model.
 
-Both train paths (client/app.py and the SecAgg+ one in client/secure.py) and evaluation
-get it here, from this process's `RESIDENT` model (client/resident.py).
+Both train paths (client/trainer.py and the SecAgg+ one in client/secure.py) and
+evaluation get it here, from the trainer's `ResidentModel` (client/resident.py).
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from tasks import build_task
 
 from .links import BaseSource
 from .resident import ModelKey, ResidentModel, effective_chain_index
-
-RESIDENT = ResidentModel()
 
 
 def node_task(context: Context, cfg: RunConfig):
@@ -79,20 +77,20 @@ def base_loader(
 
 @contextlib.contextmanager
 def link_model(
+    resident: ResidentModel,
     cfg: RunConfig,
     task,
     config: Mapping[str, Any],
     links: Callable[[], Sequence[Link]],
     device: torch.device,
-    cache_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike,
 ) -> Iterator[torch.nn.Module]:
-    """The resident model of the link `config` names, on `device` in the run's precision,
+    """`resident`'s model of the link `config` names, on `device` in the run's precision,
     for the length of one client's call; its trainable state is whatever the last client
     left: load the global state first. `links()` gives the links list named by the
-    config's digest; it is called only when neither this process nor the host's master
-    files in `cache_dir` (the node's `cache-dir`; default client.links.default_cache_dir())
-    have that base."""
+    config's digest; it is called only when neither `resident` nor the host's master
+    files in `cache_dir` (the node's cache folder) have that base."""
     load = base_loader(cfg, task, device)
     key = model_key(cfg, task, config, device)
-    with RESIDENT.use(key, links, load, cache_dir) as model:
+    with resident.use(key, links, load, cache_dir) as model:
         yield model

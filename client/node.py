@@ -143,6 +143,8 @@ class Node:
         cmd = [sys.executable, "-m", "client.worker", "--socket", str(worker.socket)]
         if self.args.worker_app:
             cmd += ["--app", self.args.worker_app]
+        if self.args.cache_dir:
+            cmd += ["--cache-dir", self.args.cache_dir]
         if self.threads:
             cmd += ["--threads", str(self.threads)]
         with contextlib.suppress(FileNotFoundError):

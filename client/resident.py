@@ -174,14 +174,14 @@ class ResidentModel:
         key: ModelKey,
         links: Callable[[], Sequence[Link]],
         load: Callable[[], nn.Module] | BaseSource,
-        cache_dir: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike,
     ) -> Iterator[nn.Module]:
         """The resident model for `key`, built first if the key changed.
 
         `links()` (the full links list named by `key.links`) and `load` (the float32 CPU
         W0's source; for a quantized key a loader of the quantized W0 on the device) are
         called only when the master (the quantized W0) must change and the host's master
-        file in `cache_dir` (default: client.links.default_cache_dir()) does not exist. The
+        file in `cache_dir` (the node's cache folder) does not exist. The
         caller loads the trainable state; afterwards gradients are dropped and the model is
         back in eval mode.
         """
@@ -201,7 +201,7 @@ class ResidentModel:
         key: ModelKey,
         links: Callable[[], Sequence[Link]],
         load: Callable[[], nn.Module] | BaseSource,
-        cache_dir: str | os.PathLike | None,
+        cache_dir: str | os.PathLike,
     ) -> None:
         if key.aside:
             self._build_aside(key, links, BaseSource.of(load).load)

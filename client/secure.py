@@ -9,6 +9,7 @@ answers with a legacy FitRes; every other message goes to the normal train handl
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 from flwr.app import Context, Message
 from flwr.client.mod import secaggplus_mod
@@ -23,11 +24,15 @@ from seedlora import links_digest, load_trainable_state
 from seedlora.serialize import links_from_bytes
 
 from .local import cpu_state, release, train_partition
-from .model import link_model, node_task
+from .model import node_task
+
+# (cfg, task, link config, links, device, context) -> the resident model (Trainer.model)
+ModelFor = Callable[..., AbstractContextManager]
 
 
-def secure_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
-    """Train on the legacy FitIns of a SecAgg+ round; reply with a legacy FitRes."""
+def secure_train(model_for: ModelFor, msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """Train on the legacy FitIns of a SecAgg+ round, on the resident model `model_for`
+    gives (the trainer's); reply with a legacy FitRes."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     config = fitins.config
     task, partition_id = node_task(context, cfg)
@@ -39,7 +44,7 @@ def secure_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         return sent
 
     device = check_device(pick_device(cfg.train.device))
-    with link_model(cfg, task, config, links, device) as model:
+    with model_for(cfg, task, config, links, device, context) as model:
         names = [n for n, q in model.named_parameters() if q.requires_grad]
         arrays = parameters_to_ndarrays(fitins.parameters)
         load_trainable_state(model, dict(zip(names, arrays, strict=True)))
@@ -57,13 +62,13 @@ def secure_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
-def secure_mod(config: Callable[[Context], RunConfig]):
-    """A train mod: SecAgg+ messages to `secure_train`, the rest to the normal handler."""
+def secure_mod(train: Callable[[Message, Context], Message]):
+    """A train mod: SecAgg+ messages through Flower's `secaggplus_mod` to `train` (a
+    trainer's `secure_train`), the rest to the normal handler."""
 
     def mod(msg: Message, context: Context, call_next) -> Message:
         if RECORD_KEY_CONFIGS not in msg.content.config_records:
             return call_next(msg, context)
-        inner = lambda m, c: secure_train(m, c, config(c))  # noqa: E731
-        return secaggplus_mod(msg, context, inner)
+        return secaggplus_mod(msg, context, train)
 
     return mod

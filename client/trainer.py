@@ -1,19 +1,24 @@
 """The trainer: rebuild the global base from the links, train or evaluate B, reply.
 
-One trainer code for every way of running: the ClientApp (client/app.py) runs it in its
-own process in the simulation (a Ray actor lives across messages, so its resident model
-does), and hands each message to a node worker (client/worker.py) in a deployment, where
-Flower's ClientApp process lives for one message only. The data partition comes from the
-node config (`partition-id`, `num-partitions`), the device from the run config (`device`,
-default auto: the GPU Ray assigned, else the CPU).
+One trainer code for every way of running; only who keeps a `Trainer` alive differs. In a
+deployment it is the node worker (client/worker.py), which outlives Flower's per-message
+ClientApp processes; in the simulation the Ray actor's process (client/compose.py keeps
+it across the ClientApps Ray unpickles per message); in the in-process harness the
+ClientApp itself. A `Trainer` holds what lives across messages: the resident model
+(client/resident.py), the chains its link caches last resolved, and the cache folder a
+node without a `cache-dir` of its own uses. The data partition comes from the node config
+(`partition-id`, `num-partitions`), the device from the run config (`device`, default
+auto: the GPU Ray assigned, else the CPU).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import time
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -23,27 +28,88 @@ from contract import protocol as p
 from contract.config import RunConfig
 from runtime.devices import autocast, check_device, pick_device
 from seedlora import a_digest, load_trainable_state
+from seedlora.chain import Chain
+from tasks.base import TOKENIZED
 
-from .links import LinkCache, default_cache_dir
+from . import secure
+from .links import LinkCache
 from .local import as_floats, cpu_state, release, train_partition
 from .model import link_model, node_task
-from .secure import secure_mod
+from .resident import ResidentModel
 from .uploads import fit_rank, pack, residuals
+
+CACHE_DIR = "cache-dir"  # node config: this node's link cache and master files
+
+
+class Trainer:
+    """Trains and evaluates for the nodes it is handed messages of (module docstring).
+
+    `overrides` (dash keys) win over each message's run config (see server.app);
+    `cache_dir` is the cache folder of nodes whose node config names none."""
+
+    def __init__(self, overrides: Mapping[str, Any] | None, cache_dir: str | os.PathLike):
+        self.overrides = dict(overrides or {})
+        self.cache_dir = Path(cache_dir)
+        self.resident = ResidentModel()
+        self.chains: dict[Path, Chain] = {}  # cache folder -> the chain it last resolved
+
+    def config(self, context: Context) -> RunConfig:
+        return RunConfig.from_flower({**context.run_config, **self.overrides})
+
+    def cache_for(self, context: Context) -> Path:
+        """The node's cache folder: its node config's `cache-dir`, else the trainer's."""
+        return Path(context.node_config.get(CACHE_DIR, self.cache_dir))
+
+    def stats(self) -> dict:
+        """What this process built so far: device models and tokenized datasets by split."""
+        return {"builds": self.resident.builds, "tokenized": dict(TOKENIZED)}
+
+    @contextlib.contextmanager
+    def model(
+        self, cfg: RunConfig, task, config: Mapping[str, Any], links, device, context: Context
+    ) -> Iterator:
+        """The resident model of the link `config` names (client.model.link_model)."""
+        root = self.cache_for(context)
+        with link_model(self.resident, cfg, task, config, links, device, root) as model:
+            yield model
+
+    def train(self, msg: Message, context: Context) -> Message:
+        return train_b(self, msg, context, self.config(context))
+
+    def evaluate(self, msg: Message, context: Context) -> Message:
+        return evaluate(self, msg, context, self.config(context))
+
+    def secure_train(self, msg: Message, context: Context) -> Message:
+        return secure.secure_train(self.model, msg, context, self.config(context))
+
+    def app(self) -> ClientApp:
+        """This trainer as a ClientApp: train (SecAgg+ messages through `secure_mod`) and
+        evaluate."""
+        client_app = ClientApp()
+
+        @client_app.train(mods=[secure.secure_mod(self.secure_train)])
+        def _train(msg: Message, context: Context) -> Message:
+            return self.train(msg, context)
+
+        @client_app.evaluate()
+        def _evaluate(msg: Message, context: Context) -> Message:
+            return self.evaluate(msg, context)
+
+        return client_app
 
 
 @contextlib.contextmanager
-def _prepare(msg: Message, context: Context, cfg: RunConfig) -> Iterator[tuple]:
+def _prepare(trainer: Trainer, msg: Message, context: Context, cfg: RunConfig) -> Iterator[tuple]:
     """(task, model on device with the global state loaded, partition id, device), for the
-    length of this message's work; the model is this process's resident one."""
+    length of this message's work; the model is the trainer's resident one."""
     task, partition_id = node_task(context, cfg)
     config = msg.content[p.CONFIG]
-    root = context.node_config.get("cache-dir", default_cache_dir())
-    cache = LinkCache(root, cfg.task.model_name)
+    cache = LinkCache(trainer.cache_for(context), cfg.task.model_name, trainer.chains)
     record = msg.content.config_records.get(p.LINKS)
     links = functools.partial(cache.resolve, record, str(config[p.LINKS_DIGEST]))
     device = check_device(pick_device(cfg.train.device))
     try:
-        with link_model(cfg, task, config, links, device, root) as model:
+        with trainer.model(cfg, task, config, links, device, context) as model:
             load_trainable_state(model, msg.content[p.ARRAYS].to_torch_state_dict())
             yield task, model, partition_id, device
     finally:
@@ -58,11 +124,11 @@ def _reply(
     return Message(RecordDict({**records, p.ECHO: echo}), reply_to=msg)
 
 
-def train_b(msg: Message, context: Context, cfg: RunConfig) -> Message:
+def train_b(trainer: Trainer, msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Train this link's B (and heads) on the local partition; reply with them."""
     t0, started = time.perf_counter(), time.time()
     config = msg.content[p.CONFIG]
-    with _prepare(msg, context, cfg) as (task, resident, partition_id, device):
+    with _prepare(trainer, msg, context, cfg) as (task, resident, partition_id, device):
         digest = a_digest(resident)  # of the link's full-rank A's, once per link (cached)
         received_eval = None  # the model as received, before this client trains it
         if context.node_id in config.get(p.EVALUATE_RECEIVED, []):
@@ -78,7 +144,8 @@ def train_b(msg: Message, context: Context, cfg: RunConfig) -> Message:
         link = (int(config[p.CHAIN_INDEX]), str(config[p.LINKS_DIGEST]), server_round)
         # ArrayRecord serialises, so the reply owns its bytes before the model is released
         # (cpu_state of a float32 CPU model aliases the resident parameters).
-        arrays = ArrayRecord(pack(cpu_state(model), received, cfg, residuals(context), link))
+        store = residuals(trainer.cache_for(context), context)
+        arrays = ArrayRecord(pack(cpu_state(model), received, cfg, store, link))
         del model
     bytes_down = sum(r.count_bytes() for r in msg.content.array_records.values())
     metrics = MetricRecord(
@@ -98,9 +165,9 @@ def train_b(msg: Message, context: Context, cfg: RunConfig) -> Message:
     return _reply(msg, context, partition_id, records, digest)
 
 
-def evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
+def evaluate(trainer: Trainer, msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Evaluate the global model (base + links + global B) on the local held-out files."""
-    with _prepare(msg, context, cfg) as (task, model, partition_id, device):
+    with _prepare(trainer, msg, context, cfg) as (task, model, partition_id, device):
         digest = a_digest(model)
         records = {p.METRICS: _evaluate(task, model, partition_id, device, cfg)}
     return _reply(msg, context, partition_id, records, digest)
@@ -112,22 +179,3 @@ def _evaluate(task, model, partition_id: int, device, cfg: RunConfig) -> MetricR
         dataset = task.eval_dataset(partition_id)
         metrics = task.evaluate(model, dataset, cfg.train.eval_batch_size, device)
     return MetricRecord(as_floats(metrics))
-
-
-def build_trainer_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
-    """The trainer as a ClientApp (train and evaluate); `overrides` (dash keys) win over
-    the run config (see server.app)."""
-    client_app = ClientApp()
-
-    def config(context: Context) -> RunConfig:
-        return RunConfig.from_flower({**context.run_config, **(overrides or {})})
-
-    @client_app.train(mods=[secure_mod(config)])
-    def _train(msg: Message, context: Context) -> Message:
-        return train_b(msg, context, config(context))
-
-    @client_app.evaluate()
-    def _evaluate(msg: Message, context: Context) -> Message:
-        return evaluate(msg, context, config(context))
-
-    return client_app

@@ -30,7 +30,6 @@ from seedlora.serialize import (
     state_to_bytes,
 )
 
-from .links import default_cache_dir
 from .resident import private_copy
 
 State = dict[str, torch.Tensor]
@@ -81,9 +80,8 @@ class ResidualStore:
         atomic_write_bytes(self.path, state_to_bytes(residual, meta))
 
 
-def residuals(context) -> ResidualStore:
-    """This node's residual store, beside its link cache."""
-    root = context.node_config.get("cache-dir", default_cache_dir())
+def residuals(root: str | os.PathLike, context) -> ResidualStore:
+    """This node's residual store, in its cache folder `root` (beside its link cache)."""
     return ResidualStore(root, context.run_id, context.node_id)
 
 

@@ -5,23 +5,22 @@ survives the message. The worker is started once per machine (or GPU) by
 `python -m client.node`, beside the SuperNodes it serves; their ClientApps relay each
 train and evaluate message to it over a Unix socket (contract/worker_wire.py). So the
 model is built once per link, each partition tokenized once per run, and the link cache
-and the resident model (client/model.py) live as long as the worker, exactly as in a
-simulation's Ray actor: the code that trains is the same (client/trainer.py), only the
-keeper differs.
+and the resident model live as long as the worker's `Trainer`, exactly as in a
+simulation's Ray actor: the code that trains is the same (client/trainer.py, built by
+client/compose.py), only the keeper differs.
 
 Messages are served in turn, one at a time, on the one resident model: several nodes of a
 machine share its base and its device, and a second model beside the first would only
 halve what each gets. A relay that gives up (its `round-timeout`) closes the connection;
 the worker's late reply is dropped and the next message is served as usual.
 
-    python -m client.worker --socket PATH
+    python -m client.worker --socket PATH [--cache-dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -36,23 +35,9 @@ from flwr.clientapp import ClientApp
 
 from contract import worker_wire as wire
 
+from .compose import TRAINER, worker_app
+
 log = logging.getLogger("seedlora.worker")
-TRAINER = "client.trainer:build_trainer_app"
-
-
-def load_app(ref: str) -> ClientApp:
-    """The ClientApp a `module:factory` reference builds (the trainer, or a test's app)."""
-    module, _, factory = ref.partition(":")
-    return getattr(importlib.import_module(module), factory)()
-
-
-def stats() -> dict:
-    """What this process built so far: device models and tokenized datasets by split."""
-    from tasks.base import TOKENIZED
-
-    from .model import RESIDENT
-
-    return {"builds": RESIDENT.builds, "tokenized": dict(TOKENIZED)}
 
 
 class Worker:
@@ -137,7 +122,12 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m client.worker", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--socket", required=True, type=Path, help="where to listen")
-    parser.add_argument("--app", default=TRAINER, help="module:factory of the ClientApp served")
+    parser.add_argument(
+        "--app", default=TRAINER, help="module:factory of the ClientApp served (default: trainer)"
+    )
+    parser.add_argument(
+        "--cache-dir", type=Path, help="link cache and master files (default ~/.cache/seedlora)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(message)s")
@@ -146,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    worker = Worker(load_app(args.app), stats if args.app == TRAINER else dict)
+    worker = Worker(*worker_app(args.app, args.cache_dir))
     log.info("ready on %s (pid %d, protocol %d)", args.socket, os.getpid(), wire.PROTOCOL)
     serve(server, worker)
 

@@ -35,7 +35,7 @@ EMPTY_DIGEST = hashlib.sha256(b"seedlora-links-v1").hexdigest()
 A_RULE_KEY = "a-rule"  # a link header's record of the A rule (absent: no A drawn, or legacy)
 LINK_REMEDY = (
     "use the seedlora version that made it, or start a fresh run (another run-name) and "
-    "delete this node's link cache ($SEEDLORA_CACHE)"
+    "delete this node's link cache (its cache-dir)"
 )
 
 

@@ -1,5 +1,5 @@
-"""The ServerApp: check the run config, take the run folder, then run the chain
-(see chain_server.py).
+"""The ServerApp: the run config from Flower's context, then the run as
+server/compose.py builds and runs it (checks, run folder, the chain).
 
 Errors a user can fix (a bad run-config value, a missing model path, a busy run folder,
 more clients than the split allows) and a run in which no update was accepted
@@ -10,7 +10,7 @@ line heads the log; Flower marks the run failed with the same message.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from logging import ERROR, INFO
+from logging import ERROR
 from typing import Any
 
 from flwr.app import Context
@@ -18,14 +18,10 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from contract.config import RunConfig, RunConfigError
-from contract.preflight import check_nodes, check_run
 from runtime import watchdog
 
-from . import rundir
-from .chain_server import ChainServer, run_chain
+from .compose import run_server
 from .outcome import RunFailed
-from .rounds import FlowerRounds
-from .secure import SecureRounds
 
 
 def build_server_app(
@@ -42,16 +38,7 @@ def build_server_app(
         watchdog.start_from_env()  # under simulation.launch: die with the launcher
         try:
             cfg = RunConfig.from_flower({**context.run_config, **(overrides or {})})
-            check_run(cfg)
-            with rundir.claim(cfg) as out_dir:
-                log(INFO, "seedlora run %s -> %s", context.run_id, out_dir)
-                server = ChainServer(cfg, context.run_id, out_dir)
-                # Simulated nodes are registered by now (the server's model and data took
-                # longer); each holds one of that many partitions.
-                check_nodes(cfg, len(list(grid.get_node_ids())))
-                grid = wrap_grid(grid) if wrap_grid else grid
-                secure = cfg.secagg.secure_aggregation
-                run_chain(server, SecureRounds(grid, context) if secure else FlowerRounds(grid))
+            run_server(cfg, grid, context, wrap_grid=wrap_grid)
         except (RunConfigError, RunFailed) as err:
             log(ERROR, "seedlora: %s", err)
             raise

@@ -3,9 +3,9 @@
 Each link gets a fresh inner strategy (strategies/registry.py), so B-space optimizer state
 (FedAdam moments, FedAvgM momentum) resets when the A coordinates change; a resumed link
 gets its state back through strategies/state.py. `LinkStrategy` (strategies/chain.py) adds
-the link's A-spec and catch-up links to every message and checks every reply. A round is
-what Flower's `Strategy.start` does for one round, written out so the chain loop owns
-the round counter:
+the link's A-spec and catch-up links to every message and checks every reply. The round
+below is the project's one round loop (Flower's `Strategy.start` is not used: it waits
+for a round's every reply, and the chain loop owns the round counter):
 
     configure_train -> push, then each reply as it arrives: check, add up -> aggregate
     configure_evaluate -> push, pull every reply -> aggregate_evaluate

@@ -161,14 +161,15 @@ def _held_by_launcher(folder: Path) -> bool:
 
 
 @contextlib.contextmanager
-def claim(cfg: RunConfig) -> Iterator[Path]:
+def claim(cfg: RunConfig, folder: Path | None = None) -> Iterator[Path]:
     """The run's folder, created if needed and locked for the `with` block (unless the
-    launcher holds it: module docstring).
+    launcher holds it: module docstring): `folder` when given (the in-process harness's),
+    else the one the config names (or a new one).
 
     Refuses (RunConfigError naming the key) what the module docstring lists. When the
     block raises before the folder holds a checkpoint, a folder this call created is
     removed again."""
-    folder = named_folder(cfg)
+    folder = named_folder(cfg) if folder is None else Path(folder)
     if folder is None:
         folder, created = _new_folder(_root(cfg)), True
     else:

@@ -35,7 +35,7 @@ from flwr.serverapp import Grid
 from contract import protocol as p
 from seedlora.serialize import links_to_bytes
 
-from .chain_server import ChainServer, run_chain
+from .chain_server import ChainServer
 from .state import RoundResult
 
 PARAMETERS = "parameters"  # where the legacy workflow keeps the global parameters
@@ -96,8 +96,3 @@ class SecureLink:
             for k, v in zip(names, final, strict=True)
         }
         return RoundResult(arrays=averaged, rounds=rounds)
-
-
-def run_secure(server: ChainServer, grid: Grid, context: Context) -> None:
-    """The whole chain with SecAgg+ rounds; central evaluation after every link."""
-    run_chain(server, SecureRounds(grid, context))

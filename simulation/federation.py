@@ -60,12 +60,8 @@ class Federation:
         self.node_auth = node_auth
         self.port = free_port()
         self.procs: dict[str, subprocess.Popen] = {}
-        self.env = {
-            **os.environ,
-            **OFFLINE_ENV,
-            "FLWR_HOME": str(root / "flwr-home"),
-            "SEEDLORA_CACHE": str(root / "cache"),
-        }
+        self.cache = root / "cache"  # the nodes' link cache, unless one is given its own
+        self.env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(root / "flwr-home")}
         write_flower_config(root / "flwr-home", self.port)
         if tls is not None:  # the CLI's connection: verify the SuperLink against the CA
             config = root / "flwr-home" / "config.toml"
@@ -144,7 +140,8 @@ class Federation:
         cache: Path | None = None,
         auth_key: Path | None = None,
     ) -> subprocess.Popen:
-        """A SuperNode holding one partition; `cache` gives it its own link cache."""
+        """A SuperNode holding one partition (its ClientApp trains in process); `cache`
+        gives it its own link cache (node config `cache-dir`)."""
         tls = ["--insecure"] if self.tls is None else ["--root-certificates", str(self.tls.ca)]
         cmd = [
             executable("flower-supernode"),
@@ -154,18 +151,19 @@ class Federation:
             "--port",
             str(free_port()),
             "--node-config",
-            f"partition-id={partition} num-partitions={num_partitions}",
+            f"partition-id={partition} num-partitions={num_partitions} "
+            f"cache-dir='{cache or self.cache}'",
         ]
         if auth_key is not None:
             cmd += ["--auth-supernode-private-key", str(auth_key)]
-        env = {**self.env, "SEEDLORA_CACHE": str(cache)} if cache else None
-        return self._start(name, cmd, env)
+        return self._start(name, cmd)
 
     def start_node(
         self, name: str, partitions: str, num_partitions: int, *extra: str
     ) -> subprocess.Popen:
         """The data owner's command (`python -m client.node`): a node worker and one
-        SuperNode per partition in `partitions` ("0" or "0,1"); logs in `root/name/`."""
+        SuperNode per partition in `partitions` ("0" or "0,1"); logs in `root/name/`; the
+        federation's link cache unless `extra` names a `--cache-dir`."""
         cmd = [
             sys.executable,
             "-m",
@@ -181,9 +179,10 @@ class Federation:
             str(self.root / f"{name}.sock"),
             "--log-dir",
             str(self.root / name),
-            *extra,
         ]
-        return self._start(name, cmd)
+        if "--cache-dir" not in extra:
+            cmd += ["--cache-dir", str(self.cache)]
+        return self._start(name, [*cmd, *extra])
 
     def kill(self, name: str) -> None:
         """SIGKILL a process and its children (its process group): a machine dying."""

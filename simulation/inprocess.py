@@ -26,7 +26,7 @@ from flwr.app import Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from client.app import build_client_app
+from client.compose import build_client_app
 from server.app import build_server_app
 from simulation.grid_wrapper import GridWrapper
 from simulation.launch import gpu_share_problem

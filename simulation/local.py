@@ -2,10 +2,11 @@
 
 It runs the real ServerApp and ClientApp code; only the transport is replaced, so a run costs
 its training and not a Ray start-up (fast app tests; benchmarks that compare methods).
-`run_local(overrides, num_nodes)` is one whole run; a caller may swap a node's app first
+`run_local(overrides, num_nodes)` is one whole run, built and run by the same composition
+roots as the deployed apps (server.compose.run_server: its checks and its run folder;
+client.compose.build_client_app); a caller may swap a node's app first
 (`grid.apps[node] = ...`: a faulty client, or the Byzantine
-`testing.attackers.scaled_update`). `_serve` is the one place outside server/ (and tests)
-that drives the server's run loop.
+`testing.attackers.scaled_update`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import os
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,12 @@ class LocalGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout=None) -> list[Message]:
         return exchange.send_and_receive(self, messages, timeout)
 
+    def use_cache(self, cache_dir: str | os.PathLike) -> None:
+        """Give every node the link cache (and master files, upload residuals) in
+        `cache_dir`: node config `cache-dir`, as a deployed node is given it."""
+        for context in self.contexts.values():
+            context.node_config["cache-dir"] = str(cache_dir)
+
 
 class CopyingGrid(LocalGrid):
     """LocalGrid for the legacy SecAgg+ workflow: it delivers copies, as a real transport
@@ -127,14 +134,18 @@ def _secure(overrides: Mapping[str, Any]) -> bool:
 
 
 def make_grid(
-    overrides: Mapping[str, Any], num_nodes: int, client_app: ClientApp | None = None
+    overrides: Mapping[str, Any],
+    num_nodes: int,
+    client_app: ClientApp | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> LocalGrid:
-    """The grid `run_local` would use: this project's ClientApp (built with `overrides`) or
-    `client_app` on every node; a CopyingGrid when `secure-aggregation` is on."""
-    from client.app import build_client_app
+    """The grid `run_local` would use: this project's ClientApp (built with `overrides`
+    and `cache_dir`, client.compose) or `client_app` on every node; a CopyingGrid when
+    `secure-aggregation` is on."""
+    from client.compose import build_client_app
 
     grid_class = CopyingGrid if _secure(overrides) else LocalGrid
-    return grid_class(client_app or build_client_app(overrides), num_nodes)
+    return grid_class(client_app or build_client_app(overrides, cache_dir), num_nodes)
 
 
 @dataclass
@@ -145,24 +156,6 @@ class RunResult:
     metrics: dict[str, Any]
     run_dir: Path | None
     grid: LocalGrid
-
-
-@contextlib.contextmanager
-def _private_cache(fresh: bool) -> Iterator[None]:
-    """With `fresh`, the clients' link cache (and upload residuals) in a new directory."""
-    if not fresh:
-        yield
-        return
-    old = os.environ.get("SEEDLORA_CACHE")
-    with tempfile.TemporaryDirectory(prefix="seedlora-cache-") as cache:
-        os.environ["SEEDLORA_CACHE"] = cache
-        try:
-            yield
-        finally:
-            if old is None:
-                os.environ.pop("SEEDLORA_CACHE", None)
-            else:
-                os.environ["SEEDLORA_CACHE"] = old
 
 
 def run_local(
@@ -180,36 +173,28 @@ def run_local(
     `grid` defaults to `make_grid(overrides, num_nodes, client_app)`; `wrap_grid` wraps it
     for the server (testing.probe.TimedGrid). The run writes to `out_dir`, else to
     `output-dir/run-name` when `run-name` is set, else to a temporary directory.
-    `fresh_cache` gives the clients a link cache of their own for this run."""
+    `fresh_cache` gives the nodes a link cache of their own for this run (node config
+    `cache-dir`, a temporary folder)."""
     from contract.config import RunConfig
-    from server.chain_server import ChainServer
+    from server.compose import run_server
 
     cfg = RunConfig.from_flower(overrides)  # fails before any work on a bad key
     grid = grid if grid is not None else make_grid(overrides, num_nodes, client_app)
-    served = wrap_grid(grid) if wrap_grid else grid
     if out_dir is None and overrides.get("run-name"):
         out_dir = Path(str(overrides.get("output-dir", "outputs"))) / str(overrides["run-name"])
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_private_cache(fresh_cache))
+        if fresh_cache:
+            grid.use_cache(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="seedlora-cache-"))
+            )
         if out_dir is None:
             run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="seedlora-")))
         else:
             run_dir = Path(out_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-        _serve(ChainServer(cfg, RUN_ID, run_dir), served, _secure(overrides))
+        context = Context(RUN_ID, 0, {}, RecordDict(), {})
+        run_server(cfg, grid, context, folder=run_dir, wrap_grid=wrap_grid)
         metrics = json.loads((run_dir / "metrics.json").read_text())
     return RunResult(metrics, None if out_dir is None else run_dir, grid)
-
-
-def _serve(server: Any, grid: Grid, secure: bool) -> None:
-    """The one call into the server's run loop: the chain over SecAgg+ rounds or over
-    Flower's message rounds, as the ServerApp runs it."""
-    from server.chain_server import run_chain
-    from server.rounds import FlowerRounds
-    from server.secure import SecureRounds
-
-    context = Context(RUN_ID, 0, {}, RecordDict(), {})
-    run_chain(server, SecureRounds(grid, context) if secure else FlowerRounds(grid))
 
 
 def resolved_config(overrides: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,9 @@
 """Run one chain link with any Flower strategy, without touching the strategy's math.
 
-`LinkStrategy` wraps a fresh inner strategy per link and only composes:
+`LinkStrategy` wraps a fresh inner strategy per link and only composes. It is not itself
+a Flower `Strategy`: Flower's `Strategy.start` waits for every reply of a round, and a
+chain round streams them (server/rounds.py runs the round, the one loop); so it offers
+the hooks that loop calls, not the Strategy interface:
 
     configure_*  the inner strategy's messages, sampled by Flower's code with a seeded RNG
                  over the nodes in partition order (sampling.py) -> `Outgoing.decorate`
@@ -14,8 +17,8 @@
     every hook   the round's `RoundLedger` (ledger.py), which the server reads
 
 Round numbers. The hooks receive `server_round`, the caller's count of this instance's
-rounds from 1 (Flower's `start()`, or the chain loop in server/), and use it only to
-derive the two that matter:
+rounds from 1 (the chain loop in server/), and use it only to derive the two that
+matter:
 - `link_round`: the round within this link, from 1, counting the rounds done before a
   resume. The inner strategy sees this one in every hook, so that its step-dependent
   terms (FedAdam/FedYogi bias correction) restart with its B-space state.
@@ -96,8 +99,9 @@ class SentRound:
     nodes: frozenset[int] = frozenset()  # the sampled nodes
 
 
-class LinkStrategy(Strategy):
-    """One chain link of `inner` (a fresh Flower strategy), with checks and links added."""
+class LinkStrategy:
+    """One chain link of `inner` (a fresh Flower strategy), with checks and links added:
+    the hooks of server/rounds.py's round (module docstring)."""
 
     def __init__(self, inner: Strategy, ctx: LinkContext):
         self.inner = inner
@@ -158,7 +162,7 @@ class LinkStrategy(Strategy):
         self.outgoing.note_replies(verdict.checked, verdict.rejected_nodes)
         return verdict.accepted
 
-    # --- Strategy interface --------------------------------------------------------
+    # --- the round's hooks ----------------------------------------------------------
     def summary(self) -> None:
         log(INFO, "link %d: %s", self.ctx.chain_index, type(self.inner).__name__)
         log_path(self.ctx.chain_index, self.buffering)
@@ -226,7 +230,7 @@ class LinkStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Flower's hook: every reply of the round through `open_train`, then closed."""
+        """Every reply of the round at once: through `open_train`, then closed."""
         intake = self.open_train(server_round)
         for reply in replies:
             intake.add(reply)

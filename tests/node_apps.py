@@ -9,7 +9,7 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from client.trainer import build_trainer_app
+from client.compose import build_trainer_app
 
 HOLD = "SEEDLORA_TEST_HOLD"  # env: the file the held message creates
 

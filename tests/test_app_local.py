@@ -5,14 +5,14 @@ import json
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
-from client.app import build_client_app
+from client.compose import build_client_app
 from contract import protocol as p
 from contract.config import STRATEGIES, RunConfig
 from seedlora import ASpec, adapter_layers, relative_error
-from server.chain_server import ChainServer, run_chain
-from server.rounds import FlowerRounds
+from server.chain_server import ChainServer
+from server.compose import run_server
 from simulation.local import RUN_ID, LocalGrid
 from testing.attackers import scaled_update
 
@@ -48,8 +48,8 @@ def run(overrides, tmp_path, num_nodes=3, prepare=None, **extra) -> tuple[ChainS
     grid = LocalGrid(build_client_app(ov), num_nodes)
     if prepare:
         prepare(grid)
-    server = ChainServer(RunConfig.from_flower(ov), RUN_ID, tmp_path)
-    run_chain(server, FlowerRounds(grid))
+    context = Context(RUN_ID, 0, {}, RecordDict(), {})
+    server = run_server(RunConfig.from_flower(ov), grid, context, folder=tmp_path)
     return server, grid
 
 

@@ -1,4 +1,4 @@
-"""Central evaluation (server/chain_server.py): on `server-device` in the run's precision,
+"""Central evaluation (server/evaluator.py): on `server-device` in the run's precision,
 through a device replica rebuilt once per link, on a fixed seeded subset if asked.
 
 Why: evaluating a 0.36B model in float32 on the CPU took ~40 s of every GPU round. The
@@ -13,8 +13,11 @@ import torch
 
 from contract.config import RunConfig, RunConfigError
 from seedlora import trainable_state
-from server.chain_server import ChainServer, central_set
-from simulation.local import RUN_ID, _serve, make_grid, run_local
+from server.chain_server import run_chain
+from server.compose import build_server
+from server.evaluator import central_set
+from server.rounds import FlowerRounds
+from simulation.local import RUN_ID, make_grid, run_local
 from tasks import build_task
 from tests import test_app_local as app_tests
 
@@ -29,13 +32,13 @@ def test_server_device_is_validated(overrides, tmp_path):
         return
     cfg = RunConfig.from_flower({**overrides, "server-device": "cuda"})
     with pytest.raises(RunConfigError, match="server-device.*no CUDA device"):
-        ChainServer(cfg, RUN_ID, tmp_path)
+        build_server(cfg, RUN_ID, tmp_path)
 
 
 def test_central_eval_max_takes_a_fixed_subset(overrides, tmp_path):
     cfg = RunConfig.from_flower(overrides)
-    server = ChainServer(cfg, RUN_ID, tmp_path)
-    full = server.eval_set
+    server = build_server(cfg, RUN_ID, tmp_path)
+    full = server.evaluator.eval_set
     small = RunConfig.from_flower({**overrides, "central-eval-max": 3})
     a, b = central_set(server.task, small), central_set(server.task, small)
     assert len(full) > 3 and len(a) == 3
@@ -61,11 +64,11 @@ def test_central_eval_in_half_precision_uses_a_replica_per_link(overrides, tmp_p
     ref = run_local(ov, 2, fresh_cache=True).metrics
     ov = {**ov, "precision": "bf16", "server-device": "cpu"}
     cfg = RunConfig.from_flower(ov)
-    server = ChainServer(cfg, RUN_ID, tmp_path)
-    _serve(server, make_grid(ov, 2), False)
-    assert server.replica_builds == 2  # links 0 and 1 (round 0 shares link 0's)
+    server = build_server(cfg, RUN_ID, tmp_path)
+    run_chain(server, FlowerRounds(make_grid(ov, 2)))
+    assert server.evaluator.replica_builds == 2  # links 0 and 1 (round 0 shares link 0's)
     assert server.model.transformer.h[0].attn.c_attn.base.weight.dtype == torch.float32
-    replica = server._replica
+    replica = server.evaluator._replica
     frozen = {q.dtype for q in replica.parameters() if not q.requires_grad}
     assert frozen == {torch.bfloat16}
     master_b = trainable_state(server.model)
@@ -78,25 +81,27 @@ def test_central_eval_in_half_precision_uses_a_replica_per_link(overrides, tmp_p
 
 def test_cpu_fp32_evaluates_the_master_itself(overrides, tmp_path):
     ov = {**overrides, "server-device": "cpu"}
-    server = ChainServer(RunConfig.from_flower(ov), RUN_ID, tmp_path)
-    assert server.eval_model() is server.model and server.replica_builds == 0
+    server = build_server(RunConfig.from_flower(ov), RUN_ID, tmp_path)
+    evaluator = server.evaluator
+    assert evaluator.model(server.state) is server.model and evaluator.replica_builds == 0
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_auto_evaluates_on_the_gpu_in_the_run_precision(overrides, tmp_path):
     ov = {**overrides, "precision": "bf16", "server-device": "auto"}
-    server = ChainServer(RunConfig.from_flower(ov), RUN_ID, tmp_path / "gpu")
-    assert server.eval_device == torch.device("cuda:0")
-    metrics = server.central_eval()
-    replica = server.eval_model()
-    assert replica is not server.model and server.replica_builds == 1
+    server = build_server(RunConfig.from_flower(ov), RUN_ID, tmp_path / "gpu")
+    evaluator = server.evaluator
+    assert evaluator.device == torch.device("cuda:0")
+    metrics = evaluator.evaluate(server.state)
+    replica = evaluator.model(server.state)
+    assert replica is not server.model and evaluator.replica_builds == 1
     assert {q.device.type for q in replica.parameters()} == {"cuda"}
     assert {q.dtype for q in replica.parameters() if not q.requires_grad} == {torch.bfloat16}
     assert {q.device.type for q in server.model.parameters()} == {"cpu"}  # the master stays
-    cpu = ChainServer(
+    cpu = build_server(
         RunConfig.from_flower({**overrides, "server-device": "cpu"}), RUN_ID, tmp_path / "cpu"
     )
-    reference = cpu.central_eval()
+    reference = cpu.evaluator.evaluate(cpu.state)
     assert abs(metrics["loss"] - reference["loss"]) < 0.02 * reference["loss"]
 
 
@@ -105,7 +110,7 @@ def _rows(data) -> list[tuple[int, ...]]:
 
 
 def test_central_eval_split_halves_are_disjoint_and_cover_the_held_out_set(overrides, tmp_path):
-    full = ChainServer(RunConfig.from_flower(overrides), RUN_ID, tmp_path).eval_set
+    full = build_server(RunConfig.from_flower(overrides), RUN_ID, tmp_path).evaluator.eval_set
     task = build_task(RunConfig.from_flower(overrides).task_config())
     halves = {
         which: central_set(task, RunConfig.from_flower({**overrides, "central-eval-split": which}))

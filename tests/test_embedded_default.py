@@ -3,16 +3,17 @@ held-out perplexity (code-lm), and code-cls learns its new head (in-process grid
 
 import pytest
 
-from client.app import build_client_app
+from client.compose import build_client_app
 from contract.config import RunConfig, RunConfigError
 from server.chain_server import ChainServer, run_chain
+from server.compose import build_server
 from server.rounds import FlowerRounds
 from simulation.local import RUN_ID, LocalGrid
 
 
 def run_default(tmp_path, num_nodes: int, **overrides) -> ChainServer:
     grid = LocalGrid(build_client_app(overrides), num_nodes)
-    server = ChainServer(RunConfig.from_flower(overrides), RUN_ID, tmp_path)
+    server = build_server(RunConfig.from_flower(overrides), RUN_ID, tmp_path)
     run_chain(server, FlowerRounds(grid))
     return server
 
@@ -59,4 +60,4 @@ def test_code_cls_learns_its_head(tmp_path):
 
 def test_rank_larger_than_a_layer_fails_naming_rank(tmp_path):
     with pytest.raises(RunConfigError, match="rank"):
-        ChainServer(RunConfig(rank=100_000), RUN_ID, tmp_path)
+        build_server(RunConfig(rank=100_000), RUN_ID, tmp_path)

@@ -6,13 +6,15 @@ import json
 
 import pytest
 
-from client.app import build_client_app
+from client.compose import build_client_app
 from contract.config import RunConfig, RunConfigError
 from seedlora.spec import SCALE_RULE
 from server import checkpoint, report
 from server.chain_server import ChainServer, run_chain
+from server.compose import build_server
 from server.rounds import FlowerRounds
 from server.state import ChainState
+from server.store import RunStore
 from simulation.local import RUN_ID, LocalGrid
 
 pytestmark = pytest.mark.integration  # federated rounds in process (the unit tests of the
@@ -42,7 +44,7 @@ def overrides(tiny_lm_dir, tiny_text_dir):
 def run(overrides, out, grid=None, **extra) -> tuple[ChainServer, LocalGrid]:
     ov = {**overrides, **extra}
     grid = grid or LocalGrid(build_client_app(ov), 2)
-    server = ChainServer(RunConfig.from_flower(ov), RUN_ID, out)
+    server = build_server(RunConfig.from_flower(ov), RUN_ID, out)
     run_chain(server, FlowerRounds(grid))
     return server, grid
 
@@ -169,14 +171,14 @@ def test_metrics_at_a_link_close_do_not_grow_with_the_chain(overrides, tmp_path,
     a pointer to rounds.jsonl); the end writes every round."""
     ov = {**overrides, "rounds-per-link": 2}
     seen = []
-    real = ChainServer.write_metrics
+    real = RunStore.write_metrics
 
-    def spy(self, progress=False):
-        real(self, progress)
+    def spy(self, state, stopped=None, progress=False):
+        real(self, state, stopped, progress)
         text = (self.out_dir / "metrics.json").read_text()
         seen.append((progress, len(text), json.loads(text)))
 
-    monkeypatch.setattr(ChainServer, "write_metrics", spy)
+    monkeypatch.setattr(RunStore, "write_metrics", spy)
     run(ov, tmp_path, **{"num-links": 4})
     closes = [(size, doc) for progress, size, doc in seen if progress]
     assert len(closes) == 4
@@ -210,10 +212,10 @@ def test_resume_refuses_links_merged_under_another_scale(overrides, tmp_path, ki
     resumed, _ = resume_as_before(overrides, tmp_path, kind, scale="")
     if kind == "gaussian":
         with pytest.raises(RunConfigError, match="resume: .*another adapter scale"):
-            ChainServer(resumed, RUN_ID, tmp_path)
+            build_server(resumed, RUN_ID, tmp_path)
         assert checkpoint.load(tmp_path).scale == ""  # nothing was overwritten
     else:
-        server = ChainServer(resumed, RUN_ID, tmp_path)
+        server = build_server(resumed, RUN_ID, tmp_path)
         assert server.state.scale == SCALE_RULE and len(server.state.links) == 2
 
 
@@ -228,15 +230,15 @@ def test_resume_refuses_a_run_made_under_another_a_rule(overrides, tmp_path, kin
 
     resumed, old = resume_as_before(overrides, tmp_path, kind, a_rule="")
     if kind == "circulant":
-        server = ChainServer(resumed, RUN_ID, tmp_path)
+        server = build_server(resumed, RUN_ID, tmp_path)
         assert server.state.a_rule == A_RULE and len(server.state.links) == 2
         return
     with pytest.raises(RunConfigError, match="resume: this run's checkpoint was made under A rule"):
-        ChainServer(resumed, RUN_ID, tmp_path)
+        build_server(resumed, RUN_ID, tmp_path)
     assert checkpoint.load(tmp_path).a_rule == ""  # nothing was overwritten
     old.a_rule = A_RULE
     checkpoint.save(tmp_path, old)
     path = checkpoint.link_path(tmp_path, 0)
     path.write_bytes(legacy_file(old.links[0], 0, old.links.prefix_digest(0)))
     with pytest.raises(RunConfigError, match="resume: link 0 was made under A rule 'torch-v1'"):
-        ChainServer(resumed, RUN_ID, tmp_path)
+        build_server(resumed, RUN_ID, tmp_path)

@@ -149,10 +149,10 @@ def test_the_relay_imports_neither_torch_nor_transformers():
 
 
 def test_the_relay_without_a_worker_trains_here_and_says_so(caplog):
-    from client.app import Relay
+    from client.relay import Recipe, Relay
 
-    relay = Relay()
-    relay._trainer = _echo_app()  # the trainer this process would build
+    relay = Relay(Recipe())
+    relay._trainer, relay._app = object(), _echo_app()  # what this process would build
     msg = _message()
     with caplog.at_level(logging.INFO, logger="flwr"):
         reply = relay(msg, _context())
@@ -161,7 +161,7 @@ def test_the_relay_without_a_worker_trains_here_and_says_so(caplog):
 
 
 def test_the_relay_without_a_worker_trains_in_process():
-    from client.app import build_client_app
+    from client.compose import build_client_app
 
     reply = build_client_app({})(
         Message(RecordDict(), dst_node_id=7, message_type="query.partition"), _context()
@@ -314,7 +314,7 @@ def _connectable(path: Path) -> bool:
 def test_the_relays_timeout_key_and_default_are_the_run_configs():
     """The relay reads round-timeout without importing the config model (pydantic) in
     every ClientApp process: its copy of the key and default must stay the config's."""
-    from client.app import DEFAULT_TIMEOUT_S, ROUND_TIMEOUT
+    from client.relay import DEFAULT_TIMEOUT_S, ROUND_TIMEOUT
     from contract.config import RunConfig
 
     defaults = RunConfig().to_flower()

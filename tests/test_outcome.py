@@ -9,7 +9,7 @@ import datasets
 import pytest
 from flwr.app import Context, Error, Message, RecordDict
 
-from client.app import build_client_app
+from client.compose import build_client_app
 from contract import protocol as p
 from contract.config import RunConfig, RunConfigError
 from server import rundir

@@ -10,12 +10,13 @@ import json
 import pytest
 import torch
 
-from client.app import build_client_app
+from client.compose import build_client_app
 from contract import protocol as p
 from contract.config import RunConfig, RunConfigError
 from runtime.devices import place
 from seedlora import adapter_layers, prepare
-from server.chain_server import ChainServer, run_chain
+from server.chain_server import run_chain
+from server.compose import build_server
 from server.rounds import FlowerRounds
 from simulation.local import RUN_ID, LocalGrid
 from testing.tiny import LLAMA_TARGETS, tiny_llama
@@ -48,7 +49,7 @@ def _train_loss(overrides: dict, tmp_path, precision: str) -> tuple[float, dict]
     ov = {**overrides, "precision": precision, "device": "cpu"}
     grid = LocalGrid(build_client_app(ov), 2)
     run_chain(
-        ChainServer(RunConfig.from_flower(ov), RUN_ID, tmp_path / precision), FlowerRounds(grid)
+        build_server(RunConfig.from_flower(ov), RUN_ID, tmp_path / precision), FlowerRounds(grid)
     )
     doc = json.loads((tmp_path / precision / "metrics.json").read_text())
     (entry,) = [r for r in doc["rounds"] if r["round"] == 1]

@@ -138,7 +138,7 @@ def _overrides(tiny_lm_dir: str, tiny_text_dir: str, out: Path, name: str) -> di
 DRIVER = """
 import json, sys
 from pathlib import Path
-from client.app import build_client_app
+from client.compose import build_client_app
 from server.app import build_server_app
 from simulation.inprocess import simulate
 from testing.probe import TimedGrid, probed_client_app

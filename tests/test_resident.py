@@ -17,8 +17,8 @@ import pytest
 import torch
 from flwr.app import Message
 
+from client.compose import build_trainer
 from client.links import BaseCache
-from client.model import RESIDENT
 from client.resident import ModelKey, ResidentModel, private_copy
 from contract import protocol as p
 from contract.config import RunConfig
@@ -42,14 +42,20 @@ overrides = app_tests.overrides  # the in-process app fixture (tiny GPT-2, tiny 
 CUDA = torch.cuda.is_available()
 
 
-def _cleared(app):
+def _cleared(app, trainer):
     """`app` in a process that forgets its resident model before every message."""
 
     def wrapped(msg: Message, context):
-        RESIDENT.clear()
+        trainer.resident.clear()
         return app(msg, context)
 
     return wrapped
+
+
+def _trained(ov: dict, num_nodes: int):
+    """A trainer of its own and the in-process grid whose nodes it serves."""
+    trainer = build_trainer(ov)
+    return trainer, make_grid(ov, num_nodes, trainer.app())
 
 
 def _replies(result) -> list[dict[str, torch.Tensor]]:
@@ -57,16 +63,14 @@ def _replies(result) -> list[dict[str, torch.Tensor]]:
 
 
 def _run(ov: dict, *, fresh_each_message: bool, num_nodes: int = 3):
-    """One in-process run; Flower samples nodes with `random`, seeded here so two runs send
-    the same messages in the same order (the average's float sum depends on it)."""
+    """One in-process run (and its trainer); Flower samples nodes with `random`, seeded
+    here so two runs send the same messages in the same order (the average's float sum
+    depends on it)."""
     random.seed(0)
-    RESIDENT.clear()
-    builds = RESIDENT.builds
-    grid = make_grid(ov, num_nodes)
+    trainer, grid = _trained(ov, num_nodes)
     if fresh_each_message:
-        grid.apps = {node: _cleared(app) for node, app in grid.apps.items()}
-    result = run_local(ov, num_nodes, grid=grid, fresh_cache=True)
-    return result, RESIDENT.builds - builds
+        grid.apps = {node: _cleared(app, trainer) for node, app in grid.apps.items()}
+    return run_local(ov, num_nodes, grid=grid, fresh_cache=True), trainer
 
 
 def _assert_same_replies(ours, fresh) -> None:
@@ -91,25 +95,24 @@ def test_no_client_state_reaches_the_next_client(overrides, case):
     """Three partitions served by one process, two links of two rounds: every reply is the
     one a process gets that built its model for that message alone."""
     ov = {**overrides, **FAST, "num-links": 2, "rounds-per-link": 2, **CASES[case]}
-    ours, builds = _run(ov, fresh_each_message=False)
-    fresh, fresh_builds = _run(ov, fresh_each_message=True)
+    ours, kept = _run(ov, fresh_each_message=False)
+    fresh, cleared = _run(ov, fresh_each_message=True)
     _assert_same_replies(_replies(ours), _replies(fresh))
     messages = sum(r.get("sent", 0) for r in ours.metrics["rounds"])
-    assert builds == 2  # one per link
-    assert fresh_builds >= messages  # a build for every message
+    assert kept.resident.builds == 2  # one per link
+    assert cleared.resident.builds >= messages  # a build for every message
 
 
 @pytest.mark.integration  # federated rounds in process
 def test_rebuilt_when_the_links_digest_changes_and_reused_otherwise(overrides):
     ov = {**overrides, **FAST, "num-links": 3, "rounds-per-link": 2, "fraction-evaluate": 1.0}
-    RESIDENT.clear()
-    loads, applied = RESIDENT.bases.loads, RESIDENT.bases.applied
-    result, builds = _run(ov, fresh_each_message=False)
+    result, trainer = _run(ov, fresh_each_message=False)
+    resident = trainer.resident
     assert all(r["accepted"] == 3 for r in result.metrics["rounds"][1:])
-    assert builds == 3  # links 0, 1, 2; train and evaluate messages share the model
-    assert RESIDENT.bases.loads - loads == 1  # W0 loaded once ...
-    assert RESIDENT.bases.applied - applied == 2  # ... and each merged link applied once
-    key = RESIDENT.key
+    assert resident.builds == 3  # links 0, 1, 2; train and evaluate messages share the model
+    assert resident.bases.loads == 1  # W0 loaded once ...
+    assert resident.bases.applied == 2  # ... and each merged link applied once
+    key = resident.key
     assert key is not None and key.chain_index == 2
 
 
@@ -135,15 +138,13 @@ _KEY = ModelKey(
 def test_any_other_key_change_rebuilds_on_the_same_master(monkeypatch, tmp_path):
     import client.resident
 
-    monkeypatch.setenv("SEEDLORA_CACHE", str(tmp_path))  # no master file from another test
-
     liger: list[torch.nn.Module] = []  # base-kernels: the build patches its model
     monkeypatch.setattr(client.resident, "use_liger", liger.append)
     resident = ResidentModel()
     key = _KEY
-    with resident.use(key, list, tiny_gpt2) as first:
+    with resident.use(key, list, tiny_gpt2, tmp_path) as first:
         pass
-    with resident.use(key, list, tiny_gpt2) as again:
+    with resident.use(key, list, tiny_gpt2, tmp_path) as again:
         assert again is first and resident.builds == 1
     changes = [
         {"method": "ffa"},
@@ -162,7 +163,7 @@ def test_any_other_key_change_rebuilds_on_the_same_master(monkeypatch, tmp_path)
         {"quantization": "4bit"},  # side-path mode (the loader stands in for the quantized W0)
     ]
     for change in changes:
-        with resident.use(dataclasses.replace(key, **change), list, tiny_gpt2) as model:
+        with resident.use(dataclasses.replace(key, **change), list, tiny_gpt2, tmp_path) as model:
             assert model is not first, change
     assert resident.builds == 1 + len(changes)
     assert len(liger) == 1  # only the build whose key asked for the kernels
@@ -175,13 +176,13 @@ def test_any_other_key_change_rebuilds_on_the_same_master(monkeypatch, tmp_path)
 @pytest.mark.parametrize(
     "change", [{}, {"heads": ("transformer.ln_f",)}, {"method": "full"}], ids=["b", "head", "full"]
 )
-def test_training_the_resident_model_leaves_the_master_alone(change):
+def test_training_the_resident_model_leaves_the_master_alone(change, tmp_path):
     """The resident model shares the master's frozen storage (`shared_copy`, no second
     float32 copy); a step on everything trainable must still leave the master as it was."""
     resident = ResidentModel()
     key = dataclasses.replace(_KEY, **change)
-    with resident.use(key, list, tiny_gpt2) as model:
-        master = resident.bases.get(key.task, key.links, list, tiny_gpt2)
+    with resident.use(key, list, tiny_gpt2, tmp_path) as model:
+        master = resident.bases.get(key.task, key.links, list, tiny_gpt2, tmp_path)
         before = {k: v.clone() for k, v in master.state_dict().items()}
         trainable = [q for q in model.parameters() if q.requires_grad]
         assert trainable
@@ -218,8 +219,7 @@ def chain_links(factory, targets, n: int, frozen: str = "A", kind: str = "gaussi
     return links
 
 
-def test_base_cache_applies_only_the_links_it_lacks(monkeypatch, tmp_path):
-    monkeypatch.setenv("SEEDLORA_CACHE", str(tmp_path))  # no master file from another test
+def test_base_cache_applies_only_the_links_it_lacks(tmp_path):
     links = chain_links(tiny_gpt2, GPT2_TARGETS, 3)
     cache = BaseCache()
     calls = []
@@ -231,9 +231,9 @@ def test_base_cache_applies_only_the_links_it_lacks(monkeypatch, tmp_path):
 
         return f
 
-    one = cache.get("k", links_digest(links[:1]), given(links[:1]), tiny_gpt2)
-    assert cache.get("k", links_digest(links[:1]), given(links[:1]), tiny_gpt2) is one
-    three = cache.get("k", links_digest(links), given(links), tiny_gpt2)
+    one = cache.get("k", links_digest(links[:1]), given(links[:1]), tiny_gpt2, tmp_path)
+    assert cache.get("k", links_digest(links[:1]), given(links[:1]), tiny_gpt2, tmp_path) is one
+    three = cache.get("k", links_digest(links), given(links), tiny_gpt2, tmp_path)
     assert three is one and (cache.loads, cache.applied) == (1, 3)
     assert calls == [1, 3]  # links asked for only when the master changed
     expected = rebuild(tiny_gpt2(), links)
@@ -241,10 +241,10 @@ def test_base_cache_applies_only_the_links_it_lacks(monkeypatch, tmp_path):
     for name, a in three.state_dict().items():
         assert torch.equal(a, theirs[name]), name
     other = chain_links(tiny_gpt2, GPT2_TARGETS, 1, seed=9)  # not an extension: from W0
-    cache.get("k", links_digest(other), given(other), tiny_gpt2)
+    cache.get("k", links_digest(other), given(other), tiny_gpt2, tmp_path)
     assert cache.loads == 2
     with pytest.raises(ValueError, match="do not hash"):
-        cache.get("k", "0" * 64, given(links), tiny_gpt2)
+        cache.get("k", "0" * 64, given(links), tiny_gpt2, tmp_path)
 
 
 def test_private_copy_shares_only_what_nothing_changes():
@@ -292,9 +292,8 @@ def _memory_probe(app, samples: list):
 @pytest.mark.integration  # federated rounds in process
 def test_memory_does_not_grow_over_rounds(overrides, frozen_heap):
     ov = {**overrides, "num-links": 1, "rounds-per-link": 4, "save-client-updates": False}
-    RESIDENT.clear()
     samples: list = []
-    grid = make_grid(ov, 2)
+    _, grid = _trained(ov, 2)
     grid.apps = {node: _memory_probe(app, samples) for node, app in grid.apps.items()}
     run_local(ov, 2, grid=grid, fresh_cache=True)
     by_round = {}
@@ -310,12 +309,13 @@ def test_gradient_checkpointing_is_a_key_and_changes_no_result(overrides):
     """Recomputed activations are the same numbers: the same B, bit for bit (on the CPU)."""
     assert RunConfig.from_flower({"gradient-checkpointing": True}).train.gradient_checkpointing
     ov = {**overrides, **FAST, "rounds-per-link": 2}
-    plain, _ = _run(ov, fresh_each_message=False, num_nodes=2)
-    assert not RESIDENT._model.is_gradient_checkpointing
-    checkpointed, builds = _run(
+    plain, trainer = _run(ov, fresh_each_message=False, num_nodes=2)
+    assert not trainer.resident._model.is_gradient_checkpointing
+    checkpointed, trainer = _run(
         {**ov, "gradient-checkpointing": True}, fresh_each_message=False, num_nodes=2
     )
-    assert builds == 1 and RESIDENT._model.is_gradient_checkpointing  # enabled once
+    model = trainer.resident._model
+    assert trainer.resident.builds == 1 and model.is_gradient_checkpointing  # enabled once
     _assert_same_replies(_replies(checkpointed), _replies(plain))
 
 
@@ -329,14 +329,12 @@ def test_gpu_resident_model_and_replica_do_not_grow(overrides, frozen_heap):
         "device": "auto",
         "server-device": "auto",
     }
-    RESIDENT.clear()
-    builds = RESIDENT.builds
     samples: list = []
-    grid = make_grid(ov, 2)
+    trainer, grid = _trained(ov, 2)
     grid.apps = {node: _memory_probe(app, samples) for node, app in grid.apps.items()}
     result = run_local(ov, 2, grid=grid, fresh_cache=True)
-    assert RESIDENT.builds - builds == 2
-    model = RESIDENT._model
+    assert trainer.resident.builds == 2
+    model = trainer.resident._model
     assert next(model.parameters()).device.type == "cuda"
     frozen = {q.dtype for q in model.parameters() if not q.requires_grad}
     assert frozen == {torch.bfloat16}

@@ -176,10 +176,10 @@ def test_round_scalars_name_every_per_round_value():
 def round_mb(overrides, tmp_path) -> float:
     """MB up + down of a first round with 2 nodes, every reply accepted: each node gets the
     global trainable state and sends its own back (4 copies; no links in link 0)."""
-    from server.chain_server import ChainServer
+    from server.compose import build_server
 
     cfg = RunConfig.from_flower({**overrides, "central-eval": False})
-    state = trainable_state(ChainServer(cfg, 1, tmp_path).model)
+    state = trainable_state(build_server(cfg, 1, tmp_path).model)
     return 4 * sum(v.numel() * 4 for v in state.values()) / 1e6
 
 

@@ -8,7 +8,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAvg
 
-from client.app import build_client_app
+from client.compose import build_client_app
 from contract import protocol as p
 from contract.config import StrategyConfig
 from simulation.local import LocalGrid, run_local

@@ -5,11 +5,12 @@ import torch
 from flwr.app import Context, RecordDict
 
 import client.secure
-from client.app import build_client_app
+from client.compose import build_client_app
 from contract.config import RunConfig, RunConfigError
 from seedlora import relative_error
-from server.chain_server import ChainServer
-from server.secure import run_secure
+from server.chain_server import run_chain
+from server.compose import build_server
+from server.secure import SecureRounds
 from simulation.local import RUN_ID, CopyingGrid
 from tests import test_app_local as app_tests
 
@@ -20,8 +21,8 @@ overrides = app_tests.overrides  # the in-process app fixture (tiny LM, tiny dat
 def test_secagg_plus_averages_b_and_the_server_sees_no_update(overrides, tmp_path, monkeypatch):
     trained = []  # what each client trained (seen here by the test, never by the server)
 
-    def spy(msg, context, cfg):
-        reply = real(msg, context, cfg)
+    def spy(model_for, msg, context, cfg):
+        reply = real(model_for, msg, context, cfg)
         params = reply.content.array_records["fitres.parameters"]
         n = reply.content.metric_records["fitres.num_examples"]["num_examples"]
         trained.append((n, [torch.from_numpy(a.numpy().copy()) for a in params.values()]))
@@ -32,9 +33,9 @@ def test_secagg_plus_averages_b_and_the_server_sees_no_update(overrides, tmp_pat
     ov = {**overrides, "secure-aggregation": True, "num-links": 2, "min-available-nodes": 3}
     ov["secagg-max-weight"] = 16.0  # each client holds max-train-blocks = 16 examples
     grid = CopyingGrid(build_client_app(ov), 3)
-    server = ChainServer(RunConfig.from_flower(ov), RUN_ID, tmp_path)
+    server = build_server(RunConfig.from_flower(ov), RUN_ID, tmp_path)
     context = Context(RUN_ID, 0, {}, RecordDict(), {})
-    run_secure(server, grid, context)
+    run_chain(server, SecureRounds(grid, context))
     assert len(server.state.links) == 2 and len(trained) == 6
     # every reply the server received carried no update in the clear
     assert all(len(r) == 0 for m in grid.replies for r in m.content.array_records.values())
@@ -61,8 +62,8 @@ def test_secagg_plus_runs_ffa_as_one_link_of_all_rounds(overrides, tmp_path):
     ov = {**overrides, "secure-aggregation": True, "method": "ffa", "min-available-nodes": 3}
     ov.update({"num-links": 2, "rounds-per-link": 1, "secagg-max-weight": 16.0})
     grid = CopyingGrid(build_client_app(ov), 3)
-    server = ChainServer(RunConfig.from_flower(ov), RUN_ID, tmp_path)
-    run_secure(server, grid, Context(RUN_ID, 0, {}, RecordDict(), {}))
+    server = build_server(RunConfig.from_flower(ov), RUN_ID, tmp_path)
+    run_chain(server, SecureRounds(grid, Context(RUN_ID, 0, {}, RecordDict(), {})))
     assert server.state.global_round == 2
     assert len(server.state.links) == 1
     assert [h["link"] for h in server.state.history] == [0, 0]
