@@ -91,7 +91,8 @@ def run_grid(
     loses only the runs in flight) and `rows` stay in plan order. `run` and the points must
     pickle (a module-level function, or a functools.partial of one), and concurrent runs
     must not share a directory: give each its own run dir and caches. A worker that dies
-    (out of memory, a crash) fails the runs then in flight; the grid goes on in a new pool.
+    (out of memory, a crash) fails the runs then in flight, whether the pool says so in
+    their futures or at the next submit; the grid goes on in a new pool.
 
     `deadline` (a `time.monotonic()` value): no run starts after it; runs already started
     finish and are written, the rest are in `not_run`."""
@@ -176,19 +177,28 @@ def _parallel(
     pool, running = new_pool(), {}
     try:
         while queue or running:
+            broken = False
             while queue and len(running) < workers and not _past(deadline):
                 i, point = queue.pop()
+                try:
+                    future = pool.submit(run, point)
+                except BrokenProcessPool:  # a worker died since the last wait: not started
+                    queue.append((i, point))
+                    broken = True
+                    break
                 _started(i, len(todo), point)
-                running[pool.submit(run, point)] = point
-            if not running:
+                running[future] = (i, point)
+            if not running and not broken:
                 _out_of_time(len(queue))
                 return
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            broken = any(isinstance(f.exception(), BrokenProcessPool) for f in finished)
+            finished: set = set()
+            if running and not broken:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                broken = any(isinstance(f.exception(), BrokenProcessPool) for f in finished)
             if broken:  # the pool fails every run in flight: collect them all, start anew
                 finished, _ = wait(running)
-            for future in finished:
-                point = running.pop(future)
+            for future in sorted(finished, key=lambda f: running[f][0]):  # plan order
+                _, point = running.pop(future)
                 yield point, future.exception() or future.result()
             if broken:
                 pool.shutdown(wait=False)

@@ -145,6 +145,7 @@ def test_bad_reply_is_rejected_and_changes_nothing(overrides, tmp_path, kind):
     assert dirty.state.links[0].factors  # a real chain was built
 
 
+@pytest.mark.integration  # a federated round in process
 def test_a_reply_on_another_a_is_rejected_with_its_reason(overrides, tmp_path, caplog):
     """A client whose A digest differs from the server's (same A-spec, another A: e.g.
     another torch version) is rejected and named; the others are averaged. Every reply
@@ -185,6 +186,7 @@ def test_client_error_reply_is_rejected_and_named(overrides, tmp_path):
     assert "client fell over" in entry["rejected"][0]["reason"]
 
 
+@pytest.mark.integration  # federated rounds in process
 def test_too_few_replies_skips_the_round(overrides, tmp_path):
     """Round 2 has one valid reply of the two needed: skipped, global B unchanged. (A run
     whose first round is skipped fails instead: tests/test_outcome.py.)"""

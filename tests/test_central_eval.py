@@ -50,14 +50,15 @@ def test_central_eval_max_takes_a_fixed_subset(overrides, tmp_path):
 
 
 def test_central_eval_max_keeps_classes():
-    cfg = RunConfig.from_flower({"task": "code-cls", "central-eval-max": 8, "num-classes": 4})
-    task = build_task(cfg.task_config())
+    cfg = RunConfig.from_flower({"task": "code-cls", "central-eval-max": 8})  # 8 classes
+    task = build_task(cfg.task_config(8))  # the split test_tasks' code-cls test uses
     every = [int(v) for v in task.eval_dataset(None)[:]["labels"]]
     labels = [int(v) for v in central_set(task, cfg)[:]["labels"]]
     assert len(every) > 8, len(every)
     assert len(labels) == 8 and set(labels) == set(every), (labels, sorted(set(every)))
 
 
+@pytest.mark.integration  # federated rounds in process
 def test_central_eval_in_half_precision_uses_a_replica_per_link(overrides, tmp_path):
     ov = {**overrides, "num-links": 2, "rounds-per-link": 2}
     ref = run_local(ov, 2, fresh_cache=True).metrics

@@ -25,12 +25,14 @@ def both(overrides):
     return _rounds(ov, "with-train"), _rounds(ov, "separate")
 
 
+@pytest.mark.integration  # federated rounds in process
 def test_each_mode_says_which_model_its_metrics_describe(both):
     with_train, separate = both
     assert [r["client_eval_model"] for r in separate] == [1, 2, 3, 4]
     assert [r["client_eval_model"] for r in with_train] == [0, 1, 2, 4]  # last: final model
 
 
+@pytest.mark.integration  # federated rounds in process
 def test_with_train_evaluates_the_same_models_as_separate(both):
     with_train, separate = both
     by_model = {r["client_eval_model"]: r["client_eval"] for r in separate}
@@ -46,6 +48,7 @@ def test_with_train_evaluates_the_same_models_as_separate(both):
     assert with_train[0]["client_eval"]["ppl"] > with_train[1]["client_eval"]["ppl"] * 0.5
 
 
+@pytest.mark.integration  # federated rounds in process
 def test_with_train_sends_one_message_a_round_but_the_last(overrides, monkeypatch):
     from simulation.local import LocalGrid
 
@@ -71,6 +74,7 @@ def test_no_evaluation_when_fraction_evaluate_is_zero(overrides):
     assert all(not r["client_eval"] and r["client_eval_model"] is None for r in rounds)
 
 
+@pytest.mark.integration  # federated rounds in process
 def test_with_train_evaluates_a_fraction_evaluate_sample(overrides, monkeypatch):
     import client.trainer as trainer
 

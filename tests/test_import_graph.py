@@ -10,6 +10,7 @@ sit on top, and no production package imports them.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +43,8 @@ def _module(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path) -> set[str]:
+@functools.cache  # parsed once for all the tests below
+def _imports(path: Path) -> frozenset[str]:
     """Absolute module names `path` imports (relative imports resolved)."""
     package = _module(path).split(".")
     if path.name != "__init__.py":
@@ -56,7 +58,7 @@ def _imports(path: Path) -> set[str]:
             module = ".".join([*base, *(node.module.split(".") if node.module else [])])
             found.add(module)
             found.update(f"{module}.{alias.name}" for alias in node.names)
-    return found
+    return frozenset(found)
 
 
 def graph() -> dict[str, set[str]]:

@@ -190,6 +190,7 @@ def test_a_process_lets_go_of_the_previous_links_master(tmp_path):
 # --- processes (children in tests/master_child.py) ----------------------------------
 
 
+@pytest.mark.integration  # spawns processes
 @pytest.mark.skipif(not LINUX, reason="PSS is read from /proc (Linux)")
 def test_two_processes_share_one_master(tmp_path):
     """Two processes that map one master grow by one master between them, not two."""
@@ -219,6 +220,7 @@ def test_two_processes_share_one_master(tmp_path):
     assert all(r[1] > 0.3 * size for r in reports)  # each maps (and counts half of) it
 
 
+@pytest.mark.integration  # spawns a process
 def test_a_crash_mid_write_leaves_no_readable_master(tmp_path):
     source = BaseSource(child.wide_model, child.wide_skeleton, name="wide")
     store = MasterStore.of(tmp_path, source.key("wide"))

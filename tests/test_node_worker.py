@@ -138,6 +138,7 @@ def test_a_hung_worker_is_given_up_after_the_timeout(tmp_path):
         server.close()
 
 
+@pytest.mark.integration  # a fresh interpreter
 def test_the_relay_imports_neither_torch_nor_transformers():
     code = (
         "import sys, client.app; "

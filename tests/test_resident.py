@@ -89,10 +89,8 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize(
-    "case",
-    ["plain", *(pytest.param(c, marks=pytest.mark.integration) for c in list(CASES)[1:])],
-)
+@pytest.mark.integration  # federated rounds in process
+@pytest.mark.parametrize("case", list(CASES))
 def test_no_client_state_reaches_the_next_client(overrides, case):
     """Three partitions served by one process, two links of two rounds: every reply is the
     one a process gets that built its model for that message alone."""
@@ -105,6 +103,7 @@ def test_no_client_state_reaches_the_next_client(overrides, case):
     assert cleared.resident.builds >= messages  # a build for every message
 
 
+@pytest.mark.integration  # federated rounds in process
 def test_rebuilt_when_the_links_digest_changes_and_reused_otherwise(overrides):
     ov = {**overrides, **FAST, "num-links": 3, "rounds-per-link": 2, "fraction-evaluate": 1.0}
     result, trainer = _run(ov, fresh_each_message=False)
@@ -270,7 +269,7 @@ def test_private_copy_shares_only_what_nothing_changes():
 
 
 def _live_tensors() -> tuple[int, int]:
-    """(storages, bytes) of every tensor alive in this process."""
+    """(storages, bytes) of every tensor alive in this process (made since gc.freeze)."""
     gc.collect()
     storages = {}
     for obj in gc.get_objects():
@@ -290,7 +289,8 @@ def _memory_probe(app, samples: list):
     return probed
 
 
-def test_memory_does_not_grow_over_rounds(overrides):
+@pytest.mark.integration  # federated rounds in process
+def test_memory_does_not_grow_over_rounds(overrides, frozen_heap):
     ov = {**overrides, "num-links": 1, "rounds-per-link": 4, "save-client-updates": False}
     samples: list = []
     _, grid = _trained(ov, 2)
@@ -304,6 +304,7 @@ def test_memory_does_not_grow_over_rounds(overrides):
     assert last[0] == last[1] == last[2], last
 
 
+@pytest.mark.integration  # federated rounds in process
 def test_gradient_checkpointing_is_a_key_and_changes_no_result(overrides):
     """Recomputed activations are the same numbers: the same B, bit for bit (on the CPU)."""
     assert RunConfig.from_flower({"gradient-checkpointing": True}).train.gradient_checkpointing
@@ -319,7 +320,7 @@ def test_gradient_checkpointing_is_a_key_and_changes_no_result(overrides):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-def test_gpu_resident_model_and_replica_do_not_grow(overrides):
+def test_gpu_resident_model_and_replica_do_not_grow(overrides, frozen_heap):
     ov = {
         **overrides,
         "num-links": 2,

@@ -119,9 +119,15 @@ def test_tensorboard_off_or_missing_writes_no_events(tmp_path, monkeypatch, capl
     assert any("tensorboard not installed" in r.getMessage() for r in caplog.records)
 
 
-def test_a_resumed_run_replaces_the_rounds_after_its_checkpoint(tmp_path):
+def test_a_resumed_run_replaces_the_rounds_after_its_checkpoint(tmp_path, monkeypatch):
     """Rounds 1-3 logged, the checkpoint at round 1: on resume rounds 2-3 run again, and
     TensorBoard shows the new round 2 and no stale round 3."""
+    from tensorboard.summary.writer import event_file_writer
+
+    # Event files are named by the second and then a process-wide writer count, and read in
+    # name order: within one second a 10th writer ('.10') sorts before a 9th ('.9'). Count
+    # from 0 here, so this test's files sort as written whatever earlier tests made.
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(0))
     first = tracking.RoundScalars(tmp_path, enabled=True, resumed_at=None)
     for g in (1, 2, 3):
         first.write(RoundRecord(g, 0, lr=float(g)))

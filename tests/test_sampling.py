@@ -89,7 +89,8 @@ def sampled_run(ov: dict) -> tuple[dict, dict[int, list[int]]]:
     return metrics, {r: sorted(v) for r, v in rounds.items()}
 
 
-@pytest.mark.parametrize("dp", [False, pytest.param(True, marks=pytest.mark.integration)])
+@pytest.mark.integration  # federated rounds in process
+@pytest.mark.parametrize("dp", [False, True])
 def test_two_runs_with_one_seed_are_identical(overrides, dp, monkeypatch):
     """fraction-train 0.5 over 4 nodes, 2 links x 1 round (and client-level DP with the
     server's secret noise seed): the same seed gives the same links digest, even after

@@ -4,6 +4,7 @@ errors naming the key, the shipped data, and a federated run that writes samples
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -16,8 +17,9 @@ from contract.config import RunConfig, RunConfigError
 from contract.preflight import check_run
 from tasks import TaskConfig, build_task, load_tokenizer
 from tasks.chat import conversation, encode_masked
+from tasks.corpus import split_corpus
 from tasks.preflight import dataset_columns
-from tasks.sft_data import build_rows, shipped_path
+from tasks.sft_data import rows_of, shipped_path
 
 CPU = torch.device("cpu")
 EOS = "<|endoftext|>"
@@ -46,7 +48,9 @@ def _trained(ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
 
 def test_labels_mask_exactly_the_prompt() -> None:
     tok = load_tokenizer()
-    rows = [r for r in build_rows() if len(r["response"]) < 120][:20]
+    split = split_corpus()  # the first 20 short rows of build_rows(), from the files they need
+    every = (r for p in split.federated for f in split.files(p) for r in rows_of(f))
+    rows = list(itertools.islice((r for r in every if len(r["response"]) < 120), 20))
     cfg = _config()
     talks = [conversation(r, cfg) for r in rows]
     ids, labels = encode_masked(tok, talks, seq_len=256)

@@ -169,7 +169,7 @@ def _key(links: str, **change) -> ModelKey:
     return dataclasses.replace(key, **change)
 
 
-def test_resident_side_path_model_reuses_its_frozen_base_across_links():
+def test_resident_side_path_model_reuses_its_frozen_base_across_links(tmp_path):
     """The quantized resident path on a float stand-in: W0 loaded once, links beside it,
     outputs equal to the dense master's rebuild."""
     links = _links("circulant", 3, torch.float32)
@@ -184,7 +184,7 @@ def test_resident_side_path_model_reuses_its_frozen_base_across_links():
     first_base = None
     for k in (0, 1, 3):
         key = _key(links_digest(links[:k]), chain_index=k)
-        with resident.use(key, lambda k=k: links[:k], load) as model:
+        with resident.use(key, lambda k=k: links[:k], load, tmp_path) as model:
             layer = next(layer for _, layer in adapter_layers(model))
             assert len(layer.aside) == k and layer.spec.chain_index == k
             first_base = first_base or layer.base
@@ -197,14 +197,16 @@ def test_resident_side_path_model_reuses_its_frozen_base_across_links():
     assert resident.bases.loads == 0  # no float master in side-path mode
     with (
         pytest.raises(ValueError, match="hash"),
-        resident.use(_key("0" * 64, chain_index=4), lambda: links, load),
+        resident.use(_key("0" * 64, chain_index=4), lambda: links, load, tmp_path),
     ):
         pass
     # another base (quantization none -> a master) and back: W0 loaded again
     with resident.use(_key(links_digest(links), quantization="none"), lambda: links,
-                      tiny_llama) as dense_model:  # fmt: skip
+                      tiny_llama, tmp_path) as dense_model:  # fmt: skip
         assert next(layer for _, layer in adapter_layers(dense_model)).aside is None
-    with resident.use(_key(links_digest(links[:1]), chain_index=1), lambda: links[:1], load):
+    with resident.use(
+        _key(links_digest(links[:1]), chain_index=1), lambda: links[:1], load, tmp_path
+    ):
         assert resident.frozen_loads == 2
 
 
@@ -237,6 +239,7 @@ def test_copied_side_model_is_independent():
     assert len(next(layer for _, layer in adapter_layers(side)).aside) == 1
 
 
+@pytest.mark.integration  # a fresh interpreter
 def test_seedlora_core_imports_no_bitsandbytes():
     import subprocess
     import sys

@@ -98,6 +98,7 @@ def test_normals_are_standard_normal_and_accurate():
     assert abs(z.mean()) < 0.01 and abs(z.var() - 1) < 0.01 and abs((z**4).mean() - 3) < 0.05
 
 
+@pytest.mark.integration  # a fresh interpreter
 def test_identical_without_simd_in_a_fresh_interpreter():
     """ATEN_CPU_CAPABILITY=default (torch without AVX2, where torch.randn's A differed in 104
     of 256 entries) and numpy's SIMD dispatch off, another global seed and one thread: the

@@ -324,7 +324,7 @@ def test_a_round_through_the_grid_is_the_same_in_any_arrival_order():
     assert len(results) == 1
 
 
-def test_the_streaming_path_holds_no_reply_past_its_turn():
+def test_the_streaming_path_holds_no_reply_past_its_turn(frozen_heap):
     """While the clients of a round answer one after the other, a streamed round keeps at
     most the reply it just added (the loop's variable); a buffered one (fedmedian) keeps
     every accepted reply until the round's last."""
@@ -363,11 +363,11 @@ def test_replies_come_as_they_arrive_and_the_wait_ends_at_the_timeout():
     grid = Slow(3, silent=1)
     began = time.monotonic()
     got = [m.metadata.reply_to_message_id for m in exchange.replies(grid, [1, 2, 3], 10)]
-    assert got == ["m0", "m1", "m2"] and time.monotonic() - began < 2
+    assert got == ["m0", "m1", "m2"] and time.monotonic() - began < 5  # not the 10 s timeout
     grid = Slow(3, lost=1)  # m2 never answers
     began = time.monotonic()
     got = [m.metadata.reply_to_message_id for m in exchange.replies(grid, [1, 2, 3], 0.3)]
-    assert got == ["m0", "m1"] and 0.3 <= time.monotonic() - began < 2
+    assert got == ["m0", "m1"] and 0.3 <= time.monotonic() - began < 5
     assert grid.pulls >= 4  # polled while it waited, a pull every POLL_S
 
 

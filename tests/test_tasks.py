@@ -3,26 +3,22 @@
 from __future__ import annotations
 
 import math
-import os
 import sys
 from collections import Counter
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-import datasets  # noqa: E402
-import pydantic  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from transformers import (  # noqa: E402
+import datasets
+import pydantic
+import pytest
+import torch
+from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
 )
 
-from tasks import (  # noqa: E402
+from tasks import (
     EMBEDDED,
     TaskConfig,
     build_task,
@@ -31,13 +27,12 @@ from tasks import (  # noqa: E402
     resolve_model_path,
     split_corpus,
 )
-from tasks import models as models_mod  # noqa: E402
-from tasks.base import Task  # noqa: E402
-from tasks.code_lm import _stdlib_pools, lm_dataset  # noqa: E402
-from tasks.partitioning import split_for  # noqa: E402
+from tasks import models as models_mod
+from tasks.base import Task
+from tasks.code_lm import _stdlib_pools, lm_dataset
+from tasks.partitioning import ClientSplit, split_for
 
 CPU = torch.device("cpu")
-torch.set_num_threads(2)
 
 
 def _packages(ds: datasets.Dataset) -> set[str]:
@@ -131,46 +126,70 @@ def test_resolve_model_path_fallbacks(monkeypatch: pytest.MonkeyPatch, tmp_path:
 
 # ---------------------------------------------------------------- partitions (stdlib corpus)
 
-UNCAPPED = {"max_train_blocks": 0, "max_eval_blocks": 0}
+# Uncapped, so every row counts; 1024-token blocks: the same files as the default 128 in an
+# eighth of the rows (the partition rules do not depend on the length).
+UNCAPPED = {"max_train_blocks": 0, "max_eval_blocks": 0, "seq_len": 1024}
 
 
-def _sizes(task: Task) -> tuple[list[int], list[int]]:
-    n = task.config.num_partitions
-    return [len(task.train_dataset(p)) for p in range(n)], [
-        len(task.eval_dataset(p)) for p in range(n)
+@pytest.fixture(scope="module")
+def partitioned() -> dict[str, ClientSplit]:
+    """The stdlib corpus split three ways, built once for the tests below: natural (one
+    client per package), IID and Dirichlet(0.1), each over 8 clients. The tests read the
+    clients' rows (what tasks.partitioning hands each client) rather than the block datasets
+    made from them, whose conversion would cost a pass over the corpus per split."""
+    skewed = {"num_partitions": 8, "dirichlet_alpha": 0.1}
+    configs = {
+        "natural": TaskConfig(**UNCAPPED),
+        "iid": TaskConfig(partitioner="iid", **skewed, **UNCAPPED),
+        "dirichlet": TaskConfig(partitioner="dirichlet", **skewed, **UNCAPPED),
+    }
+    return {kind: split_for(cfg, _stdlib_pools, "package") for kind, cfg in configs.items()}
+
+
+def _trained_packages(split: ClientSplit) -> set[str]:
+    """The packages with at least one training block (the natural ids)."""
+    pool = split.partitioner.dataset
+    return {p for p, s in zip(pool["package"], pool["_split"], strict=True) if s == 0}
+
+
+def _sizes(split: ClientSplit) -> tuple[list[int], list[int]]:
+    clients = range(split.num_partitions)
+    return [len(split.rows(p, "train")) for p in clients], [
+        len(split.rows(p, "eval")) for p in clients
     ]
 
 
-def test_natural_partition_puts_each_package_in_one_client() -> None:
-    task = build_task(TaskConfig(**UNCAPPED))
+def test_natural_partition_puts_each_package_in_one_client(partitioned) -> None:
+    split = partitioned["natural"]
     seen: Counter = Counter()
-    for p in range(task.config.num_partitions):
-        train = _packages(task.train_dataset(p))
+    for p in range(split.num_partitions):
+        train = set(split.rows(p, "train")["package"])
         assert train, f"client {p} has no training data"
-        assert _packages(task.eval_dataset(p)) <= train  # eval files of its own packages
+        assert set(split.rows(p, "eval")["package"]) <= train  # eval files of its packages
         seen.update(train)
     assert set(seen.values()) == {1}
-    pool = split_for(task.config, _stdlib_pools, "package").partitioner.dataset
-    with_blocks = {p for p, s in zip(pool["package"], pool["_split"], strict=True) if s == 0}
+    with_blocks = _trained_packages(split)
     assert set(seen) == with_blocks and with_blocks <= set(split_corpus(0).federated)
+    task = build_task(TaskConfig(**UNCAPPED))  # the client's dataset is made of those rows
+    assert _packages(task.train_dataset(3)) == set(split.rows(3, "train")["package"])
+    assert _packages(task.eval_dataset(3)) == set(split.rows(3, "eval")["package"])
 
 
 @pytest.mark.parametrize("kind", ["iid", "dirichlet"])
-def test_iid_and_dirichlet_cover_all_rows(kind: str) -> None:
-    natural = build_task(TaskConfig(**UNCAPPED))
-    task = build_task(TaskConfig(partitioner=kind, num_partitions=5, **UNCAPPED))
-    train, evals = _sizes(task)
-    assert len(train) == 5 and min(train) > 0
-    assert sum(train) == sum(_sizes(natural)[0])
-    assert sum(evals) == len(task.eval_dataset(None))
+def test_iid_and_dirichlet_cover_all_rows(partitioned, kind: str) -> None:
+    split = partitioned[kind]
+    train, evals = _sizes(split)
+    assert len(train) == 8 and min(train) > 0
+    assert sum(train) == sum(_sizes(partitioned["natural"])[0])
+    assert sum(evals) == len(split.rows(None, "eval"))
 
 
-def test_dirichlet_is_more_skewed_than_iid() -> None:
+def test_dirichlet_is_more_skewed_than_iid(partitioned) -> None:
     def mean_entropy(kind: str) -> float:
-        task = build_task(TaskConfig(partitioner=kind, dirichlet_alpha=0.1, **UNCAPPED))
-        n = task.config.num_partitions
-        counts = [Counter(task.train_dataset(p).with_format(None)["package"]) for p in range(n)]
-        return sum(map(_entropy, counts)) / n
+        split = partitioned[kind]
+        clients = range(split.num_partitions)
+        counts = [Counter(split.rows(p, "train")["package"]) for p in clients]
+        return sum(map(_entropy, counts)) / len(counts)
 
     iid, skewed = mean_entropy("iid"), mean_entropy("dirichlet")
     print(f"mean package entropy per client: iid {iid:.2f}, dirichlet(0.1) {skewed:.2f}")
@@ -178,9 +197,9 @@ def test_dirichlet_is_more_skewed_than_iid() -> None:
 
 
 def test_caps_apply_and_are_deterministic() -> None:
-    task = build_task(TaskConfig(max_train_blocks=16, max_eval_blocks=8))
+    task = build_task(TaskConfig())  # the default caps: 256 train blocks, 128 held out
     a = task.train_dataset(1)
-    assert len(a) == 16 and len(task.eval_dataset(None)) == 8
+    assert len(a) == 256 and len(task.eval_dataset(None)) == 128
     assert a[0]["input_ids"].shape == (128,) and torch.equal(a[0]["labels"], a[0]["input_ids"])
     again = lm_dataset.__wrapped__(task.config, 1, "train")  # recomputed, not cached
     assert torch.equal(a[:]["input_ids"], again[:]["input_ids"])
@@ -197,7 +216,7 @@ def test_shipped_model_beats_random_init() -> None:
     assert tok.eos_token == tok.pad_token == "<|endoftext|>"
     task = build_task(TaskConfig())
     assert isinstance(task, Task) and task.target_modules == ("c_attn", "c_proj", "c_fc")
-    central = task.eval_dataset(None)
+    central = task.eval_dataset(None).select(range(32))  # 32 held-out blocks tell them apart
     base = task.evaluate(model, central, 32, CPU)
     torch.manual_seed(0)
     random_model = GPT2LMHeadModel(GPT2Config.from_pretrained(path))
@@ -224,7 +243,7 @@ def test_code_cls_labels_and_head() -> None:
     assert labels and min(labels) >= 0 and max(labels) < k
     central = task.eval_dataset(None)
     assert set(central.with_format(None)["labels"]) == set(range(k))  # every class evaluated
-    metrics = task.evaluate(model, central, 32, CPU)
+    metrics = task.evaluate(model, central.select(range(32)), 32, CPU)
     assert 0.0 <= metrics["accuracy"] <= 1.0 and math.isfinite(metrics["loss"])
     with pytest.raises(ValueError, match="run-config key .num-classes.: 50, but only"):
         build_task(TaskConfig(task="code-cls", num_classes=50))
@@ -367,12 +386,10 @@ def test_classifier_checkpoint_with_another_head_size_gets_a_new_head(
 
 def test_natural_id_count_matches_the_split() -> None:
     """The launcher's cheap count (tasks/preflight) equals the packages the split keeps."""
-    from tasks.code_lm import _stdlib_pools
     from tasks.preflight import natural_ids
 
-    for seq_len in (128, 1024):
-        cfg = TaskConfig(seq_len=seq_len, num_partitions=1)
-        train, _, _ = _stdlib_pools(cfg)
-        assert natural_ids(cfg) == len(set(train["package"]))
+    for cfg in (TaskConfig(), TaskConfig(**UNCAPPED)):  # splits the tests above made
+        split = split_for(cfg, _stdlib_pools, "package")
+        assert natural_ids(cfg) == len(_trained_packages(split))
     assert natural_ids(TaskConfig(partitioner="iid")) is None
     assert natural_ids(TaskConfig(task="code-cls", partitioner="natural")) == 8
