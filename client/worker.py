@@ -1,18 +1,18 @@
 """The node worker: the long-lived process that keeps a data owner's trainer resident.
 
 Flower starts a fresh `flwr-clientapp` process for every message and nothing in it
-survives the message. The worker is started once per machine (or GPU) by
-`python -m client.node`, beside the SuperNodes it serves; their ClientApps relay each
-train and evaluate message to it over a Unix socket (contract/worker_wire.py). So the
-model is built once per link, each partition tokenized once per run, and the link cache
-and the resident model live as long as the worker's `Trainer`, exactly as in a
-simulation's Ray actor: the code that trains is the same (client/trainer.py, built by
-client/compose.py), only the keeper differs.
+survives the message. `python -m client.node` starts workers beside the SuperNodes they
+serve (`--workers partition`, the default: one per partition, training concurrently and
+sharing the host's float32 master; `--workers host`: one serving all its nodes). Their
+ClientApps relay each train and evaluate message to a worker over a Unix socket
+(contract/worker_wire.py). So the model is built once per link, each partition tokenized
+once per run, and the link cache and the resident model live as long as the worker's
+`Trainer`, exactly as in a simulation's Ray actor: the code that trains is the same
+(client/trainer.py, built by client/compose.py), only the keeper differs.
 
-Messages are served in turn, one at a time, on the one resident model: several nodes of a
-machine share its base and its device, and a second model beside the first would only
-halve what each gets. A relay that gives up (its `round-timeout`) closes the connection;
-the worker's late reply is dropped and the next message is served as usual.
+A worker serves its messages in turn, one at a time, on its one resident model. A relay
+that gives up (its `round-timeout`) closes the connection; the worker's late reply is
+dropped and the next message is served as usual.
 
     python -m client.worker --socket PATH [--cache-dir DIR]
 """
