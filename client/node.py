@@ -172,7 +172,7 @@ class Node:
             f"{wire.WORKER_SOCKET}='{self.serves[partition].socket}'",  # a TOML literal string
         ]
         if self.args.cache_dir:
-            parts.append(f"cache-dir='{self.args.cache_dir}'")
+            parts.append(f"{wire.CACHE_DIR}='{self.args.cache_dir}'")
         return " ".join([*parts, self.args.node_config]).strip()
 
     def start_supernodes(self) -> None:

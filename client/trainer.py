@@ -27,6 +27,7 @@ from flwr.clientapp import ClientApp
 from contract import protocol as p
 from contract.config import RunConfig
 from contract.link_spec import LinkSpec
+from contract.worker_wire import CACHE_DIR
 from runtime.devices import autocast, check_device, pick_device
 from seedlora import a_digest, load_trainable_state
 from seedlora.chain import Chain
@@ -38,8 +39,6 @@ from .local import as_floats, cpu_state, release, train_partition
 from .model import link_model, link_spec, node_task
 from .resident import ResidentModel
 from .uploads import fit_rank, pack, residuals
-
-CACHE_DIR = "cache-dir"  # node config: this node's link cache and master files
 
 
 class Trainer:

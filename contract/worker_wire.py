@@ -33,6 +33,7 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 PROTOCOL = 1  # bump on any change to the frames below
 WORKER_SOCKET = "worker-socket"  # node config key: where the node worker listens
+CACHE_DIR = "cache-dir"  # node config key: the node's link cache and master files
 NODE_COMMAND = "python -m client.node"  # what starts a worker with its SuperNode(s)
 _LENGTH = struct.Struct(">Q")
 _MAX_FRAME = 1 << 36  # 64 GiB: a corrupt length fails here, not in a huge allocation

@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from contract import worker_wire as wire
 from runtime.processes import descendants, executable, start, stop_process_tree
 from simulation.launch import (
     CONNECTION,
@@ -152,7 +153,7 @@ class Federation:
             str(free_port()),
             "--node-config",
             f"partition-id={partition} num-partitions={num_partitions} "
-            f"cache-dir='{cache or self.cache}'",
+            f"{wire.CACHE_DIR}='{cache or self.cache}'",
         ]
         if auth_key is not None:
             cmd += ["--auth-supernode-private-key", str(auth_key)]

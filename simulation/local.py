@@ -28,6 +28,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from contract import worker_wire as wire
 from strategies import exchange
 
 RUN_ID = 4242
@@ -113,7 +114,7 @@ class LocalGrid(Grid):
         """Give every node the link cache (and master files, upload residuals) in
         `cache_dir`: node config `cache-dir`, as a deployed node is given it."""
         for context in self.contexts.values():
-            context.node_config["cache-dir"] = str(cache_dir)
+            context.node_config[wire.CACHE_DIR] = str(cache_dir)
 
 
 class CopyingGrid(LocalGrid):
