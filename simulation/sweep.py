@@ -171,7 +171,13 @@ def _parallel(
     from concurrent.futures.process import BrokenProcessPool
 
     def new_pool() -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        # CPython starts a spawn pool's workers one per submit, *after* waking its manager
+        # thread, which may then wait without the new worker's sentinel: that worker's
+        # death goes unseen until another run ends (CI: a dead run 1 noticed only when run
+        # 0 timed out 60 s later). All workers started with the thread are all watched.
+        pool._safe_to_dynamically_spawn_children = False
+        return pool
 
     queue = list(enumerate(todo))[::-1]  # popped from the end: plan order
     pool, running = new_pool(), {}

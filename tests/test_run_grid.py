@@ -139,9 +139,18 @@ def test_parallel_limit_and_serial_agree(tmp_path):
 
 
 @pytest.mark.integration  # spawns worker processes
-def test_a_dead_worker_fails_its_runs_and_a_new_pool_runs_the_rest(tmp_path):
+def test_a_dead_worker_fails_its_runs_and_a_new_pool_runs_the_rest(tmp_path, monkeypatch):
     """Run 1 ends its process while run 0 is in flight on the other worker: the pool fails
-    both, and runs 2 and 3 go to a new pool."""
+    both, and runs 2 and 3 go to a new pool. Each worker starts late (as on a busy
+    machine), so a worker the pool's manager thread does not watch would let run 0 wait
+    its full WAIT_S and fail with TimeoutError instead."""
+    spawn = concurrent.futures.ProcessPoolExecutor._spawn_process
+
+    def late_spawn(self):
+        time.sleep(0.5)  # the manager thread, woken by submit, goes back to waiting first
+        spawn(self)
+
+    monkeypatch.setattr(concurrent.futures.ProcessPoolExecutor, "_spawn_process", late_spawn)
     plan = _plan(4, never={0: str(tmp_path / "never")}, die={1: True})
     grid = run_grid(plan, fake_run, tmp_path / "runs.jsonl", workers=2)
     assert [r["i"] for r in grid.rows] == [2, 3]
