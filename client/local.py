@@ -34,7 +34,9 @@ optimizer steps, so a round reads local-steps x k micro-batches.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
+import logging
 import math
 import time
 from collections.abc import Iterator, Mapping
@@ -47,6 +49,8 @@ from contract.config import RunConfig
 from runtime.devices import autocast
 from seedlora.capture import CapturedStep, KeptStep, kept_step
 from seedlora.grouped import group_siblings, ungroup
+
+log = logging.getLogger("seedlora.train")
 
 
 @dataclass(frozen=True)
@@ -76,19 +80,37 @@ def _optimizer(
     return cls(params, lr=lr, weight_decay=cfg.train.weight_decay, **extra)
 
 
-def _graphable(cfg: RunConfig, device: torch.device, proximal_mu: float) -> bool:
-    """Whether this round's steps can replay one captured CUDA graph (step-mode graphed):
-    one micro-batch a step, no proximal term (its anchor is per round), no fp16 loss
-    scaler (it syncs to skip steps), an optimizer that steps on the device."""
+def _not_graphed(cfg: RunConfig, device: torch.device, proximal_mu: float) -> str | None:
+    """Why this round's steps cannot replay one captured CUDA graph under step-mode graphed
+    (None: they can). A graph replays one micro-batch a step on the device, with no
+    proximal term (its anchor is per round), no fp16 loss scaler (it syncs to skip steps)
+    and an optimizer that steps on the device."""
     t = cfg.train
-    return (
-        t.step_mode == "graphed"
-        and device.type == "cuda"
-        and t.grad_accum_steps == 1
-        and proximal_mu == 0
-        and t.precision != "fp16"
-        and t.optimizer in ("adamw", "adam")
-    )
+    reasons = {
+        f"the device is {device.type}, not cuda": device.type != "cuda",
+        f"grad-accum-steps is {t.grad_accum_steps}, not 1": t.grad_accum_steps != 1,
+        f"the FedProx proximal term (mu={proximal_mu:g}) changes every round": proximal_mu != 0,
+        "precision fp16 scales the loss with host syncs": t.precision == "fp16",
+        f"optimizer {t.optimizer} has no capturable step": t.optimizer not in ("adamw", "adam"),
+    }
+    return next((why for why, applies in reasons.items() if applies), None)
+
+
+@functools.cache
+def _say_grouped(why: str) -> None:
+    """One warning per process and reason: graphed was asked for and grouped steps run."""
+    log.warning("step-mode graphed runs grouped steps here: %s", why)
+
+
+def _graphable(cfg: RunConfig, device: torch.device, proximal_mu: float) -> bool:
+    """Whether this round's steps replay one captured CUDA graph (step-mode graphed); when
+    graphed was asked for and cannot be, says why once."""
+    if cfg.train.step_mode != "graphed":
+        return False
+    why = _not_graphed(cfg, device, proximal_mu)
+    if why is not None:
+        _say_grouped(why)
+    return why is None
 
 
 def _kept_step(

@@ -100,6 +100,37 @@ def test_graphed_step_mode_needs_a_gpu_named():
         RunConfig.from_flower({"step-mode": "graphed", "device": "cpu"})
 
 
+def test_graphed_where_no_graph_can_run_trains_grouped_and_says_why(caplog):
+    """device auto on a CPU machine: the same B as step-mode grouped, and one warning
+    naming the reason, however many rounds run."""
+    grouped, _ = train_b(4, 1, **{"local-steps": 2, "step-mode": "grouped"})
+    local._say_grouped.cache_clear()
+    with caplog.at_level("WARNING", logger="seedlora.train"):
+        graphed, _ = train_b(4, 1, **{"local-steps": 2, "step-mode": "graphed"})
+        train_b(4, 1, **{"local-steps": 2, "step-mode": "graphed"})
+    assert [r.getMessage() for r in caplog.records] == [
+        "step-mode graphed runs grouped steps here: the device is cpu, not cuda"
+    ]
+    for name, value in grouped.items():
+        assert torch.equal(graphed[name], value)
+
+
+@pytest.mark.parametrize(
+    "keys, mu, why",
+    [
+        ({}, 0.0, None),
+        ({"grad-accum-steps": 2}, 0.0, "grad-accum-steps is 2"),
+        ({}, 0.01, "FedProx proximal term (mu=0.01)"),
+        ({"precision": "fp16"}, 0.0, "precision fp16"),
+        ({"optimizer": "sgd"}, 0.0, "optimizer sgd"),
+    ],
+)
+def test_each_rule_that_keeps_a_cuda_step_from_a_graph_is_named(keys, mu, why):
+    cfg = RunConfig.from_flower({"step-mode": "graphed", "device": "cuda", **keys})
+    got = local._not_graphed(cfg, torch.device("cuda"), mu)
+    assert got is None if why is None else why in got
+
+
 class EagerStep:
     """`CapturedStep`'s interface stepping eagerly, so client.local's kept-step rounds run
     on the CPU (a CUDA graph replays the same step)."""
