@@ -87,11 +87,13 @@ def test_sim_tiny_times_the_plain_run(tmp_path):
 def test_deploy_tiny_end_to_end(tmp_path):
     work = tempfile.mkdtemp(prefix="bd-", dir="/tmp")  # Unix socket paths must stay short
     try:
-        fed.main(["deploy", "--tiny", "--nodes", "2", "--out", str(tmp_path), "--work", work])
+        args = ["--nodes", "2", "--floors", "floor", "--set", "rounds-per-link=2"]
+        fed.main(["deploy", "--tiny", *args, "--out", str(tmp_path), "--work", work])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     (row,) = json.loads((tmp_path / "deploy-tiny.json").read_text())["rows"]
-    assert {"simulated", "deployed_partition", "floor", "floor_fast_poll", "goals"} <= row.keys()
+    assert {"simulated", "deployed_partition", "floor", "goals"} <= row.keys()
+    assert [r["round_in_link"] for r in row["floor"]["rounds"]] == [1, 2, 1, 2]
     workers = row["deployed_partition"]["workers"]
     assert sorted(workers) == ["owner-0/worker-0", "owner-0/worker-1"]  # a worker per node
     for worker in workers.values():  # one build a link, its own partition tokenized once
