@@ -9,7 +9,9 @@ sim: the same clients in one process and under Ray; Ray's steady round over the 
 deploy: a real flower-superlink and data owners' `client.node` commands beside the launcher's
 simulation and Flower's floor (the same messages, the work cut to one step); goals per N:
 steady median deployed <= floor + 1.1 x simulated + 1 s, one build per worker per link, one
-tokenizing per partition and split.
+tokenizing per partition and split. `--resume` runs only the parts of each row (simulated,
+each layout, each floor) that the result file lacks, so a row longer than one call (N=4 at
+0.36B on a GPU: over 570 s) finishes over two.
 gpu-sim: the launcher per NxK (K clients per GPU): the steady round over the clients'
 critical path (goal 1.25), GPU use, host PSS of clients and server over one float32 master
 (goal 1.3 each). gpu-clients: N clients sharing G GPUs under Ray against the same clients in
@@ -244,14 +246,47 @@ def goals(row: dict, run: dict) -> dict:
     return out
 
 
+RUN_PATHS = ("output-dir", "model-name", "dataset")  # under the work folder: differ per call
+
+
+MACHINE = ("gpu", "cpu_count")  # environment keys a resumed row's timings must share
+
+
+def resumed_rows(path: Path, preset: str, run: dict) -> list[dict]:
+    """The rows of an earlier `deploy` of the same preset and run config on the same kind
+    of machine at `path` (none when there is no file), so a long row finishes over several
+    calls; anything else is refused, naming what differs (timings compare only side by
+    side)."""
+    if not path.exists():
+        return []
+    doc = json.loads(path.read_text())
+    old, new = (
+        {k: v for k, v in r.items() if k not in RUN_PATHS} for r in (doc["run_config"], run)
+    )
+    differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    here, there = h.environment(), doc.get("environment", {})
+    differ += [
+        f"{k} {there.get(k)!r} there, {here.get(k)!r} here"
+        for k in MACHINE
+        if there.get(k) != here.get(k)
+    ]
+    if doc.get("preset") != preset:
+        differ.insert(0, f"preset {doc.get('preset')!r}")
+    if differ:
+        raise SystemExit(f"--resume: {path} holds another run ({', '.join(differ)})")
+    return doc["rows"]
+
+
 def deploy(args: Any) -> None:
-    """Separate machines (on this one) against the simulation and Flower's floor."""
+    """Separate machines (on this one) against the simulation and Flower's floor; with
+    `--resume`, only the parts (simulated, each layout, each floor) the file lacks."""
     from tasks.models import ENV_VAR, asset_candidates
     from testing.tiny import save_random_lm, save_text_dataset
 
     os.environ.setdefault(ENV_VAR, str(asset_candidates("base-model")[0]))  # where not installed
     name = "tiny" if args.tiny else args.preset
-    preset, work = DEPLOY_PRESETS[name], args.work / f"{name}-{int(time.time())}"
+    args.work.mkdir(parents=True, exist_ok=True)
+    preset, work = DEPLOY_PRESETS[name], Path(tempfile.mkdtemp(prefix=f"{name}-", dir=args.work))
     base = {"num-links": 2, "rounds-per-link": 3, **preset["run"]}
     base["output-dir"] = str(work / "outputs")
     (work / "outputs").mkdir(parents=True)
@@ -260,26 +295,32 @@ def deploy(args: Any) -> None:
         save_random_lm(work / "model", shape)
         save_text_dataset(work / "text", min_chars=2_000_000 if preset["gpu"] else 50_000)
         base |= {"model-name": str(work / "model"), "dataset": str(work / "text")}
-    base, rows, gpu = h.with_sets(base, args), [], preset["gpu"]
+    base, gpu, stem = h.with_sets(base, args), preset["gpu"], args.name or f"deploy-{name}"
+    rows = resumed_rows(args.out / f"{stem}.json", name, base) if args.resume else []
 
-    def save() -> None:  # after each run: a run cut short keeps what it measured
-        payload = {"preset": name, "run_config": base, "rows": rows}
-        h.write_result(args.name or f"deploy-{name}", payload, args.out)
+    def save() -> None:  # after each part: a run cut short keeps what it measured
+        h.write_result(stem, {"preset": name, "run_config": base, "rows": rows}, args.out)
 
     for mode, nodes in ((m, n) for m in args.client_eval.split(",") for n in h.ints(args.nodes)):
-        rows.append(row := {"client_eval": mode, "nodes": nodes})
-        cfg, tag = {**base, "client-eval": mode}, f"{mode}-n{nodes}"
-        simulated = launch({**cfg, "run-name": f"{tag}-sim"}, nodes, nodes, int(gpu))
-        row["simulated"] = summary(simulated)
-        save()
-        for layout in args.layout.split(","):  # a worker per node shares the CPUs as actors do
-            threads = ("--threads", str(max(1, (os.cpu_count() or 1) // nodes)))
-            extra = threads if layout == "node" and not gpu else ()
-            ov = {**cfg, "run-name": f"{tag}-{layout}"}
-            run = deployed(work / f"{tag}-{layout}", ov, nodes, layout, *extra)
-            row[f"deployed_{layout}"] = summary(run)
+        cfg, tag, key = {**base, "client-eval": mode}, f"{mode}-n{nodes}", (mode, nodes)
+        row = next((r for r in rows if (r["client_eval"], r["nodes"]) == key), None)
+        if row is None:
+            rows.append(row := {"client_eval": mode, "nodes": nodes})
+        if "simulated" not in row:
+            simulated = launch({**cfg, "run-name": f"{tag}-sim"}, nodes, nodes, int(gpu))
+            row["simulated"] = summary(simulated)
             save()
-        for floor in [f for f in args.floors.split(",") if f]:
+        for layout in [x for x in args.layout.split(",") if x]:
+            if f"deployed_{layout}" in row:
+                continue
+            threads = ("--threads", str(max(1, (os.cpu_count() or 1) // nodes)))
+            extra = threads if layout == "node" and not gpu else ()  # shares CPUs as actors do
+            ov = {**cfg, "run-name": f"{tag}-{layout}"}
+            row[f"deployed_{layout}"] = summary(
+                deployed(work / f"{tag}-{layout}", ov, nodes, layout, *extra)
+            )
+            save()
+        for floor in [f for f in args.floors.split(",") if f and f not in row]:
             ov = {**cfg, **FLOOR_WORK, "run-name": f"{tag}-{floor}"}
             extra = ("--idle-poll", FLOWER_POLL) if floor == "floor" else ()
             row[floor] = summary(deployed(work / f"{tag}-{floor}", ov, nodes, "partition", *extra))
@@ -539,6 +580,7 @@ p.add_argument("--layout", default="partition", help="partition,host,node (see a
 p.add_argument("--client-eval", default="with-train", help="with-train,separate")
 p.add_argument("--floors", default="floor,floor_fast_poll", help="floor (Flower's poll) ...")
 p.add_argument("--work", type=Path, default=Path("/tmp/seedlora-bench-deploy"))
+p.add_argument("--resume", action="store_true", help="run only the parts the file lacks")
 p = h.command(subs, "gpu-sim", gpu_sim, "")
 p.add_argument("--configs", default="16x4,16x8,64x4,64x8", help="NxK,... (K clients per GPU)")
 p.add_argument("--shape", choices=sorted(SHAPES), default="qwen-0.36b")

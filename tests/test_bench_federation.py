@@ -64,6 +64,40 @@ def test_goals_use_steady_rounds_and_the_flower_floor():
     assert not node["round_met"] and not node["builds_met"]  # 9 s > 8.2 s; 3 builds > 2 links
 
 
+def test_deploy_resume_runs_only_the_parts_the_file_lacks(tmp_path, monkeypatch):
+    """A first call measures the simulation and the deployment; `--resume` adds the floor
+    without running either again, and refuses a file of another run config."""
+    calls: list[str] = []
+    walls = {"sim": 2.0, "partition": 8.0, "floor": 5.0}
+
+    def fake(name: str) -> dict:
+        calls.append(name)
+        return _run([30.0, walls[name], walls[name], 30.0, walls[name], walls[name]])
+
+    monkeypatch.setattr(fed, "launch", lambda overrides, *a: fake("sim"))
+    monkeypatch.setattr(
+        fed, "deployed", lambda root, ov, n, layout, *a: fake(ov["run-name"].split("-")[-1])
+    )
+    argv = ["deploy", "--tiny", "--out", str(tmp_path), "--work", str(tmp_path / "work")]
+    fed.main([*argv, "--floors", ""])
+    assert calls == ["sim", "partition"]
+    (row,) = json.loads((tmp_path / "deploy-tiny.json").read_text())["rows"]
+    assert "floor" not in row and row["goals"]["deployed_partition"]["bound_s"] is None
+    fed.main([*argv, "--floors", "floor", "--resume"])
+    assert calls == ["sim", "partition", "floor"]
+    (row,) = json.loads((tmp_path / "deploy-tiny.json").read_text())["rows"]
+    goal = row["goals"]["deployed_partition"]
+    assert goal["bound_s"] == pytest.approx(5.0 + 1.1 * 2.0 + 1.0) and goal["round_met"]
+    with pytest.raises(SystemExit, match="another run.*local-steps"):
+        fed.main([*argv, "--resume", "--set", "local-steps=7"])
+    path = tmp_path / "deploy-tiny.json"
+    doc = json.loads(path.read_text())
+    path.write_text(json.dumps(doc | {"environment": doc["environment"] | {"cpu_count": 999}}))
+    with pytest.raises(SystemExit, match="cpu_count 999 there"):  # another machine's timings
+        fed.main([*argv, "--resume"])
+    assert len(calls) == 3
+
+
 def test_trained_tokens_and_union():
     assert fed.trained_tokens(40, 4, 10, 512) == 40 * 512
     assert fed.trained_tokens(5, 2, 4, 10) == (2 + 2 + 1 + 2) * 10  # short last batch

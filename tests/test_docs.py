@@ -5,6 +5,7 @@ config table; this test runs it, so `python -m pytest -q` (CI's command) does.
 """
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -50,6 +51,30 @@ def test_check_fails_on_a_stale_page(monkeypatch, tmp_path):
     monkeypatch.setattr(generate, "pages", lambda: {stale: generate.results_page()})
     assert generate.main(["--check"]) == 1
     assert generate.main([]) == 0 and generate.main(["--check"]) == 0
+
+
+def test_deployment_rows_judge_a_full_row_and_not_one_cut_short(monkeypatch, tmp_path):
+    """Every deployed layout's steady round is listed; its goal is judged against the
+    floor's bound, or said to be unjudged when the row has no floor yet."""
+    generate = load_generator()
+    run = lambda s: {"steady_median_s": s, "workers": {}}  # noqa: E731
+    goal = {"steady_s": 9.0, "bound_s": 8.5, "round_met": False}
+    rows = [
+        {"nodes": 2, "client_eval": "with-train", "simulated": run(2.0), "floor": run(5.0)},
+        {"nodes": 4, "client_eval": "with-train", "simulated": run(3.0)},
+    ]
+    rows[0] |= {"deployed_partition": run(9.0), "goals": {"deployed_partition": goal}}
+    rows[1] |= {"deployed_partition": run(30.0)}
+    doc = {"preset": "p", "run_config": {"num-links": 2}, "rows": rows}
+    (tmp_path / "deploy-p.json").write_text(json.dumps(doc))
+    monkeypatch.setattr(generate, "RESULTS", tmp_path)
+    got = {figure: value for figure, value, _ in generate.deployment()}
+    head = "p, {} nodes, client-eval with-train: "
+    assert got[head.format(2) + "steady round, deployed_partition"] == "9 s (4.5x simulated)"
+    judged = got[head.format(2) + "deployed_partition <= floor + 1.1 x simulated + 1 s"]
+    assert judged == "9 s vs bound 8.5 s: not met"
+    unjudged = got[head.format(4) + "deployed_partition <= floor + 1.1 x simulated + 1 s"]
+    assert unjudged.startswith("30 s;") and "floor not measured" in unjudged
 
 
 def test_readme_is_a_front_page_that_starts_with_the_two_commands():
