@@ -254,9 +254,13 @@ def summary(rows: Sequence[Mapping[str, Any]], group: Sequence[str] = ("strategy
     header = [*group, "seeds", "metric", "base", "final (mean +- sd)", "wall s", "up MB", "down MB"]
     lines = [header]
     for key, members in groups.items():
-        metric = _metric(members[0]["final"]) or "-"
-        base = _spread([m["base"][metric] for m in members])[0]
-        mean, sd = _spread([m["final"][metric] for m in members])
+        metric = _metric(members[0]["final"])
+        if metric is None:  # a task whose evaluation reports none of the known metrics
+            base_s = final_s = "-"
+        else:
+            mean, sd = _spread([m["final"][metric] for m in members])
+            base_s = f"{_spread([m['base'][metric] for m in members])[0]:.4g}"
+            final_s = f"{mean:.4g} +- {sd:.2g}"
         wall = _spread([m.get("wall_s", 0.0) for m in members])[0]
         up = _spread([m.get("bytes_up", 0) / 1e6 for m in members])[0]
         down = _spread([m.get("bytes_down", 0) / 1e6 for m in members])[0]
@@ -264,9 +268,9 @@ def summary(rows: Sequence[Mapping[str, Any]], group: Sequence[str] = ("strategy
             [
                 *map(str, key),
                 str(len(members)),
-                metric,
-                f"{base:.4g}",
-                f"{mean:.4g} +- {sd:.2g}",
+                metric or "-",
+                base_s,
+                final_s,
                 f"{wall:.1f}",
                 f"{up:.3f}",
                 f"{down:.3f}",
@@ -289,7 +293,9 @@ def plot(rows: list[dict], path: Path) -> None:
         rounds = [r for r in row.get("rounds", []) if r.get("central")]
         if not rounds:
             continue
-        key = "ppl" if "ppl" in rounds[0]["central"] else "accuracy"
+        key = _metric(rounds[0]["central"])
+        if key is None:
+            continue
         ax.plot(
             [r["round"] for r in rounds], [r["central"][key] for r in rounds], label=row["name"]
         )

@@ -193,3 +193,23 @@ def test_serial_grid_reports_a_failure_resumes_and_stops_at_the_limit_and_the_bu
     assert [r["i"] for r in again.rows] == [0, 1, 2, 3] and again.rows[0] == first.rows[0]
     assert _written(results) == [0, 2, 1, 3]  # only the missing runs were appended
     assert run_grid(_plan(2), fake_run, results, deadline=time.monotonic()).rows == []
+
+
+def test_summary_and_plot_take_rows_of_any_metric(tmp_path):
+    """A loss-only run and a run whose evaluation names no known metric sit in the same
+    table and plot as a perplexity run, instead of failing on a missing key."""
+    rounds = lambda central: [{"round": 0, "central": central}, {"round": 1, "central": central}]  # noqa: E731
+    rows = [
+        {"strategy": "fedavg", "kind": "gaussian", "name": "a", "base": {"ppl": 9.0}},
+        {"strategy": "fedavg", "kind": "circulant", "name": "b", "base": {"loss": 2.0}},
+        {"strategy": "fedadam", "kind": "gaussian", "name": "c", "base": {"f1": 0.5}},
+    ]
+    for row in rows:
+        row |= {"final": {k: v / 2 for k, v in row["base"].items()}, "rounds": rounds(row["base"])}
+    lines = sweep.summary(rows).splitlines()
+    assert len(lines) == 4
+    assert lines[1].split()[3:6] == ["ppl", "9", "4.5"]
+    assert lines[2].split()[3:6] == ["loss", "2", "1"]
+    assert lines[3].split()[3:6] == ["-", "-", "-"]
+    sweep.plot(rows, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
