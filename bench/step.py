@@ -411,10 +411,14 @@ def quant_row(preset: str, base: str, args: Any) -> dict[str, Any]:
         dims, w, bias = (lin.in_features, lin.out_features), lin.weight.data, lin.bias is not None
         nf4 = {"compress_statistics": True, "quant_type": "nf4"}
         if base == "4bit":
-            q = bnb.nn.Linear4bit(*dims, bias, torch.bfloat16, device="meta", **nf4)
+            q = bnb.nn.Linear4bit(
+                *dims, bias=bias, compute_dtype=torch.bfloat16, device="meta", **nf4
+            )
             q.weight = bnb.nn.Params4bit(w, requires_grad=False, module=q, **nf4)
-        else:
-            q = bnb.nn.Linear8bitLt(*dims, bias, False, 6.0, device="meta")  # int8, threshold 6
+        else:  # int8 weights, outliers above 6 in 16 bits (LLM.int8's threshold)
+            q = bnb.nn.Linear8bitLt(
+                *dims, bias=bias, has_fp16_weights=False, threshold=6.0, device="meta"
+            )
             q.weight = bnb.nn.Int8Params(w.cpu(), requires_grad=False, has_fp16_weights=False)
         if bias:
             q.bias = nn.Parameter(lin.bias.data, requires_grad=False)
