@@ -386,7 +386,10 @@ FAMILIES: list[Family] = [
         "Real `flower-superlink` and data owners' node commands on one machine against the "
         "launcher's simulation with the same run config, and Flower's floor (the same "
         "processes and messages with almost no client work); steady rounds are a link's "
-        "rounds after its first. Then the Ray simulation against one process.",
+        "rounds after its first. `deployed_partition` (a worker per partition) is the node "
+        "command's default; `deployed_node` and `deployed_host` are the other layouts. Files "
+        "of one preset are runs of different code; the Sources table dates each. Then the "
+        "Ray simulation against one process.",
         deployment,
     ),
     (
