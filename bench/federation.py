@@ -21,6 +21,7 @@ turn in one process, probed per call, and the A digests here against the CPU's (
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -102,14 +103,19 @@ def nvml(gpus: int) -> Any:
     return lambda: ([utilisation(x).gpu / 100 for x in handles], [memory(x).used for x in handles])
 
 
-def launch(overrides: dict, nodes: int, per_gpu: int, gpus: int) -> dict:
-    """`simulation.launch` once; the rounds with their end times, GPU and host samples."""
+def launch(overrides: dict, nodes: int, per_gpu: int, gpus: int, cache: Path | None = None) -> dict:
+    """`simulation.launch` once; the rounds with their end times, GPU and host samples.
+    `cache`: the clients' cache folder (their float32 master files), else the user's."""
     run_dir = Path(overrides["output-dir"]) / overrides["run-name"]
     cpus = max(1, (os.cpu_count() or 2) // max(1, min(nodes, per_gpu * max(gpus, 1))))
     text = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())
     cmd = [sys.executable, "-m", "simulation.launch", "--num-supernodes", str(nodes)]
     cmd += ["--num-cpus", str(cpus), "--num-gpus", str(1 / per_gpu if gpus else 0)]
     env = {**os.environ, "PYTHONPATH": f"{h.REPO}:{os.environ.get('PYTHONPATH', '')}"}
+    if cache is not None:
+        from client.compose import CACHE_ENV
+
+        env[CACHE_ENV] = str(cache)
     if gpus:  # the first `gpus` GPUs only, so one machine measures 1 GPU against 2
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
     sampler, ended, start = h.Sampler(nvml(gpus), 0.25), {}, time.time()
@@ -204,6 +210,7 @@ def deployed(root: Path, overrides: dict, nodes: int, layout: str, *node_args: s
     stats = {}
     for i in range(len(groups)):
         stats |= {f"owner-{i}/{k}": v for k, v in worker_stats(root / f"owner-{i}").items()}
+    shutil.rmtree(fed.cache, ignore_errors=True)  # its master files: 27 GB a link at 7B
     return {"status": status, "start": start, "rounds": rounds, "workers": stats}
 
 
@@ -290,11 +297,13 @@ def deploy(args: Any) -> None:
     base = {"num-links": 2, "rounds-per-link": 3, **preset["run"]}
     base["output-dir"] = str(work / "outputs")
     (work / "outputs").mkdir(parents=True)
-    if preset["shape"] is not None:
+    if preset["shape"] is not None:  # kept across calls (--resume): 13.5 GB at 7B
         shape = {k: v for k, v in preset["shape"].items() if k != "vocab_size"}
-        save_random_lm(work / "model", shape)
-        save_text_dataset(work / "text", min_chars=2_000_000 if preset["gpu"] else 50_000)
-        base |= {"model-name": str(work / "model"), "dataset": str(work / "text")}
+        key = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
+        assets = args.work / f"{name}-assets-{key}"  # another shape gets other assets
+        save_random_lm(assets / "model", shape)
+        save_text_dataset(assets / "text", min_chars=2_000_000 if preset["gpu"] else 50_000)
+        base |= {"model-name": str(assets / "model"), "dataset": str(assets / "text")}
     base, gpu, stem = h.with_sets(base, args), preset["gpu"], args.name or f"deploy-{name}"
     rows = resumed_rows(args.out / f"{stem}.json", name, base) if args.resume else []
 
@@ -307,7 +316,9 @@ def deploy(args: Any) -> None:
         if row is None:
             rows.append(row := {"client_eval": mode, "nodes": nodes})
         if "simulated" not in row:
-            simulated = launch({**cfg, "run-name": f"{tag}-sim"}, nodes, nodes, int(gpu))
+            cache = work / f"{tag}-sim-cache"
+            simulated = launch({**cfg, "run-name": f"{tag}-sim"}, nodes, nodes, int(gpu), cache)
+            shutil.rmtree(cache, ignore_errors=True)
             row["simulated"] = summary(simulated)
             save()
         for layout in [x for x in args.layout.split(",") if x]:

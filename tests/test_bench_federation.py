@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -85,6 +86,7 @@ def test_deploy_resume_runs_only_the_parts_the_file_lacks(tmp_path, monkeypatch)
     assert "floor" not in row and row["goals"]["deployed_partition"]["bound_s"] is None
     fed.main([*argv, "--floors", "floor", "--resume"])
     assert calls == ["sim", "partition", "floor"]
+    assert len(list((tmp_path / "work").glob("tiny-assets-*"))) == 1  # one model for both calls
     (row,) = json.loads((tmp_path / "deploy-tiny.json").read_text())["rows"]
     goal = row["goals"]["deployed_partition"]
     assert goal["bound_s"] == pytest.approx(5.0 + 1.1 * 2.0 + 1.0) and goal["round_met"]
@@ -123,6 +125,7 @@ def test_deploy_tiny_end_to_end(tmp_path):
     try:
         args = ["--nodes", "2", "--floors", "floor", "--set", "rounds-per-link=2"]
         fed.main(["deploy", "--tiny", *args, "--out", str(tmp_path), "--work", work])
+        assert not list(Path(work).rglob("masters"))  # each part's master files removed
     finally:
         shutil.rmtree(work, ignore_errors=True)
     (row,) = json.loads((tmp_path / "deploy-tiny.json").read_text())["rows"]
